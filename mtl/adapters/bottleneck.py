@@ -1,0 +1,59 @@
+"""The bottleneck adapter: pure PyTorch, no Hugging Face, no Lightning."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mtl.adapters.config import AdapterConfig
+
+_ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+class BottleneckAdapter(nn.Module):
+    """down -> non-linearity -> up, placed on one sub-layer as `AdapterConfig` says.
+
+    ``forward(h, x, layer_norm)`` returns ``a`` such that the sub-layer's output becomes
+    ``layer_norm(a + x)``: h is the sub-layer's (dense + dropout) output, x its input.
+    """
+
+    def __init__(self, hidden_size: int, config: AdapterConfig) -> None:
+        super().__init__()
+        width = config.bottleneck(hidden_size)
+        self.down = nn.Linear(hidden_size, width)
+        self.act = _ACTIVATIONS[config.non_linearity]()
+        self.up = nn.Linear(width, hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.scaling = float(config.scaling)
+        self.parallel = bool(config.parallel)
+        self.original_ln_before = bool(config.original_ln_before)
+        self.residual_before_ln = bool(config.residual_before_ln)
+        self.reset_parameters(config.init)
+
+    def reset_parameters(self, init: str = "identity") -> None:
+        """Initialise; every scheme but ``bert`` zeroes the up-projection (identity at start)."""
+        with torch.no_grad():
+            if init == "mam":
+                nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            else:
+                self.down.weight.normal_(0.0, 0.02)
+            self.down.bias.zero_()
+            if init == "bert":
+                self.up.weight.normal_(0.0, 0.02)
+            else:
+                self.up.weight.zero_()
+            self.up.bias.zero_()
+
+    def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
+        """The adapter's own function: scaling * up(act(down(z))), with dropout."""
+        return self.dropout(self.up(self.act(self.down(z))) * self.scaling)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, layer_norm: nn.Module) -> torch.Tensor:
+        """Return ``a``; the caller applies ``layer_norm(a + x)``."""
+        if self.parallel:
+            return h + self.bottleneck(x)
+        z = layer_norm(h + x) if self.original_ln_before else h
+        residual = h if self.residual_before_ln else z
+        return self.bottleneck(z) + residual

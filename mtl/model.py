@@ -1,0 +1,261 @@
+"""`MTLModel`: a frozen encoder, adapter slots and per-task heads. Plain `nn.Module`, no Lightning.
+
+The forward contract (routing is data): beside the tokens, the caller says which task each row
+belongs to. ``tasks="bbc"`` runs the whole batch through one task; ``tasks=["a", "b"]`` runs every
+row through every listed task (rows are replicated at the first layer that has an adapter of those
+tasks, so the layers below run once); ``row_tasks=[...]`` names one task per row.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from mtl.adapters.bottleneck import BottleneckAdapter
+from mtl.adapters.config import AdapterConfig, as_adapter_config
+from mtl.adapters.inject import AdapterSlot, Routing, RoutingContext, inject_slots
+from mtl.arch import attention_mask_4d, embed, layer_list
+from mtl.backbone import DEFAULT_BACKBONE, load_backbone
+from mtl.errors import MTLConfigError
+from mtl.heads import TaskHead
+
+_TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class MTLModel(nn.Module):
+    """Frozen backbone + per-task adapters (in slots) + per-task heads, keyed by task name."""
+
+    def __init__(self, backbone: str | PreTrainedModel = DEFAULT_BACKBONE, backbone_dropout: bool = False) -> None:
+        super().__init__()
+        if isinstance(backbone, str):
+            self.backbone_name = backbone
+            backbone = load_backbone(backbone)
+        else:
+            self.backbone_name = getattr(backbone.config, "_name_or_path", "") or backbone.config.model_type
+            for p in backbone.parameters():
+                p.requires_grad_(False)
+        self.backbone = backbone
+        self.backbone_dropout = backbone_dropout
+        self.context = RoutingContext()
+        self.__dict__["slots"] = inject_slots(backbone, self.context)  # they live inside self.backbone
+        self.heads = nn.ModuleDict()
+        self.adapter_configs: dict[str, AdapterConfig] = {}
+        self.task_meta: dict[str, dict[str, Any]] = {}
+        self.frozen: set[str] = set()
+        self.train(False)
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        """Width of the backbone's hidden states."""
+        return self.backbone.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer layers."""
+        return len(self.slots)
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names in the order they were added."""
+        return list(self.heads.keys())
+
+    def add_task(self, name: str, num_outputs: int, adapter: AdapterConfig | str | dict = "pfeiffer",
+                 problem: str = "classification", pooling: str = "mean", head_dropout: float = 0.1,
+                 labels: Sequence[str] | None = None, spec: dict[str, Any] | None = None,
+                 overwrite: bool = False) -> None:
+        """Add a fresh (identity) adapter and a new head for ``name``."""
+        if not _TASK_NAME.match(name or ""):
+            raise MTLConfigError(f"task name '{name}' is invalid, expected letters, digits, '_' or '-'")
+        if name in self.heads:
+            if not overwrite:
+                raise MTLConfigError(f"task '{name}' already exists (set overwrite: true to replace it)")
+            self.remove_task(name)
+        config = as_adapter_config(adapter)
+        device = next(self.backbone.parameters()).device
+        for index in config.layers(self.num_layers):
+            for position in config.positions:
+                self.slots[index][position].adapters[name] = BottleneckAdapter(self.hidden_size, config).to(device)
+        self.heads[name] = TaskHead(self.hidden_size, num_outputs, problem, pooling, head_dropout).to(device)
+        self.adapter_configs[name] = config
+        self.task_meta[name] = {"labels": list(labels) if labels is not None else None, "spec": spec,
+                                "head": {"num_outputs": num_outputs, "problem": problem, "pooling": pooling,
+                                         "dropout": head_dropout}}
+        self.train(self.training)
+
+    def remove_task(self, name: str) -> None:
+        """Drop a task's adapters and head."""
+        self._check_tasks([name])
+        for slot in self.iter_slots():
+            if name in slot.adapters:
+                del slot.adapters[name]
+        del self.heads[name]
+        self.adapter_configs.pop(name)
+        self.task_meta.pop(name)
+        self.frozen.discard(name)
+
+    def iter_slots(self) -> Iterator[AdapterSlot]:
+        """Every slot, layer by layer."""
+        for per_layer in self.slots:
+            yield from per_layer.values()
+
+    def task_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """A task's adapter and head parameters under stable names (the adapter file's keys)."""
+        self._check_tasks([name])
+        params = {}
+        for slot in self.iter_slots():
+            if name in slot.adapters:
+                for key, p in slot.adapters[name].named_parameters():
+                    params[f"adapters.{slot.layer_index}.{slot.position}.{key}"] = p
+        for key, p in self.heads[name].named_parameters():
+            params[f"head.{key}"] = p
+        return params
+
+    def adapter_layers(self, name: str) -> list[int]:
+        """Layer indices where ``name`` has an adapter."""
+        return sorted({s.layer_index for s in self.iter_slots() if name in s.adapters})
+
+    # ---- states: active (routable), trainable (requires_grad), frozen (for good) -------------
+    def set_trainable(self, names: Sequence[str]) -> None:
+        """Make exactly these tasks' adapters and heads trainable; every other task gets requires_grad=False."""
+        names = list(names)
+        self._check_tasks(names)
+        frozen = sorted(set(names) & self.frozen)
+        if frozen:
+            raise MTLConfigError(f"tasks {frozen} are frozen for good and cannot be trained again")
+        for task in self.tasks:
+            for p in self.task_parameters(task).values():
+                p.requires_grad_(task in names)
+
+    def freeze_task(self, name: str) -> None:
+        """Freeze a task for good: no gradients, and `set_trainable` refuses it from now on."""
+        for p in self.task_parameters(name).values():
+            p.requires_grad_(False)
+        self.frozen.add(name)
+
+    def trainable_tasks(self) -> list[str]:
+        """Tasks with at least one trainable tensor."""
+        return [t for t in self.tasks if any(p.requires_grad for p in self.task_parameters(t).values())]
+
+    def parameter_table(self) -> str:
+        """A table of parameters per task: adapter, head, state."""
+        rows = [("task", "adapter", "head", "layers", "state")]
+        for task in self.tasks:
+            params = self.task_parameters(task)
+            adapter = sum(p.numel() for k, p in params.items() if k.startswith("adapters."))
+            head = sum(p.numel() for k, p in params.items() if k.startswith("head."))
+            trainable = any(p.requires_grad for p in params.values())
+            state = "frozen" if task in self.frozen else ("trainable" if trainable else "inactive-grad")
+            rows.append((task, f"{adapter:,}", f"{head:,}", str(len(self.adapter_layers(task))), state))
+        backbone = sum(p.numel() for p in self.backbone.parameters()) - sum(
+            p.numel() for s in self.iter_slots() for p in s.adapters.parameters())
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.append(f"backbone (frozen): {backbone:,} parameters")
+        return "\n".join(lines)
+
+    def train(self, mode: bool = True) -> MTLModel:
+        """Train mode for adapters and heads; frozen backbone layers stay in eval mode unless backbone_dropout."""
+        super().train(mode)
+        if mode and not self.backbone_dropout:
+            self.backbone.eval()
+            for slot in self.iter_slots():
+                slot.adapters.train(True)
+        return self
+
+    # ---- forward -------------------------------------------------------------------------------
+    def _check_tasks(self, names: Sequence[str]) -> None:
+        unknown = [t for t in names if t not in self.heads]
+        if unknown:
+            raise MTLConfigError(f"no adapter for task(s) {unknown}; known tasks: {self.tasks}")
+
+    def first_adapter_layer(self, names: Sequence[str]) -> int:
+        """Lowest layer index with an adapter of any of these tasks (num_layers if none)."""
+        layers = [i for t in names for i in self.adapter_layers(t)]
+        return min(layers, default=self.num_layers)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None,
+               groups: list[tuple[str, slice]], copies: int = 1) -> torch.Tensor:
+        """Embeddings, then the layer loop with ``groups`` routed from the first layer that has any of their adapters.
+
+        With ``copies > 1`` the rows are replicated there (once per group), so the layers below run once.
+        """
+        hidden = embed(self.backbone, input_ids, token_type_ids)
+        mask = attention_mask_4d(self.backbone, hidden, attention_mask)
+        start = self.first_adapter_layer([task for task, _ in groups])
+        for index, layer in enumerate(layer_list(self.backbone)):
+            if index == start and copies > 1:
+                hidden, mask = _repeat(hidden, copies), _repeat(mask, copies)
+            with self.context.use(Routing(groups if index >= start else [])):
+                hidden = layer(hidden, mask)
+        return _repeat(hidden, copies) if start == self.num_layers and copies > 1 else hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, tasks: str | Sequence[str] | None = None,
+                row_tasks: Sequence[str] | None = None, **_: Any) -> dict[str, torch.Tensor]:
+        """Logits per task: ``{task: logits}`` for the rows routed to that task (in input order)."""
+        if (tasks is None) == (row_tasks is None):
+            raise ValueError("give exactly one of tasks= (whole batch) or row_tasks= (one task per row)")
+        if row_tasks is not None:
+            return self._forward_rows(input_ids, attention_mask, token_type_ids, list(row_tasks))
+        names = [tasks] if isinstance(tasks, str) else list(dict.fromkeys(tasks))
+        self._check_tasks(names)
+        batch = input_ids.shape[0]
+        if len(names) == 1:
+            groups = [(names[0], slice(None))]
+        else:
+            groups = [(t, slice(i * batch, (i + 1) * batch)) for i, t in enumerate(names)]
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, groups, copies=len(names))
+        return {t: self.heads[t](hidden[s], attention_mask) for t, s in groups}
+
+    def _forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      token_type_ids: torch.Tensor | None, row_tasks: list[str]) -> dict[str, torch.Tensor]:
+        if len(row_tasks) != input_ids.shape[0]:
+            raise ValueError(f"row_tasks has {len(row_tasks)} names for {input_ids.shape[0]} rows")
+        names = list(dict.fromkeys(row_tasks))
+        self._check_tasks(names)
+        # group rows by task (stable, so each task keeps its rows in input order) to route contiguous ranges
+        order = sorted(range(len(row_tasks)), key=lambda r: names.index(row_tasks[r]))
+        index = torch.tensor(order, device=input_ids.device)
+        ids, mask, types = (t.index_select(0, index) if t is not None else None
+                            for t in (input_ids, attention_mask, token_type_ids))
+        groups, start = [], 0
+        for task in names:
+            count = row_tasks.count(task)
+            groups.append((task, slice(start, start + count)))
+            start += count
+        hidden = self.encode(ids, mask, types, groups)
+        return {t: self.heads[t](hidden[s], mask[s] if mask is not None else None) for t, s in groups}
+
+    # ---- files -----------------------------------------------------------------------------------
+    def save_task(self, name: str, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write ``directory/<name>/`` (adapter.safetensors + adapter_config.json) atomically."""
+        from mtl.io import save_task
+
+        return save_task(self, name, directory, overwrite=overwrite)
+
+    def load_task(self, path: str | Path, overwrite: bool = False) -> str:
+        """Load one exported task directory into this model; returns the task name."""
+        from mtl.io import load_task
+
+        return load_task(self, path, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path, backbone: str | PreTrainedModel | None = None) -> MTLModel:
+        """Backbone + every task exported under ``checkpoint_dir/adapters/``."""
+        from mtl.io import load_model
+
+        return load_model(cls, checkpoint_dir, backbone=backbone)
+
+
+def _repeat(tensor: torch.Tensor | None, copies: int) -> torch.Tensor | None:
+    """Stack ``copies`` copies of a batch along the row dimension."""
+    if tensor is None:
+        return None
+    return tensor.repeat(copies, *([1] * (tensor.dim() - 1)))
