@@ -1,0 +1,182 @@
+"""The `LightningModule`: steps, per-task metrics, optimizer over trainable tensors, trimmed checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from mtl.adapters.config import AdapterConfig
+from mtl.backbone import DEFAULT_BACKBONE
+from mtl.data.spec import TaskSpec, load_task_spec
+from mtl.errors import MTLConfigError
+from mtl.metrics import build_metrics
+from mtl.model import MTLModel
+
+
+def head_outputs(spec: TaskSpec) -> int:
+    """Number of head outputs a task needs."""
+    return 1 if spec.problem == "regression" else len(spec.labels)
+
+
+class AdapterTrainer(L.LightningModule):
+    """Trains the adapters and heads of ``tasks`` over a frozen backbone, and exports them.
+
+    Args:
+        tasks: task names (``tasks/<name>.yaml``) or spec paths; linked from ``data.tasks``.
+        backbone: backbone alias, local directory or cached hub name.
+        adapter: adapter settings (``type: pfeiffer | houlsby | parallel`` plus overrides).
+        tasks_dir: folder of task specs; linked from ``data.tasks_dir``.
+        lr: peak learning rate (adapters on small data want about 1e-3).
+        weight_decay: AdamW weight decay (not applied to biases).
+        warmup_ratio: fraction of the training steps with linear warm-up, then linear decay to 0.
+        head_pooling: ``mean`` over real tokens or ``cls``.
+        head_dropout: dropout inside the heads while training.
+        backbone_dropout: run the frozen backbone's dropout while training (off by default: faster, see README).
+        run_dir: run folder; adapters are exported to ``<run_dir>/adapters/<task>/`` when fit ends.
+        overwrite: replace already exported adapters of the same task names.
+        export: export trained tasks when fit ends.
+    """
+
+    def __init__(self, tasks: list[str], backbone: str = DEFAULT_BACKBONE, adapter: AdapterConfig | None = None,
+                 tasks_dir: str = "tasks", lr: float = 1e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
+                 head_pooling: str = "mean", head_dropout: float = 0.1, backbone_dropout: bool = False,
+                 run_dir: str = "checkpoints/run", overwrite: bool = False, export: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not tasks:
+            raise MTLConfigError("model.tasks: empty, expected at least one task name")
+        adapter = adapter or AdapterConfig()
+        self.specs = {}
+        self.model = MTLModel(backbone, backbone_dropout=backbone_dropout)
+        for name in tasks:
+            spec = load_task_spec(name, tasks_dir)
+            self.specs[spec.name] = spec
+            self.model.add_task(spec.name, head_outputs(spec), adapter, problem=spec.problem, pooling=head_pooling,
+                                head_dropout=head_dropout, labels=spec.labels, spec=spec.to_dict())
+        self.model.set_trainable(list(self.specs))
+        self.val_metrics = self._metrics("val")
+        self.test_metrics = self._metrics("test")
+
+    def _metrics(self, stage: str) -> nn.ModuleDict:
+        return nn.ModuleDict({name: build_metrics(spec.problem, spec.metrics, head_outputs(spec), f"{stage}/{name}/")
+                              for name, spec in self.specs.items()})
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run exports its adapters."""
+        return Path(self.hparams.run_dir)
+
+    # ---- steps ---------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Logits of the batch's task."""
+        task = batch["task"]
+        return self.model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"), tasks=task)[task]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        loss = self.model.heads[batch["task"]].loss(logits, batch["labels"])
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        if len(self.specs) > 1:
+            self.log(f"train/{batch['task']}/loss", loss, batch_size=size)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], metrics: nn.ModuleDict, stage: str) -> None:
+        task = batch["task"]
+        logits = self(batch)
+        loss = self.model.heads[task].loss(logits, batch["labels"])
+        self.log(f"{stage}/{task}/loss", loss, batch_size=batch["input_ids"].shape[0], add_dataloader_idx=False)
+        head = self.model.heads[task]
+        target = batch["labels"]
+        preds = logits.squeeze(-1) if head.problem == "regression" else logits
+        metrics[task].update(preds, target.long() if head.problem != "regression" else target)
+
+    def _eval_epoch_end(self, metrics: nn.ModuleDict, stage: str) -> None:
+        values: dict[str, list[torch.Tensor]] = {}
+        for task, collection in metrics.items():
+            if not any(m.update_called for m in collection.values()):
+                continue
+            for key, value in collection.compute().items():
+                self.log(key, value, prog_bar=key.endswith("/acc"), add_dataloader_idx=False)
+                values.setdefault(key.rsplit("/", 1)[1], []).append(value)
+            collection.reset()
+        for metric, vals in values.items():
+            self.log(f"{stage}/avg/{metric}", torch.stack(vals).mean(), add_dataloader_idx=False)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end(self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end(self.test_metrics, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        task = batch["task"]
+        head = self.model.heads[task]
+        pred, score = head.predict(self(batch))
+        labels = self.specs[task].labels
+        rows = []
+        for p, s in zip(pred.tolist(), score.tolist()):
+            label = labels[p] if head.problem == "classification" else p
+            rows.append({"task": task, "label": label, "score": s})
+        return rows
+
+    # ---- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if name.endswith("bias") else decay).append(p)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(total * self.hparams.warmup_ratio)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.hparams.export and not self.hparams.overwrite:
+            for task in self.model.trainable_tasks():
+                target = self.run_dir / "adapters" / task
+                if target.exists():
+                    raise MTLConfigError(f"{target}: adapter already exists (set model.overwrite: true to replace it)")
+        if self.trainer.is_global_zero:
+            print(self.model.parameter_table())
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export and self.trainer.is_global_zero:
+            for task in self.model.trainable_tasks():
+                path = self.model.save_task(task, self.run_dir / "adapters", overwrite=self.hparams.overwrite)
+                print(f"exported {task} -> {path}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the frozen backbone (and frozen adapters) come from their own files: keep only trainable tensors
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            state.setdefault(key, value)
+
+    def train(self, mode: bool = True) -> AdapterTrainer:
+        """Keep the backbone's own train/eval policy (see `MTLModel.train`)."""
+        super().train(mode)
+        self.model.train(mode)
+        return self

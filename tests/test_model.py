@@ -1,0 +1,166 @@
+"""MTLModel: task isolation, routing modes, states, and adapter files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mtl.adapters.config import AdapterConfig
+from mtl.errors import MTLConfigError
+from mtl.model import MTLModel
+from tests.conftest import tiny_backbone, tiny_batch
+
+
+def _model(tasks=("a", "b", "c"), presets=("pfeiffer", "houlsby", "parallel"), family="bert") -> MTLModel:
+    model = MTLModel(tiny_backbone(family))
+    for i, (task, preset) in enumerate(zip(tasks, presets)):
+        model.add_task(task, 3 + i, preset, labels=[f"l{j}" for j in range(3 + i)])
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for p in model.task_parameters(task).values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def _snapshot(params) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in params}
+
+
+def test_training_one_task_leaves_others_bit_identical():
+    model = _model()
+    model.set_trainable(["b"])
+    before_a = _snapshot(model.task_parameters("a").items())
+    before_c = _snapshot(model.task_parameters("c").items())
+    before_b = _snapshot(model.task_parameters("b").items())
+    backbone = _snapshot((k, v) for k, v in model.backbone.state_dict().items() if ".adapters." not in k)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = tiny_batch()
+    model.train()
+    for _ in range(3):
+        logits = model(**batch, tasks="b")["b"]
+        loss = model.heads["b"].loss(logits, torch.tensor([0, 1, 2, 3]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name, before in (("a", before_a), ("c", before_c)):
+        for k, v in model.task_parameters(name).items():
+            assert torch.equal(v, before[k]), f"{name}:{k} changed"
+    assert any(not torch.equal(v, before_b[k]) for k, v in model.task_parameters("b").items())
+    for k, v in model.backbone.state_dict().items():
+        if ".adapters." not in k:
+            assert torch.equal(v, backbone[k]), k
+    assert all(not p.requires_grad for k, p in model.named_parameters() if ".adapters.b." not in k and "heads.b." not in k)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_all_tasks_in_one_forward_equals_separate_forwards(family):
+    model = _model(family=family)
+    batch = tiny_batch(rows=5)
+    together = model(**batch, tasks=["a", "b", "c"])
+    for task in ("a", "b", "c"):
+        alone = model(**batch, tasks=task)[task]
+        torch.testing.assert_close(together[task], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_replication_starts_at_first_adapter_layer():
+    model = _model(tasks=("a", "b"), presets=("pfeiffer", "pfeiffer"))
+    model.remove_task("b")
+    model.add_task("b", 3, AdapterConfig(leave_out=[0]))
+    assert model.first_adapter_layer(["b"]) == 1
+    assert model.first_adapter_layer(["a", "b"]) == 0
+    seen = []
+    hook = model.backbone.encoder.layer[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    batch = tiny_batch(rows=3)
+    model.remove_task("a")
+    model.add_task("a", 3, AdapterConfig(leave_out=[0]))
+    model(**batch, tasks=["a", "b"])
+    hook.remove()
+    assert seen == [3]  # layer 0 ran once on the 3 original rows, not on 6 replicated ones
+
+
+def test_row_tasks_equal_whole_batch_forwards():
+    model = _model()
+    batch = tiny_batch(rows=6)
+    rows = ["c", "a", "c", "b", "a", "c"]
+    mixed = model(**batch, row_tasks=rows)
+    for task in ("a", "b", "c"):
+        idx = [i for i, t in enumerate(rows) if t == task]
+        alone = model(**batch, tasks=task)[task][idx]
+        torch.testing.assert_close(mixed[task], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_task_is_an_error_not_a_fallback():
+    model = _model()
+    with pytest.raises(MTLConfigError, match="no adapter for task"):
+        model(**tiny_batch(), tasks="nope")
+    with pytest.raises(MTLConfigError, match="already exists"):
+        model.add_task("a", 3)
+    with pytest.raises(MTLConfigError, match="invalid"):
+        model.add_task("has.dot", 3)
+
+
+def test_frozen_task_cannot_be_trained_again():
+    model = _model()
+    model.freeze_task("a")
+    assert all(not p.requires_grad for p in model.task_parameters("a").values())
+    with pytest.raises(MTLConfigError, match="frozen"):
+        model.set_trainable(["a", "b"])
+    model.set_trainable(["b"])
+    assert model.trainable_tasks() == ["b"]
+    assert "frozen" in model.parameter_table()
+
+
+def test_backbone_stays_in_eval_mode_while_training_unless_asked():
+    model = _model()
+    model.train()
+    assert not model.backbone.encoder.layer[0].attention.self.training
+    assert model.slots[0]["ffn"].adapters["a"].training and model.heads["a"].training
+    model = MTLModel(tiny_backbone("bert"), backbone_dropout=True).train()
+    assert model.backbone.encoder.layer[0].attention.self.training
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = _model()
+    batch = tiny_batch()
+    for task in model.tasks:
+        model.save_task(task, tmp_path / "adapters")
+    files = load_file(str(tmp_path / "adapters" / "b" / "adapter.safetensors"))
+    assert "adapters.0.attn.down.weight" in files and "head.out.bias" in files
+    meta = json.loads((tmp_path / "adapters" / "b" / "adapter_config.json").read_text())
+    assert meta["hidden_size"] == 64 and meta["num_layers"] == 2 and meta["adapter"]["type"] == "houlsby"
+    assert meta["labels"] == ["l0", "l1", "l2", "l3"]
+    fresh = MTLModel(tiny_backbone("bert"))
+    for task in ("a", "b", "c"):
+        fresh.load_task(tmp_path / "adapters" / task)
+    for task in ("a", "b", "c"):
+        assert torch.equal(fresh(**batch, tasks=task)[task], model(**batch, tasks=task)[task])
+    assert not list((tmp_path / "adapters").glob(".*"))  # no temporary leftovers
+
+
+def test_existing_adapter_is_never_overwritten_silently(tmp_path):
+    model = _model()
+    path = model.save_task("a", tmp_path)
+    original = (path / "adapter.safetensors").read_bytes()
+    with torch.no_grad():
+        next(iter(model.task_parameters("a").values())).add_(1.0)
+    with pytest.raises(MTLConfigError, match="already exists"):
+        model.save_task("a", tmp_path)
+    assert (path / "adapter.safetensors").read_bytes() == original
+    model.save_task("a", tmp_path, overwrite=True)
+    assert (path / "adapter.safetensors").read_bytes() != original
+
+
+def test_loading_into_a_different_backbone_shape_fails(tmp_path):
+    _model().save_task("a", tmp_path)
+    other = MTLModel(tiny_backbone("distilbert"))
+    with pytest.raises(MTLConfigError, match="model_type"):
+        other.load_task(tmp_path / "a")
+    assert other.tasks == []
+
+
+def test_from_pretrained_needs_exported_tasks(tmp_path):
+    with pytest.raises(MTLConfigError, match="no exported tasks"):
+        MTLModel.from_pretrained(tmp_path)
