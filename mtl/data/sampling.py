@@ -1,0 +1,129 @@
+"""Multi-task batch sampling: every batch holds the examples of one task.
+
+Pure Python + torch's ``Sampler`` base class; no Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+
+from torch.utils.data import Sampler
+
+from mtl.errors import MTLConfigError
+
+STRATEGIES = ("proportional", "temperature", "uniform", "round_robin")
+
+
+def task_probabilities(sizes: Sequence[int], strategy: str = "proportional", temperature: float = 2.0) -> list[float]:
+    """Probability of drawing each task for the next batch (round_robin: its long-run frequency).
+
+    proportional: p ~ n; temperature: p ~ n ** (1 / T) (T=1 is proportional, large T tends to
+    uniform); uniform and round_robin: 1 / K. Tasks with no examples get 0.
+    """
+    if strategy not in STRATEGIES:
+        raise MTLConfigError(f"sampling: got {strategy!r}, expected one of {list(STRATEGIES)}")
+    if strategy == "temperature" and not temperature > 0:
+        raise MTLConfigError(f"temperature: got {temperature!r}, expected a number > 0")
+    if not sizes or any(n < 0 for n in sizes) or not any(sizes):
+        raise ValueError(f"task sizes {list(sizes)}: expected non-negative counts, not all zero")
+    if strategy == "proportional":
+        weights = [float(n) for n in sizes]
+    elif strategy == "temperature":
+        weights = [n ** (1.0 / temperature) if n else 0.0 for n in sizes]
+    else:
+        weights = [1.0 if n else 0.0 for n in sizes]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+class TaskBatchSampler(Sampler[list[int]]):
+    """Batch sampler over ``ConcatDataset(per-task datasets)``; each batch is indices of one task.
+
+    The task of each batch is drawn with ``task_probabilities`` (``round_robin`` cycles through
+    the tasks in order instead). Within a task, examples are taken from a seeded permutation;
+    when a task runs out it is reshuffled and restarted, so small tasks repeat under
+    temperature / uniform sampling while large ones may not be exhausted in an epoch.
+
+    Epoch length (per rank) = ceil(total examples / (batch_size * world_size)) batches (floor
+    with ``drop_last``): an epoch is the amount of data of one pass over all tasks, whatever the
+    strategy.
+
+    Distributed: all ranks draw the same task sequence (each step trains the same task on every
+    rank, so no parameter is unused on one rank only) and each step's ``batch_size *
+    world_size`` examples of that task are dealt out across ranks, so ranks get disjoint shards
+    (the last chunk of a pass is padded from the start of the permutation, as
+    ``DistributedSampler`` does). Use the Trainer with ``use_distributed_sampler=False``.
+
+    Lightning does not call ``set_epoch`` on a batch sampler; pass ``epoch_fn`` (read when an
+    epoch's iteration starts) or call ``set_epoch`` yourself. Randomness depends only on
+    ``(seed, epoch)``, so runs are reproducible.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        batch_size: int,
+        strategy: str = "proportional",
+        temperature: float = 2.0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        epoch_fn: Callable[[], int] | None = None,
+    ) -> None:
+        """See the class docstring; ``sizes`` are the task datasets' lengths in concatenation order."""
+        self.sizes = [int(n) for n in sizes]
+        self.probs = task_probabilities(self.sizes, strategy, temperature)
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: expected 1 <= batch_size, 0 <= rank < world_size")
+        need = batch_size * world_size if drop_last else world_size
+        small = [i for i, n in enumerate(self.sizes) if 0 < n < need]
+        if small:
+            raise ValueError(f"task #{small[0]} has {self.sizes[small[0]]} examples, fewer than {need} (one per rank{', a full batch with drop_last' if drop_last else ''})")
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.batch_size, self.strategy, self.seed = batch_size, strategy, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch, self.epoch_fn = 0, epoch_fn
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed for ``epoch`` (a new task sequence and new permutations)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        per_step = self.batch_size * self.world_size
+        total = sum(self.sizes)
+        return max(1, total // per_step if self.drop_last else math.ceil(total / per_step))
+
+    def task_sequence(self) -> list[int]:
+        """The task index of each batch of the current epoch (identical on every rank)."""
+        active = [i for i, n in enumerate(self.sizes) if n]
+        if self.strategy == "round_robin":
+            return [active[i % len(active)] for i in range(len(self))]
+        rng = random.Random(f"{self.seed}:{self.epoch}:tasks")
+        return rng.choices(range(len(self.sizes)), weights=self.probs, k=len(self))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """Yield ``len(self)`` batches of global (concatenated) indices."""
+        if self.epoch_fn is not None:
+            self.epoch = self.epoch_fn()
+        streams = {t: self._task_batches(t) for t in range(len(self.sizes)) if self.sizes[t]}
+        for task in self.task_sequence():
+            yield next(streams[task])
+
+    def _task_batches(self, task: int) -> Iterator[list[int]]:
+        """Endless stream of this rank's batches of one task, one seeded permutation per pass."""
+        n, step = self.sizes[task], self.batch_size * self.world_size
+        for pass_no in range(10**12):
+            perm = list(range(n))
+            random.Random(f"{self.seed}:{self.epoch}:{task}:{pass_no}").shuffle(perm)
+            for start in range(0, n, step):
+                chunk = perm[start : start + step]
+                if len(chunk) < step:
+                    if self.drop_last:
+                        break
+                    # pad to a multiple of world_size so that no rank gets an empty batch
+                    chunk += perm[: -len(chunk) % self.world_size]
+                yield [self.offsets[task] + i for i in chunk[self.rank :: self.world_size]]

