@@ -8,6 +8,11 @@ import sys
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import warnings  # noqa: E402
+
+# the frozen backbone runs in eval mode on purpose (no dropout in frozen layers; see MTLModel.train)
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
 from jsonargparse import set_parsing_settings  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
@@ -32,6 +37,20 @@ def main(args: list[str] | None = None) -> None:
     try:
         MTLCLI(AdapterTrainer, TaskDataModule, parser_kwargs={"parser_mode": "omegaconf+"},
                save_config_kwargs={"overwrite": True}, args=args)
-    except MTLConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - user mistakes become one line; anything else keeps its traceback
+        mistake = user_mistake(err)
+        if mistake is None:
+            raise
+        print(f"error: {mistake}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def user_mistake(err: BaseException) -> MTLConfigError | None:
+    """The `MTLConfigError` behind ``err``, also when jsonargparse wrapped it while instantiating a class."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, MTLConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
