@@ -8,11 +8,6 @@ import sys
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import warnings  # noqa: E402
-
-# the frozen backbone runs in eval mode on purpose (no dropout in frozen layers; see MTLModel.train)
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
 from jsonargparse import set_parsing_settings  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 

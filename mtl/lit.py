@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -9,12 +10,15 @@ import lightning as L
 import torch
 from torch import nn
 
-from mtl.adapters.config import AdapterConfig
+from mtl.adapters.config import AdapterConfig, as_adapter_config
 from mtl.backbone import DEFAULT_BACKBONE
 from mtl.data.spec import TaskSpec, load_task_spec
 from mtl.errors import MTLConfigError
 from mtl.metrics import build_metrics
 from mtl.model import MTLModel
+
+# the frozen backbone runs in eval mode on purpose (no dropout in frozen layers; see MTLModel.train)
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def head_outputs(spec: TaskSpec) -> int:
@@ -41,15 +45,17 @@ class AdapterTrainer(L.LightningModule):
         export: export trained tasks when fit ends.
     """
 
-    def __init__(self, tasks: list[str], backbone: str = DEFAULT_BACKBONE, adapter: AdapterConfig | None = None,
+    def __init__(self, tasks: list[str], backbone: str = DEFAULT_BACKBONE, adapter: AdapterConfig | dict | None = None,
                  tasks_dir: str = "tasks", lr: float = 1e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
                  head_pooling: str = "mean", head_dropout: float = 0.1, backbone_dropout: bool = False,
                  run_dir: str = "checkpoints/run", overwrite: bool = False, export: bool = True) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        adapter = as_adapter_config(adapter) if adapter is not None else AdapterConfig()
+        # hparams hold plain types only, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["adapter"])
+        self.hparams["adapter"] = adapter.to_dict()
         if not tasks:
             raise MTLConfigError("model.tasks: empty, expected at least one task name")
-        adapter = adapter or AdapterConfig()
         self.specs = {}
         self.model = MTLModel(backbone, backbone_dropout=backbone_dropout)
         for name in tasks:
@@ -160,10 +166,22 @@ class AdapterTrainer(L.LightningModule):
             print(self.model.parameter_table())
 
     def on_fit_end(self) -> None:
-        if self.hparams.export and self.trainer.is_global_zero:
-            for task in self.model.trainable_tasks():
+        if not (self.hparams.export and self.trainer.is_global_zero):
+            return
+        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
+        if best and Path(best).is_file():
+            self.load_trainable(best)
+            print(f"restored the best checkpoint before export: {best}")
+        for task in self.model.trainable_tasks():
                 path = self.model.save_task(task, self.run_dir / "adapters", overwrite=self.hparams.overwrite)
                 print(f"exported {task} -> {path}")
+
+    def load_trainable(self, ckpt_path: str | Path) -> None:
+        """Load the trainable tensors of a (trimmed) Lightning checkpoint into this module."""
+        checkpoint = torch.load(ckpt_path, map_location=self.device, weights_only=True)
+        missing = self.load_state_dict(checkpoint["state_dict"], strict=False).unexpected_keys
+        if missing:
+            raise MTLConfigError(f"{ckpt_path}: tensors {missing[:3]} do not belong to this model")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the frozen backbone (and frozen adapters) come from their own files: keep only trainable tensors

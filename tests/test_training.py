@@ -1,0 +1,131 @@
+"""Lightning training end to end on a tiny local backbone and generated data (seconds)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from mtl.backbone import load_tokenizer
+from mtl.cli import main
+from mtl.data.module import TaskDataModule
+from mtl.errors import MTLConfigError
+from mtl.lit import AdapterTrainer
+from mtl.model import MTLModel
+
+WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "green", "seven", "table"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny BERT with the MiniLM tokenizer, saved as a local Hugging Face folder."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    BertModel(config, add_pooling_layer=False).save_pretrained(path)
+    load_tokenizer("minilm-l6").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    """A keyword task: the label says whether 'good' or 'bad' is in the sentence."""
+    path = tmp_path_factory.mktemp("tasks")
+    rng = random.Random(0)
+    rows = ["text,label"]
+    for i in range(240):
+        label = ["bad", "good"][i % 2]
+        words = rng.sample(WORDS, 4)
+        words.insert(rng.randrange(5), label)
+        rows.append(f"{' '.join(words)} {i},{label}")
+    (path / "kw.csv").write_text("\n".join(rows) + "\n")
+    (path / "keyword.yaml").write_text(
+        "source: {type: files, train: kw.csv}\ntext_fields: [text]\nlabel_field: label\n"
+        "labels: [bad, good]\nmax_length: 16\n")
+    return path
+
+
+def _digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        if ".adapters." not in key:
+            h.update(key.encode())
+            h.update(value.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _fit(tiny_dir, task_dir, run_dir, tmp_path, epochs=3, **model_kwargs):
+    model = AdapterTrainer(["keyword"], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run_dir),
+                           lr=5e-3, **model_kwargs)
+    data = TaskDataModule(["keyword"], backbone=str(tiny_dir), tasks_dir=str(task_dir), batch_size=16,
+                          cache_dir=str(tmp_path / "cache"))
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "ckpt", monitor="val/avg/acc", mode="max",
+                                               save_last=True)
+    trainer = L.Trainer(max_epochs=epochs, logger=False, callbacks=[ckpt], enable_progress_bar=False,
+                        default_root_dir=run_dir, enable_model_summary=False)
+    return model, data, trainer
+
+
+def test_fit_trains_exports_and_never_touches_the_backbone(tiny_dir, task_dir, tmp_path):
+    run = tmp_path / "run"
+    model, data, trainer = _fit(tiny_dir, task_dir, run, tmp_path)
+    before = _digest(model.model.backbone)
+    trainer.fit(model, datamodule=data)
+    assert _digest(model.model.backbone) == before
+    assert trainer.callback_metrics["val/keyword/acc"] > 0.8  # the keyword is learnable
+    exported = MTLModel.from_pretrained(run, backbone=str(tiny_dir))
+    assert exported.tasks == ["keyword"]
+    batch = next(iter(data.val_dataloader()[0]))
+    model.model.eval()
+    with torch.no_grad():
+        want = model.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], tasks="keyword")
+        got = exported(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], tasks="keyword")
+    assert torch.equal(want["keyword"], got["keyword"])  # the export is the best checkpoint, restored
+
+
+def test_checkpoint_holds_only_trainable_tensors_and_resumes(tiny_dir, task_dir, tmp_path):
+    run = tmp_path / "run"
+    model, data, trainer = _fit(tiny_dir, task_dir, run, tmp_path, epochs=1, export=False)
+    trainer.fit(model, datamodule=data)
+    last = run / "ckpt" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(state) == trainable
+    # resume strictly into a fresh module and continue for one more epoch
+    model2, data2, trainer2 = _fit(tiny_dir, task_dir, run, tmp_path, epochs=2, export=False)
+    trainer2.fit(model2, datamodule=data2, ckpt_path=str(last))
+    assert trainer2.current_epoch == 2 and trainer2.global_step == 2 * trainer.global_step
+
+
+def test_fit_refuses_to_overwrite_an_exported_adapter(tiny_dir, task_dir, tmp_path):
+    run = tmp_path / "run"
+    model, data, trainer = _fit(tiny_dir, task_dir, run, tmp_path, epochs=1)
+    trainer.fit(model, datamodule=data)
+    saved = (run / "adapters" / "keyword" / "adapter.safetensors").read_bytes()
+    model, data, trainer = _fit(tiny_dir, task_dir, run, tmp_path, epochs=1)
+    with pytest.raises(MTLConfigError, match="already exists"):
+        trainer.fit(model, datamodule=data)
+    assert (run / "adapters" / "keyword" / "adapter.safetensors").read_bytes() == saved
+
+
+def test_cli_fit_validate_predict(tiny_dir, task_dir, tmp_path, capsys):
+    run = tmp_path / "cli"
+    common = ["--model.backbone", str(tiny_dir), "--data.tasks", "[keyword]", "--data.tasks_dir", str(task_dir),
+              "--data.cache_dir", str(tmp_path / "cache"), "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--model.run_dir", str(run),
+              "--trainer.default_root_dir", str(run)]
+    main(["fit", *common, "--trainer.max_epochs", "1"])
+    assert (run / "adapters" / "keyword" / "adapter.safetensors").is_file()
+    ckpt = next(run.rglob("*.ckpt"))
+    main(["validate", *common, "--ckpt_path", str(ckpt)])
+    main(["predict", *common, "--ckpt_path", str(ckpt)])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *common, "--trainer.max_epochs", "1"])
+    assert exit_info.value.code == 2
+    assert "already exists" in capsys.readouterr().err
