@@ -1,0 +1,158 @@
+"""CUDA / bf16 check of the adapter path, for a machine with a GPU (not part of the test suite).
+
+Usage: python benchmarks/device_check.py [--steps 20] [--batch 32 256]
+
+Uses a randomly initialised MiniLM-L6-shaped BERT (the real weights need not travel), and checks on the
+GPU: fresh adapters are the identity, one multi-task forward equals separate forwards, a bf16-mixed
+Lightning fit learns a synthetic task without touching the backbone, and the exported adapter gives the
+same predictions on the CPU. Then prints training samples/s (fp32 vs bf16 autocast, full fine-tuning vs
+Pfeiffer) as a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from transformers import BertConfig, BertModel
+
+from mtl.adapters.config import AdapterConfig
+from mtl.lit import AdapterTrainer
+from mtl.model import MTLModel
+
+MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+
+
+def digest(module: torch.nn.Module) -> str:
+    """Hash of the frozen backbone tensors (adapters excluded)."""
+    h = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        if ".adapters." not in key:
+            h.update(value.float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def keyword_batches(n: int, batch: int, seq: int, seed: int) -> list[dict]:
+    """Synthetic task: label 1 iff token 2000 fills a quarter of the row."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3000, 20000, (batch, seq), generator=g)
+        labels = torch.randint(0, 2, (batch,), generator=g)
+        ids[labels == 1, : seq // 4] = 2000
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "task": "kw"})
+    return out
+
+
+def check_correctness(folder: Path, steps: int) -> None:
+    """Identity, multi-task equality, bf16 Lightning fit, CPU round trip."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    BertModel(BertConfig(**MINILM), add_pooling_layer=False).save_pretrained(folder / "backbone")
+    ids = torch.randint(1000, 20000, (8, 64), device=dev)
+    mask = torch.ones_like(ids)
+    mask[4:, 40:] = 0
+    model = MTLModel(str(folder / "backbone")).to(dev)
+    bare = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    for preset in ("pfeiffer", "houlsby", "parallel"):
+        model.add_task(preset, 3, preset)
+        got = model.encode(ids, mask, None, [(preset, slice(None))])
+        print(f"identity on cuda, {preset}: max |diff| = {(got - bare).abs().max().item():.3g}")
+        assert torch.equal(got, bare)
+    for task in model.tasks:
+        with torch.no_grad():
+            for p in model.task_parameters(task).values():
+                p.add_(torch.randn_like(p) * 0.05)
+    together = model(ids, mask, tasks=model.tasks)
+    worst = max((together[t] - model(ids, mask, tasks=t)[t]).abs().max().item() for t in model.tasks)
+    print(f"multi-task forward vs separate on cuda: max |diff| = {worst:.3g}")
+    assert worst < 1e-5
+
+    (folder / "tasks").mkdir()
+    (folder / "tasks" / "kw.yaml").write_text("source: {type: files, train: none.csv}\ntext_fields: [text]\n"
+                                             "label_field: label\nlabels: [absent, present]\n")
+    module = AdapterTrainer(["kw"], backbone=str(folder / "backbone"), tasks_dir=str(folder / "tasks"),
+                            run_dir=str(folder / "run"), lr=2e-3)
+    before = digest(module.model.backbone)
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    train, val = keyword_batches(steps, 32, 128, 0), keyword_batches(8, 64, 128, 1)
+    identity = lambda rows: rows[0]  # noqa: E731 - the batches are pre-built
+    trainer.fit(module, DataLoader(train, batch_size=1, collate_fn=identity),
+                DataLoader(val, batch_size=1, collate_fn=identity))
+    acc = trainer.callback_metrics["val/kw/acc"].item()
+    print(f"bf16-mixed Lightning fit, {steps} steps: val acc {acc:.3f} (chance 0.5); backbone unchanged: "
+          f"{digest(module.model.backbone) == before}")
+    assert digest(module.model.backbone) == before
+    module.model.to(dev)  # Lightning hands the module back on the CPU after fit
+    cpu = MTLModel.from_pretrained(folder / "run", backbone=str(folder / "backbone"))
+    batch = val[0]
+    module.model.eval()
+    with torch.no_grad():
+        want = module.model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), tasks="kw")["kw"].cpu()
+        got = cpu(batch["input_ids"], batch["attention_mask"], tasks="kw")["kw"]
+    print(f"exported adapter on cpu vs cuda: max |logit diff| = {(want - got).abs().max().item():.3g}, "
+          f"same predictions: {torch.equal(want.argmax(-1), got.argmax(-1))}")
+
+
+def throughput(folder: Path, steps: int, batch: int) -> None:
+    """Training samples/s on the GPU, ``batch`` x seq 128."""
+    dev = torch.device("cuda")
+    rows = []
+    for name, preset in (("full fine-tuning", None), ("pfeiffer", "pfeiffer")):
+        for bf16 in (False, True):
+            model = MTLModel(str(folder / "backbone")).to(dev)
+            if preset is None:
+                model.add_task("t", 5, AdapterConfig(leave_out=list(range(6))))
+                for p in model.backbone.parameters():
+                    p.requires_grad_(True)
+                model.backbone_dropout = True
+            else:
+                model.add_task("t", 5, preset)
+            model.train()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            ids = torch.randint(1000, 20000, (batch, 128), device=dev)
+            mask, labels = torch.ones_like(ids), torch.randint(0, 5, (batch,), device=dev)
+            times = []
+            for step in range(steps + 3):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                    loss = model.heads["t"].loss(model(ids, mask, tasks="t")["t"].float(), labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                torch.cuda.synchronize()
+                if step >= 3:
+                    times.append(time.perf_counter() - start)
+            rows.append((name, "bf16 autocast" if bf16 else "fp32", batch / statistics.median(times)))
+    base = rows[0][2]
+    print(f"\n{torch.cuda.get_device_name()}, MiniLM-L6 shape, batch {batch}, seq 128, median of {steps} steps\n")
+    print("| variant | precision | samples/s | vs full FT fp32 |\n|---|---|---:|---:|")
+    for name, precision, rate in rows:
+        print(f"| {name} | {precision} | {rate:.0f} | {rate / base:.2f}x |")
+
+
+def main() -> None:
+    """Run the checks, then the throughput table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, nargs="+", default=[32, 256])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("device_check.py needs a CUDA GPU")
+    with tempfile.TemporaryDirectory() as tmp:
+        check_correctness(Path(tmp), max(args.steps, 60))
+        for batch in args.batch:
+            throughput(Path(tmp), args.steps, batch)
+
+
+if __name__ == "__main__":
+    main()
