@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from mtl.errors import MTLConfigError
 
@@ -69,18 +70,24 @@ def load_backbone_config(name: str) -> PretrainedConfig:
     return _from_pretrained(AutoConfig, name)
 
 
+# these build a pooler that mtl never uses (heads pool for themselves); skipping it saves a dead layer
+_POOLER_TYPES = {"bert", "roberta", "xlm-roberta"}
+
+
 def load_backbone(name: str = DEFAULT_BACKBONE) -> PreTrainedModel:
     """Load the encoder with every parameter frozen (``requires_grad=False``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = _from_pretrained(AutoModel, name, add_pooling_layer=False) if _has_pooler(name) else _from_pretrained(AutoModel, name)
+    config = load_backbone_config(name)
+    kwargs = {"add_pooling_layer": False} if config.model_type in _POOLER_TYPES else {}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the skipped pooler's weights would be reported as unexpected keys
+    try:
+        model = _from_pretrained(AutoModel, name, config=config, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def _has_pooler(name: str) -> bool:
-    # BERT-like models build an unused pooler; skipping it avoids a frozen dead layer
-    return load_backbone_config(name).model_type in {"bert", "roberta", "xlm-roberta"}
 
 
 def load_tokenizer(name: str = DEFAULT_BACKBONE):

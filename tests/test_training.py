@@ -124,8 +124,18 @@ def test_cli_fit_validate_predict(tiny_dir, task_dir, tmp_path, capsys):
     assert (run / "adapters" / "keyword" / "adapter.safetensors").is_file()
     ckpt = next(run.rglob("*.ckpt"))
     main(["validate", *common, "--ckpt_path", str(ckpt)])
+    main(["test", *common, "--ckpt_path", str(ckpt)])
     main(["predict", *common, "--ckpt_path", str(ckpt)])
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *common, "--trainer.max_epochs", "1"])
     assert exit_info.value.code == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_print_config_shows_resolved_adapter_settings(capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/quickstart.yaml", "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "type: pfeiffer" in out and "default_root_dir: checkpoints/quickstart/lightning" in out
