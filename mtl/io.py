@@ -64,6 +64,7 @@ def task_config(model: MTLModel, name: str) -> dict[str, Any]:
         "hidden_size": config.hidden_size,
         "num_layers": model.num_layers,
         "adapter": model.adapter_configs[name].to_dict(),
+        "adapter_name": model.task_adapter[name],
         "head": meta["head"],
         "labels": meta["labels"],
         "task_spec": meta["spec"],
@@ -135,14 +136,24 @@ def load_task(model: MTLModel, path: str | Path, overwrite: bool = False, name: 
     check_compatible(model, data, path)
     name = name or data["task"]
     head = data["head"]
-    model.add_task(name, head["num_outputs"], AdapterConfig.from_dict(data["adapter"], str(path / CONFIG)),
-                   problem=head["problem"], pooling=head["pooling"], head_dropout=head["dropout"],
-                   labels=data.get("labels"), spec=data.get("task_spec"), overwrite=overwrite)
     weights = path / WEIGHTS
     if not weights.is_file():
         raise MTLConfigError(f"{weights}: not found")
     tensors = load_file(str(weights))
+    adapter_name = data.get("adapter_name") or name
+    shared = adapter_name in model.task_adapter.values()
+    model.add_task(name, head["num_outputs"], AdapterConfig.from_dict(data["adapter"], str(path / CONFIG)),
+                   problem=head["problem"], pooling=head["pooling"], head_dropout=head["dropout"],
+                   labels=data.get("labels"), spec=data.get("task_spec"), overwrite=overwrite,
+                   adapter_name=adapter_name if adapter_name != name else None)
     params = model.task_parameters(name)
+    if shared:  # the adapter is already loaded for another task: this file's copy must be the same tensors
+        differ = [k for k, p in params.items() if k.startswith("adapters.") and k in tensors
+                  and not torch.equal(tensors[k], p.detach().cpu())]
+        if differ:
+            model.remove_task(name)
+            raise MTLConfigError(f"{weights}: shared adapter '{adapter_name}' differs from the one already loaded "
+                                 f"({differ[0]})")
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         model.remove_task(name)

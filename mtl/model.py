@@ -45,6 +45,7 @@ class MTLModel(nn.Module):
         self.context = RoutingContext()
         self.__dict__["slots"] = inject_slots(backbone, self.context)  # they live inside self.backbone
         self.heads = nn.ModuleDict()
+        self.task_adapter: dict[str, str] = {}  # task -> adapter name (the same unless adapters are shared)
         self.adapter_configs: dict[str, AdapterConfig] = {}
         self.task_meta: dict[str, dict[str, Any]] = {}
         self.frozen: set[str] = set()
@@ -69,20 +70,32 @@ class MTLModel(nn.Module):
     def add_task(self, name: str, num_outputs: int, adapter: AdapterConfig | str | dict = "pfeiffer",
                  problem: str = "classification", pooling: str = "mean", head_dropout: float = 0.1,
                  labels: Sequence[str] | None = None, spec: dict[str, Any] | None = None,
-                 overwrite: bool = False) -> None:
-        """Add a fresh (identity) adapter and a new head for ``name``."""
-        if not _TASK_NAME.match(name or ""):
-            raise MTLConfigError(f"task name '{name}' is invalid, expected letters, digits, '_' or '-'")
+                 overwrite: bool = False, adapter_name: str | None = None) -> None:
+        """Add a new head for ``name`` and a fresh (identity) adapter.
+
+        ``adapter_name`` lets several tasks share one adapter (each keeps its own head): the first task that
+        names it creates it, later ones reuse it and must give the same adapter config.
+        """
+        key = adapter_name or name
+        for value, what in ((name, "task name"), (key, "adapter name")):
+            if not _TASK_NAME.match(value or ""):
+                raise MTLConfigError(f"{what} '{value}' is invalid, expected letters, digits, '_' or '-'")
         if name in self.heads:
             if not overwrite:
                 raise MTLConfigError(f"task '{name}' already exists (set overwrite: true to replace it)")
             self.remove_task(name)
         config = as_adapter_config(adapter)
+        shared_with = [t for t, k in self.task_adapter.items() if k == key]
+        if shared_with and self.adapter_configs[shared_with[0]] != config:
+            raise MTLConfigError(f"task '{name}': adapter '{key}' already exists with another config "
+                                 f"(used by {shared_with})")
         device = next(self.backbone.parameters()).device
-        for index in config.layers(self.num_layers):
-            for position in config.positions:
-                self.slots[index][position].adapters[name] = BottleneckAdapter(self.hidden_size, config).to(device)
+        if not shared_with:
+            for index in config.layers(self.num_layers):
+                for position in config.positions:
+                    self.slots[index][position].adapters[key] = BottleneckAdapter(self.hidden_size, config).to(device)
         self.heads[name] = TaskHead(self.hidden_size, num_outputs, problem, pooling, head_dropout).to(device)
+        self.task_adapter[name] = key
         self.adapter_configs[name] = config
         self.task_meta[name] = {"labels": list(labels) if labels is not None else None, "spec": spec,
                                 "head": {"num_outputs": num_outputs, "problem": problem, "pooling": pooling,
@@ -90,11 +103,13 @@ class MTLModel(nn.Module):
         self.train(self.training)
 
     def remove_task(self, name: str) -> None:
-        """Drop a task's adapters and head."""
+        """Drop a task's head, and its adapter unless another task shares it."""
         self._check_tasks([name])
-        for slot in self.iter_slots():
-            if name in slot.adapters:
-                del slot.adapters[name]
+        key = self.task_adapter.pop(name)
+        if key not in self.task_adapter.values():
+            for slot in self.iter_slots():
+                if key in slot.adapters:
+                    del slot.adapters[key]
         del self.heads[name]
         self.adapter_configs.pop(name)
         self.task_meta.pop(name)
@@ -108,18 +123,20 @@ class MTLModel(nn.Module):
     def task_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """A task's adapter and head parameters under stable names (the adapter file's keys)."""
         self._check_tasks([name])
+        key = self.task_adapter[name]
         params = {}
         for slot in self.iter_slots():
-            if name in slot.adapters:
-                for key, p in slot.adapters[name].named_parameters():
-                    params[f"adapters.{slot.layer_index}.{slot.position}.{key}"] = p
-        for key, p in self.heads[name].named_parameters():
-            params[f"head.{key}"] = p
+            if key in slot.adapters:
+                for param_name, p in slot.adapters[key].named_parameters():
+                    params[f"adapters.{slot.layer_index}.{slot.position}.{param_name}"] = p
+        for param_name, p in self.heads[name].named_parameters():
+            params[f"head.{param_name}"] = p
         return params
 
     def adapter_layers(self, name: str) -> list[int]:
-        """Layer indices where ``name`` has an adapter."""
-        return sorted({s.layer_index for s in self.iter_slots() if name in s.adapters})
+        """Layer indices where task ``name`` has an adapter."""
+        key = self.task_adapter[name]
+        return sorted({s.layer_index for s in self.iter_slots() if key in s.adapters})
 
     # ---- states: active (routable), trainable (requires_grad), frozen (for good) -------------
     def set_trainable(self, names: Sequence[str]) -> None:
@@ -152,7 +169,8 @@ class MTLModel(nn.Module):
             head = sum(p.numel() for k, p in params.items() if k.startswith("head."))
             trainable = any(p.requires_grad for p in params.values())
             state = "frozen" if task in self.frozen else ("trainable" if trainable else "inactive-grad")
-            rows.append((task, f"{adapter:,}", f"{head:,}", str(len(self.adapter_layers(task))), state))
+            shared = "" if self.task_adapter[task] == task else f" (shared '{self.task_adapter[task]}')"
+            rows.append((task, f"{adapter:,}{shared}", f"{head:,}", str(len(self.adapter_layers(task))), state))
         backbone = sum(p.numel() for p in self.backbone.parameters()) - sum(
             p.numel() for s in self.iter_slots() for p in s.adapters.parameters())
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
@@ -175,20 +193,22 @@ class MTLModel(nn.Module):
         if unknown:
             raise MTLConfigError(f"no adapter for task(s) {unknown}; known tasks: {self.tasks}")
 
-    def first_adapter_layer(self, names: Sequence[str]) -> int:
-        """Lowest layer index with an adapter of any of these tasks (num_layers if none)."""
-        layers = [i for t in names for i in self.adapter_layers(t)]
-        return min(layers, default=self.num_layers)
+    def first_adapter_layer(self, adapter_names: Sequence[str]) -> int:
+        """Lowest layer index with any of these adapters (num_layers if none)."""
+        wanted = set(adapter_names)
+        return min((s.layer_index for s in self.iter_slots() if wanted.intersection(s.adapters.keys())),
+                   default=self.num_layers)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None,
                groups: list[tuple[str, slice]], copies: int = 1) -> torch.Tensor:
-        """Embeddings, then the layer loop with ``groups`` routed from the first layer that has any of their adapters.
+        """Embeddings, then the layer loop with ``groups`` (adapter name, rows) routed from the first layer that has
+        any of those adapters.
 
         With ``copies > 1`` the rows are replicated there (once per group), so the layers below run once.
         """
         hidden = embed(self.backbone, input_ids, token_type_ids)
         mask = attention_mask_4d(self.backbone, hidden, attention_mask)
-        start = self.first_adapter_layer([task for task, _ in groups])
+        start = self.first_adapter_layer([key for key, _ in groups])
         for index, layer in enumerate(layer_list(self.backbone)):
             if index == start and copies > 1:
                 hidden, mask = _repeat(hidden, copies), _repeat(mask, copies)
@@ -207,12 +227,14 @@ class MTLModel(nn.Module):
         names = [tasks] if isinstance(tasks, str) else list(dict.fromkeys(tasks))
         self._check_tasks(names)
         batch = input_ids.shape[0]
-        if len(names) == 1:
-            groups = [(names[0], slice(None))]
+        # one copy of the rows per distinct adapter: tasks that share an adapter share its hidden states
+        keys = list(dict.fromkeys(self.task_adapter[t] for t in names))
+        if len(keys) == 1:
+            rows = {keys[0]: slice(None)}
         else:
-            groups = [(t, slice(i * batch, (i + 1) * batch)) for i, t in enumerate(names)]
-        hidden = self.encode(input_ids, attention_mask, token_type_ids, groups, copies=len(names))
-        return {t: self.heads[t](hidden[s], attention_mask) for t, s in groups}
+            rows = {k: slice(i * batch, (i + 1) * batch) for i, k in enumerate(keys)}
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, list(rows.items()), copies=len(keys))
+        return {t: self.heads[t](hidden[rows[self.task_adapter[t]]], attention_mask) for t in names}
 
     def _forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       token_type_ids: torch.Tensor | None, row_tasks: list[str]) -> dict[str, torch.Tensor]:
@@ -225,13 +247,14 @@ class MTLModel(nn.Module):
         index = torch.tensor(order, device=input_ids.device)
         ids, mask, types = (t.index_select(0, index) if t is not None else None
                             for t in (input_ids, attention_mask, token_type_ids))
-        groups, start = [], 0
+        bounds, start = {}, 0
         for task in names:
             count = row_tasks.count(task)
-            groups.append((task, slice(start, start + count)))
+            bounds[task] = slice(start, start + count)
             start += count
+        groups = [(self.task_adapter[t], s) for t, s in bounds.items()]
         hidden = self.encode(ids, mask, types, groups)
-        return {t: self.heads[t](hidden[s], mask[s] if mask is not None else None) for t, s in groups}
+        return {t: self.heads[t](hidden[s], mask[s] if mask is not None else None) for t, s in bounds.items()}
 
     # ---- files -----------------------------------------------------------------------------------
     def save_task(self, name: str, directory: str | Path, overwrite: bool = False) -> Path:

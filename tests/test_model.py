@@ -164,3 +164,30 @@ def test_loading_into_a_different_backbone_shape_fails(tmp_path):
 def test_from_pretrained_needs_exported_tasks(tmp_path):
     with pytest.raises(MTLConfigError, match="no exported tasks"):
         MTLModel.from_pretrained(tmp_path)
+
+
+def test_shared_adapter_mode_one_adapter_many_heads(tmp_path):
+    model = MTLModel(tiny_backbone("bert"))
+    model.add_task("a", 3, "pfeiffer", adapter_name="shared")
+    model.add_task("b", 5, "pfeiffer", adapter_name="shared")
+    assert model.task_parameters("a")["adapters.0.ffn.down.weight"] is model.task_parameters("b")["adapters.0.ffn.down.weight"]
+    adapters = sum(p.numel() for k, p in model.backbone.named_parameters() if ".adapters." in k)
+    assert adapters == 2 * (64 * 4 + 4 + 4 * 64 + 64)  # one adapter for two tasks
+    with pytest.raises(MTLConfigError, match="another config"):
+        model.add_task("c", 2, "houlsby", adapter_name="shared")
+    with torch.no_grad():
+        for p in model.task_parameters("a").values():
+            p.add_(0.1)
+    batch = tiny_batch()
+    both = model(**batch, tasks=["a", "b"])
+    for task in ("a", "b"):
+        torch.testing.assert_close(both[task], model(**batch, tasks=task)[task], rtol=1e-5, atol=1e-5)
+    for task in ("a", "b"):
+        model.save_task(task, tmp_path)
+    fresh = MTLModel(tiny_backbone("bert"))
+    fresh.load_task(tmp_path / "a")
+    fresh.load_task(tmp_path / "b")
+    assert fresh.task_adapter == {"a": "shared", "b": "shared"}
+    assert torch.equal(fresh(**batch, tasks="b")["b"], model(**batch, tasks="b")["b"])
+    model.remove_task("a")  # the adapter stays while b uses it
+    assert model.adapter_layers("b") == [0, 1]
