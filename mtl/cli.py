@@ -22,6 +22,7 @@ class MTLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.tasks", "model.tasks")
         parser.link_arguments("data.tasks_dir", "model.tasks_dir")
+        parser.link_arguments("data.eval_tasks", "model.eval_tasks")
         parser.link_arguments("model.backbone", "data.backbone")
 
 
@@ -31,7 +32,9 @@ def main(args: list[str] | None = None) -> None:
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     try:
         MTLCLI(AdapterTrainer, TaskDataModule, parser_kwargs={"parser_mode": "omegaconf+"},
-               save_config_kwargs={"overwrite": True}, args=args)
+               save_config_kwargs={"overwrite": True}, args=args,
+               # the task batch sampler shards by rank itself; Lightning must not wrap it
+               trainer_defaults={"use_distributed_sampler": False})
     except Exception as err:  # noqa: BLE001 - user mistakes become one line; anything else keeps its traceback
         mistake = user_mistake(err)
         if mistake is None:

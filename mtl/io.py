@@ -37,19 +37,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file in the same directory, fsync, then rename over ``path``."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write text to a temp file in the same directory, fsync, then rename over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Atomically write ``data`` as indented JSON."""
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def task_config(model: MTLModel, name: str) -> dict[str, Any]:

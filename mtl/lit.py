@@ -41,35 +41,71 @@ class AdapterTrainer(L.LightningModule):
         head_dropout: dropout inside the heads while training.
         backbone_dropout: run the frozen backbone's dropout while training (off by default: faster, see README).
         run_dir: run folder; adapters are exported to ``<run_dir>/adapters/<task>/`` when fit ends.
-        overwrite: replace already exported adapters of the same task names.
+        overwrite: replace already exported adapters (and loaded tasks) of the same task names.
         export: export trained tasks when fit ends.
+        adapter_sharing: ``per_task`` (one adapter per task) or ``shared`` (one adapter for all ``tasks``, each
+            with its own head: the classic multi-task adapter baseline).
+        load_from: a run folder whose exported adapters are loaded first, frozen, before ``tasks`` are added
+            (adding a task to a trained system); set ``run_dir`` to the same folder to export beside them.
+        eval_tasks: loaded tasks that are evaluated but not trained; linked from ``data.eval_tasks``.
     """
 
     def __init__(self, tasks: list[str], backbone: str = DEFAULT_BACKBONE, adapter: AdapterConfig | dict | None = None,
                  tasks_dir: str = "tasks", lr: float = 1e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
                  head_pooling: str = "mean", head_dropout: float = 0.1, backbone_dropout: bool = False,
-                 run_dir: str = "checkpoints/run", overwrite: bool = False, export: bool = True) -> None:
+                 run_dir: str = "checkpoints/run", overwrite: bool = False, export: bool = True,
+                 adapter_sharing: str = "per_task", load_from: str | None = None,
+                 eval_tasks: list[str] | None = None) -> None:
         super().__init__()
         adapter = as_adapter_config(adapter) if adapter is not None else AdapterConfig()
         # hparams hold plain types only, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["adapter"])
         self.hparams["adapter"] = adapter.to_dict()
-        if not tasks:
-            raise MTLConfigError("model.tasks: empty, expected at least one task name")
-        self.specs = {}
+        if adapter_sharing not in ("per_task", "shared"):
+            raise MTLConfigError(f"model.adapter_sharing: '{adapter_sharing}', expected per_task or shared")
+        if not tasks and not load_from:
+            raise MTLConfigError("model.tasks: empty, expected at least one task name (or model.load_from)")
         self.model = MTLModel(backbone, backbone_dropout=backbone_dropout)
+        if load_from:
+            self._load_trained(load_from)
+        self.specs: dict[str, TaskSpec] = {}
         for name in tasks:
             spec = load_task_spec(name, tasks_dir)
             self.specs[spec.name] = spec
+            if spec.name in self.model.tasks and not overwrite:
+                raise MTLConfigError(f"task '{spec.name}' is already trained in {load_from} "
+                                     f"(set model.overwrite: true to train it again from scratch)")
             self.model.add_task(spec.name, head_outputs(spec), adapter, problem=spec.problem, pooling=head_pooling,
-                                head_dropout=head_dropout, labels=spec.labels, spec=spec.to_dict())
+                                head_dropout=head_dropout, labels=spec.labels, spec=spec.to_dict(), overwrite=True,
+                                adapter_name="shared" if adapter_sharing == "shared" else None)
         self.model.set_trainable(list(self.specs))
+        for name in eval_tasks or []:
+            spec = load_task_spec(name, tasks_dir)
+            if spec.name not in self.model.tasks:
+                raise MTLConfigError(f"data.eval_tasks: task '{spec.name}' has no trained adapter "
+                                     f"(expected it under {load_from or 'model.load_from'}/adapters/)")
+            have = self.model.heads[spec.name].num_outputs
+            if have != head_outputs(spec):
+                raise MTLConfigError(f"{spec.spec_file}: labels: {head_outputs(spec)} labels, but the adapter of "
+                                     f"'{spec.name}' has a head with {have} outputs")
+            self.specs[spec.name] = spec
         self.val_metrics = self._metrics("val")
         self.test_metrics = self._metrics("test")
 
     def _metrics(self, stage: str) -> nn.ModuleDict:
         return nn.ModuleDict({name: build_metrics(spec.problem, spec.metrics, head_outputs(spec), f"{stage}/{name}/")
                               for name, spec in self.specs.items()})
+
+    def _load_trained(self, folder: str) -> None:
+        """Load every exported task under ``folder`` and freeze it for good."""
+        from mtl.io import load_task, read_task_config, task_dirs
+
+        for path in task_dirs(folder):
+            exported_on = read_task_config(path).get("backbone")
+            if exported_on != self.model.backbone_name:
+                raise MTLConfigError(f"{path}/adapter_config.json: adapter trained for backbone '{exported_on}', "
+                                     f"but model.backbone is '{self.model.backbone_name}'")
+            self.model.freeze_task(load_task(self.model, path))
 
     @property
     def run_dir(self) -> Path:
@@ -126,14 +162,20 @@ class AdapterTrainer(L.LightningModule):
         self._eval_epoch_end(self.test_metrics, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        task = batch["task"]
-        head = self.model.heads[task]
-        pred, score = head.predict(self(batch))
-        labels = self.specs[task].labels
+        """One row per example and task: label and its probability (a batch with task None runs every task)."""
+        tasks = self.model.tasks if batch["task"] is None else [batch["task"]]
+        logits = self.model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"), tasks=tasks)
+        size = batch["input_ids"].shape[0]
+        index = batch.get("index", torch.arange(size)).tolist()
+        texts = batch.get("text") or [None] * size
         rows = []
-        for p, s in zip(pred.tolist(), score.tolist()):
-            label = labels[p] if head.problem == "classification" else p
-            rows.append({"task": task, "label": label, "score": s})
+        for task in tasks:
+            head = self.model.heads[task]
+            labels = self.model.task_meta[task]["labels"]
+            pred, score = head.predict(logits[task])
+            for i, text, p, s in zip(index, texts, pred.tolist(), score.tolist()):
+                label = labels[p] if head.problem == "classification" and labels else p
+                rows.append({"task": task, "index": i, "label": label, "score": s, "text": text})
         return rows
 
     # ---- optimisation --------------------------------------------------------------------------
@@ -157,6 +199,8 @@ class AdapterTrainer(L.LightningModule):
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        if not self.model.trainable_tasks():
+            raise MTLConfigError("model.tasks: no task to train (loaded tasks are frozen); name new tasks in data.tasks")
         if self.hparams.export and not self.hparams.overwrite:
             for task in self.model.trainable_tasks():
                 target = self.run_dir / "adapters" / task
