@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from mtl.data.sampling import TaskBatchSampler, task_probabilities
-from mtl.data.sources import load_task_dataset, read_source, resolve_path, stratified_order
+from mtl.data.sources import SPLITS, load_task_dataset, read_source, resolve_path, stratified_order
 from mtl.data.spec import TaskSpec, load_task_spec
 from mtl.errors import MTLConfigError
 
@@ -469,3 +469,233 @@ def test_spec_and_sources_import_without_lightning():
 
     code = "import sys, mtl.data, mtl.data.spec, mtl.data.sources, mtl.data.sampling; assert 'lightning' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# ---------------------------------------------------------------- datamodule: eval tasks, caps, prediction input
+
+
+@pytest.fixture
+def make_dm(tmp_path, tokenizer, monkeypatch):
+    """TaskDataModule factory over tasks in ``tmp_path`` with a shared cache and the module-scoped tokenizer."""
+    from mtl.data.module import TaskDataModule
+
+    monkeypatch.setattr("mtl.data.module.load_tokenizer", lambda name: tokenizer)
+
+    def make(tasks, **kwargs):
+        kwargs.setdefault("cache_dir", str(tmp_path / "cache"))
+        return TaskDataModule(tasks, tasks_dir=str(tmp_path), **kwargs)
+
+    return make
+
+
+def write_toy_tasks(folder: Path, names: tuple[str, ...], n: int = 60, **overrides) -> None:
+    """One csv task per name; every text starts with its task name, so rows show where they came from."""
+    for name in names:
+        write_csv(folder / f"{name}.csv", toy_rows(n, prefix=name))
+        write_task(folder, name, source={"type": "files", "train": f"{name}.csv"}, **overrides)
+
+
+def test_eval_tasks_are_evaluated_but_never_trained(tmp_path, make_dm):
+    write_toy_tasks(tmp_path, ("a", "b", "c"))
+    dm = make_dm(["a", "b"], eval_tasks=["c"], batch_size=4, eval_batch_size=5)
+    assert dm.task_names == ["a", "b", "c"] and list(dm.specs) == ["a", "b", "c"]
+    assert dm.train_task_names == ["a", "b"] and dm.eval_task_names == ["c"]
+    for loaders in (dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader()):
+        assert [next(iter(v))["task"] for v in loaders] == ["a", "b", "c"]
+    train = dm.train_dataloader()
+    assert len(train) == math.ceil((48 + 48) / 4)
+    for epoch in range(3):
+        train.batch_sampler.set_epoch(epoch)
+        for batch in train:
+            assert batch["task"] in ("a", "b")
+            assert all(tokens[1] != dm.tokenizer.convert_tokens_to_ids("c") for tokens in batch["input_ids"].tolist())
+    single = make_dm(["a"], eval_tasks=["c"], batch_size=8)
+    assert {b["task"] for b in single.train_dataloader()} == {"a"}
+    assert [next(iter(v))["task"] for v in single.val_dataloader()] == ["a", "c"]
+
+
+@pytest.mark.parametrize("eval_task", ["a", "a.yaml"])
+def test_task_in_tasks_and_eval_tasks_is_an_error(tmp_path, make_dm, eval_task):
+    write_toy_tasks(tmp_path, ("a",))
+    name = str(tmp_path / eval_task) if eval_task.endswith(".yaml") else eval_task
+    with pytest.raises(MTLConfigError) as err:
+        make_dm(["a"], eval_tasks=[name])
+    assert str(err.value) == "data.eval_tasks: task 'a' also in data.tasks, expected each task once (trained or eval-only)"
+
+
+def test_module_caps_on_top_of_spec_caps(tmp_path, make_dm):
+    write_csv(tmp_path / "train.csv", toy_rows(600))  # splits: 480 / 60 / 60
+    write_task(tmp_path, "capped", source={"type": "files", "train": "train.csv"}, max_train_examples=90,
+               max_eval_examples=20)
+    write_task(tmp_path, "free", source={"type": "files", "train": "train.csv"})
+
+    def sizes(dm, task):
+        return [len(dm.task_datasets[task][s]) for s in ("train", "validation", "test")]
+
+    assert sizes(make_dm(["capped"]), "capped") == [90, 20, 20]
+    assert sizes(make_dm(["capped"], max_train_examples=50, max_eval_examples=10), "capped") == [50, 10, 10]
+    assert sizes(make_dm(["capped"], max_train_examples=200, max_eval_examples=40), "capped") == [90, 20, 20]
+    assert sizes(make_dm([], eval_tasks=["free"], max_eval_examples=7), "free") == [480, 7, 7]
+    # a module cap picks the same seeded stratified rows as the same cap in the spec
+    by_module = make_dm(["free"], max_train_examples=90, max_eval_examples=20).task_datasets["free"]
+    by_spec = make_dm(["capped"]).task_datasets["capped"]
+    for split in SPLITS:
+        assert by_module[split]["input_ids"] == by_spec[split]["input_ids"]
+        assert by_module[split]["labels"] == by_spec[split]["labels"]
+    assert collections.Counter(by_module["train"]["labels"]) == {0: 60, 1: 30}
+
+
+def test_changed_cap_never_reuses_a_stale_cache(tmp_path, make_dm):
+    write_toy_tasks(tmp_path, ("a",), n=200)
+    first = make_dm(["a"], max_train_examples=50).task_datasets["a"]["train"]
+    again = make_dm(["a"], max_train_examples=50).task_datasets["a"]["train"]
+    smaller = make_dm(["a"], max_train_examples=40).task_datasets["a"]["train"]
+    assert again.cache_files == first.cache_files
+    assert len(smaller) == 40 and smaller.cache_files != first.cache_files
+    assert len(make_dm(["a"]).task_datasets["a"]["train"]) == 160
+
+
+@pytest.mark.parametrize("split", ["validation", "test", "train"])
+def test_predict_split_batches_carry_index_and_text(tmp_path, make_dm, split):
+    write_toy_tasks(tmp_path, ("a",), n=80)
+    pairs = [{"q": f"question {i}", "a": f"answer {i}", "s": i / 7} for i in range(50)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in pairs), encoding="utf-8")
+    write_task(tmp_path, "reg", source={"type": "files", "train": "pairs.jsonl"}, text_fields=["q", "a"],
+               label_field="s", labels=["score"], problem="regression")
+    kwargs = {} if split == "test" else {"predict_split": split}  # test is the default
+    dm = make_dm(["a"], eval_tasks=["reg"], eval_batch_size=7, **kwargs)
+    loaders = dm.predict_dataloader()
+    assert len(loaders) == 2
+    for loader, task in zip(loaders, ("a", "reg")):
+        rows = load_task_dataset(dm.specs[task])[split]
+        index, texts, labels = [], [], []
+        for batch in loader:
+            assert batch["task"] == task and batch["index"].dtype == torch.long
+            assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "task", "index", "text"}
+            index += batch["index"].tolist()
+            texts += batch["text"]
+            labels += batch["labels"].tolist()
+            first = dm.tokenizer(batch["text"][0])["input_ids"]  # the text is the first field of the same row
+            assert batch["input_ids"][0].tolist()[: len(first) - 1] == first[:-1]
+        field = dm.specs[task].text_fields[0]
+        assert index == list(range(len(rows))) and texts == list(rows[field])
+        assert labels == pytest.approx(list(rows["label"]))
+
+
+def check_file_batches(dm, expected: list[str], max_length: int = 128) -> None:
+    loaders = dm.predict_dataloader()
+    assert len(loaders) == 1
+    index, texts = [], []
+    for batch in loaders[0]:
+        assert batch["task"] is None and "labels" not in batch
+        assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "task", "index", "text"}
+        assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[1] <= max_length
+        for row, text in zip(batch["input_ids"].tolist(), batch["text"]):
+            want = dm.tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+            assert row[: len(want)] == want
+        index += batch["index"].tolist()
+        texts += batch["text"]
+    assert texts == expected and index == list(range(len(expected)))
+
+
+def test_predict_file_txt_and_jsonl(tmp_path, make_dm):
+    write_toy_tasks(tmp_path, ("a",))
+    txt = tmp_path / "in.txt"
+    txt.write_text("first line\n\n   \nsecond  one  \r\nthird is a longer line with many words in it\n\n", encoding="utf-8")
+    dm = make_dm(["a"], predict_file=str(txt), eval_batch_size=2, predict_max_length=6)
+    check_file_batches(dm, ["first line", "second  one", "third is a longer line with many words in it"], 6)
+    rows = [{"body": f"text {i}", "id": i} for i in range(5)]
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) + ("\n" if i == 2 else "") for i, r in enumerate(rows)), encoding="utf-8")
+    dm = make_dm(["a"], predict_file=str(jsonl), predict_text_field="body", eval_batch_size=3)
+    check_file_batches(dm, [f"text {i}" for i in range(5)])
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("gone.txt", None, "data.predict_file: no such file"),
+        ("empty.txt", "", "no examples"),
+        ("blank.jsonl", "\n  \n", "no examples"),
+        ("bad.jsonl", '{"text": "ok"}\n\n{"text": "fine"\n', r"line 3: invalid JSON"),
+        ("nokey.jsonl", '{"text": "ok"}\n{"body": "x"}\n', r"line 2: key 'text' missing \(keys: \['body'\]\)"),
+        ("list.jsonl", '["text"]\n', r"line 1: got a JSON list, expected an object with key 'text'"),
+        ("number.jsonl", '{"text": "ok"}\n{"text": 5}\n', r"line 2: 'text' is 5, expected a non-empty string"),
+        ("latin.txt", "caf\u00e9".encode("latin-1"), "not UTF-8"),
+    ],
+)
+def test_predict_file_errors_name_the_file(tmp_path, make_dm, name, content, match):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    dm = make_dm([], predict_file=str(path))
+    with pytest.raises(MTLConfigError, match=match) as err:
+        dm.predict_dataloader()
+    assert str(err.value).startswith(f"{path}: ") and "expected" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_predict_file_suffix_is_checked_at_construction(make_dm, tmp_path):
+    with pytest.raises(MTLConfigError) as err:
+        make_dm([], predict_file=str(tmp_path / "in.csv"))
+    assert str(err.value) == (f"{tmp_path / 'in.csv'}: data.predict_file: unknown format '.csv', "
+                              "expected a file ending in .txt or .jsonl")
+
+
+def test_no_tasks_predicts_on_a_file_but_cannot_train(tmp_path, make_dm):
+    (tmp_path / "in.txt").write_text("hello\nworld\n", encoding="utf-8")
+    dm = make_dm([], predict_file=str(tmp_path / "in.txt"))
+    assert dm.task_names == [] and dm.train_task_names == []
+    dm.prepare_data()
+    dm.setup("predict")
+    check_file_batches(dm, ["hello", "world"])
+    with pytest.raises(MTLConfigError) as err:
+        dm.train_dataloader()
+    assert str(err.value).startswith("data.tasks: empty, nothing to train; ") and "\n" not in str(err.value)
+    with pytest.raises(MTLConfigError, match="data.tasks and data.eval_tasks: empty"):
+        make_dm([]).predict_dataloader()
+
+
+def test_predicting_on_a_file_reads_no_task_data(tmp_path, make_dm):
+    # the task's data may be absent where a trained model is served; only its YAML is needed
+    write_task(tmp_path, "absent", source={"type": "files", "train": "missing.csv"})
+    (tmp_path / "in.txt").write_text("hello\n", encoding="utf-8")
+    dm = make_dm(["absent"], predict_file=str(tmp_path / "in.txt"))
+    dm.setup("predict")
+    check_file_batches(dm, ["hello"])
+    with pytest.raises(MTLConfigError, match="missing.csv does not exist"):
+        dm.setup("fit")
+
+
+def test_trainer_predict_on_a_file(tmp_path, make_dm):
+    """A real Trainer: prepare_data / setup see the predict stage and skip the (absent) task data."""
+    import lightning as L
+
+    class Echo(L.LightningModule):
+        def predict_step(self, batch, batch_idx):
+            return {"task": batch["task"], "index": batch["index"].tolist(), "text": batch["text"]}
+
+    write_task(tmp_path, "absent", source={"type": "files", "train": "missing.csv"})
+    (tmp_path / "in.txt").write_text("one\ntwo\n\nthree\n", encoding="utf-8")
+    dm = make_dm(["absent"], predict_file=str(tmp_path / "in.txt"), eval_batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False)
+    out = trainer.predict(Echo(), datamodule=dm)
+    assert out == [{"task": None, "index": [0, 1], "text": ["one", "two"]}, {"task": None, "index": [2], "text": ["three"]}]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_train_examples": 0}, "data.max_train_examples: got 0"),
+        ({"max_eval_examples": -1}, "data.max_eval_examples: got -1"),
+        ({"predict_split": "dev"}, r"data.predict_split: got 'dev', expected one of \['train', 'validation', 'test'\]"),
+        ({"predict_max_length": 1}, "data.predict_max_length: got 1"),
+        ({"eval_tasks": ["c", "c"]}, "data.eval_tasks: task 'c' given twice"),
+    ],
+)
+def test_datamodule_rejects_bad_new_options(tmp_path, make_dm, kwargs, match):
+    write_toy_tasks(tmp_path, ("c",))
+    with pytest.raises(MTLConfigError, match=match):
+        make_dm([], **kwargs)

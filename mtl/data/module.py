@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -14,14 +15,15 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from transformers import DataCollatorWithPadding
 
 from mtl.backbone import load_tokenizer
+from mtl.data.predict_input import MODEL_INPUTS, TextDataset, check_predict_file_name, read_predict_texts
 from mtl.data.sampling import TaskBatchSampler, task_probabilities
 from mtl.data.sources import SPLITS, load_task_dataset
 from mtl.data.spec import TaskSpec, load_task_spec
 from mtl.errors import MTLConfigError
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 CACHE_VERSION = 1  # bump when the tokenised layout changes, so old cache files are not reused
 DEFAULT_CACHE_DIR = "~/.cache/mtl/datasets"
+EXTRA_KEYS = ("index", "text")  # prediction-only fields, passed through the collator unpadded
 
 
 class TaskCollator:
@@ -33,29 +35,43 @@ class TaskCollator:
         self.problems = problems
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        """input_ids, attention_mask, (token_type_ids), labels as tensors; task as a str."""
+        """input_ids, attention_mask, (token_type_ids), labels (if any) as tensors; task as given; index, text."""
         tasks = {f["task"] for f in features}
         if len(tasks) != 1:
-            raise RuntimeError(f"a batch mixes tasks {sorted(tasks)}; the sampler must yield one task per batch")
+            raise RuntimeError(f"a batch mixes tasks {sorted(tasks, key=str)}; the sampler must yield one task per batch")
         task = tasks.pop()
-        batch = dict(self.pad([{k: v for k, v in f.items() if k != "task"} for f in features]))
-        dtype = torch.long if self.problems[task] == "classification" else torch.float
-        batch["labels"] = batch["labels"].to(dtype)
+        drop = ("task", *EXTRA_KEYS)
+        batch = dict(self.pad([{k: v for k, v in f.items() if k not in drop} for f in features]))
+        if "labels" in batch:
+            dtype = torch.long if self.problems[task] == "classification" else torch.float
+            batch["labels"] = batch["labels"].to(dtype)
         batch["task"] = task
+        if "index" in features[0]:
+            batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+        if "text" in features[0]:
+            batch["text"] = [f["text"] for f in features]
         return batch
 
 
 class _TaskView(Dataset):
-    """A tokenised split whose items also carry their task name (read by the collator)."""
+    """A tokenised split whose items also carry their task name; with ``texts``, also index and text."""
 
-    def __init__(self, data: datasets.Dataset, task: str) -> None:
-        self.data, self.task = data, task
+    def __init__(self, data: datasets.Dataset, task: str, texts: list[str] | None = None) -> None:
+        self.data, self.task, self.texts = data, task, texts
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**self.data[int(index)], "task": self.task}
+        item = {**self.data[int(index)], "task": self.task}
+        if self.texts is not None:
+            item.update(index=int(index), text=self.texts[int(index)])
+        return item
+
+
+def _smaller(a: int | None, b: int | None) -> int | None:
+    """The tighter of two optional caps (None: no cap)."""
+    return b if a is None else a if b is None else min(a, b)
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -64,12 +80,21 @@ class TaskDataModule(L.LightningDataModule):
     Batches are dicts: ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the
     tokenizer makes them) padded to the batch's longest example, ``labels`` (long for
     classification, float for regression / multilabel) and ``task`` (the task's name).
-    With several tasks, training batches come from a ``TaskBatchSampler``; under DDP run the
-    Trainer with ``use_distributed_sampler=False`` (the sampler shards by rank itself).
-    Validation / test / predict give one loader per task, in the order of ``tasks``.
+    Training batches come only from ``tasks``; with several, from a ``TaskBatchSampler``. Under
+    DDP run the Trainer with ``use_distributed_sampler=False``: the sampler shards by rank itself
+    (the evaluation loaders are then not sharded, so every rank evaluates all examples).
+    Validation / test give one loader per task, in the order of ``tasks + eval_tasks``.
+
+    Prediction: without ``predict_file``, one loader per task (``tasks + eval_tasks``) over
+    ``predict_split``, batches as above plus ``index`` (LongTensor, the rows' positions in the
+    split) and ``text`` (list of the first text field, raw). With ``predict_file``, one loader
+    over the file: ``input_ids``, ``attention_mask`` (``token_type_ids``), ``index`` (position
+    among the file's examples, blank lines skipped), ``text``, no ``labels`` and ``task`` None
+    (meaning every task of the model).
 
     Args:
-        tasks: Task names (``<tasks_dir>/<name>.yaml``) or paths to task YAML files.
+        tasks: Tasks to train (and evaluate): names (``<tasks_dir>/<name>.yaml``) or paths to task YAML
+            files. May be empty for prediction only (``train_dataloader`` then raises).
         backbone: Backbone whose tokenizer is used (alias, local folder or cached hub name).
         tasks_dir: Folder where bare task names are looked up.
         batch_size: Training batch size (per device).
@@ -79,6 +104,17 @@ class TaskDataModule(L.LightningDataModule):
         temperature: T of temperature sampling (p ~ n ** (1 / T)).
         seed: Seed of shuffling and task sampling (each epoch reseeds with seed and epoch).
         cache_dir: Folder for tokenised datasets (default ``~/.cache/mtl/datasets``).
+        eval_tasks: Tasks that are evaluated (validate / test / predict) but never trained, e.g. adapters
+            loaded from an earlier run; none may also be in ``tasks``.
+        max_train_examples: Cap on every task's train split, on top of the spec's own cap (the smaller
+            wins); same seeded stratified subsample as the spec's cap. None: the spec's cap only.
+        max_eval_examples: Same for validation and for test, each.
+        predict_split: Split that ``predict_dataloader`` reads when there is no ``predict_file``:
+            train, validation or test.
+        predict_file: A ``.txt`` (one example per non-empty line) or ``.jsonl`` file to predict on instead
+            of a split; its batches are for every task of the model.
+        predict_text_field: Key of the text in each ``.jsonl`` object.
+        predict_max_length: Tokens per ``predict_file`` example after truncation.
     """
 
     def __init__(
@@ -93,39 +129,78 @@ class TaskDataModule(L.LightningDataModule):
         temperature: float = 2.0,
         seed: int = 0,
         cache_dir: str | None = None,
+        eval_tasks: list[str] = [],  # noqa: B006 - never mutated; [] shows as such in --print_config
+        max_train_examples: int | None = None,
+        max_eval_examples: int | None = None,
+        predict_split: str = "test",
+        predict_file: str | None = None,
+        predict_text_field: str = "text",
+        predict_max_length: int = 128,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if not tasks:
-            raise MTLConfigError("data.tasks: empty, expected at least one task name or YAML path")
         if batch_size < 1 or eval_batch_size < 1 or num_workers < 0:
             raise MTLConfigError(
                 f"data: batch_size={batch_size}, eval_batch_size={eval_batch_size}, num_workers={num_workers}: "
                 "expected batch sizes >= 1 and num_workers >= 0"
             )
+        for key, cap in (("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
+            if cap is not None and cap < 1:
+                raise MTLConfigError(f"data.{key}: got {cap!r}, expected a positive int (or null: the spec's own cap)")
+        if predict_split not in SPLITS:
+            raise MTLConfigError(f"data.predict_split: got {predict_split!r}, expected one of {list(SPLITS)}")
+        if predict_max_length < 2:
+            raise MTLConfigError(f"data.predict_max_length: got {predict_max_length!r}, expected an int >= 2")
+        if not predict_text_field:
+            raise MTLConfigError("data.predict_text_field: empty, expected the .jsonl key that holds the text")
+        if predict_file is not None:
+            check_predict_file_name(predict_file)
         task_probabilities([1], sampling, temperature)  # fail on a bad strategy now, not at fit time
-        self._specs: dict[str, TaskSpec] = {}
-        for task in tasks:
-            spec = load_task_spec(task, tasks_dir)  # YAML only: cheap
-            if spec.name in self._specs:
-                raise MTLConfigError(f"data.tasks: task '{spec.name}' given twice, expected distinct tasks")
-            self._specs[spec.name] = spec
+        self._specs = self._load_specs("data.tasks", tasks, tasks_dir, {})
+        self._train_names = list(self._specs)
+        self._specs = self._load_specs("data.eval_tasks", eval_tasks, tasks_dir, self._specs)
         self.backbone, self.tasks_dir, self.seed = backbone, tasks_dir, seed
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.sampling, self.temperature = sampling, temperature
+        self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
+        self.predict_split, self.predict_file = predict_split, predict_file
+        self.predict_text_field, self.predict_max_length = predict_text_field, predict_max_length
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
-        self._data: dict[str, datasets.DatasetDict] | None = None
+        self._data: dict[str, datasets.DatasetDict] = {}
+        self._raw: dict[str, datasets.DatasetDict] = {}  # untokenised splits, for predict's "text"
         self._tokenizer: Any = None
+
+    @staticmethod
+    def _load_specs(key: str, names: list[str], tasks_dir: str, known: dict[str, TaskSpec]) -> dict[str, TaskSpec]:
+        """``known`` plus the specs of ``names`` (YAML only: cheap); a task may occur once in all lists."""
+        specs = dict(known)
+        for task in names:
+            spec = load_task_spec(task, tasks_dir)
+            if spec.name in specs:
+                where = "given twice" if spec.name not in known else "also in data.tasks"
+                raise MTLConfigError(f"{key}: task '{spec.name}' {where}, expected each task once (trained or eval-only)")
+            specs[spec.name] = spec
+        return specs
 
     @property
     def specs(self) -> dict[str, TaskSpec]:
-        """Task name -> spec, in the order of ``tasks``; available right after construction."""
+        """Task name -> spec for ``tasks + eval_tasks``, in that order; available right after construction."""
         return dict(self._specs)
 
     @property
     def task_names(self) -> list[str]:
-        """Task names in the order of ``tasks``."""
+        """Every task: ``tasks`` then ``eval_tasks`` (the order of the evaluation loaders)."""
         return list(self._specs)
+
+    @property
+    def train_task_names(self) -> list[str]:
+        """The tasks that are trained (``tasks``)."""
+        return list(self._train_names)
+
+    @property
+    def eval_task_names(self) -> list[str]:
+        """The tasks that are evaluated but not trained (``eval_tasks``)."""
+        return [n for n in self._specs if n not in self._train_names]
 
     @property
     def tokenizer(self) -> Any:
@@ -137,20 +212,32 @@ class TaskDataModule(L.LightningDataModule):
     @property
     def task_datasets(self) -> dict[str, datasets.DatasetDict]:
         """Task name -> tokenised train / validation / test (builds them on first use)."""
-        if self._data is None:
-            self._data = {name: self._tokenised(spec) for name, spec in self._specs.items()}
-        return self._data
+        return {name: self._dataset(name) for name in self._specs}
 
     def prepare_data(self) -> None:
-        """Read and tokenise every task into the on-disk cache (rank 0 of each node)."""
-        _ = self.task_datasets
+        """Read and tokenise the tasks the current stage needs into the on-disk cache (rank 0 of each node)."""
+        trainer = self._trainer_or_none()
+        state = getattr(trainer, "state", None)
+        self.setup(getattr(getattr(state, "fn", None), "value", None))
 
     def setup(self, stage: str | None = None) -> None:
         """Load the tokenised datasets (from the cache that ``prepare_data`` filled)."""
+        # predicting on a file needs no task data (it may not even exist where the model is served)
+        if stage == "predict" and self.predict_file is not None:
+            return
         _ = self.task_datasets
 
+    def effective_spec(self, name: str) -> TaskSpec:
+        """The task's spec with the module's caps applied on top of its own (the smaller wins)."""
+        spec = self._specs[name]
+        return dataclasses.replace(
+            spec,
+            max_train_examples=_smaller(spec.max_train_examples, self.max_train_examples),
+            max_eval_examples=_smaller(spec.max_eval_examples, self.max_eval_examples),
+        )
+
     def cache_key(self, spec: TaskSpec, data: datasets.DatasetDict) -> str:
-        """Hash of everything the tokenised splits depend on: spec, tokenizer, max_length, raw data."""
+        """Hash of everything the tokenised splits depend on: spec (with caps), tokenizer, max_length, raw data."""
         tok = self.tokenizer
         digest = hashlib.sha256()
         meta = {
@@ -164,8 +251,15 @@ class TaskDataModule(L.LightningDataModule):
             digest.update(json.dumps([split, data[split].to_dict()]).encode())
         return digest.hexdigest()[:20]
 
+    def _dataset(self, name: str) -> datasets.DatasetDict:
+        if name not in self._data:
+            self._data[name] = self._tokenised(self.effective_spec(name))
+        return self._data[name]
+
     def _tokenised(self, spec: TaskSpec) -> datasets.DatasetDict:
+        # the caps are in ``spec`` (see effective_spec), so they are part of the cache key
         raw = load_task_dataset(spec)
+        self._raw[spec.name] = raw
         key = self.cache_key(spec, raw)
         folder = self.cache_dir / f"{spec.name}-{key}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -207,8 +301,13 @@ class TaskDataModule(L.LightningDataModule):
         return trainer.current_epoch if trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled train batches: a plain loader for one task, a TaskBatchSampler for several."""
-        views = [_TaskView(self.task_datasets[n]["train"], n) for n in self.task_names]
+        """Shuffled train batches of ``tasks``: a plain loader for one task, a TaskBatchSampler for several."""
+        if not self._train_names:
+            raise MTLConfigError(
+                "data.tasks: empty, nothing to train; expected at least one task to train "
+                "(data.eval_tasks are only evaluated)"
+            )
+        views = [_TaskView(self._dataset(n)["train"], n) for n in self._train_names]
         common = dict(collate_fn=self._collator(), num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         if len(views) == 1:
             generator = torch.Generator().manual_seed(self.seed)
@@ -226,22 +325,35 @@ class TaskDataModule(L.LightningDataModule):
         )
         return DataLoader(ConcatDataset(views), batch_sampler=sampler, **common)
 
-    def _eval_loaders(self, split: str) -> list[DataLoader]:
+    def _eval_loaders(self, split: str, with_text: bool = False) -> list[DataLoader]:
+        if not self._specs:
+            raise MTLConfigError(
+                f"data.tasks and data.eval_tasks: empty, nothing to read the {split} split of; "
+                "expected at least one task (or data.predict_file to predict on a file)"
+            )
         collate = self._collator()
-        return [
-            DataLoader(_TaskView(self.task_datasets[n][split], n), batch_size=self.eval_batch_size, collate_fn=collate,
-                       num_workers=self.num_workers)
-            for n in self.task_names
-        ]
+        loaders = []
+        for name in self._specs:
+            data = self._dataset(name)[split]  # builds the task if needed, which also fills self._raw
+            texts = list(self._raw[name][split][self._specs[name].text_fields[0]]) if with_text else None
+            view = _TaskView(data, name, texts)
+            loaders.append(DataLoader(view, batch_size=self.eval_batch_size, collate_fn=collate,
+                                      num_workers=self.num_workers))
+        return loaders
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One validation loader per task, in the order of ``tasks``."""
+        """One validation loader per task, in the order of ``tasks + eval_tasks``."""
         return self._eval_loaders("validation")
 
     def test_dataloader(self) -> list[DataLoader]:
-        """One test loader per task, in the order of ``tasks``."""
+        """One test loader per task, in the order of ``tasks + eval_tasks``."""
         return self._eval_loaders("test")
 
     def predict_dataloader(self) -> list[DataLoader]:
-        """The test splits, one loader per task."""
-        return self._eval_loaders("test")
+        """One loader over ``predict_file`` if set, else one per task over ``predict_split`` (see the class docstring)."""
+        if self.predict_file is not None:
+            texts = read_predict_texts(self.predict_file, self.predict_text_field)
+            data = TextDataset(texts, self.tokenizer, self.predict_max_length)
+            return [DataLoader(data, batch_size=self.eval_batch_size, collate_fn=self._collator(),
+                               num_workers=self.num_workers)]
+        return self._eval_loaders(self.predict_split, with_text=True)
