@@ -1,13 +1,17 @@
-"""Tiny random backbones of every supported family (built from configs, no files)."""
+"""Shared test fixtures: tiny random backbones of every family, a tiny local backbone folder, keyword tasks."""
 
 from __future__ import annotations
 
 import os
+import random
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel, ElectraConfig, ElectraModel,
                           RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel)
+
+from mtl.backbone import load_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FAMILIES = ["bert", "roberta", "xlm-roberta", "distilbert", "electra"]
@@ -45,3 +49,42 @@ def tiny_batch(rows: int = 4, length: int = 9, seed: int = 1) -> dict[str, torch
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "green", "seven", "table"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny BERT with the MiniLM tokenizer, saved as a local Hugging Face folder."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    BertModel(config, add_pooling_layer=False).save_pretrained(path)
+    load_tokenizer("minilm-l6").save_pretrained(path)
+    return path
+
+
+def keyword_task(path: Path, name: str, labels: list[str], rows: int = 240, seed: int = 0) -> None:
+    """Write a task whose label is the one label word that occurs in the sentence."""
+    rng = random.Random(seed)
+    lines = ["text,label"]
+    for i in range(rows):
+        label = labels[i % len(labels)]
+        words = rng.sample(WORDS, 4)
+        words.insert(rng.randrange(5), label)
+        lines.append(f"{' '.join(words)} {i},{label}")
+    (path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    (path / f"{name}.yaml").write_text(
+        f"source: {{type: files, train: {name}.csv}}\ntext_fields: [text]\nlabel_field: label\n"
+        f"labels: [{', '.join(labels)}]\nmax_length: 16\n")
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    """Keyword tasks: 'keyword' (bad/good) and 'colour' (red/blue/pink)."""
+    path = tmp_path_factory.mktemp("tasks")
+    keyword_task(path, "keyword", ["bad", "good"])
+    keyword_task(path, "colour", ["red", "blue", "pink"], rows=180, seed=1)
+    return path

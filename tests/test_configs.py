@@ -10,20 +10,34 @@ from mtl.cli import MTLCLI, main
 from mtl.data.module import TaskDataModule
 from mtl.data.spec import load_task_spec
 from mtl.lit import AdapterTrainer
+from mtl.model import MTLModel
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TASKS = sorted((ROOT / "tasks").glob("*.yaml"))
 
 
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """An exported (fresh) bbc_news adapter on MiniLM, for configs that load a trained system."""
+    run = tmp_path_factory.mktemp("trained")
+    model = MTLModel("minilm-l6")
+    spec = load_task_spec("bbc_news", ROOT / "tasks")
+    model.add_task(spec.name, len(spec.labels), labels=spec.labels, spec=spec.to_dict())
+    model.save_task(spec.name, run / "adapters")
+    return run
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_config_builds(path, monkeypatch):
+def test_config_builds(path, monkeypatch, trained_run, tmp_path):
     monkeypatch.chdir(ROOT)
     from jsonargparse import set_parsing_settings
 
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    cli = MTLCLI(AdapterTrainer, TaskDataModule, parser_kwargs={"parser_mode": "omegaconf+"},
-                 args=["--config", str(path), "--model.run_dir", "/tmp/mtl-config-check"], run=False)
+    args = ["--config", str(path), "--model.run_dir", "/tmp/mtl-config-check"]
+    if "load_from:" in path.read_text():
+        args += ["--model.load_from", str(trained_run)]
+    cli = MTLCLI(AdapterTrainer, TaskDataModule, parser_kwargs={"parser_mode": "omegaconf+"}, args=args, run=False)
     assert cli.model.hparams.tasks == cli.datamodule.hparams.tasks
     # the interpolated trainer folder follows the command-line override of model.run_dir
     assert cli.trainer.default_root_dir.startswith("/tmp/mtl-config-check")

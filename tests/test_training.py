@@ -3,53 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import random
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from transformers import BertConfig, BertModel
 
-from mtl.backbone import load_tokenizer
 from mtl.cli import main
 from mtl.data.module import TaskDataModule
 from mtl.errors import MTLConfigError
 from mtl.lit import AdapterTrainer
 from mtl.model import MTLModel
-
-WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "green", "seven", "table"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny BERT with the MiniLM tokenizer, saved as a local Hugging Face folder."""
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64)
-    BertModel(config, add_pooling_layer=False).save_pretrained(path)
-    load_tokenizer("minilm-l6").save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory) -> Path:
-    """A keyword task: the label says whether 'good' or 'bad' is in the sentence."""
-    path = tmp_path_factory.mktemp("tasks")
-    rng = random.Random(0)
-    rows = ["text,label"]
-    for i in range(240):
-        label = ["bad", "good"][i % 2]
-        words = rng.sample(WORDS, 4)
-        words.insert(rng.randrange(5), label)
-        rows.append(f"{' '.join(words)} {i},{label}")
-    (path / "kw.csv").write_text("\n".join(rows) + "\n")
-    (path / "keyword.yaml").write_text(
-        "source: {type: files, train: kw.csv}\ntext_fields: [text]\nlabel_field: label\n"
-        "labels: [bad, good]\nmax_length: 16\n")
-    return path
-
 
 def _digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()

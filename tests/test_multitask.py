@@ -1,0 +1,132 @@
+"""Multi-task workflows on a tiny local backbone: joint training, adding a task, predicting with many."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from mtl.backbone import load_tokenizer
+from mtl.data.module import TaskDataModule
+from mtl.errors import MTLConfigError
+from mtl.lit import AdapterTrainer
+from mtl.model import MTLModel
+from mtl.predict import PredictionWriter
+
+
+def _trainer(epochs: int = 2, **kwargs) -> L.Trainer:
+    return L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, use_distributed_sampler=False, **kwargs)
+
+
+def _data(tiny_dir, task_dir, tmp_path, tasks, **kwargs) -> TaskDataModule:
+    return TaskDataModule(tasks, backbone=str(tiny_dir), tasks_dir=str(task_dir), batch_size=16,
+                          cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def test_joint_training_logs_every_task_and_the_average(tiny_dir, task_dir, tmp_path):
+    module = AdapterTrainer(["keyword", "colour"], backbone=str(tiny_dir), tasks_dir=str(task_dir),
+                            run_dir=str(tmp_path / "run"), lr=5e-3)
+    trainer = _trainer(epochs=3)
+    trainer.fit(module, datamodule=_data(tiny_dir, task_dir, tmp_path, ["keyword", "colour"]))
+    metrics = trainer.callback_metrics
+    for key in ("val/keyword/acc", "val/colour/acc", "val/avg/acc", "val/avg/f1"):
+        assert key in metrics
+    assert not any("dataloader_idx" in key for key in metrics)
+    avg = (metrics["val/keyword/acc"] + metrics["val/colour/acc"]) / 2
+    assert torch.isclose(metrics["val/avg/acc"], avg)
+    assert sorted(p.name for p in (tmp_path / "run" / "adapters").iterdir()) == ["colour", "keyword"]
+
+
+def test_shared_adapter_mode_trains_one_adapter_for_all_tasks(tiny_dir, task_dir, tmp_path):
+    module = AdapterTrainer(["keyword", "colour"], backbone=str(tiny_dir), tasks_dir=str(task_dir),
+                            run_dir=str(tmp_path / "run"), adapter_sharing="shared", export=False)
+    assert module.model.task_adapter == {"keyword": "shared", "colour": "shared"}
+    adapter_params = [n for n, p in module.named_parameters() if p.requires_grad and ".adapters." in n]
+    assert adapter_params and all(".adapters.shared." in n for n in adapter_params)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_add_a_task_to_a_trained_system(tiny_dir, task_dir, tmp_path):
+    run = tmp_path / "run"
+    first = AdapterTrainer(["keyword"], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run))
+    _trainer(epochs=1).fit(first, datamodule=_data(tiny_dir, task_dir, tmp_path, ["keyword"]))
+    before_files = _files(run / "adapters" / "keyword")
+    data = _data(tiny_dir, task_dir, tmp_path, ["keyword"])
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()[0]))
+    before = MTLModel.from_pretrained(run, backbone=str(tiny_dir))(
+        batch["input_ids"], batch["attention_mask"], tasks="keyword")["keyword"]
+
+    second = AdapterTrainer(["colour"], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run),
+                            load_from=str(run), eval_tasks=["keyword"])
+    assert second.model.trainable_tasks() == ["colour"] and "keyword" in second.model.frozen
+    trainer = _trainer(epochs=1)
+    trainer.fit(second, datamodule=_data(tiny_dir, task_dir, tmp_path, ["colour"], eval_tasks=["keyword"]))
+    assert "val/keyword/acc" in trainer.callback_metrics and "val/colour/acc" in trainer.callback_metrics
+    assert _files(run / "adapters" / "keyword") == before_files
+    after = MTLModel.from_pretrained(run, backbone=str(tiny_dir))
+    assert sorted(after.tasks) == ["colour", "keyword"]
+    got = after(batch["input_ids"], batch["attention_mask"], tasks="keyword")["keyword"]
+    assert torch.equal(got, before)
+
+
+def test_add_task_wrong_combinations_fail_in_one_line(tiny_dir, task_dir, tmp_path):
+    run = tmp_path / "run"
+    model = MTLModel(str(tiny_dir))
+    model.add_task("keyword", 2, labels=["bad", "good"])
+    model.save_task("keyword", run / "adapters")
+    kwargs = dict(backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run), load_from=str(run))
+    with pytest.raises(MTLConfigError, match="already trained"):
+        AdapterTrainer(["keyword"], **kwargs)
+    assert AdapterTrainer(["keyword"], overwrite=True, **kwargs).model.trainable_tasks() == ["keyword"]
+    with pytest.raises(MTLConfigError, match="adapter trained for backbone"):
+        AdapterTrainer(["colour"], **{**kwargs, "backbone": "minilm-l6"})
+    bad = tmp_path / "bad_tasks"
+    bad.mkdir()
+    (bad / "keyword.yaml").write_text((task_dir / "keyword.yaml").read_text().replace(
+        "labels: [bad, good]", "labels: [bad, good, meh]").replace("keyword.csv", str(task_dir / "keyword.csv")))
+    with pytest.raises(MTLConfigError, match="3 labels, but the adapter"):
+        AdapterTrainer([], **{**kwargs, "tasks_dir": str(bad)}, eval_tasks=["keyword"])
+    with pytest.raises(MTLConfigError, match="no trained adapter"):
+        AdapterTrainer([], **kwargs, eval_tasks=["colour"])
+
+
+def test_predict_file_with_every_task_in_one_forward(tiny_dir, task_dir, tmp_path):
+    run = tmp_path / "run"
+    model = MTLModel(str(tiny_dir))
+    model.add_task("keyword", 2, labels=["bad", "good"])
+    model.add_task("colour", 3, labels=["red", "blue", "pink"])
+    with torch.no_grad():
+        for task in model.tasks:
+            for p in model.task_parameters(task).values():
+                p.normal_(0, 0.2)
+    for task in model.tasks:
+        model.save_task(task, run / "adapters")
+    texts = tmp_path / "in.txt"
+    texts.write_text("alpha good river\n\nred stone cloud\nbeta bad\n")
+    module = AdapterTrainer([], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run), load_from=str(run))
+    out = tmp_path / "pred.jsonl"
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, callbacks=[PredictionWriter(str(out))])
+    trainer.predict(module, datamodule=_data(tiny_dir, task_dir, tmp_path, [], predict_file=str(texts)),
+                    return_predictions=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 * 2
+    assert {(r["task"], r["index"]) for r in rows} == {(t, i) for t in ("keyword", "colour") for i in range(3)}
+    reference = MTLModel.from_pretrained(run, backbone=str(tiny_dir)).eval()
+    enc = load_tokenizer(str(tiny_dir))(["alpha good river"], return_tensors="pt")
+    for task in ("keyword", "colour"):
+        probs = reference(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], tasks=task)[task].softmax(-1)
+        row = next(r for r in rows if r["task"] == task and r["index"] == 0)
+        assert row["text"] == "alpha good river"
+        assert row["label"] == reference.task_meta[task]["labels"][int(probs.argmax())]
+        assert abs(row["score"] - probs.max().item()) < 1e-5
+    with pytest.raises(MTLConfigError, match="already exists"):
+        L.Trainer(logger=False, callbacks=[PredictionWriter(str(out))]).predict(
+            module, datamodule=_data(tiny_dir, task_dir, tmp_path, [], predict_file=str(texts)))
