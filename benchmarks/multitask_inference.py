@@ -1,12 +1,12 @@
 """Multi-task inference: N separate forwards vs one multi-task forward on MiniLM-L6.
 
 Usage: python benchmarks/multitask_inference.py [--tasks 1 2 4 8] [--leave-out 0 3] [--batch 32] [--seq 128]
-       [--repeats 5] [--threads 2]
+       [--repeats 7] [--threads 2]
 
 Each task has its own Pfeiffer adapter (random weights) in every layer except the first ``leave-out`` layers.
 The one-forward path replicates the rows at the first layer with an adapter, so the layers below run once.
 Prints a markdown table: input rows/s for both paths (each row answered for all N tasks), the ratio, and the
-largest output difference between the two paths. Times are medians over ``repeats`` runs, same process.
+largest output difference between the two paths. Times are medians over ``repeats`` interleaved runs.
 """
 
 from __future__ import annotations
@@ -21,15 +21,17 @@ from mtl.adapters.config import AdapterConfig
 from mtl.model import MTLModel
 
 
-def median_time(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` after one warm-up call."""
-    fn()
-    times = []
+def median_times(fns: list, repeats: int) -> list[float]:
+    """Median wall time of each ``fn()``, the functions interleaved so drift on a shared machine hits all alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) for bucket in times]
 
 
 def main() -> None:
@@ -39,7 +41,7 @@ def main() -> None:
     parser.add_argument("--leave-out", type=int, nargs="+", default=[0, 3])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,8 +66,8 @@ def main() -> None:
                 separate = {t: model(ids, mask, tasks=t)[t] for t in names}
                 together = model(ids, mask, tasks=names)
                 diff = max((separate[t] - together[t]).abs().max().item() for t in names)
-                t_sep = median_time(lambda: [model(ids, mask, tasks=t) for t in names], args.repeats)
-                t_one = median_time(lambda: model(ids, mask, tasks=names), args.repeats)
+                t_sep, t_one = median_times([lambda: [model(ids, mask, tasks=t) for t in names],
+                                             lambda: model(ids, mask, tasks=names)], args.repeats)
             rows.append((k, n, args.batch / t_sep, args.batch / t_one, t_sep / t_one, diff))
             print(f"  leave_out={k} N={n}: separate {args.batch / t_sep:.1f} rows/s, one forward "
                   f"{args.batch / t_one:.1f} rows/s", flush=True)

@@ -31,7 +31,8 @@ _TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 class MTLModel(nn.Module):
     """Frozen backbone + per-task adapters (in slots) + per-task heads, keyed by task name."""
 
-    def __init__(self, backbone: str | PreTrainedModel = DEFAULT_BACKBONE, backbone_dropout: bool = False) -> None:
+    def __init__(self, backbone: str | PreTrainedModel = DEFAULT_BACKBONE, backbone_dropout: bool = False,
+                 chunk_rows: int | None = 32) -> None:
         super().__init__()
         if isinstance(backbone, str):
             self.backbone_name = backbone
@@ -42,6 +43,7 @@ class MTLModel(nn.Module):
                 p.requires_grad_(False)
         self.backbone = backbone
         self.backbone_dropout = backbone_dropout
+        self.chunk_rows = chunk_rows  # replicated multi-task rows per pack above the shared layers (None: all)
         self.context = RoutingContext()
         self.__dict__["slots"] = inject_slots(backbone, self.context)  # they live inside self.backbone
         self.heads = nn.ModuleDict()
@@ -204,17 +206,37 @@ class MTLModel(nn.Module):
         """Embeddings, then the layer loop with ``groups`` (adapter name, rows) routed from the first layer that has
         any of those adapters.
 
-        With ``copies > 1`` the rows are replicated there (once per group), so the layers below run once.
+        With ``copies > 1`` the rows are replicated there, once per group, so the layers below run once; above it
+        the copies run in packs of at most ``chunk_rows`` rows (whole groups), since very large batches run
+        slower per row on CPUs than moderate ones.
         """
         hidden = embed(self.backbone, input_ids, token_type_ids)
         mask = attention_mask_4d(self.backbone, hidden, attention_mask)
+        layers = layer_list(self.backbone)
         start = self.first_adapter_layer([key for key, _ in groups])
-        for index, layer in enumerate(layer_list(self.backbone)):
-            if index == start and copies > 1:
-                hidden, mask = _repeat(hidden, copies), _repeat(mask, copies)
-            with self.context.use(Routing(groups if index >= start else [])):
+        with self.context.use(Routing([])):
+            for layer in layers[:start]:
                 hidden = layer(hidden, mask)
-        return _repeat(hidden, copies) if start == self.num_layers and copies > 1 else hidden
+        if copies == 1:
+            with self.context.use(Routing(groups)):
+                for layer in layers[start:]:
+                    hidden = layer(hidden, mask)
+            return hidden
+        outputs = []
+        for pack in self._packs([key for key, _ in groups], hidden.shape[0]):
+            rows = hidden.shape[0]
+            pack_hidden, pack_mask = _repeat(hidden, len(pack)), _repeat(mask, len(pack))
+            routing = Routing([(key, slice(i * rows, (i + 1) * rows)) for i, key in enumerate(pack)])
+            with self.context.use(routing):
+                for layer in layers[start:]:
+                    pack_hidden = layer(pack_hidden, pack_mask)
+            outputs.append(pack_hidden)
+        return torch.cat(outputs, dim=0)
+
+    def _packs(self, keys: list[str], rows: int) -> list[list[str]]:
+        """Consecutive groups of adapter names whose replicated rows fit in ``chunk_rows`` (at least one each)."""
+        per_pack = max(1, (self.chunk_rows or rows * len(keys)) // rows)
+        return [keys[i:i + per_pack] for i in range(0, len(keys), per_pack)]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, tasks: str | Sequence[str] | None = None,

@@ -191,3 +191,15 @@ def test_shared_adapter_mode_one_adapter_many_heads(tmp_path):
     assert torch.equal(fresh(**batch, tasks="b")["b"], model(**batch, tasks="b")["b"])
     model.remove_task("a")  # the adapter stays while b uses it
     assert model.adapter_layers("b") == [0, 1]
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 7, 1000])
+def test_chunked_multi_task_forward_equals_separate_forwards(chunk_rows):
+    model = _model()
+    model.chunk_rows = chunk_rows
+    batch = tiny_batch(rows=3)
+    together = model(**batch, tasks=["a", "b", "c"])
+    for task in ("a", "b", "c"):
+        torch.testing.assert_close(together[task], model(**batch, tasks=task)[task], rtol=1e-5, atol=1e-5)
+    assert [len(p) for p in model._packs(["a", "b", "c"], 3)] == {None: [3], 1: [1, 1, 1], 7: [2, 1],
+                                                                  1000: [3]}[chunk_rows]
