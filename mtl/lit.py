@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class AdapterTrainer(L.LightningModule):
         load_from: a run folder whose exported adapters are loaded first, frozen, before ``tasks`` are added
             (adding a task to a trained system); set ``run_dir`` to the same folder to export beside them.
         eval_tasks: loaded tasks that are evaluated but not trained; linked from ``data.eval_tasks``.
+        drop_seed: seed of the per-batch depths drawn for ``adapter.robust_drop``.
     """
 
     def __init__(self, tasks: list[str], backbone: str = DEFAULT_BACKBONE, adapter: AdapterConfig | dict | None = None,
@@ -55,7 +57,7 @@ class AdapterTrainer(L.LightningModule):
                  head_pooling: str = "mean", head_dropout: float = 0.1, backbone_dropout: bool = False,
                  run_dir: str = "checkpoints/run", overwrite: bool = False, export: bool = True,
                  adapter_sharing: str = "per_task", load_from: str | None = None,
-                 eval_tasks: list[str] | None = None) -> None:
+                 eval_tasks: list[str] | None = None, drop_seed: int = 0) -> None:
         super().__init__()
         adapter = as_adapter_config(adapter) if adapter is not None else AdapterConfig()
         # hparams hold plain types only, so checkpoints load with torch.load(weights_only=True)
@@ -89,6 +91,7 @@ class AdapterTrainer(L.LightningModule):
                 raise MTLConfigError(f"{spec.spec_file}: labels: {head_outputs(spec)} labels, but the adapter of "
                                      f"'{spec.name}' has a head with {have} outputs")
             self.specs[spec.name] = spec
+        self._drop_rng: random.Random | None = None
         self.val_metrics = self._metrics("val")
         self.test_metrics = self._metrics("test")
 
@@ -113,13 +116,22 @@ class AdapterTrainer(L.LightningModule):
         return Path(self.hparams.run_dir)
 
     # ---- steps ---------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+    def forward(self, batch: dict[str, Any], drop_first: int | None = None) -> torch.Tensor:
         """Logits of the batch's task."""
         task = batch["task"]
-        return self.model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"), tasks=task)[task]
+        return self.model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"), tasks=task,
+                          drop_first=drop_first)[task]
+
+    def robust_drop_depth(self, task: str) -> int | None:
+        """For robust AdapterDrop: this training batch's adapter-free first layers, n ~ U[0, L-1] (seeded)."""
+        if not self.model.adapter_configs[task].robust_drop:
+            return None
+        if self._drop_rng is None:
+            self._drop_rng = random.Random(self.hparams.drop_seed)
+        return self._drop_rng.randrange(self.model.num_layers)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        logits = self(batch)
+        logits = self(batch, drop_first=self.robust_drop_depth(batch["task"]))
         loss = self.model.heads[batch["task"]].loss(logits, batch["labels"])
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)

@@ -8,6 +8,7 @@ tasks, so the layers below run once); ``row_tasks=[...]`` names one task per row
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from mtl.backbone import DEFAULT_BACKBONE, load_backbone
 from mtl.errors import MTLConfigError
 from mtl.heads import TaskHead
 
+log = logging.getLogger("mtl")
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
@@ -51,6 +53,7 @@ class MTLModel(nn.Module):
         self.adapter_configs: dict[str, AdapterConfig] = {}
         self.task_meta: dict[str, dict[str, Any]] = {}
         self.frozen: set[str] = set()
+        self._reported_drops: set[tuple[str, int]] = set()
         self.train(False)
 
     # ---- structure -------------------------------------------------------------------------
@@ -195,43 +198,59 @@ class MTLModel(nn.Module):
         if unknown:
             raise MTLConfigError(f"no adapter for task(s) {unknown}; known tasks: {self.tasks}")
 
-    def first_adapter_layer(self, adapter_names: Sequence[str]) -> int:
-        """Lowest layer index with any of these adapters (num_layers if none)."""
-        wanted = set(adapter_names)
-        return min((s.layer_index for s in self.iter_slots() if wanted.intersection(s.adapters.keys())),
-                   default=self.num_layers)
+    def first_adapter_layer(self, adapter_names: Sequence[str], drops: dict[str, int] | None = None) -> int:
+        """Lowest layer index where any of these adapters is active (num_layers if none)."""
+        drops = drops or {}
+        return min((s.layer_index for s in self.iter_slots() for key in adapter_names
+                    if key in s.adapters and s.layer_index >= drops.get(key, 0)), default=self.num_layers)
+
+    def drop_depths(self, tasks: Sequence[str], drop_first: int | None) -> dict[str, int]:
+        """Adapter-free first layers per adapter for this call: ``drop_first`` or each adapter's configured depth."""
+        drops = {}
+        for task in tasks:
+            config = self.adapter_configs[task]
+            depth = config.drop_first if drop_first is None else drop_first
+            if not self.training and depth > config.trained_drop and (task, depth) not in self._reported_drops:
+                self._reported_drops.add((task, depth))
+                log.warning("task '%s': evaluating with adapters dropped in the first %d layers; it was trained with "
+                            "%d dropped", task, depth, config.trained_drop)
+            drops[self.task_adapter[task]] = depth
+        return drops
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None,
-               groups: list[tuple[str, slice]], copies: int = 1) -> torch.Tensor:
+               groups: list[tuple[str, slice]], copies: int = 1, drops: dict[str, int] | None = None) -> torch.Tensor:
         """Embeddings, then the layer loop with ``groups`` (adapter name, rows) routed from the first layer that has
-        any of those adapters.
+        any of those adapters; ``drops`` gives each adapter's adapter-free first layers (AdapterDrop).
 
         With ``copies > 1`` the rows are replicated there, once per group, so the layers below run once; above it
         the copies run in packs of at most ``chunk_rows`` rows (whole groups), since very large batches run
         slower per row on CPUs than moderate ones.
         """
+        drops = drops or {}
         hidden = embed(self.backbone, input_ids, token_type_ids)
         mask = attention_mask_4d(self.backbone, hidden, attention_mask)
-        layers = layer_list(self.backbone)
-        start = self.first_adapter_layer([key for key, _ in groups])
-        with self.context.use(Routing([])):
-            for layer in layers[:start]:
-                hidden = layer(hidden, mask)
+        start = self.first_adapter_layer([key for key, _ in groups], drops)
+        hidden = self.run_layers(hidden, mask, [], 0, start)
         if copies == 1:
-            with self.context.use(Routing(groups)):
-                for layer in layers[start:]:
-                    hidden = layer(hidden, mask)
-            return hidden
+            return self.run_layers(hidden, mask, groups, start, self.num_layers, drops)
         outputs = []
         for pack in self._packs([key for key, _ in groups], hidden.shape[0]):
             rows = hidden.shape[0]
-            pack_hidden, pack_mask = _repeat(hidden, len(pack)), _repeat(mask, len(pack))
-            routing = Routing([(key, slice(i * rows, (i + 1) * rows)) for i, key in enumerate(pack)])
-            with self.context.use(routing):
-                for layer in layers[start:]:
-                    pack_hidden = layer(pack_hidden, pack_mask)
-            outputs.append(pack_hidden)
+            pack_groups = [(key, slice(i * rows, (i + 1) * rows)) for i, key in enumerate(pack)]
+            outputs.append(self.run_layers(_repeat(hidden, len(pack)), _repeat(mask, len(pack)), pack_groups,
+                                           start, self.num_layers, drops))
         return torch.cat(outputs, dim=0)
+
+    def run_layers(self, hidden: torch.Tensor, mask: torch.Tensor | None, groups: list[tuple[str, slice]],
+                   first: int, last: int, drops: dict[str, int] | None = None) -> torch.Tensor:
+        """Run layers ``first .. last-1``; an adapter is skipped in the layers below its drop depth."""
+        drops = drops or {}
+        layers = layer_list(self.backbone)
+        for index in range(first, last):
+            routed = [(key if index >= drops.get(key, 0) else None, rows) for key, rows in groups]
+            with self.context.use(Routing(routed)):
+                hidden = layers[index](hidden, mask)
+        return hidden
 
     def _packs(self, keys: list[str], rows: int) -> list[list[str]]:
         """Consecutive groups of adapter names whose replicated rows fit in ``chunk_rows`` (at least one each)."""
@@ -240,12 +259,16 @@ class MTLModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, tasks: str | Sequence[str] | None = None,
-                row_tasks: Sequence[str] | None = None, **_: Any) -> dict[str, torch.Tensor]:
-        """Logits per task: ``{task: logits}`` for the rows routed to that task (in input order)."""
+                row_tasks: Sequence[str] | None = None, drop_first: int | None = None, **_: Any) -> dict[str, torch.Tensor]:
+        """Logits per task: ``{task: logits}`` for the rows routed to that task (in input order).
+
+        ``drop_first`` overrides every adapter's AdapterDrop depth for this call (robust dropping, or evaluating
+        with more layers dropped; the latter is logged once per task and depth).
+        """
         if (tasks is None) == (row_tasks is None):
             raise ValueError("give exactly one of tasks= (whole batch) or row_tasks= (one task per row)")
         if row_tasks is not None:
-            return self._forward_rows(input_ids, attention_mask, token_type_ids, list(row_tasks))
+            return self._forward_rows(input_ids, attention_mask, token_type_ids, list(row_tasks), drop_first)
         names = [tasks] if isinstance(tasks, str) else list(dict.fromkeys(tasks))
         self._check_tasks(names)
         batch = input_ids.shape[0]
@@ -255,11 +278,13 @@ class MTLModel(nn.Module):
             rows = {keys[0]: slice(None)}
         else:
             rows = {k: slice(i * batch, (i + 1) * batch) for i, k in enumerate(keys)}
-        hidden = self.encode(input_ids, attention_mask, token_type_ids, list(rows.items()), copies=len(keys))
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, list(rows.items()), copies=len(keys),
+                             drops=self.drop_depths(names, drop_first))
         return {t: self.heads[t](hidden[rows[self.task_adapter[t]]], attention_mask) for t in names}
 
     def _forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      token_type_ids: torch.Tensor | None, row_tasks: list[str]) -> dict[str, torch.Tensor]:
+                      token_type_ids: torch.Tensor | None, row_tasks: list[str],
+                      drop_first: int | None = None) -> dict[str, torch.Tensor]:
         if len(row_tasks) != input_ids.shape[0]:
             raise ValueError(f"row_tasks has {len(row_tasks)} names for {input_ids.shape[0]} rows")
         names = list(dict.fromkeys(row_tasks))
@@ -275,7 +300,7 @@ class MTLModel(nn.Module):
             bounds[task] = slice(start, start + count)
             start += count
         groups = [(self.task_adapter[t], s) for t, s in bounds.items()]
-        hidden = self.encode(ids, mask, types, groups)
+        hidden = self.encode(ids, mask, types, groups, drops=self.drop_depths(names, drop_first))
         return {t: self.heads[t](hidden[s], mask[s] if mask is not None else None) for t, s in bounds.items()}
 
     # ---- files -----------------------------------------------------------------------------------

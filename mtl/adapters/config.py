@@ -45,6 +45,10 @@ class AdapterConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter output while training"})
     leave_out: list[int] = field(default_factory=list, metadata={"help": "layer indices (0-based) without an adapter"})
     init: str = field(default="identity", metadata={"help": "identity (zero up-projection) | bert (AdapterHub N(0, 0.02)) | mam"})
+    drop_first: int = field(default=0, metadata={"help": "AdapterDrop: no adapter in the first k layers (at evaluation "
+                                                         "too); with robust_drop, only the evaluation depth"})
+    robust_drop: bool = field(default=False, metadata={"help": "AdapterDrop while training: each batch drops the first n "
+                                                               "layers' adapters, n uniform in [0, L-1] (seeded)"})
 
     def __post_init__(self) -> None:
         if self.type not in PRESETS:
@@ -67,6 +71,8 @@ class AdapterConfig:
             raise MTLConfigError(f"adapter.bottleneck_size: {self.bottleneck_size}, expected a positive integer")
         if self.reduction_factor is not None and self.reduction_factor <= 0:
             raise MTLConfigError(f"adapter.reduction_factor: {self.reduction_factor}, expected a positive number")
+        if self.drop_first < 0:
+            raise MTLConfigError(f"adapter.drop_first: {self.drop_first}, expected an integer >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise MTLConfigError(f"adapter.dropout: {self.dropout}, expected a value in [0, 1)")
 
@@ -77,11 +83,20 @@ class AdapterConfig:
         return max(1, int(hidden_size // self.reduction_factor))
 
     def layers(self, num_layers: int) -> list[int]:
-        """Layer indices that carry this adapter."""
+        """Layer indices that carry this adapter (fixed dropping creates none in the first drop_first layers)."""
         bad = [i for i in self.leave_out if not 0 <= i < num_layers]
         if bad:
             raise MTLConfigError(f"adapter.leave_out: {bad} out of range, the backbone has layers 0..{num_layers - 1}")
-        return [i for i in range(num_layers) if i not in self.leave_out]
+        if self.drop_first >= num_layers:
+            raise MTLConfigError(f"adapter.drop_first: {self.drop_first}, expected at most {num_layers - 1} "
+                                 f"(the backbone has {num_layers} layers)")
+        dropped = 0 if self.robust_drop else self.drop_first
+        return [i for i in range(dropped, num_layers) if i not in self.leave_out]
+
+    @property
+    def trained_drop(self) -> int:
+        """Adapter-free layers this adapter was trained with at the least (robust dropping trains all depths)."""
+        return 0 if self.robust_drop else self.drop_first
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable, fully resolved settings."""
