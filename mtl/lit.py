@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,16 @@ from mtl.data.spec import TaskSpec, load_task_spec
 from mtl.errors import MTLConfigError
 from mtl.metrics import build_metrics
 from mtl.model import MTLModel
+from mtl.prefix_cache import PrefixCache, cache_key
 
 # the frozen backbone runs in eval mode on purpose (no dropout in frozen layers; see MTLModel.train)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+def _layer_of(parameter_name: str) -> int | None:
+    """Layer index of a backbone parameter name (``...layer.3....``), if any."""
+    match = re.search(r"\.layer\.(\d+)\.", parameter_name)
+    return int(match.group(1)) if match else None
 
 
 def head_outputs(spec: TaskSpec) -> int:
@@ -50,6 +59,14 @@ class AdapterTrainer(L.LightningModule):
             (adding a task to a trained system); set ``run_dir`` to the same folder to export beside them.
         eval_tasks: loaded tasks that are evaluated but not trained; linked from ``data.eval_tasks``.
         drop_seed: seed of the per-batch depths drawn for ``adapter.robust_drop``.
+        cache_frozen_prefix: compute each training/validation example's hidden states after the first
+            ``adapter.drop_first`` layers once (first epoch) and reuse them, so later epochs run only the layers
+            above. Exact only for fixed dropping: refused with robust_drop, backbone_dropout, or trainable
+            parameters in those layers. The cached layers run in eval mode (no dropout).
+        cache_memory_mb: memory for the cache; rows beyond it go to a memory-mapped file in ``cache_dir``.
+        cache_dtype: float32, or bfloat16 / float16 to halve the cache (see benchmarks/RESULTS.md for accuracy).
+        cache_dir: folder for the on-disk part (default ``<run_dir>/prefix_cache``); reused by later runs with
+            the same backbone, depth, tokenizer and data.
     """
 
     def __init__(self, tasks: list[str], backbone: str = DEFAULT_BACKBONE, adapter: AdapterConfig | dict | None = None,
@@ -57,7 +74,8 @@ class AdapterTrainer(L.LightningModule):
                  head_pooling: str = "mean", head_dropout: float = 0.1, backbone_dropout: bool = False,
                  run_dir: str = "checkpoints/run", overwrite: bool = False, export: bool = True,
                  adapter_sharing: str = "per_task", load_from: str | None = None,
-                 eval_tasks: list[str] | None = None, drop_seed: int = 0) -> None:
+                 eval_tasks: list[str] | None = None, drop_seed: int = 0, cache_frozen_prefix: bool = False,
+                 cache_memory_mb: float = 2048, cache_dtype: str = "float32", cache_dir: str | None = None) -> None:
         super().__init__()
         adapter = as_adapter_config(adapter) if adapter is not None else AdapterConfig()
         # hparams hold plain types only, so checkpoints load with torch.load(weights_only=True)
@@ -92,6 +110,7 @@ class AdapterTrainer(L.LightningModule):
                                      f"'{spec.name}' has a head with {have} outputs")
             self.specs[spec.name] = spec
         self._drop_rng: random.Random | None = None
+        self.prefix_cache: PrefixCache | None = None
         self.val_metrics = self._metrics("val")
         self.test_metrics = self._metrics("test")
 
@@ -116,11 +135,21 @@ class AdapterTrainer(L.LightningModule):
         return Path(self.hparams.run_dir)
 
     # ---- steps ---------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Any], drop_first: int | None = None) -> torch.Tensor:
-        """Logits of the batch's task."""
+    def forward(self, batch: dict[str, Any], drop_first: int | None = None, split: str | None = None) -> torch.Tensor:
+        """Logits of the batch's task (from the frozen-prefix cache when it is on and ``split`` is cached)."""
         task = batch["task"]
-        return self.model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"), tasks=task,
-                          drop_first=drop_first)[task]
+        ids, mask, types = batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")
+        cache = self.prefix_cache
+        if cache is not None and (task, split) in cache.sizes and "index" in batch:
+            k = cache.k
+
+            def compute(rows: torch.Tensor) -> torch.Tensor:
+                pick = lambda t: t.index_select(0, rows) if t is not None else None  # noqa: E731
+                return self.model.prefix_states(pick(ids), pick(mask), pick(types), k)
+
+            prefix = cache.fetch((task, split), batch["index"].tolist(), mask, compute)
+            return self.model(ids, mask, types, tasks=task, prefix=prefix, prefix_layers=k)[task]
+        return self.model(ids, mask, types, tasks=task, drop_first=drop_first)[task]
 
     def robust_drop_depth(self, task: str) -> int | None:
         """For robust AdapterDrop: this training batch's adapter-free first layers, n ~ U[0, L-1] (seeded)."""
@@ -131,7 +160,7 @@ class AdapterTrainer(L.LightningModule):
         return self._drop_rng.randrange(self.model.num_layers)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        logits = self(batch, drop_first=self.robust_drop_depth(batch["task"]))
+        logits = self(batch, drop_first=self.robust_drop_depth(batch["task"]), split="train")
         loss = self.model.heads[batch["task"]].loss(logits, batch["labels"])
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
@@ -141,7 +170,7 @@ class AdapterTrainer(L.LightningModule):
 
     def _eval_step(self, batch: dict[str, Any], metrics: nn.ModuleDict, stage: str) -> None:
         task = batch["task"]
-        logits = self(batch)
+        logits = self(batch, split="validation" if stage == "val" else None)
         loss = self.model.heads[task].loss(logits, batch["labels"])
         self.log(f"{stage}/{task}/loss", loss, batch_size=batch["input_ids"].shape[0], add_dataloader_idx=False)
         head = self.model.heads[task]
@@ -210,6 +239,53 @@ class AdapterTrainer(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- lifecycle -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.cache_frozen_prefix and self.prefix_cache is None:
+            self.prefix_cache = self._build_prefix_cache()
+
+    def _build_prefix_cache(self) -> PrefixCache:
+        """Check that caching is exact for this run, then key the cache by everything the states depend on."""
+        trainable = self.model.trainable_tasks()
+        configs = [self.model.adapter_configs[t] for t in trainable]
+        if any(c.robust_drop for c in configs):
+            raise MTLConfigError("model.cache_frozen_prefix: not exact with adapter.robust_drop (the prefix changes "
+                                 "per batch); use a fixed adapter.drop_first")
+        if self.model.backbone_dropout:
+            raise MTLConfigError("model.cache_frozen_prefix: not exact with model.backbone_dropout: true "
+                                 "(cached layers must be deterministic)")
+        k = min((c.drop_first for c in configs), default=0)
+        if k < 1:
+            raise MTLConfigError("model.cache_frozen_prefix: needs adapter.drop_first >= 1 (no adapter in the "
+                                 "layers to cache)")
+        below = [n for n, p in self.model.named_parameters() if p.requires_grad and _layer_of(n) is not None
+                 and _layer_of(n) < k]
+        if below:
+            raise MTLConfigError(f"model.cache_frozen_prefix: trainable parameter {below[0]} lies in the first {k} "
+                                 f"layers")
+        data = self.trainer.datamodule
+        sizes, fingerprints = {}, []
+        for task in trainable:
+            for split in ("train", "validation"):
+                dataset = data.task_datasets[task][split]
+                sizes[(task, split)] = len(dataset)
+                fingerprints.append((task, split, dataset._fingerprint))
+        digest = hashlib.sha256()
+        for key, value in sorted(self.model.backbone.state_dict().items()):
+            if ".adapters." not in key:
+                digest.update(value.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        key = cache_key(digest.hexdigest(), k, self.model.backbone_name, len(data.tokenizer), fingerprints,
+                        self.hparams.cache_dtype)
+        folder = self.hparams.cache_dir or self.run_dir / "prefix_cache"
+        print(f"frozen-prefix cache: layers 1..{k} computed once per example (eval mode), key {key}")
+        return PrefixCache(k, key, sizes, self.model.hidden_size, self.hparams.cache_dtype,
+                           self.hparams.cache_memory_mb, folder)
+
+    def on_train_epoch_end(self) -> None:
+        cache = self.prefix_cache
+        if cache is not None:
+            self.log("cache/hit_rate", cache.hits / max(1, cache.hits + cache.misses))
+            cache.hits = cache.misses = 0
+
     def on_fit_start(self) -> None:
         if not self.model.trainable_tasks():
             raise MTLConfigError("model.tasks: no task to train (loaded tasks are frozen); name new tasks in data.tasks")

@@ -218,19 +218,23 @@ class MTLModel(nn.Module):
         return drops
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None,
-               groups: list[tuple[str, slice]], copies: int = 1, drops: dict[str, int] | None = None) -> torch.Tensor:
+               groups: list[tuple[str, slice]], copies: int = 1, drops: dict[str, int] | None = None,
+               prefix: torch.Tensor | None = None, prefix_layers: int = 0) -> torch.Tensor:
         """Embeddings, then the layer loop with ``groups`` (adapter name, rows) routed from the first layer that has
         any of those adapters; ``drops`` gives each adapter's adapter-free first layers (AdapterDrop).
 
-        With ``copies > 1`` the rows are replicated there, once per group, so the layers below run once; above it
+        ``prefix`` holds precomputed hidden states after the first ``prefix_layers`` layers (the frozen-prefix
+        cache), so those layers are skipped. With ``copies > 1`` the rows are replicated there, once per group, so the layers below run once; above it
         the copies run in packs of at most ``chunk_rows`` rows (whole groups), since very large batches run
         slower per row on CPUs than moderate ones.
         """
         drops = drops or {}
-        hidden = embed(self.backbone, input_ids, token_type_ids)
+        hidden = embed(self.backbone, input_ids, token_type_ids) if prefix is None else prefix
         mask = attention_mask_4d(self.backbone, hidden, attention_mask)
         start = self.first_adapter_layer([key for key, _ in groups], drops)
-        hidden = self.run_layers(hidden, mask, [], 0, start)
+        if start < prefix_layers:
+            raise ValueError(f"an adapter is active in layer {start}, inside the {prefix_layers} precomputed layers")
+        hidden = self.run_layers(hidden, mask, [], prefix_layers, start)
         if copies == 1:
             return self.run_layers(hidden, mask, groups, start, self.num_layers, drops)
         outputs = []
@@ -240,6 +244,19 @@ class MTLModel(nn.Module):
             outputs.append(self.run_layers(_repeat(hidden, len(pack)), _repeat(mask, len(pack)), pack_groups,
                                            start, self.num_layers, drops))
         return torch.cat(outputs, dim=0)
+
+    @torch.no_grad()
+    def prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      token_type_ids: torch.Tensor | None, layers: int) -> torch.Tensor:
+        """Hidden states after the first ``layers`` layers with no adapter and the backbone in eval mode."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            hidden = embed(self.backbone, input_ids, token_type_ids)
+            mask = attention_mask_4d(self.backbone, hidden, attention_mask)
+            return self.run_layers(hidden, mask, [], 0, layers)
+        finally:
+            self.backbone.train(was_training)
 
     def run_layers(self, hidden: torch.Tensor, mask: torch.Tensor | None, groups: list[tuple[str, slice]],
                    first: int, last: int, drops: dict[str, int] | None = None) -> torch.Tensor:
@@ -259,11 +276,13 @@ class MTLModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, tasks: str | Sequence[str] | None = None,
-                row_tasks: Sequence[str] | None = None, drop_first: int | None = None, **_: Any) -> dict[str, torch.Tensor]:
+                row_tasks: Sequence[str] | None = None, drop_first: int | None = None,
+                prefix: torch.Tensor | None = None, prefix_layers: int = 0, **_: Any) -> dict[str, torch.Tensor]:
         """Logits per task: ``{task: logits}`` for the rows routed to that task (in input order).
 
         ``drop_first`` overrides every adapter's AdapterDrop depth for this call (robust dropping, or evaluating
-        with more layers dropped; the latter is logged once per task and depth).
+        with more layers dropped; the latter is logged once per task and depth). ``prefix`` / ``prefix_layers``:
+        hidden states after the first layers, precomputed (see `prefix_states`).
         """
         if (tasks is None) == (row_tasks is None):
             raise ValueError("give exactly one of tasks= (whole batch) or row_tasks= (one task per row)")
@@ -279,7 +298,7 @@ class MTLModel(nn.Module):
         else:
             rows = {k: slice(i * batch, (i + 1) * batch) for i, k in enumerate(keys)}
         hidden = self.encode(input_ids, attention_mask, token_type_ids, list(rows.items()), copies=len(keys),
-                             drops=self.drop_depths(names, drop_first))
+                             drops=self.drop_depths(names, drop_first), prefix=prefix, prefix_layers=prefix_layers)
         return {t: self.heads[t](hidden[rows[self.task_adapter[t]]], attention_mask) for t in names}
 
     def _forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

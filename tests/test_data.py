@@ -371,7 +371,7 @@ def test_datamodule_batches_and_cache(tmp_path, tokenizer, monkeypatch):
     seen = set()
     for batch in loader:
         seen.add(batch["task"])
-        assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "task"}
+        assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "task", "index"}
         assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == batch["attention_mask"].shape
         assert batch["labels"].dtype == (torch.long if batch["task"] == "cls" else torch.float)
         if batch["task"] == "cls":

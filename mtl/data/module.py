@@ -54,7 +54,7 @@ class TaskCollator:
 
 
 class _TaskView(Dataset):
-    """A tokenised split whose items also carry their task name; with ``texts``, also index and text."""
+    """A tokenised split whose items also carry their task name and row index; with ``texts``, also the text."""
 
     def __init__(self, data: datasets.Dataset, task: str, texts: list[str] | None = None) -> None:
         self.data, self.task, self.texts = data, task, texts
@@ -63,9 +63,10 @@ class _TaskView(Dataset):
         return len(self.data)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = {**self.data[int(index)], "task": self.task}
+        # the row index keys per-example caches (the frozen-prefix cache) and prediction output
+        item = {**self.data[int(index)], "task": self.task, "index": int(index)}
         if self.texts is not None:
-            item.update(index=int(index), text=self.texts[int(index)])
+            item["text"] = self.texts[int(index)]
         return item
 
 
