@@ -210,10 +210,10 @@ class MTLModel(nn.Module):
         for task in tasks:
             config = self.adapter_configs[task]
             depth = config.drop_first if drop_first is None else drop_first
-            if not self.training and depth > config.trained_drop and (task, depth) not in self._reported_drops:
+            if not self.training and not config.trained_with_depth(depth) and (task, depth) not in self._reported_drops:
                 self._reported_drops.add((task, depth))
                 log.warning("task '%s': evaluating with adapters dropped in the first %d layers; it was trained with "
-                            "%d dropped", task, depth, config.trained_drop)
+                            "%d dropped", task, depth, config.drop_first)
             drops[self.task_adapter[task]] = depth
         return drops
 

@@ -100,3 +100,10 @@ def test_multi_task_forward_shares_layers_below_the_lowest_adapter():
     assert rows_seen == [3]
     for name in ("a", "b", "c"):
         torch.testing.assert_close(together[name], model(**batch, tasks=name)[name], rtol=1e-5, atol=1e-5)
+
+
+def test_robust_adapters_evaluate_at_any_depth_without_a_report(caplog):
+    model = _four_layer_model(robust_drop=True).eval()
+    with caplog.at_level(logging.WARNING, logger="mtl"):
+        model(**tiny_batch(), tasks="t", drop_first=3)
+    assert not caplog.records

@@ -93,10 +93,9 @@ class AdapterConfig:
         dropped = 0 if self.robust_drop else self.drop_first
         return [i for i in range(dropped, num_layers) if i not in self.leave_out]
 
-    @property
-    def trained_drop(self) -> int:
-        """Adapter-free layers this adapter was trained with at the least (robust dropping trains all depths)."""
-        return 0 if self.robust_drop else self.drop_first
+    def trained_with_depth(self, depth: int) -> bool:
+        """Whether training saw this many adapter-free first layers (robust dropping sees every depth)."""
+        return self.robust_drop or depth <= self.drop_first
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable, fully resolved settings."""

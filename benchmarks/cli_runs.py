@@ -1,0 +1,33 @@
+"""Run ``train.py fit`` then ``train.py test`` in a subprocess and read back the test metrics."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fit_and_test(config: str, run_dir: Path, args: list[str], test_args: list[str] | None = None,
+                 test_only: bool = False) -> tuple[dict[str, float], float]:
+    """Fit (best checkpoint by the config's monitor), test it; return test metrics and the fit's wall time."""
+    common = ["--config", config, "--model.run_dir", str(run_dir), "--model.overwrite", "true",
+              "--trainer.enable_progress_bar", "false", *args]
+    start = time.perf_counter()
+    if not test_only:
+        _call(["fit", *common, "--trainer.logger.init_args.version", "fit"])
+    wall = time.perf_counter() - start
+    best = run_dir / "lightning" / "logs" / "fit" / "checkpoints" / "best.ckpt"
+    _call(["test", *common, *(test_args or []), "--ckpt_path", str(best), "--trainer.logger.init_args.version", "test"])
+    with open(run_dir / "lightning" / "logs" / "test" / "metrics.csv") as f:
+        row = list(csv.DictReader(f))[-1]
+    return {k: float(v) for k, v in row.items() if k.startswith("test/") and v}, wall
+
+
+def _call(args: list[str]) -> None:
+    done = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"train.py {args[0]} failed:\n{done.stderr[-3000:]}")
