@@ -164,7 +164,7 @@ class AdapterTrainer(L.LightningModule):
         loss = self.model.heads[batch["task"]].loss(logits, batch["labels"])
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        if len(self.specs) > 1:
+        if len(self.hparams.tasks) > 1:
             self.log(f"train/{batch['task']}/loss", loss, batch_size=size)
         return loss
 
