@@ -130,3 +130,13 @@ def test_predict_file_with_every_task_in_one_forward(tiny_dir, task_dir, tmp_pat
     with pytest.raises(MTLConfigError, match="already exists"):
         L.Trainer(logger=False, callbacks=[PredictionWriter(str(out))]).predict(
             module, datamodule=_data(tiny_dir, task_dir, tmp_path, [], predict_file=str(texts)))
+
+
+def test_prediction_rows_as_csv(tmp_path):
+    from mtl.predict import write_rows
+
+    out = tmp_path / "p.csv"
+    write_rows(out, [{"task": "a", "index": 0, "label": "x", "score": 0.5, "text": "hi, there"}])
+    assert out.read_text().splitlines() == ["task,index,label,score,text", 'a,0,x,0.5,"hi, there"']
+    with pytest.raises(MTLConfigError, match=".jsonl or .csv"):
+        PredictionWriter(str(tmp_path / "p.txt"))

@@ -107,3 +107,22 @@ def test_cache_is_refused_where_it_cannot_be_exact(deep_dir, task_dir, tmp_path,
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(MTLConfigError, match=message):
         trainer.fit(module, datamodule=data)
+
+
+def test_cache_key_changes_with_depth_and_data(deep_dir, task_dir, tmp_path):
+    def key(k, tasks_dir):
+        module = AdapterTrainer(["keyword"], backbone=str(deep_dir), tasks_dir=str(tasks_dir), run_dir=str(tmp_path),
+                                export=False, cache_frozen_prefix=True, adapter={"type": "pfeiffer", "drop_first": k})
+        data = TaskDataModule(["keyword"], backbone=str(deep_dir), tasks_dir=str(tasks_dir),
+                              cache_dir=str(tmp_path / "data-cache"))
+        data.setup("fit")
+        module.trainer = L.Trainer(logger=False)
+        module.trainer.datamodule = data
+        return module._build_prefix_cache().key
+
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    (changed / "keyword.yaml").write_text((task_dir / "keyword.yaml").read_text())
+    (changed / "keyword.csv").write_text((task_dir / "keyword.csv").read_text() + "alpha good beta gamma 999,good\n")
+    assert key(2, task_dir) == key(2, task_dir)
+    assert len({key(2, task_dir), key(3, task_dir), key(2, changed)}) == 3
