@@ -203,3 +203,12 @@ def test_chunked_multi_task_forward_equals_separate_forwards(chunk_rows):
         torch.testing.assert_close(together[task], model(**batch, tasks=task)[task], rtol=1e-5, atol=1e-5)
     assert [len(p) for p in model._packs(["a", "b", "c"], 3)] == {None: [3], 1: [1, 1, 1], 7: [2, 1],
                                                                   1000: [3]}[chunk_rows]
+
+
+def test_library_layers_import_without_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys, mtl, mtl.model, mtl.io, mtl.prefix_cache, mtl.data.spec, mtl.data.sources; "
+            "sys.exit(any(m.startswith('lightning') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
