@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import torch
 from torch import nn
 
 from mtl.adapters.config import AdapterConfig, as_adapter_config
+from mtl.arch import layer_list
 from mtl.backbone import DEFAULT_BACKBONE
 from mtl.data.spec import TaskSpec, load_task_spec
 from mtl.errors import MTLConfigError
@@ -23,12 +22,6 @@ from mtl.prefix_cache import PrefixCache, cache_key
 
 # the frozen backbone runs in eval mode on purpose (no dropout in frozen layers; see MTLModel.train)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
-
-def _layer_of(parameter_name: str) -> int | None:
-    """Layer index of a backbone parameter name (``...layer.3....``), if any."""
-    match = re.search(r"\.layer\.(\d+)\.", parameter_name)
-    return int(match.group(1)) if match else None
 
 
 def head_outputs(spec: TaskSpec) -> int:
@@ -257,8 +250,8 @@ class AdapterTrainer(L.LightningModule):
         if k < 1:
             raise MTLConfigError("model.cache_frozen_prefix: needs adapter.drop_first >= 1 (no adapter in the "
                                  "layers to cache)")
-        below = [n for n, p in self.model.named_parameters() if p.requires_grad and _layer_of(n) is not None
-                 and _layer_of(n) < k]
+        below = [f"{name} (layer {i})" for i, layer in enumerate(layer_list(self.model.backbone)[:k])
+                 for name, p in layer.named_parameters() if p.requires_grad]
         if below:
             raise MTLConfigError(f"model.cache_frozen_prefix: trainable parameter {below[0]} lies in the first {k} "
                                  f"layers")
@@ -269,11 +262,7 @@ class AdapterTrainer(L.LightningModule):
                 dataset = data.task_datasets[task][split]
                 sizes[(task, split)] = len(dataset)
                 fingerprints.append((task, split, dataset._fingerprint))
-        digest = hashlib.sha256()
-        for key, value in sorted(self.model.backbone.state_dict().items()):
-            if ".adapters." not in key:
-                digest.update(value.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        key = cache_key(digest.hexdigest(), k, self.model.backbone_name, len(data.tokenizer), fingerprints,
+        key = cache_key(self.model.backbone_digest(), k, self.model.backbone_name, len(data.tokenizer), fingerprints,
                         self.hparams.cache_dtype)
         folder = self.hparams.cache_dir or self.run_dir / "prefix_cache"
         print(f"frozen-prefix cache: layers 1..{k} computed once per example (eval mode), key {key}")

@@ -8,6 +8,7 @@ tasks, so the layers below run once); ``row_tasks=[...]`` names one task per row
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Iterator, Sequence
@@ -137,6 +138,15 @@ class MTLModel(nn.Module):
         for param_name, p in self.heads[name].named_parameters():
             params[f"head.{param_name}"] = p
         return params
+
+    def backbone_digest(self) -> str:
+        """SHA-256 of the frozen backbone's tensors (names and bytes; adapters excluded)."""
+        digest = hashlib.sha256()
+        for key, value in sorted(self.backbone.state_dict().items()):
+            if ".adapters." not in key:
+                digest.update(key.encode())
+                digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def adapter_layers(self, name: str) -> list[int]:
         """Layer indices where task ``name`` has an adapter."""

@@ -52,6 +52,10 @@ def test_training_one_task_leaves_others_bit_identical():
     for k, v in model.backbone.state_dict().items():
         if ".adapters." not in k:
             assert torch.equal(v, backbone[k]), k
+    digest = model.backbone_digest()
+    with torch.no_grad():
+        model.backbone.encoder.layer[1].output.base.dense.bias[0] += 1.0
+    assert model.backbone_digest() != digest  # the digest sees a changed backbone weight
     assert all(not p.requires_grad for k, p in model.named_parameters() if ".adapters.b." not in k and "heads.b." not in k)
 
 

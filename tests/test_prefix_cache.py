@@ -126,3 +126,14 @@ def test_cache_key_changes_with_depth_and_data(deep_dir, task_dir, tmp_path):
     (changed / "keyword.csv").write_text((task_dir / "keyword.csv").read_text() + "alpha good beta gamma 999,good\n")
     assert key(2, task_dir) == key(2, task_dir)
     assert len({key(2, task_dir), key(3, task_dir), key(2, changed)}) == 3
+
+
+def test_cache_is_refused_with_a_trainable_parameter_in_the_cached_layers(deep_dir, task_dir, tmp_path):
+    module = AdapterTrainer(["keyword"], backbone=str(deep_dir), tasks_dir=str(task_dir), run_dir=str(tmp_path),
+                            export=False, cache_frozen_prefix=True, adapter={"type": "pfeiffer", "drop_first": 2})
+    module.model.backbone.encoder.layer[1].intermediate.dense.weight.requires_grad_(True)
+    data = TaskDataModule(["keyword"], backbone=str(deep_dir), tasks_dir=str(task_dir),
+                          cache_dir=str(tmp_path / "data-cache"))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(MTLConfigError, match=r"intermediate.dense.weight \(layer 1\)"):
+        trainer.fit(module, datamodule=data)

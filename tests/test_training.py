@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import lightning as L
@@ -14,15 +13,6 @@ from mtl.data.module import TaskDataModule
 from mtl.errors import MTLConfigError
 from mtl.lit import AdapterTrainer
 from mtl.model import MTLModel
-
-def _digest(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        if ".adapters." not in key:
-            h.update(key.encode())
-            h.update(value.cpu().numpy().tobytes())
-    return h.hexdigest()
-
 
 def _fit(tiny_dir, task_dir, run_dir, tmp_path, epochs=3, **model_kwargs):
     model = AdapterTrainer(["keyword"], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run_dir),
@@ -39,9 +29,9 @@ def _fit(tiny_dir, task_dir, run_dir, tmp_path, epochs=3, **model_kwargs):
 def test_fit_trains_exports_and_never_touches_the_backbone(tiny_dir, task_dir, tmp_path):
     run = tmp_path / "run"
     model, data, trainer = _fit(tiny_dir, task_dir, run, tmp_path)
-    before = _digest(model.model.backbone)
+    before = model.model.backbone_digest()
     trainer.fit(model, datamodule=data)
-    assert _digest(model.model.backbone) == before
+    assert model.model.backbone_digest() == before
     assert trainer.callback_metrics["val/keyword/acc"] > 0.8  # the keyword is learnable
     exported = MTLModel.from_pretrained(run, backbone=str(tiny_dir))
     assert exported.tasks == ["keyword"]
