@@ -2,8 +2,8 @@
 
 The forward contract (routing is data): beside the tokens, the caller says which task each row
 belongs to. ``tasks="bbc"`` runs the whole batch through one task; ``tasks=["a", "b"]`` runs every
-row through every listed task (rows are replicated at the first layer that has an adapter of those
-tasks, so the layers below run once); ``row_tasks=[...]`` names one task per row.
+row through every listed task (rows are replicated inside the first adapter slot of those tasks,
+so everything below it runs once); ``row_tasks=[...]`` names one task per row.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from mtl.adapters.bottleneck import BottleneckAdapter
 from mtl.adapters.config import AdapterConfig, as_adapter_config
-from mtl.adapters.inject import AdapterSlot, Routing, RoutingContext, inject_slots
+from mtl.adapters.inject import AdapterSlot, Routing, RoutingContext, inject_slots, repeat_rows
 from mtl.arch import attention_mask_4d, embed, layer_list
 from mtl.backbone import DEFAULT_BACKBONE, load_backbone
 from mtl.errors import MTLConfigError
@@ -234,9 +234,10 @@ class MTLModel(nn.Module):
         any of those adapters; ``drops`` gives each adapter's adapter-free first layers (AdapterDrop).
 
         ``prefix`` holds precomputed hidden states after the first ``prefix_layers`` layers (the frozen-prefix
-        cache), so those layers are skipped. With ``copies > 1`` the rows are replicated there, once per group, so the layers below run once; above it
-        the copies run in packs of at most ``chunk_rows`` rows (whole groups), since very large batches run
-        slower per row on CPUs than moderate ones.
+        cache), so those layers are skipped. With ``copies > 1`` the layers below the first adapter layer run once;
+        that layer runs once up to its first adapter slot, which makes one copy of the rows per group (what the
+        layer computes before that slot is the same for every task). Layers above run on packs of at most
+        ``chunk_rows`` rows (whole groups), since very large batches run slower per row on CPUs than moderate ones.
         """
         drops = drops or {}
         hidden = embed(self.backbone, input_ids, token_type_ids) if prefix is None else prefix
@@ -247,12 +248,20 @@ class MTLModel(nn.Module):
         hidden = self.run_layers(hidden, mask, [], prefix_layers, start)
         if copies == 1:
             return self.run_layers(hidden, mask, groups, start, self.num_layers, drops)
-        outputs = []
-        for pack in self._packs([key for key, _ in groups], hidden.shape[0]):
-            rows = hidden.shape[0]
+        rows = hidden.shape[0]
+        replicated = start < self.num_layers and all(s.can_replicate for s in self.slots[start].values())
+        if replicated:
+            hidden = self.run_layers(hidden, mask, groups, start, start + 1, drops, replicate=copies)
+            if hidden.shape[0] != rows * copies:
+                raise RuntimeError(f"layer {start} did not replicate the rows for {copies} tasks")
+            start += 1
+        outputs, done = [], 0
+        for pack in self._packs([key for key, _ in groups], rows):
+            pack_hidden = hidden[done * rows:(done + len(pack)) * rows] if replicated else repeat_rows(hidden, len(pack))
             pack_groups = [(key, slice(i * rows, (i + 1) * rows)) for i, key in enumerate(pack)]
-            outputs.append(self.run_layers(_repeat(hidden, len(pack)), _repeat(mask, len(pack)), pack_groups,
-                                           start, self.num_layers, drops))
+            outputs.append(self.run_layers(pack_hidden, repeat_rows(mask, len(pack)), pack_groups, start,
+                                           self.num_layers, drops))
+            done += len(pack)
         return torch.cat(outputs, dim=0)
 
     @torch.no_grad()
@@ -269,13 +278,16 @@ class MTLModel(nn.Module):
             self.backbone.train(was_training)
 
     def run_layers(self, hidden: torch.Tensor, mask: torch.Tensor | None, groups: list[tuple[str, slice]],
-                   first: int, last: int, drops: dict[str, int] | None = None) -> torch.Tensor:
-        """Run layers ``first .. last-1``; an adapter is skipped in the layers below its drop depth."""
+                   first: int, last: int, drops: dict[str, int] | None = None, replicate: int = 1) -> torch.Tensor:
+        """Run layers ``first .. last-1``; an adapter is skipped in the layers below its drop depth.
+
+        ``replicate > 1``: the rows come in once and the first slot with an adapter copies them (`Routing`).
+        """
         drops = drops or {}
         layers = layer_list(self.backbone)
         for index in range(first, last):
             routed = [(key if index >= drops.get(key, 0) else None, rows) for key, rows in groups]
-            with self.context.use(Routing(routed)):
+            with self.context.use(Routing(routed, replicate if index == first else 1)):
                 hidden = layers[index](hidden, mask)
         return hidden
 
@@ -352,9 +364,3 @@ class MTLModel(nn.Module):
 
         return load_model(cls, checkpoint_dir, backbone=backbone)
 
-
-def _repeat(tensor: torch.Tensor | None, copies: int) -> torch.Tensor | None:
-    """Stack ``copies`` copies of a batch along the row dimension."""
-    if tensor is None:
-        return None
-    return tensor.repeat(copies, *([1] * (tensor.dim() - 1)))

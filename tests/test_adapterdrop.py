@@ -85,19 +85,27 @@ def test_evaluating_with_more_layers_dropped_is_logged_once(caplog):
     assert len(caplog.records) == 1 and "first 3 layers" in caplog.records[0].getMessage()
 
 
-def test_multi_task_forward_shares_layers_below_the_lowest_adapter():
+@pytest.mark.parametrize("kind", ["pfeiffer", "houlsby", "parallel"])
+def test_multi_task_forward_shares_layers_below_the_lowest_adapter(kind):
     model = MTLModel(tiny_backbone("bert"))
     for name in ("a", "b", "c"):
-        model.add_task(name, 2, AdapterConfig(drop_first=1))
+        model.add_task(name, 2, AdapterConfig(type=kind, drop_first=1))
         with torch.no_grad():
             for p in model.task_parameters(name).values():
                 p.normal_(0, 0.1)
-    rows_seen = []
-    hook = model.backbone.encoder.layer[0].register_forward_hook(lambda m, i, o: rows_seen.append(o.shape[0]))
+    seen = {}
+    layers = model.backbone.encoder.layer
+    watched = {"layer 0": layers[0], "layer 1 attention": layers[1].attention.self,
+               "layer 1 feed-forward": layers[1].intermediate, "layer 1": layers[1]}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, []).append(
+        (o[0] if isinstance(o, tuple) else o).shape[0])) for n, m in watched.items()]
     batch = tiny_batch(rows=3)
     together = model(**batch, tasks=["a", "b", "c"])
-    hook.remove()
-    assert rows_seen == [3]
+    for hook in hooks:
+        hook.remove()
+    # below the first adapter slot everything runs once on the 3 rows; the slot makes 3 copies
+    ffn_rows = 9 if kind == "houlsby" else 3  # Houlsby's first slot is after attention
+    assert seen == {"layer 0": [3], "layer 1 attention": [3], "layer 1 feed-forward": [ffn_rows], "layer 1": [9]}
     for name in ("a", "b", "c"):
         torch.testing.assert_close(together[name], model(**batch, tasks=name)[name], rtol=1e-5, atol=1e-5)
 

@@ -3,6 +3,10 @@
 A slot replaces the sub-layer module in place (same call signature), keeps the original as
 ``base``, and holds a ``ModuleDict`` task -> adapter. Which rows belong to which task is data:
 the model sets a `Routing` on the shared `RoutingContext` for the duration of one forward.
+
+A multi-task forward replicates the rows inside the first slot that has an adapter (``Routing.replicate``),
+not at the start of its layer: everything the layer computes before that slot (for Pfeiffer, the whole
+attention and feed-forward block) is identical for every task, so it runs once.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class Routing:
     """Contiguous row ranges per task for the current forward (rows not listed: no adapter)."""
 
     groups: list[tuple[str, slice]] = field(default_factory=list)
+    replicate: int = 1  # > 1: the rows still arrive once; the first slot with an adapter makes this many copies
 
 
 class RoutingContext:
@@ -60,26 +65,45 @@ class AdapterSlot(nn.Module):
         self.__dict__["context"] = context
         self.__dict__["layer_norm"] = base.LayerNorm if sublayer.style == "output" else layer.get_submodule(sublayer.layer_norm)
 
-    def adapt(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Return ``a`` for every row (h itself where the row's task has no adapter here)."""
-        groups = self.context.groups
+    @property
+    def can_replicate(self) -> bool:
+        """Whether this slot can make the row copies itself: it must own the residual sum (``output`` style)."""
+        return self.style == "output"
+
+    def adapt(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(a, x)`` for every row (a = h where the row's task has no adapter here); x is replicated too
+        when this slot makes the multi-task copies."""
+        routing = self.context.routing
+        groups = routing.groups if routing is not None else []
         if not any(task in self.adapters for task, _ in groups):
-            return h
+            return h, x
+        if routing.replicate > 1:
+            if not self.can_replicate:
+                raise RuntimeError(f"layer {self.layer_index} {self.position}: a '{self.style}' slot cannot replicate rows")
+            h, x = repeat_rows(h, routing.replicate), repeat_rows(x, routing.replicate)
+            routing.replicate = 1
         if len(groups) == 1 and groups[0][1] == slice(None):
-            return self.adapters[groups[0][0]](h, x, self.layer_norm)
+            return self.adapters[groups[0][0]](h, x, self.layer_norm), x
         pieces = [self.adapters[t](h[s], x[s], self.layer_norm) if t in self.adapters else h[s] for t, s in groups]
-        return torch.cat(pieces, dim=0)
+        return torch.cat(pieces, dim=0), x
 
     def forward(self, *args, **kwargs):
         if self.style == "output":
             hidden_in, x = args[0], args[1]
-            h = self.base.dropout(self.base.dense(hidden_in))
-            return self.layer_norm(self.adapt(h, x) + x)
+            a, x = self.adapt(self.base.dropout(self.base.dense(hidden_in)), x)
+            return self.layer_norm(a + x)
         out = self.base(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         if isinstance(out, tuple):
-            return (self.adapt(out[0], x),) + tuple(out[1:])
-        return self.adapt(out, x)
+            return (self.adapt(out[0], x)[0],) + tuple(out[1:])
+        return self.adapt(out, x)[0]
+
+
+def repeat_rows(tensor: torch.Tensor | None, copies: int) -> torch.Tensor | None:
+    """Stack ``copies`` copies of a batch along the row dimension (None stays None)."""
+    if tensor is None:
+        return None
+    return tensor.repeat(copies, *([1] * (tensor.dim() - 1)))
 
 
 def inject_slots(backbone: nn.Module, context: RoutingContext) -> list[dict[str, AdapterSlot]]:
