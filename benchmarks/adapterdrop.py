@@ -1,6 +1,7 @@
 """AdapterDrop and the frozen-prefix cache: measured savings against what arithmetic allows.
 
 Usage: python benchmarks/adapterdrop.py [--steps 8] [--batch 32] [--seq 128] [--threads 2] [--no-peers]
+                                      [--peer-rounds 3]
 
 On MiniLM-L6 (L = 6), in one process with interleaved timings (medians):
 1. one frozen layer's forward time f and its backward time b (input gradients only, weights frozen);
@@ -8,8 +9,12 @@ On MiniLM-L6 (L = 6), in one process with interleaved timings (medians):
    L(f+b) / (L f + (L-k) b);
 3. the same with the frozen-prefix cache (second epoch onward: states after layer k read from the cache),
    beside the limit L / (L-k);
-4. multi-task inference, N = 2, 4, 8 tasks, k = 0 and L/2: one forward vs N separate forwards;
-5. AdapterHub side by side, when benchmarks/peers/.venv-adapterhub exists (see benchmarks/peers/README.md).
+4. multi-task inference, N = 2, 4, 8 tasks, k = 0 and L/2: one forward vs N separate forwards, beside the
+   limit N L / ((k+1) + N (L-k-1)) (rows are replicated inside layer k+1, after its feed-forward block);
+5. AdapterHub side by side, when benchmarks/peers/.venv-adapterhub exists (see benchmarks/peers/README.md):
+   each row is measured ``--peer-rounds`` times, mtl and AdapterHub alternating, each in a fresh process (a
+   long-lived process that has run other shapes is slower, which would favour the fresh one), and the table gives
+   the median of the rounds for each.
 """
 
 from __future__ import annotations
@@ -96,19 +101,23 @@ def training_steps(ks: list[int], batch: int, seq: int, steps: int, cached: bool
     return dict(zip(ks, median_times(fns, steps)))
 
 
+def multitask_model(n: int, k: int) -> tuple[MTLModel, list[str]]:
+    """MiniLM with N Pfeiffer adapters (no adapter in the first k layers) and 4-class heads, in eval mode."""
+    model = MTLModel("minilm-l6").eval()
+    names = [f"task{i}" for i in range(n)]
+    for name in names:
+        model.add_task(name, 4, AdapterConfig(type="pfeiffer", drop_first=k))
+    return model, names
+
+
 def inference(ns: list[int], ks: list[int], batch: int, seq: int, repeats: int) -> dict[tuple[int, int], tuple]:
     """(separate rows/s, one-forward rows/s) per (k, N)."""
     ids = torch.randint(1000, 30000, (batch, seq))
     mask = torch.ones_like(ids)
-    model = MTLModel("minilm-l6").eval()
     out = {}
     for k in ks:
         for n in ns:
-            for task in list(model.tasks):
-                model.remove_task(task)
-            names = [f"task{i}" for i in range(n)]
-            for name in names:
-                model.add_task(name, 4, AdapterConfig(type="pfeiffer", drop_first=k))
+            model, names = multitask_model(n, k)
             with torch.inference_mode():
                 sep, one = median_times([lambda: [model(ids, mask, tasks=t) for t in names],
                                          lambda: model(ids, mask, tasks=names)], repeats)
@@ -117,16 +126,48 @@ def inference(ns: list[int], ks: list[int], batch: int, seq: int, repeats: int) 
     return out
 
 
-def adapterhub(args: argparse.Namespace) -> dict[str, float] | None:
-    """AdapterHub's figures for the same shapes, or None when its environment is absent."""
+PEER_ROWS = {"train pfeiffer k=0": ("train", 1, 0), "train pfeiffer k=3": ("train", 1, 3),
+             **{f"infer parallel N={n} k={k}": ("infer", n, k) for k in (0, 3) for n in (2, 4, 8)}}
+
+
+def mtl_row(row: str, args: argparse.Namespace) -> float:
+    """mtl's figure for one side-by-side row: training samples/s or multi-task inference rows/s."""
+    kind, n, k = PEER_ROWS[row]
+    if kind == "train":
+        return args.batch / training_steps([k], args.batch, args.seq, args.steps, cached=False)[k]
+    ids = torch.randint(1000, 30000, (args.batch, args.seq))
+    mask = torch.ones_like(ids)
+    model, names = multitask_model(n, k)
+    with torch.inference_mode():
+        model(ids, mask, tasks=names)  # a second warm-up call, as the AdapterHub script makes two
+        (seconds,) = median_times([lambda: model(ids, mask, tasks=names)], args.steps)
+    return args.batch / seconds
+
+
+def row_in_fresh_process(command: list[str], args: argparse.Namespace) -> float:
+    """One side-by-side row measured by ``command`` in a new process, which prints a JSON line with the value."""
+    cmd = [*command, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+           "--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["value"]
+
+
+def side_by_side(args: argparse.Namespace) -> dict[str, tuple[float, float]] | None:
+    """Median over rounds of (mtl, AdapterHub) per row, the two alternating; None when AdapterHub is absent."""
     python = PEERS / ".venv-adapterhub" / "bin" / "python"
     if not python.exists():
         print("AdapterHub comparison skipped: run benchmarks/peers/setup_adapterhub.sh first", file=sys.stderr)
         return None
-    cmd = [str(python), str(PEERS / "adapterhub_bench.py"), "--steps", str(args.steps), "--batch", str(args.batch),
-           "--seq", str(args.seq), "--threads", str(args.threads), "--no-check"]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return {row["row"]: row["value"] for row in map(json.loads, done.stdout.strip().splitlines())}
+    out = {}
+    for row in PEER_ROWS:
+        ours, theirs = [], []
+        for _ in range(args.peer_rounds):
+            ours.append(row_in_fresh_process([sys.executable, str(Path(__file__).resolve()), "--peer-row", row], args))
+            theirs.append(row_in_fresh_process([str(python), str(PEERS / "adapterhub_bench.py"), "--no-check",
+                                                "--rows", row], args))
+        out[row] = (statistics.median(ours), statistics.median(theirs))
+        print(f"  {row}: mtl {ours} AdapterHub {theirs}", file=sys.stderr, flush=True)
+    return out
 
 
 def main() -> None:
@@ -137,16 +178,21 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--peer-rounds", type=int, default=3, help="alternating mtl/AdapterHub rounds per row")
+    parser.add_argument("--peer-row", choices=PEER_ROWS, help="measure only this side-by-side row, print it as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.peer_row:
+        print(json.dumps({"row": args.peer_row, "value": round(mtl_row(args.peer_row, args), 2)}))
+        return
     L = 6
     f, f0, b = layer_costs(args.batch, args.seq, args.steps)
     print(f"  f = {f * 1e3:.0f} ms, f (no autograd) = {f0 * 1e3:.0f} ms, b = {b * 1e3:.0f} ms", file=sys.stderr)
     plain = training_steps(list(range(L)), args.batch, args.seq, args.steps, cached=False)
     cached = training_steps(list(range(1, L)), args.batch, args.seq, args.steps, cached=True)
     infer = inference([2, 4, 8], [0, L // 2], args.batch, args.seq, args.steps)
-    peers = None if args.no_peers else adapterhub(args)
+    peers = None if args.no_peers else side_by_side(args)
 
     print(f"\nMiniLM-L6 (L = {L}), Pfeiffer, batch {args.batch}, seq {args.seq}, {args.threads} threads, "
           f"median of {args.steps}\n")
@@ -165,18 +211,17 @@ def main() -> None:
         else:
             row += "| - | - | - | - |"
         print(row)
-    print("\n| k | tasks N | N separate forwards (rows/s) | one multi-task forward (rows/s) | speed-up |")
-    print("|---:|---:|---:|---:|---:|")
+    print("\n| k | tasks N | N separate forwards (rows/s) | one multi-task forward (rows/s) | speed-up "
+          "| limit NL/((k+1)+N(L-k-1)) | of limit |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for (k, n), (sep, one) in infer.items():
-        print(f"| {k} | {n} | {sep:.1f} | {one:.1f} | {one / sep:.2f}x |")
+        limit = n * L / ((k + 1) + n * (L - k - 1))
+        print(f"| {k} | {n} | {sep:.1f} | {one:.1f} | {one / sep:.2f}x | {limit:.2f}x | {one / sep / limit:.0%} |")
     if peers:
-        print("\n| row | mtl | AdapterHub 1.3.0 | mtl / AdapterHub |\n|---|---:|---:|---:|")
-        ours = {"train pfeiffer k=0": args.batch / plain[0], "train pfeiffer k=3": args.batch / plain[3]}
-        for (k, n), (_, one) in infer.items():
-            ours[f"infer parallel N={n} k={k}"] = one
-        for name, value in ours.items():
-            if name in peers:
-                print(f"| {name} | {value:.1f} | {peers[name]:.1f} | {value / peers[name]:.2f} |")
+        print(f"\nmtl vs AdapterHub, median of {args.peer_rounds} alternating rounds per row:\n")
+        print("| row | mtl | AdapterHub 1.3.0 | mtl / AdapterHub |\n|---|---:|---:|---:|")
+        for name, (ours, theirs) in peers.items():
+            print(f"| {name} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} |")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,12 @@ def fit_and_test(config: str, run_dir: Path, args: list[str], test_args: list[st
     return {k: float(v) for k, v in row.items() if k.startswith("test/") and v}, wall
 
 
+def best_fit_metric(run_dir: Path, name: str) -> float:
+    """The highest value of a validation metric logged during the fit (the best checkpoint's, for a max monitor)."""
+    with open(run_dir / "lightning" / "logs" / "fit" / "metrics.csv") as f:
+        return max(float(row[name]) for row in csv.DictReader(f) if row.get(name))
+
+
 def _call(args: list[str]) -> None:
     done = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
