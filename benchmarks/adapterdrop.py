@@ -159,7 +159,7 @@ def side_by_side(args: argparse.Namespace) -> dict[str, tuple[float, float]] | N
         print("AdapterHub comparison skipped: run benchmarks/peers/setup_adapterhub.sh first", file=sys.stderr)
         return None
     out = {}
-    for row in PEER_ROWS:
+    for row in args.peer_rows:
         ours, theirs = [], []
         for _ in range(args.peer_rounds):
             ours.append(row_in_fresh_process([sys.executable, str(Path(__file__).resolve()), "--peer-row", row], args))
@@ -170,30 +170,13 @@ def side_by_side(args: argparse.Namespace) -> dict[str, tuple[float, float]] | N
     return out
 
 
-def main() -> None:
-    """Run every part and print the tables."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-peers", action="store_true")
-    parser.add_argument("--peer-rounds", type=int, default=3, help="alternating mtl/AdapterHub rounds per row")
-    parser.add_argument("--peer-row", choices=PEER_ROWS, help="measure only this side-by-side row, print it as JSON")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    if args.peer_row:
-        print(json.dumps({"row": args.peer_row, "value": round(mtl_row(args.peer_row, args), 2)}))
-        return
-    L = 6
+def mtl_tables(args: argparse.Namespace, L: int) -> None:
+    """Measure and print parts 1-4: layer costs, training vs k (with and without the cache), multi-task inference."""
     f, f0, b = layer_costs(args.batch, args.seq, args.steps)
     print(f"  f = {f * 1e3:.0f} ms, f (no autograd) = {f0 * 1e3:.0f} ms, b = {b * 1e3:.0f} ms", file=sys.stderr)
     plain = training_steps(list(range(L)), args.batch, args.seq, args.steps, cached=False)
     cached = training_steps(list(range(1, L)), args.batch, args.seq, args.steps, cached=True)
     infer = inference([2, 4, 8], [0, L // 2], args.batch, args.seq, args.steps)
-    peers = None if args.no_peers else side_by_side(args)
-
     print(f"\nMiniLM-L6 (L = {L}), Pfeiffer, batch {args.batch}, seq {args.seq}, {args.threads} threads, "
           f"median of {args.steps}\n")
     print(f"One frozen layer: f = {f * 1e3:.0f} ms forward (recording autograd; {f0 * 1e3:.0f} ms without), "
@@ -217,6 +200,31 @@ def main() -> None:
     for (k, n), (sep, one) in infer.items():
         limit = n * L / ((k + 1) + n * (L - k - 1))
         print(f"| {k} | {n} | {sep:.1f} | {one:.1f} | {one / sep:.2f}x | {limit:.2f}x | {one / sep / limit:.0%} |")
+
+
+def main() -> None:
+    """Run every part and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--peer-rounds", type=int, default=3, help="alternating mtl/AdapterHub rounds per row")
+    parser.add_argument("--peer-rows", nargs="+", choices=PEER_ROWS, default=list(PEER_ROWS), metavar="ROW",
+                        help="side-by-side rows to measure (default: all)")
+    parser.add_argument("--only-peers", action="store_true", help="skip the mtl-only tables")
+    parser.add_argument("--peer-row", choices=PEER_ROWS, help="measure only this side-by-side row, print it as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.peer_row:
+        print(json.dumps({"row": args.peer_row, "value": round(mtl_row(args.peer_row, args), 2)}))
+        return
+    L = 6
+    if not args.only_peers:
+        mtl_tables(args, L)
+    peers = None if args.no_peers else side_by_side(args)
     if peers:
         print(f"\nmtl vs AdapterHub, median of {args.peer_rounds} alternating rounds per row:\n")
         print("| row | mtl | AdapterHub 1.3.0 | mtl / AdapterHub |\n|---|---:|---:|---:|")

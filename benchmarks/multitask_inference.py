@@ -4,9 +4,10 @@ Usage: python benchmarks/multitask_inference.py [--tasks 1 2 4 8] [--leave-out 0
        [--repeats 7] [--threads 2]
 
 Each task has its own Pfeiffer adapter (random weights) in every layer except the first ``leave-out`` layers.
-The one-forward path replicates the rows at the first layer with an adapter, so the layers below run once.
-Prints a markdown table: input rows/s for both paths (each row answered for all N tasks), the ratio, and the
-largest output difference between the two paths. Times are medians over ``repeats`` interleaved runs.
+The one-forward path replicates the rows inside the first adapter slot (layer k+1, after its feed-forward block),
+so everything below runs once. Prints a markdown table: input rows/s for both paths (each row answered for all N
+tasks), the ratio beside its limit N L / ((k+1) + N (L-k-1)), and the largest output difference between the two
+paths. Times are medians over ``repeats`` interleaved runs.
 """
 
 from __future__ import annotations
@@ -74,10 +75,12 @@ def main() -> None:
     print(f"\nMiniLM-L6, Pfeiffer adapters, batch {args.batch}, seq {args.seq}, {args.threads} threads, "
           f"median of {args.repeats}\n")
     print("| adapter-free first layers | tasks N | N separate forwards (rows/s) | one multi-task forward (rows/s) "
-          "| speed-up | max |diff| |")
-    print("|---:|---:|---:|---:|---:|---:|")
+          "| speed-up | limit | max |diff| |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    layers = base.num_layers
     for k, n, sep, one, ratio, diff in rows:
-        print(f"| {k} | {n} | {sep:.1f} | {one:.1f} | {ratio:.2f}x | {diff:.1e} |")
+        limit = n * layers / ((k + 1) + n * (layers - k - 1))
+        print(f"| {k} | {n} | {sep:.1f} | {one:.1f} | {ratio:.2f}x | {limit:.2f}x | {diff:.1e} |")
 
 
 if __name__ == "__main__":
