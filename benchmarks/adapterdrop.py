@@ -12,8 +12,8 @@ On MiniLM-L6 (L = 6), in one process with interleaved timings (medians):
 4. multi-task inference, N = 2, 4, 8 tasks, k = 0 and L/2: one forward vs N separate forwards, beside the
    limit N L / ((k+1) + N (L-k-1)) (rows are replicated inside layer k+1, after its feed-forward block);
 5. AdapterHub side by side, when benchmarks/peers/.venv-adapterhub exists (see benchmarks/peers/README.md):
-   each row is measured ``--peer-rounds`` times, mtl and AdapterHub alternating, each in a fresh process (a
-   long-lived process that has run other shapes is slower, which would favour the fresh one), and the table gives
+   each row is measured ``--peer-rounds`` times, mtl and AdapterHub alternating, each in a fresh process (so
+   neither side carries the state of a process that has run other shapes), and the table gives
    the median of the rounds for each.
 """
 
