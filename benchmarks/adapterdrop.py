@@ -1,7 +1,7 @@
 """AdapterDrop and the frozen-prefix cache: measured savings against what arithmetic allows.
 
 Usage: python benchmarks/adapterdrop.py [--steps 8] [--batch 32] [--seq 128] [--threads 2] [--no-peers]
-                                      [--peer-rounds 3]
+                                      [--peer-rounds 3] [--peer-rows ROW ...] [--only-peers]
 
 On MiniLM-L6 (L = 6), in one process with interleaved timings (medians):
 1. one frozen layer's forward time f and its backward time b (input gradients only, weights frozen);
@@ -33,7 +33,7 @@ from mtl.adapters.config import AdapterConfig
 from mtl.backbone import load_backbone
 from mtl.model import MTLModel
 from mtl.prefix_cache import PrefixCache
-from multitask_inference import median_times
+from multitask_inference import median_times, multitask_limit
 
 PEERS = Path(__file__).resolve().parent / "peers"
 
@@ -198,7 +198,7 @@ def mtl_tables(args: argparse.Namespace, L: int) -> None:
           "| limit NL/((k+1)+N(L-k-1)) | of limit |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for (k, n), (sep, one) in infer.items():
-        limit = n * L / ((k + 1) + n * (L - k - 1))
+        limit = multitask_limit(n, k, L)
         print(f"| {k} | {n} | {sep:.1f} | {one:.1f} | {one / sep:.2f}x | {limit:.2f}x | {one / sep / limit:.0%} |")
 
 
