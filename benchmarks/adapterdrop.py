@@ -75,7 +75,6 @@ def training_steps(ks: list[int], batch: int, seq: int, steps: int, cached: bool
     """Median training step time per k (fixed dropping), optionally reading layers 1..k from a prefix cache."""
     ids = torch.randint(1000, 30000, (batch, seq))
     mask, labels = torch.ones_like(ids), torch.randint(0, 5, (batch,))
-    rows = list(range(batch))
     fns = []
     for k in ks:
         model = MTLModel("minilm-l6")
@@ -83,15 +82,15 @@ def training_steps(ks: list[int], batch: int, seq: int, steps: int, cached: bool
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         cache = PrefixCache(k, "bench", {("t", "train"): batch}, 384) if cached else None
+        inputs = {"input_ids": ids, "attention_mask": mask, "index": torch.arange(batch)}
         if cache is not None:  # fill it once, as the first epoch would
-            cache.fetch(("t", "train"), rows, mask, lambda sel, m=model, k=k: m.prefix_states(ids, mask, None, k))
+            cache.forward(model, ("t", "train"), inputs, "t")
 
-        def step(model=model, opt=opt, cache=cache, k=k):
+        def step(model=model, opt=opt, cache=cache):
             if cache is None:
                 logits = model(ids, mask, tasks="t")["t"]
             else:
-                prefix = cache.fetch(("t", "train"), rows, mask, None)
-                logits = model(ids, mask, tasks="t", prefix=prefix, prefix_layers=k)["t"]
+                logits = cache.forward(model, ("t", "train"), inputs, "t")
             loss = model.heads["t"].loss(logits, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -39,6 +39,11 @@ class TaskHead(nn.Module):
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.out = nn.Linear(hidden_size, num_outputs)
 
+    def settings(self) -> dict[str, object]:
+        """The constructor arguments (what an exported head's config stores)."""
+        return {"num_outputs": self.num_outputs, "problem": self.problem, "pooling": self.pooling,
+                "dropout": self.dropout.p}
+
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Logits (or regression values) per row."""
         pooled = pool(hidden, attention_mask, self.pooling)

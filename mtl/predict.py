@@ -12,7 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from mtl.errors import MTLConfigError
-from mtl.io import write_text_atomic
+from mtl.atomic import write_text_atomic
 
 FIELDS = ["task", "index", "label", "score", "text"]
 

@@ -17,10 +17,16 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mtl.io import write_json_atomic
+from mtl.arch import layer_list
+from mtl.atomic import write_json_atomic
+from mtl.errors import MTLConfigError
+
+if TYPE_CHECKING:
+    from mtl.model import MTLModel
 
 Part = tuple[str, str]  # (task, split)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -136,3 +142,45 @@ class PrefixCache:
         for i, states in enumerate(found):
             out[i, :states.shape[0]] = states.to(torch.float32)
         return out.to(attention_mask.device)
+
+    def forward(self, model: MTLModel, part: Part, batch: dict[str, Any], task: str) -> torch.Tensor:
+        """The cache-aware forward: ``task``'s logits for a batch with row ``index``, layers 1..k read from the cache."""
+        ids, mask, types = batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")
+
+        def compute(rows: torch.Tensor) -> torch.Tensor:
+            pick = lambda t: t.index_select(0, rows) if t is not None else None  # noqa: E731
+            return model.prefix_states(pick(ids), pick(mask), pick(types), self.k)
+
+        if mask is None:
+            mask = torch.ones_like(ids)
+        prefix = self.fetch(part, batch["index"].tolist(), mask, compute)
+        return model(ids, mask, types, tasks=task, prefix=prefix, prefix_layers=self.k)[task]
+
+    @classmethod
+    def for_training(cls, model: MTLModel, datasets: dict[Part, Any], tokenizer_size: int, dtype: str = "float32",
+                     memory_mb: float = 2048, directory: str | Path | None = None) -> PrefixCache:
+        """Check that caching is exact for the model's trainable tasks, then key the cache by everything the states
+        depend on (backbone weights, depth, tokenizer, each dataset's fingerprint, dtype)."""
+        trainable = model.trainable_tasks()
+        configs = [model.adapter_configs[model.records[t].target.name] for t in trainable
+                   if not model.records[t].target.is_fusion]
+        if any(c.robust_drop for c in configs):
+            raise MTLConfigError("model.cache_frozen_prefix: not exact with adapter.robust_drop (the prefix changes "
+                                 "per batch); use a fixed adapter.drop_first")
+        if model.backbone_dropout:
+            raise MTLConfigError("model.cache_frozen_prefix: not exact with model.backbone_dropout: true "
+                                 "(cached layers must be deterministic)")
+        k = min((c.drop_first for c in configs), default=0) if len(configs) == len(trainable) else 0
+        if k < 1:
+            raise MTLConfigError("model.cache_frozen_prefix: needs adapter.drop_first >= 1 (no adapter in the "
+                                 "layers to cache)")
+        below = [f"{name} (layer {i})" for i, layer in enumerate(layer_list(model.backbone)[:k])
+                 for name, p in layer.named_parameters() if p.requires_grad]
+        if below:
+            raise MTLConfigError(f"model.cache_frozen_prefix: trainable parameter {below[0]} lies in the first {k} "
+                                 f"layers")
+        fingerprints = [(task, split, getattr(data, "_fingerprint", None)) for (task, split), data in datasets.items()]
+        key = cache_key(model.backbone_digest(), k, model.backbone_name, tokenizer_size, fingerprints, dtype)
+        print(f"frozen-prefix cache: layers 1..{k} computed once per example (eval mode), key {key}")
+        sizes = {part: len(data) for part, data in datasets.items()}
+        return cls(k, key, sizes, model.hidden_size, dtype, memory_mb, directory)

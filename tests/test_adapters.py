@@ -7,7 +7,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from mtl.adapters.config import AdapterConfig
-from mtl.adapters.inject import Routing
+from mtl.adapters.inject import Routing, Target
 from mtl.errors import MTLConfigError
 from mtl.model import MTLModel
 from tests.conftest import tiny_backbone, tiny_batch
@@ -22,7 +22,7 @@ def test_fresh_adapter_is_exact_identity(family, preset):
     expected = backbone(**batch).last_hidden_state
     model = MTLModel(backbone)
     model.add_task("t", 3, preset)
-    got = model.encode(batch["input_ids"], batch["attention_mask"], None, [("t", slice(None))])
+    got = model.encode(batch["input_ids"], batch["attention_mask"], None, [(Target("t"), slice(None))])
     assert torch.equal(got, expected)
 
 
@@ -62,7 +62,7 @@ def test_ffn_slot_matches_adapterhub_formula(preset):
     _randomise(model, "t")
     slot = model.slots[1]["ffn"]
     h_in, x = torch.randn(2, 5, 128), torch.randn(2, 5, 64)
-    with model.context.use(Routing([("t", slice(None))])):
+    with model.context.use(Routing([(Target("t"), slice(None))])):
         got = slot(h_in, x)
     h = slot.base.dense(h_in)
     expected = _hand_formula(preset, slot.adapters["t"], h, x, slot.base.LayerNorm)
@@ -76,7 +76,7 @@ def test_houlsby_attention_slot_on_distilbert_block_style():
     _randomise(model, "t")
     block = model.backbone.transformer.layer[0]
     x = torch.randn(2, 5, 64)
-    with model.context.use(Routing([("t", slice(None))])):
+    with model.context.use(Routing([(Target("t"), slice(None))])):
         got = block(x)
     attn = block.attention.base(x)[0]
     adapters = model.slots[0]
@@ -120,7 +120,7 @@ def test_bert_init_is_not_identity_and_mam_is():
         expected = backbone(**batch).last_hidden_state
         model = MTLModel(backbone)
         model.add_task("t", 2, AdapterConfig(type="houlsby", init=init))
-        got = model.encode(batch["input_ids"], batch["attention_mask"], None, [("t", slice(None))])
+        got = model.encode(batch["input_ids"], batch["attention_mask"], None, [(Target("t"), slice(None))])
         assert torch.equal(got, expected) is identity
 
 

@@ -10,6 +10,7 @@ import torch
 from mtl.backbone import load_backbone, load_tokenizer
 from mtl.data.module import TaskDataModule
 from mtl.lit import AdapterTrainer
+from mtl.adapters.inject import Target
 from mtl.model import MTLModel
 
 pytestmark = pytest.mark.integration
@@ -30,7 +31,7 @@ def test_minilm_is_frozen_and_fresh_adapters_are_the_identity(minilm):
     for preset in ("pfeiffer", "houlsby", "parallel"):
         model.add_task(preset, 5, preset)
         got = model.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                           [(preset, slice(None))])
+                           [(Target(preset), slice(None))])
         assert torch.equal(got, expected)
     adapter = sum(p.numel() for k, p in model.task_parameters("pfeiffer").items() if k.startswith("adapters."))
     assert adapter == 6 * (384 * 24 + 24 + 24 * 384 + 384)

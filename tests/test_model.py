@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from mtl.adapters.config import AdapterConfig
 from mtl.errors import MTLConfigError
+from mtl.adapters.inject import Target
 from mtl.model import MTLModel
 from tests.conftest import tiny_backbone, tiny_batch
 
@@ -73,8 +74,8 @@ def test_replication_starts_at_first_adapter_layer():
     model = _model(tasks=("a", "b"), presets=("pfeiffer", "pfeiffer"))
     model.remove_task("b")
     model.add_task("b", 3, AdapterConfig(leave_out=[0]))
-    assert model.first_adapter_layer(["b"]) == 1
-    assert model.first_adapter_layer(["a", "b"]) == 0
+    assert model.first_adapter_layer([Target("b")]) == 1
+    assert model.first_adapter_layer([Target("a"), Target("b")]) == 0
     seen = []
     hook = model.backbone.encoder.layer[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
     batch = tiny_batch(rows=3)
@@ -191,7 +192,7 @@ def test_shared_adapter_mode_one_adapter_many_heads(tmp_path):
     fresh = MTLModel(tiny_backbone("bert"))
     fresh.load_task(tmp_path / "a")
     fresh.load_task(tmp_path / "b")
-    assert fresh.task_adapter == {"a": "shared", "b": "shared"}
+    assert {t: fresh.target(t).name for t in fresh.tasks} == {"a": "shared", "b": "shared"}
     assert torch.equal(fresh(**batch, tasks="b")["b"], model(**batch, tasks="b")["b"])
     model.remove_task("a")  # the adapter stays while b uses it
     assert model.adapter_layers("b") == [0, 1]
@@ -213,6 +214,6 @@ def test_library_layers_import_without_lightning():
     import subprocess
     import sys
 
-    code = ("import sys, mtl, mtl.model, mtl.io, mtl.prefix_cache, mtl.data.spec, mtl.data.sources; "
+    code = ("import sys, mtl, mtl.model, mtl.storage, mtl.atomic, mtl.fusion.report, mtl.prefix_cache, mtl.data.spec, mtl.data.sources; "
             "sys.exit(any(m.startswith('lightning') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -118,7 +118,8 @@ def test_cache_key_changes_with_depth_and_data(deep_dir, task_dir, tmp_path):
         data.setup("fit")
         module.trainer = L.Trainer(logger=False)
         module.trainer.datamodule = data
-        return module._build_prefix_cache().key
+        module.setup("fit")
+        return module.prefix_cache.key
 
     changed = tmp_path / "changed"
     changed.mkdir()

@@ -46,14 +46,18 @@ class BottleneckAdapter(nn.Module):
                 self.up.weight.zero_()
             self.up.bias.zero_()
 
-    def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
-        """The adapter's own function: scaling * up(act(down(z))), with dropout."""
-        return self.dropout(self.up(self.act(self.down(z))) * self.scaling)
+    def inputs(self, h: torch.Tensor, x: torch.Tensor, layer_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, residual)``: what the bottleneck reads and what its output is added to."""
+        if self.parallel:
+            return x, h
+        z = layer_norm(h + x) if self.original_ln_before else h
+        return z, (h if self.residual_before_ln else z)
+
+    def up_output(self, z: torch.Tensor) -> torch.Tensor:
+        """scaling * up(act(down(z))), before dropout: what a fusion layer mixes."""
+        return self.up(self.act(self.down(z))) * self.scaling
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, layer_norm: nn.Module) -> torch.Tensor:
         """Return ``a``; the caller applies ``layer_norm(a + x)``."""
-        if self.parallel:
-            return h + self.bottleneck(x)
-        z = layer_norm(h + x) if self.original_ln_before else h
-        residual = h if self.residual_before_ln else z
-        return self.bottleneck(z) + residual
+        z, residual = self.inputs(h, x, layer_norm)
+        return self.dropout(self.up_output(z)) + residual

@@ -1,18 +1,22 @@
 """One generic injection mechanism: an `AdapterSlot` at each sub-layer named by `mtl.arch`.
 
-A slot replaces the sub-layer module in place (same call signature), keeps the original as
-``base``, and holds a ``ModuleDict`` task -> adapter. Which rows belong to which task is data:
-the model sets a `Routing` on the shared `RoutingContext` for the duration of one forward.
+A slot replaces the sub-layer module in place (same call signature), keeps the original as ``base``, and holds
+``ModuleDict``s name -> adapter and name -> fusion layer. Which rows go through what is data: for the duration
+of one layer call the model sets a `Routing` on the shared `RoutingContext`; each route names a `Target` (one
+adapter, or a fusion of several adapters) and a row range. The slot resolves the target and never writes back
+into the routing.
 
-A multi-task forward replicates the rows inside the first slot that has an adapter (``Routing.replicate``),
-not at the start of its layer: everything the layer computes before that slot (for Pfeiffer, the whole
-attention and feed-forward block) is identical for every task, so it runs once.
+A multi-task forward replicates the rows inside the first slot that has an adapter (the model names it in
+``Routing.replicate_at``), not at the start of its layer: everything the layer computes before that slot (for
+Pfeiffer, the whole attention and feed-forward block) is identical for every task, so it runs once. In that slot
+every route starts from the same rows, so an adapter needed by several routes (a fused target and the adapter's
+own task) runs once there.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -21,37 +25,52 @@ from torch import nn
 from mtl.arch import SubLayer, arch_spec, layer_list
 
 
-@dataclass
-class Routing:
-    """Contiguous row ranges per task for the current forward (rows not listed: no adapter)."""
+@dataclass(frozen=True)
+class Target:
+    """What a route applies to its rows: the adapter ``name``, or the fusion ``name`` over ``fused`` adapters."""
 
-    groups: list[tuple[str, slice]] = field(default_factory=list)
-    replicate: int = 1  # > 1: the rows still arrive once; the first slot with an adapter makes this many copies
+    name: str
+    fused: tuple[str, ...] = ()
+
+    @property
+    def is_fusion(self) -> bool:
+        """Whether this target mixes several adapters with a fusion layer."""
+        return bool(self.fused)
+
+
+Observer = Callable[["AdapterSlot", str, torch.Tensor], None]  # (slot, fusion name, softmax weights [rows, seq, N])
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Contiguous row ranges per target for one layer call (a None target, or rows not listed: no adapter)."""
+
+    groups: list[tuple[Target | None, slice]] = field(default_factory=list)
+    replicate: int = 1  # > 1: the rows arrive once and the slot at ``replicate_at`` makes this many copies
+    replicate_at: str | None = None
+    temperatures: dict[str, float] = field(default_factory=dict)  # fusion name -> softmax temperature
+    fast_fusion: bool = True
+    observe: Observer | None = None  # receives each fusion's attention weights (reports)
 
 
 class RoutingContext:
-    """Shared by the model and its slots; holds a `Routing` only while a forward runs."""
+    """Shared by the model and its slots; holds a `Routing` only while a layer runs."""
 
     def __init__(self) -> None:
         self.routing: Routing | None = None
 
     @contextlib.contextmanager
     def use(self, routing: Routing) -> Iterator[None]:
-        """Set the routing for one forward and always clear it afterwards."""
+        """Set the routing for one call and always clear it afterwards."""
         previous, self.routing = self.routing, routing
         try:
             yield
         finally:
             self.routing = previous
 
-    @property
-    def groups(self) -> list[tuple[str, slice]]:
-        """Current row groups; none outside `MTLModel.forward`, so the backbone alone stays the bare backbone."""
-        return self.routing.groups if self.routing is not None else []
-
 
 class AdapterSlot(nn.Module):
-    """Drop-in replacement for one sub-layer that applies each task's adapter to that task's rows."""
+    """Drop-in replacement for one sub-layer that applies each route's target to that route's rows."""
 
     def __init__(self, base: nn.Module, sublayer: SubLayer, layer: nn.Module, context: RoutingContext,
                  layer_index: int, position: str) -> None:
@@ -61,6 +80,7 @@ class AdapterSlot(nn.Module):
         self.layer_index = layer_index
         self.position = position
         self.adapters = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()
         # plain attributes, not submodules: the LayerNorm already belongs to the layer, the context to the model
         self.__dict__["context"] = context
         self.__dict__["layer_norm"] = base.LayerNorm if sublayer.style == "output" else layer.get_submodule(sublayer.layer_norm)
@@ -70,22 +90,54 @@ class AdapterSlot(nn.Module):
         """Whether this slot can make the row copies itself: it must own the residual sum (``output`` style)."""
         return self.style == "output"
 
+    def has(self, target: Target | None) -> bool:
+        """Whether ``target`` does anything at this location."""
+        if target is None:
+            return False
+        return target.name in (self.fusions if target.is_fusion else self.adapters)
+
     def adapt(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(a, x)`` for every row (a = h where the row's task has no adapter here); x is replicated too
+        """Return ``(a, x)`` for every row (a = h where the row's target has nothing here); x is replicated too
         when this slot makes the multi-task copies."""
         routing = self.context.routing
-        groups = routing.groups if routing is not None else []
-        if not any(task in self.adapters for task, _ in groups):
+        if routing is None or not any(self.has(t) for t, _ in routing.groups):
             return h, x
-        if routing.replicate > 1:
+        groups = routing.groups
+        if len(groups) == 1 and groups[0][1] == slice(None):
+            return self._route(groups[0][0], h, x, routing, None), x
+        if routing.replicate > 1 and routing.replicate_at == self.position:
             if not self.can_replicate:
                 raise RuntimeError(f"layer {self.layer_index} {self.position}: a '{self.style}' slot cannot replicate rows")
-            h, x = repeat_rows(h, routing.replicate), repeat_rows(x, routing.replicate)
-            routing.replicate = 1
-        if len(groups) == 1 and groups[0][1] == slice(None):
-            return self.adapters[groups[0][0]](h, x, self.layer_norm), x
-        pieces = [self.adapters[t](h[s], x[s], self.layer_norm) if t in self.adapters else h[s] for t, s in groups]
+            memo: dict[str, torch.Tensor] = {}  # every route starts from the same rows here: share adapter outputs
+            pieces = [self._route(t, h, x, routing, memo) for t, _ in groups]
+            return torch.cat(pieces, dim=0), repeat_rows(x, routing.replicate)
+        pieces = [self._route(t, h[s], x[s], routing, None) for t, s in groups]
         return torch.cat(pieces, dim=0), x
+
+    def _up(self, name: str, z: torch.Tensor, memo: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        if memo is None:
+            return self.adapters[name].up_output(z)
+        if name not in memo:
+            memo[name] = self.adapters[name].up_output(z)
+        return memo[name]
+
+    def _route(self, target: Target | None, h: torch.Tensor, x: torch.Tensor, routing: Routing,
+               memo: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        if not self.has(target):
+            return h
+        if not target.is_fusion:
+            adapter = self.adapters[target.name]
+            z, residual = adapter.inputs(h, x, self.layer_norm)
+            return adapter.dropout(self._up(target.name, z, memo)) + residual
+        fusion = self.fusions[target.name]
+        # every fused adapter reads the same input and residual (checked when the fusion is added)
+        z, residual = self.adapters[target.fused[0]].inputs(h, x, self.layer_norm)
+        query = h if fusion.config.query_before_ln else z
+        up = torch.stack([self._up(name, z, memo) for name in target.fused])
+        out, weights = fusion(query, up, residual, routing.temperatures.get(target.name, 1.0), fast=routing.fast_fusion)
+        if routing.observe is not None:
+            routing.observe(self, target.name, weights)
+        return out
 
     def forward(self, *args, **kwargs):
         if self.style == "output":

@@ -1,0 +1,122 @@
+"""Exported parts on disk: folders of safetensors + JSON. Works on tensors and plain dicts, never on the model.
+
+```
+<run>/adapters/<task>/adapter.safetensors   adapters.<layer>.<attn|ffn>.<down|up>.<weight|bias>, head.<dense|out>.*
+<run>/adapters/<task>/adapter_config.json   adapter config, backbone, labels, task spec
+<run>/fusions/<name>/fusion.safetensors     fusion.<layer>.<attn|ffn>.<query|key|value>.*, head.<dense|out>.*
+<run>/fusions/<name>/fusion_config.json     fusion config, adapter names in order with each file's SHA-256
+```
+Writes are atomic (`mtl.atomic`); an existing folder is replaced only when asked. Loading reads safetensors and
+JSON only, never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mtl.atomic import fsync_file, write_dir_atomic, write_json_atomic
+from mtl.errors import MTLConfigError
+
+FORMAT_VERSION = 1
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+FUSION_WEIGHTS, FUSION_CONFIG = "fusion.safetensors", "fusion_config.json"
+BACKBONE_KEYS = ("model_type", "hidden_size", "num_layers")
+
+
+def write_part(target: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], weights_name: str,
+               config_name: str, overwrite: bool = False) -> Path:
+    """Write ``target/`` (weights + config) atomically; refuse to replace an existing folder unless asked."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise MTLConfigError(f"{target}: already exists (pass overwrite=True / set overwrite: true to replace it)")
+    tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / weights_name), metadata={"format": "pt"})
+        fsync_file(tmp / weights_name)
+        write_json_atomic(tmp / config_name, {"format_version": FORMAT_VERSION, **config})
+
+    return write_dir_atomic(target, fill)
+
+
+def read_config(folder: str | Path, config_name: str, required: tuple[str, ...]) -> dict[str, Any]:
+    """Read and check the JSON config of an exported folder."""
+    file = Path(folder) / config_name
+    if not file.is_file():
+        raise MTLConfigError(f"{file}: not found (expected an exported folder with {config_name})")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise MTLConfigError(f"{file}: invalid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise MTLConfigError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise MTLConfigError(f"{file}: missing keys {missing}")
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise MTLConfigError(f"{file}: format_version {data['format_version']} is newer than this mtl ({FORMAT_VERSION})")
+    return data
+
+
+def read_tensors(file: str | Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file (one line if it is missing or unreadable)."""
+    file = Path(file)
+    if not file.is_file():
+        raise MTLConfigError(f"{file}: not found")
+    try:
+        return load_file(str(file))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types for truncated or foreign files
+        raise MTLConfigError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
+def check_tensors(file: str | Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> None:
+    """The file holds exactly the expected tensor names and shapes."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise MTLConfigError(f"{file}: tensors do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, shape in expected.items():
+        if tensors[key].shape != shape:
+            raise MTLConfigError(f"{file}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(shape)}")
+
+
+def check_backbone(data: dict[str, Any], have: dict[str, Any], source: str | Path, same_name: bool = False) -> None:
+    """Refuse a part exported for another backbone: its shape always, and its name when ``same_name``."""
+    for key in BACKBONE_KEYS:
+        want = data.get(key)
+        if want is not None and want != have[key]:
+            raise MTLConfigError(f"{source}: {key} is {want!r} but the backbone has {have[key]!r} "
+                                 f"(exported for backbone '{data.get('backbone')}')")
+    if same_name and data.get("backbone") != have["backbone"]:
+        raise MTLConfigError(f"{source}: exported for backbone '{data.get('backbone')}', but the backbone is "
+                             f"'{have['backbone']}'")
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def task_dirs(checkpoint_dir: str | Path) -> list[Path]:
+    """Exported task folders under ``checkpoint_dir/adapters`` (or ``checkpoint_dir`` itself)."""
+    root = Path(checkpoint_dir)
+    base = root / "adapters" if (root / "adapters").is_dir() else root
+    dirs = sorted(p for p in base.iterdir() if (p / ADAPTER_CONFIG).is_file()) if base.is_dir() else []
+    if not dirs:
+        raise MTLConfigError(f"{checkpoint_dir}: no exported tasks found (expected adapters/<task>/{ADAPTER_CONFIG})")
+    return dirs
+
+
+def fusion_dirs(checkpoint_dir: str | Path) -> list[Path]:
+    """Exported fusion folders under ``checkpoint_dir/fusions`` (none is fine)."""
+    base = Path(checkpoint_dir) / "fusions"
+    return sorted(p for p in base.iterdir() if (p / FUSION_CONFIG).is_file()) if base.is_dir() else []
