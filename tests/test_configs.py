@@ -19,12 +19,13 @@ TASKS = sorted((ROOT / "tasks").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
-    """An exported (fresh) bbc_news adapter on MiniLM, for configs that load a trained system."""
+    """Exported (fresh) adapters on MiniLM for every task, for configs that load a trained system."""
     run = tmp_path_factory.mktemp("trained")
     model = MTLModel("minilm-l6")
-    spec = load_task_spec("bbc_news", ROOT / "tasks")
-    model.add_task(spec.name, len(spec.labels), labels=spec.labels, spec=spec.to_dict())
-    model.save_task(spec.name, run / "adapters")
+    for path in TASKS:
+        spec = load_task_spec(str(path))
+        model.add_task(spec.name, len(spec.labels), labels=spec.labels, spec=spec.to_dict())
+        model.save_task(spec.name, run / "adapters")
     return run
 
 
@@ -35,10 +36,14 @@ def test_config_builds(path, monkeypatch, trained_run, tmp_path):
 
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     args = ["--config", str(path), "--model.run_dir", "/tmp/mtl-config-check"]
-    if "load_from:" in path.read_text():
-        args += ["--model.load_from", str(trained_run)]
+    if "load_from:" in path.read_text():  # the fixture run already holds every task, so allow retraining one
+        args += ["--model.load_from", str(trained_run), "--model.overwrite", "true"]
     cli = MTLCLI(AdapterTrainer, TaskDataModule, parser_kwargs={"parser_mode": "omegaconf+"}, args=args, run=False)
     assert cli.model.hparams.tasks == cli.datamodule.hparams.tasks
+    fusion = cli.model.hparams.fusion
+    if fusion is not None:
+        assert cli.model.model.target(fusion["name"]).fused == tuple(fusion["adapters"])
+        assert cli.model.model.trainable_tasks() == [fusion["name"]]
     # the interpolated trainer folder follows the command-line override of model.run_dir
     assert cli.trainer.default_root_dir.startswith("/tmp/mtl-config-check")
 

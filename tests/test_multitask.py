@@ -140,3 +140,65 @@ def test_prediction_rows_as_csv(tmp_path):
     assert out.read_text().splitlines() == ["task,index,label,score,text", 'a,0,x,0.5,"hi, there"']
     with pytest.raises(MTLConfigError, match=".jsonl or .csv"):
         PredictionWriter(str(tmp_path / "p.txt"))
+
+
+def _stage_one(tiny_dir, task_dir, tmp_path) -> Path:
+    run = tmp_path / "run"
+    first = AdapterTrainer(["keyword", "colour"], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run),
+                           lr=5e-3)
+    _trainer(epochs=1).fit(first, datamodule=_data(tiny_dir, task_dir, tmp_path, ["keyword", "colour"]))
+    return run
+
+
+def test_fusion_stage_trains_only_the_fusion_and_head_and_reloads_exactly(tiny_dir, task_dir, tmp_path, capsys):
+    run = _stage_one(tiny_dir, task_dir, tmp_path)
+    before = _files(run / "adapters")
+    fusion = {"name": "colour_fusion", "adapters": ["keyword", "colour"], "config": {"type": "dynamic"}}
+    module = AdapterTrainer(["colour"], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run),
+                            load_from=str(run), fusion=fusion, lr=5e-3)
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all(".fusions.colour_fusion." in n or n.startswith("model.heads.colour_fusion.")
+                             for n in trainable)
+    data = _data(tiny_dir, task_dir, tmp_path, ["colour"])
+    trainer = _trainer(epochs=2)
+    trainer.fit(module, datamodule=data)
+    assert "val/colour_fusion/acc" in trainer.callback_metrics and "train/fusion_reg" in trainer.logged_metrics
+    assert _files(run / "adapters") == before  # every fused adapter's files are byte-identical
+    folder = run / "fusions" / "colour_fusion"
+    assert sorted(p.name for p in folder.iterdir()) == ["attention.json", "attention.png", "fusion.safetensors",
+                                                        "fusion_config.json"]
+    report = json.loads((folder / "attention.json").read_text())
+    assert report["adapters"] == ["keyword", "colour"] and len(report["means"]) == 2  # one FFN slot per layer
+    assert all(abs(sum(row) - 1.0) < 1e-5 for row in report["means"].values())
+    assert "mean attention per layer and adapter" in capsys.readouterr().out
+    assert (folder / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    reloaded = MTLModel.from_pretrained(run, backbone=str(tiny_dir)).eval()
+    module.model.eval()
+    data.setup("validate")
+    for batch in data.val_dataloader()[0]:
+        args = (batch["input_ids"], batch["attention_mask"])
+        assert torch.equal(reloaded(*args, tasks="colour_fusion")["colour_fusion"],
+                           module.model(*args, tasks="colour_fusion")["colour_fusion"])
+
+    with pytest.raises(MTLConfigError, match="'colour_fusion' already exists"):
+        AdapterTrainer(["colour"], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run),
+                       load_from=str(run), fusion=fusion)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(tasks=["colour", "keyword"]), "exactly one target task"),
+    (dict(load_from=None), "needs model.load_from"),
+    (dict(fusion={"name": "f", "adapters": ["keyword"]}), "at least two distinct adapters"),
+    (dict(fusion={"name": "f", "adapters": ["keyword", "nope"]}), r"unknown adapter\(s\) \['nope'\]"),
+    (dict(fusion={"name": "f", "adapters": ["keyword", "colour"], "unfreeze_adapters": True}), "overwrite: true"),
+    (dict(fusion={"name": "f", "adapters": ["keyword", "colour"], "config": {"type": "lora"}}), "fusion.type"),
+])
+def test_bad_fusion_stage_settings_fail_before_training(tiny_dir, task_dir, tmp_path, change, message):
+    run = _stage_one(tiny_dir, task_dir, tmp_path)
+    kwargs = dict(tasks=["colour"], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run),
+                  load_from=str(run), fusion={"name": "f", "adapters": ["keyword", "colour"]})
+    kwargs.update(change)
+    with pytest.raises(MTLConfigError, match=message):
+        AdapterTrainer(**kwargs)
+    assert not (run / "fusions").exists()
