@@ -396,7 +396,8 @@ class MTLModel(ModelFiles, nn.Module):
         Layers above run on packs of at most ``chunk_rows`` rows (whole groups), since very large batches run
         slower per row on CPUs than moderate ones. ``routing`` carries the per-call settings (temperatures...).
         """
-        drops, base = drops or {}, routing or Routing()
+        drops = drops or {}
+        base = routing or Routing(temperatures=self.fusion_temperatures(None), fast_fusion=self.fast_fusion)
         hidden = embed(self.backbone, input_ids, token_type_ids) if prefix is None else prefix
         mask = attention_mask_4d(self.backbone, hidden, attention_mask)
         targets = [t for t, _ in groups]
