@@ -48,12 +48,18 @@ def test_fusion_slot_matches_the_paper_formula_written_here(preset):
     torch.testing.assert_close(got, ln(context + h + x), rtol=1e-5, atol=1e-5)
 
 
-def test_fast_and_naive_paths_agree_in_the_model():
-    model = _fused_model()
+@pytest.mark.parametrize("preset", ["pfeiffer", "houlsby"])
+def test_fast_and_naive_paths_agree_and_one_pass_equals_separate_forwards(family, preset):
+    model = _fused_model(family, preset)
     batch = tiny_batch()
     fast = model(**batch, tasks="fz")["fz"]
+    together = model(**batch, tasks=["a", "fz", "b"])
+    for task in ("a", "fz", "b"):
+        torch.testing.assert_close(together[task], model(**batch, tasks=task)[task], rtol=1e-5, atol=1e-5)
     model.fast_fusion = False
     torch.testing.assert_close(model(**batch, tasks="fz")["fz"], fast, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fast, model.heads["fz"](model.encode(batch["input_ids"], batch["attention_mask"], None,
+                                                                    []), batch["attention_mask"]), atol=1e-4)
 
 
 def test_fused_target_and_its_adapters_in_one_forward_share_the_adapters_first_layer(monkeypatch):
