@@ -13,9 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fit_and_test(config: str, run_dir: Path, args: list[str], test_args: list[str] | None = None,
                  test_only: bool = False) -> tuple[dict[str, float], float]:
-    """Fit (best checkpoint by the config's monitor), test it; return test metrics and the fit's wall time."""
+    """Fit (best checkpoint by the config's monitor, saved as best.ckpt), test it; return test metrics and the fit's
+    wall time. Logs go to ``<run_dir>/lightning/logs/{fit,test}/``."""
     common = ["--config", config, "--model.run_dir", str(run_dir), "--model.overwrite", "true",
-              "--trainer.enable_progress_bar", "false", *args]
+              "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.name", "logs", *args]
     start = time.perf_counter()
     if not test_only:
         _call(["fit", *common, "--trainer.logger.init_args.version", "fit"])
