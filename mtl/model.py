@@ -9,6 +9,7 @@ task (rows are replicated inside the first adapter slot of those tasks, so every
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -448,7 +449,7 @@ class MTLModel(ModelFiles, nn.Module):
             if replicate > 1 and index == first:
                 copies = replicate
                 at = next(p for p, s in self.slots[index].items() if any(s.has(t) for t, _ in routed))
-            routing = Routing(routed, copies, at, base.temperatures, base.fast_fusion, base.observe)
+            routing = dataclasses.replace(base, groups=routed, replicate=copies, replicate_at=at)
             with self.context.use(routing):
                 hidden = layers[index](hidden, mask)
         return hidden
