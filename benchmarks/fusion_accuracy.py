@@ -49,8 +49,10 @@ def run_seed(seed: int, epochs: int, prune: int | None) -> dict[str, tuple[dict[
     shutil.copytree(OUT / "stage1" / "adapters", run / "adapters")
     common = ["--seed_everything", str(seed), "--model.load_from", str(run), "--trainer.max_epochs", str(epochs)]
     out = {"single adapter": fit_and_test("configs/fusion_target.yaml", run, common)}
+    report(seed, "single adapter", out["single adapter"])
     metrics, wall = fit_and_test("configs/fusion.yaml", run, common)
     out["fusion (4 adapters)"] = ({k.replace(FUSION, TARGET): v for k, v in metrics.items()}, wall)
+    report(seed, "fusion (4 adapters)", out["fusion (4 adapters)"])
     if prune:
         attention = json.loads((run / "fusions" / FUSION / "attention.json").read_text())
         keep = sorted(attention["overall"], key=attention["overall"].get, reverse=True)[:prune]
@@ -59,7 +61,15 @@ def run_seed(seed: int, epochs: int, prune: int | None) -> dict[str, tuple[dict[
         metrics, wall = fit_and_test("configs/fusion.yaml", run, common + [
             "--model.fusion.name", f"pruned{prune}", "--model.fusion.adapters", f"[{','.join(keep)}]"])
         out[f"pruned fusion (top {prune})"] = ({k.replace(f"pruned{prune}", TARGET): v for k, v in metrics.items()}, wall)
+        report(seed, f"pruned fusion (top {prune})", out[f"pruned fusion (top {prune})"])
     return out
+
+
+def report(seed: int, variant: str, result: tuple[dict[str, float], float]) -> None:
+    """One finished fit, as soon as it is done (a long run keeps what it measured)."""
+    metrics, wall = result
+    print(f"  seed {seed} | {variant} | test acc {metrics[f'test/{TARGET}/acc']:.3f} | macro-F1 "
+          f"{metrics[f'test/{TARGET}/f1']:.3f} | fit {wall:.0f} s", file=sys.stderr, flush=True)
 
 
 def loss_range(run_dir) -> tuple[float, float, bool]:
