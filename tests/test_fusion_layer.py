@@ -185,3 +185,22 @@ def test_unknown_key_names_source_and_key() -> None:
     with pytest.raises(MTLConfigError, match=r"fusion\.json: unknown fusion keys \['temprature'\]") as err:
         FusionConfig.from_dict({"type": "dynamic", "temprature": True}, source="fusion.json")
     assert "\n" not in str(err.value) and "temperature" in str(err.value)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_factored_path_equals_the_stacked_fast_path(training):
+    torch.manual_seed(0)
+    d, n, r = 16, 5, 4
+    layer = FusionLayer(d, FusionConfig(), dropout_prob=0.3).train(training)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    query, residual = torch.randn(3, 7, d), torch.randn(3, 7, d)
+    acts, weight, bias = torch.randn(3, 7, n, r).relu(), torch.randn(n, d, r), torch.randn(n, d)
+    up = torch.einsum("ndr,...nr->n...d", weight, acts) + bias[:, None, None, :]
+    torch.manual_seed(1)
+    expected, probs = layer(query, up, residual, temperature=1.7)
+    torch.manual_seed(1)
+    got, got_probs = layer.forward_factored(query, acts, weight, bias, residual, temperature=1.7)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_probs, probs, rtol=1e-5, atol=1e-6)

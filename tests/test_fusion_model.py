@@ -80,7 +80,12 @@ def test_fused_target_and_its_adapters_in_one_forward_share_the_adapters_first_l
     first = model.slots[0]["ffn"]
     # in the slot that makes the copies every route starts from the same rows: each adapter runs once there
     assert [calls[id(first.adapters[n])] for n in "abc"] == [1, 1, 1]
-    # above it the fused rows and each adapter's own rows differ, so each adapter runs for both
+    # above it the fused rows take the factored path (no per-adapter output of width d), own rows call up_output
+    assert [calls[id(model.slots[1]["ffn"].adapters[n])] for n in "abc"] == [1, 1, 1]
+    calls.clear()
+    model.fast_fusion = False  # the unfactored path builds every adapter's output for the fused rows as well
+    model(**batch, tasks=["fz", "a", "b", "c"])
+    assert [calls[id(first.adapters[n])] for n in "abc"] == [1, 1, 1]
     assert [calls[id(model.slots[1]["ffn"].adapters[n])] for n in "abc"] == [2, 2, 2]
 
 

@@ -61,3 +61,19 @@ class BottleneckAdapter(nn.Module):
         """Return ``a``; the caller applies ``layer_norm(a + x)``."""
         z, residual = self.inputs(h, x, layer_norm)
         return self.dropout(self.up_output(z)) + residual
+
+
+def factored_outputs(adapters: list[BottleneckAdapter], z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Several adapters' outputs on the same input, left factored as u_n = W_n a_n + b_n (scaling folded into W, b).
+
+    Returns (activations [..., N, r], W [N, d, r], b [N, d]), computing every down-projection in one matmul; None
+    when the adapters differ in width or non-linearity (then call `up_output` per adapter).
+    """
+    widths = {a.down.out_features for a in adapters}
+    if len(widths) > 1 or len({type(a.act) for a in adapters}) > 1:
+        return None
+    down = nn.functional.linear(z, torch.cat([a.down.weight for a in adapters]), torch.cat([a.down.bias for a in adapters]))
+    acts = adapters[0].act(down).unflatten(-1, (len(adapters), widths.pop()))
+    weight = torch.stack([a.up.weight * a.scaling for a in adapters])
+    bias = torch.stack([a.up.bias * a.scaling for a in adapters])
+    return acts, weight, bias

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mtl.adapters.bottleneck import factored_outputs
 from mtl.arch import SubLayer, arch_spec, layer_list
 
 
@@ -130,11 +131,19 @@ class AdapterSlot(nn.Module):
             z, residual = adapter.inputs(h, x, self.layer_norm)
             return adapter.dropout(self._up(target.name, z, memo)) + residual
         fusion = self.fusions[target.name]
+        adapters = [self.adapters[name] for name in target.fused]
         # every fused adapter reads the same input and residual (checked when the fusion is added)
-        z, residual = self.adapters[target.fused[0]].inputs(h, x, self.layer_norm)
+        z, residual = adapters[0].inputs(h, x, self.layer_norm)
         query = h if fusion.config.query_before_ln else z
-        up = torch.stack([self._up(name, z, memo) for name in target.fused])
-        out, weights = fusion(query, up, residual, routing.temperatures.get(target.name, 1.0), fast=routing.fast_fusion)
+        temperature = routing.temperatures.get(target.name, 1.0)
+        # factored unless the adapters' outputs are shared with other routes here (memo) or must be built anyway
+        factored = None if memo is not None or not routing.fast_fusion or fusion.config.residual_before \
+            else factored_outputs(adapters, z)
+        if factored is not None:
+            out, weights = fusion.forward_factored(query, *factored, residual, temperature)
+        else:
+            up = torch.stack([self._up(name, z, memo) for name in target.fused])
+            out, weights = fusion(query, up, residual, temperature, fast=routing.fast_fusion)
         if routing.observe is not None:
             routing.observe(self, target.name, weights)
         return out

@@ -74,6 +74,26 @@ class FusionLayer(nn.Module):
             context = self.value(context)
         return context, probs
 
+    def forward_factored(self, query: Tensor, acts: Tensor, up_weight: Tensor, up_bias: Tensor, residual: Tensor,
+                         temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        """The fast path with each adapter's output left factored as u_n = W_n a_n + b_n (scaling folded in).
+
+        ``acts`` [..., N, r] are the adapters' bottleneck activations, ``up_weight`` [N, d, r] and ``up_bias`` [N, d]
+        their (scaled) up-projections. Exact: (Kᵀq)·u_n = (W_nᵀKᵀq)·a_n + (Kᵀq)·b_n and Σ p_n u_n = Σ W_n (p_n a_n) +
+        Σ p_n b_n, so the N outputs of width d are never built: on CPUs that memory traffic, not arithmetic,
+        dominated fusion over many adapters. Not for ``residual_before`` (it adds the residual to every u_n).
+        """
+        q = self.query(query)
+        qk = q @ self.key.weight
+        scores = torch.einsum("...d,ndr,...nr->...n", qk, up_weight, acts) + qk @ up_bias.T
+        if self.training and self.dropout.p > 0:
+            scores = scores + (q @ self.key.bias).unsqueeze(-1)  # see _fast
+        probs = self._probs(scores, temperature)
+        context = torch.einsum("...n,...nr,ndr->...d", probs, acts, up_weight) + probs @ up_bias
+        if self.value is not None:
+            context = self.value(context)
+        return context + residual, probs
+
     def _probs(self, scores: Tensor, temperature: float) -> Tensor:
         """Dropout on the scores, then the softmax over adapters at this temperature."""
         return torch.softmax(self.dropout(scores) / temperature, dim=-1)
