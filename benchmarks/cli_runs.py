@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,9 @@ def fit_and_test(config: str, run_dir: Path, args: list[str], test_args: list[st
     wall time. Logs go to ``<run_dir>/lightning/logs/{fit,test}/``."""
     common = ["--config", config, "--model.run_dir", str(run_dir), "--model.overwrite", "true",
               "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.name", "logs", *args]
+    if not test_only:  # a previous variant's logs and best.ckpt in this run folder would be picked up instead
+        for stage in ("fit", "test"):
+            shutil.rmtree(run_dir / "lightning" / "logs" / stage, ignore_errors=True)
     start = time.perf_counter()
     if not test_only:
         _call(["fit", *common, "--trainer.logger.init_args.version", "fit"])
