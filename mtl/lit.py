@@ -217,19 +217,20 @@ class AdapterTrainer(L.LightningModule):
             self.log("cache/hit_rate", cache.hits / max(1, cache.hits + cache.misses))
             cache.hits = cache.misses = 0
 
-    def _export_targets(self) -> list[tuple[str, Path]]:
-        """(task, folder) of every trainable task: plain tasks first, since a fusion's file records their hashes."""
+    def _export_targets(self) -> list[tuple[str, bool, Path]]:
+        """(task, is a fusion, folder) of every trainable task: plain tasks first, since a fusion's file records
+        their hashes."""
         out = []
         for task in self.model.trainable_tasks():
             fused = self.model.target(task).is_fusion
-            out.append((task, self.run_dir / ("fusions" if fused else "adapters") / task))
-        return sorted(out, key=lambda item: item[1].parent.name == "fusions")
+            out.append((task, fused, self.run_dir / ("fusions" if fused else "adapters") / task))
+        return sorted(out, key=lambda item: item[1])
 
     def on_fit_start(self) -> None:
         if not self.model.trainable_tasks():
             raise MTLConfigError("model.tasks: no task to train (loaded tasks are frozen); name new tasks in data.tasks")
         if self.hparams.export and not self.hparams.overwrite:
-            for _, target in self._export_targets():
+            for _, _, target in self._export_targets():
                 if target.exists():
                     raise MTLConfigError(f"{target}: already exists (set model.overwrite: true to replace it)")
         if self.trainer.is_global_zero:
@@ -242,8 +243,8 @@ class AdapterTrainer(L.LightningModule):
         if best and Path(best).is_file():
             self.load_trainable(best)
             print(f"restored the best checkpoint before export: {best}")
-        for task, target in self._export_targets():
-            if self.model.target(task).is_fusion:
+        for task, fused, target in self._export_targets():
+            if fused:
                 path = self.model.save_fusion(task, self.run_dir, overwrite=self.hparams.overwrite)
                 self._report_attention(task, path)
             else:

@@ -299,10 +299,13 @@ class MTLModel(ModelFiles, nn.Module):
         return self
 
     # ---- planning ------------------------------------------------------------------------------
-    def _check_tasks(self, names: Sequence[str]) -> None:
+    def _check_tasks(self, names: Sequence[str], routable: bool = False) -> None:
+        """Every name is a known task; with ``routable``, also active (only routing rows needs that)."""
         unknown = [t for t in names if t not in self.records]
         if unknown:
             raise MTLConfigError(f"no adapter for task(s) {unknown}; known tasks: {self.tasks}")
+        if not routable:
+            return
         inactive = [t for t in names for p in self.records[t].parts if not self.states[p].active]
         if inactive:
             raise MTLConfigError(f"task(s) {sorted(set(inactive))} are inactive (set_active to route rows to them)")
@@ -354,7 +357,7 @@ class MTLModel(ModelFiles, nn.Module):
             if len(row_tasks) != batch:
                 raise ValueError(f"row_tasks has {len(row_tasks)} names for {batch} rows")
             names = list(dict.fromkeys(row_tasks))
-            self._check_tasks(names)
+            self._check_tasks(names, routable=True)
             # group rows by task (stable, so each task keeps its rows in input order) to route contiguous ranges
             order = sorted(range(batch), key=lambda r: names.index(row_tasks[r]))
             if order != list(range(batch)):
@@ -370,7 +373,7 @@ class MTLModel(ModelFiles, nn.Module):
             copies = 1
         else:
             names = [tasks] if isinstance(tasks, str) else list(dict.fromkeys(tasks))
-            self._check_tasks(names)
+            self._check_tasks(names, routable=True)
             # one copy of the rows per distinct target: tasks that share an adapter share its hidden states
             targets = list(dict.fromkeys(self.records[t].target for t in names))
             copies = len(targets)

@@ -210,3 +210,14 @@ def test_fusion_files_round_trip_and_guard_their_adapters(tmp_path):
     (tmp_path / "b-elsewhere").rename(tmp_path / "adapters" / "b")
     with pytest.raises(MTLConfigError, match="model_type"):
         MTLModel.from_pretrained(tmp_path, backbone=tiny_backbone("distilbert"))
+
+
+def test_an_inactive_task_refuses_rows_but_can_still_be_saved_and_removed(tmp_path):
+    model = _fused_model()
+    model.set_active(("adapter", "a"), False)
+    with pytest.raises(MTLConfigError, match="inactive"):
+        model(**tiny_batch(), tasks="a")
+    assert model.save_task("a", tmp_path).is_dir()
+    model.remove_task("fz")
+    model.remove_task("a")
+    assert model.tasks == ["b", "c"] and ("adapter", "a") not in model.states
