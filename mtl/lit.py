@@ -55,9 +55,9 @@ class AdapterTrainer(L.LightningModule):
             ``adapter.drop_first`` layers once (first epoch) and reuse them, so later epochs run only the layers
             above. Exact only for fixed dropping: refused with robust_drop, backbone_dropout, or trainable
             parameters in those layers. The cached layers run in eval mode (no dropout).
-        cache_memory_mb: memory for the cache; rows beyond it go to a memory-mapped file in ``cache_dir``.
+        cache_memory_mb: memory for the cache; rows beyond it go to a memory-mapped file in ``prefix_cache_dir``.
         cache_dtype: float32, or bfloat16 / float16 to halve the cache (see benchmarks/RESULTS.md for accuracy).
-        cache_dir: folder for the on-disk part (default ``<run_dir>/prefix_cache``); reused by later runs with
+        prefix_cache_dir: folder for the on-disk part (default ``<run_dir>/prefix_cache``); reused by later runs with
             the same backbone, depth, tokenizer and data.
     """
 
@@ -68,7 +68,7 @@ class AdapterTrainer(L.LightningModule):
                  adapter_sharing: str = "per_task", load_from: str | None = None,
                  eval_tasks: list[str] | None = None, fusion: FusionSetup | dict | None = None, drop_seed: int = 0,
                  cache_frozen_prefix: bool = False, cache_memory_mb: float = 2048, cache_dtype: str = "float32",
-                 cache_dir: str | None = None) -> None:
+                 prefix_cache_dir: str | None = None) -> None:
         super().__init__()
         adapter = as_adapter_config(adapter) if adapter is not None else AdapterConfig()
         fusion = as_fusion_setup(fusion)
@@ -209,7 +209,7 @@ class AdapterTrainer(L.LightningModule):
                         if route in training for split in ("train", "validation")}
             self.prefix_cache = PrefixCache.for_training(
                 self.model, datasets, len(data.tokenizer), self.hparams.cache_dtype, self.hparams.cache_memory_mb,
-                self.hparams.cache_dir or self.run_dir / "prefix_cache")
+                self.hparams.prefix_cache_dir or self.run_dir / "prefix_cache")
 
     def on_train_epoch_end(self) -> None:
         cache = self.prefix_cache

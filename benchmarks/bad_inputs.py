@@ -1,0 +1,358 @@
+"""Hostile but realistic user mistakes against ``train.py``: every case must end in one clear line, early.
+
+Each case is a real CLI call (``python train.py ...``) on a tiny random BERT with the MiniLM tokenizer, in its own
+copy of a sandbox that already holds a trained run (two adapters, a fusion, a Lightning checkpoint). The table shows
+the exit code, the number of stderr lines, the first stderr line, and the files the call wrote, changed or removed.
+Goal: exit 2, at most 3 stderr lines, no traceback, nothing written and nothing changed.
+
+    python benchmarks/bad_inputs.py                 # all cases, 2 at a time
+    python benchmarks/bad_inputs.py -k ckpt -j 1    # cases whose name contains "ckpt"
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "train.py")
+WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "green", "seven", "table"]
+CKPT = "run/lightning/logs/version_0/checkpoints/best.ckpt"
+
+BASE_CONFIG = """\
+seed_everything: 0
+model:
+  backbone: backbone
+  adapter: {type: pfeiffer, reduction_factor: 4}
+  run_dir: run
+data:
+  tasks: [keyword, colour]
+  cache_dir: cache
+  batch_size: 16
+trainer:
+  max_epochs: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  default_root_dir: ${model.run_dir}/lightning
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {save_dir: "${model.run_dir}/lightning", name: logs}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {monitor: val/avg/acc, mode: max, filename: best}
+"""
+
+FUSION_CONFIG = """\
+seed_everything: 0
+model:
+  backbone: backbone
+  load_from: run
+  run_dir: run
+  fusion: {name: mood, adapters: [keyword, colour]}
+data:
+  tasks: [mood]
+  cache_dir: cache
+trainer:
+  max_epochs: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger: false
+  enable_checkpointing: false
+"""
+
+
+def keyword_task(folder: Path, name: str, labels: list[str], rows: int = 120, seed: int = 0, extra: str = "") -> None:
+    """A CSV task whose label is the label word inside the sentence, and its spec."""
+    import random
+
+    rng = random.Random(seed)
+    lines = ["text,label"]
+    for i in range(rows):
+        words = rng.sample(WORDS, 4)
+        words.insert(rng.randrange(5), labels[i % len(labels)])
+        lines.append(f"{' '.join(words)} {i},{labels[i % len(labels)]}")
+    (folder / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    (folder / f"{name}.yaml").write_text(f"source: {{type: files, train: {name}.csv}}\ntext_fields: [text]\n"
+                                         f"label_field: label\nlabels: [{', '.join(labels)}]\nmax_length: 16\n{extra}")
+
+
+def build_base(base: Path) -> None:
+    """Backbone, tasks, configs, and a trained run (adapters keyword + colour, fusion mood, best.ckpt)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from mtl.backbone import load_tokenizer
+
+    base.mkdir(parents=True)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config, add_pooling_layer=False).save_pretrained(base / "backbone")
+    load_tokenizer("minilm-l6").save_pretrained(base / "backbone")
+    tasks = base / "tasks"
+    tasks.mkdir()
+    keyword_task(tasks, "keyword", ["bad", "good"])
+    keyword_task(tasks, "colour", ["red", "blue", "pink"], seed=1)
+    keyword_task(tasks, "mood", ["bad", "good"], seed=2)
+    (base / "base.yaml").write_text(BASE_CONFIG)
+    (base / "fusion.yaml").write_text(FUSION_CONFIG)
+    (base / "texts.txt").write_text("red alpha beta\ngood river stone\n")
+    for args in (["fit", "--config", "base.yaml"], ["fit", "--config", "fusion.yaml"]):
+        done = subprocess.run([sys.executable, TRAIN, *args], cwd=base, capture_output=True, text=True,
+                              env=_env(base))
+        if done.returncode != 0:
+            raise SystemExit(f"building the sandbox failed ({' '.join(args)}):\n{done.stderr[-3000:]}")
+    shutil.rmtree(base / "home", ignore_errors=True)
+    (base / ".complete").touch()
+
+
+def _env(sandbox: Path) -> dict[str, str]:
+    # a private HOME catches writes to ~ (e.g. the default token cache)
+    return {**os.environ, "HOME": str(sandbox / "home"), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+
+
+# ---- case setups: each edits the case's own sandbox copy --------------------------------------------------------
+def write(rel: str, text: str) -> Callable[[Path], None]:
+    """Setup: write a text file."""
+    return lambda s: (s / rel).parent.mkdir(parents=True, exist_ok=True) or (s / rel).write_text(text)
+
+
+def write_bytes(rel: str, data: bytes) -> Callable[[Path], None]:
+    """Setup: write a binary file."""
+    return lambda s: (s / rel).parent.mkdir(parents=True, exist_ok=True) or (s / rel).write_bytes(data)
+
+
+def truncate(rel: str, keep: float = 0.5) -> Callable[[Path], None]:
+    """Setup: cut a file to a fraction of its size."""
+    def run(s: Path) -> None:
+        data = (s / rel).read_bytes()
+        (s / rel).write_bytes(data[: int(len(data) * keep)])
+    return run
+
+
+def chmod(rel: str, mode: int) -> Callable[[Path], None]:
+    """Setup: change a path's permissions (create the folder first if needed)."""
+    def run(s: Path) -> None:
+        (s / rel).mkdir(parents=True, exist_ok=True)
+        os.chmod(s / rel, mode)
+    return run
+
+
+def steps(*fns: Callable[[Path], None]) -> Callable[[Path], None]:
+    """Setup: several steps in order."""
+    return lambda s: [f(s) for f in fns] and None
+
+
+def other_checkpoint(args: list[str]) -> Callable[[Path], None]:
+    """Setup: train another run (``other/``) with changed settings, for checkpoint-mismatch cases."""
+    def run(s: Path) -> None:
+        cmd = [sys.executable, TRAIN, "fit", "--config", "base.yaml", "--model.run_dir", "other", *args]
+        done = subprocess.run(cmd, cwd=s, capture_output=True, text=True, env=_env(s))
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-2000:])
+        shutil.rmtree(s / "home", ignore_errors=True)
+    return run
+
+
+OTHER_CKPT = "other/lightning/logs/version_0/checkpoints/best.ckpt"
+FIT = ["fit", "--config", "base.yaml", "--model.run_dir", "new"]
+TEST = ["test", "--config", "base.yaml", "--ckpt_path", CKPT]
+PREDICT = ["predict", "--config", "base.yaml", "--model.load_from", "run", "--model.run_dir", "run",
+           "--data.tasks", "[]", "--data.predict_file", "texts.txt", "--trainer.logger", "false"]
+ADD = ["fit", "--config", "base.yaml", "--model.load_from", "run", "--model.run_dir", "run", "--data.tasks", "[mood]"]
+
+
+@dataclass
+class Case:
+    """One bad input: a name, the class of mistake, a setup of the sandbox, and the CLI arguments."""
+
+    name: str
+    kind: str
+    args: list[str]
+    setup: Callable[[Path], None] | None = None
+
+
+CASES = [
+    # 5. the command line
+    Case("yaml-syntax-error", "cli", ["fit", "--config", "bad.yaml"], write("bad.yaml", "model:\n  lr: [1,\n data: x\n")),
+    Case("unknown-top-key", "cli", ["fit", "--config", "base.yaml", "--config", "bad.yaml"], write("bad.yaml", "modle:\n  lr: 0.1\n")),
+    Case("unknown-model-key", "cli", ["fit", "--config", "bad.yaml"], lambda s: (s / "bad.yaml").write_text(
+        (s / "base.yaml").read_text().replace("  run_dir: run", "  run_dir: run\n  learning_rate: 0.1"))),
+    Case("abbreviated-option", "cli", FIT + ["--data.max_train", "10"]),
+    Case("unknown-option", "cli", FIT + ["--model.lrr", "0.1"]),
+    Case("wrong-type-option", "cli", FIT + ["--model.lr", "fast"]),
+    Case("config-not-found", "cli", ["fit", "--config", "nope.yaml"]),
+    Case("unknown-subcommand", "cli", ["fitt", "--config", "base.yaml"]),
+    Case("adapter-type-unknown", "cli", FIT + ["--model.adapter.type", "lora"]),
+    Case("reduction-factor-zero", "cli", FIT + ["--model.adapter.reduction_factor", "0"]),
+    Case("batch-size-zero", "cli", FIT + ["--data.batch_size", "0"]),
+    Case("sampling-unknown", "cli", FIT + ["--data.sampling", "random"]),
+    Case("backbone-missing", "cli", FIT + ["--model.backbone", "./no-such-model"]),
+    Case("backbone-hub-name", "cli", FIT + ["--model.backbone", "bert-base-uncased"]),
+    Case("trainer-option-bad", "cli", FIT + ["--trainer.max_epochs", "-5"]),
+    # 3. found before the work
+    Case("task-unknown", "early", FIT + ["--data.tasks", "[keywrd]"]),
+    Case("task-twice", "early", FIT + ["--data.tasks", "[keyword, keyword]"]),
+    Case("two-specs-same-name", "early", FIT + ["--data.tasks", "[keyword, tasks/copy.yaml]"],
+         lambda s: (s / "tasks/copy.yaml").write_text((s / "tasks/keyword.yaml").read_text() + "name: keyword\n")),
+    Case("max-length-too-long", "early", FIT + ["--data.tasks", "[long]"], lambda s: (s / "tasks/long.yaml").write_text(
+        (s / "tasks/keyword.yaml").read_text().replace("max_length: 16", "max_length: 4096").replace(
+            "train: keyword.csv", "train: keyword.csv"))),
+    Case("predict-max-length-too-long", "early", PREDICT + ["--data.predict_max_length", "4096"]),
+    Case("single-class-train", "early", FIT + ["--data.tasks", "[one]"], steps(
+        write("tasks/one.csv", "text,label\n" + "".join(f"good words {i},good\n" for i in range(40))),
+        write("tasks/one.yaml", "source: {type: files, train: one.csv}\ntext_fields: [text]\nlabel_field: label\n"
+                                "labels: [bad, good]\n"))),
+    Case("eval-label-unseen-in-train", "early", FIT + ["--data.tasks", "[unseen]"], steps(
+        write("tasks/unseen_train.csv", "text,label\n" + "".join(f"w {i},{'bad' if i % 2 else 'good'}\n" for i in range(40))),
+        write("tasks/unseen_val.csv", "text,label\n" + "".join(f"v {i},{'ugly' if i % 2 else 'good'}\n" for i in range(10))),
+        write("tasks/unseen.yaml", "source: {type: files, train: unseen_train.csv, validation: unseen_val.csv}\n"
+                                   "text_fields: [text]\nlabel_field: label\nlabels: [bad, good, ugly]\n"))),
+    Case("leave-out-every-layer", "early", FIT + ["--model.adapter.leave_out", "[0, 1]"]),
+    Case("label-not-in-labels", "early", FIT + ["--data.tasks", "[odd]"], steps(
+        write("tasks/odd.csv", "text,label\na b,good\nc d,weird\n"),
+        write("tasks/odd.yaml", "source: {type: files, train: odd.csv}\ntext_fields: [text]\nlabel_field: label\n"
+                                "labels: [bad, good]\n"))),
+    Case("label-field-missing", "early", FIT + ["--data.tasks", "[nofield]"], write(
+        "tasks/nofield.yaml", "source: {type: files, train: keyword.csv}\ntext_fields: [text]\nlabel_field: topic\n"
+                              "labels: [bad, good]\n")),
+    Case("data-file-missing", "early", FIT + ["--data.tasks", "[gone]"], write(
+        "tasks/gone.yaml", "source: {type: files, train: gone.csv}\ntext_fields: [text]\nlabel_field: label\n"
+                           "labels: [bad, good]\n")),
+    Case("data-file-binary", "early", FIT + ["--data.tasks", "[binary]"], steps(
+        write_bytes("tasks/binary.csv", bytes(range(256)) * 8),
+        write("tasks/binary.yaml", "source: {type: files, train: binary.csv}\ntext_fields: [text]\n"
+                                   "label_field: label\nlabels: [bad, good]\n"))),
+    Case("spec-yaml-error", "early", FIT + ["--data.tasks", "[broken]"], write("tasks/broken.yaml", "source: {type: files\n")),
+    Case("run-dir-read-only", "early", FIT[:-1] + ["locked/run"], chmod("locked", 0o555)),
+    Case("run-dir-is-a-file", "early", FIT[:-1] + ["afile"], write("afile", "not a folder\n")),
+    Case("cache-dir-read-only", "early", FIT + ["--data.cache_dir", "locked/cache"], chmod("locked", 0o555)),
+    Case("export-exists", "early", ["fit", "--config", "base.yaml"]),
+    Case("eval-task-not-loaded", "early", ADD + ["--data.eval_tasks", "[ghost]"],
+         write("tasks/ghost.yaml", "source: {type: files, train: keyword.csv}\ntext_fields: [text]\n"
+                                   "label_field: label\nlabels: [bad, good]\n")),
+    Case("load-from-missing", "early", ADD[:5] + ["no-run"] + ADD[6:]),
+    Case("fusion-adapter-unknown", "early", ["fit", "--config", "fusion.yaml", "--model.fusion.adapters",
+                                             "[keyword, ghost]", "--model.run_dir", "run2"]),
+    # 4. every file mtl reads
+    Case("adapter-truncated", "files", PREDICT, truncate("run/adapters/keyword/adapter.safetensors")),
+    Case("adapter-is-pickle", "files", PREDICT, write_bytes("run/adapters/keyword/adapter.safetensors",
+                                                            pickle.dumps({"a": 1}))),
+    Case("adapter-config-list", "files", PREDICT, write("run/adapters/keyword/adapter_config.json", "[1, 2]\n")),
+    Case("adapter-config-wrong-types", "files", PREDICT, lambda s: (s / "run/adapters/keyword/adapter_config.json")
+         .write_text((s / "run/adapters/keyword/adapter_config.json").read_text()
+                     .replace('"labels": [', '"labels": 7, "x": [', 1))),
+    Case("adapter-config-truncated", "files", PREDICT, truncate("run/adapters/keyword/adapter_config.json")),
+    Case("fusion-config-truncated", "files", PREDICT, truncate("run/fusions/mood/fusion_config.json")),
+    Case("fusion-weights-truncated", "files", PREDICT, truncate("run/fusions/mood/fusion.safetensors")),
+    Case("predict-file-missing", "files", PREDICT[:-4] + ["nope.txt"] + PREDICT[-2:]),
+    Case("predict-file-binary", "files", PREDICT, write_bytes("texts.txt", b"\xff\xfe\x00bad" * 10)),
+    Case("ckpt-missing", "files", TEST[:-1] + ["nope.ckpt"]),
+    Case("ckpt-is-pickle", "files", TEST, write_bytes(CKPT, pickle.dumps({"state_dict": {}}))),
+    Case("ckpt-truncated", "files", TEST, truncate(CKPT)),
+    Case("ckpt-is-text", "files", TEST, write(CKPT, "hello\n")),
+    Case("ckpt-not-mtl", "files", TEST, lambda s: __import__("torch").save({"weights": [1, 2]}, s / CKPT)),
+    # 1. a checkpoint never silently replaces the configuration
+    Case("ckpt-other-reduction", "checkpoint", TEST[:-1] + [OTHER_CKPT],
+         other_checkpoint(["--model.adapter.reduction_factor", "8"])),
+    Case("ckpt-other-tasks", "checkpoint", TEST[:-1] + [OTHER_CKPT], other_checkpoint(["--data.tasks", "[keyword]"])),
+    Case("ckpt-other-adapter-type", "checkpoint", TEST[:-1] + [OTHER_CKPT],
+         other_checkpoint(["--model.adapter.type", "houlsby"])),
+    Case("ckpt-other-head-pooling", "checkpoint", TEST[:-1] + [OTHER_CKPT],
+         other_checkpoint(["--model.head_pooling", "cls"])),
+]
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, str]]:
+    """Every file and folder under ``root``: mode and content hash (folders: '')."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_dir():
+            out[rel + "/"] = (0, "")
+        else:
+            out[rel] = (path.stat().st_mode & 0o777, hashlib.sha256(path.read_bytes()).hexdigest())
+    return out
+
+
+def run_case(case: Case, base: Path, work: Path) -> dict[str, object]:
+    """Copy the sandbox, apply the setup, run the CLI, and diff the sandbox."""
+    sandbox = work / case.name
+    shutil.rmtree(sandbox, ignore_errors=True)
+    shutil.copytree(base, sandbox)
+    if case.setup is not None:
+        case.setup(sandbox)
+    os.chmod(sandbox, 0o755)
+    locked = [p for p in sandbox.rglob("*") if p.is_dir() and not os.access(p, os.W_OK)]
+    for p in locked:  # snapshot needs to read them; the call itself runs with them locked
+        os.chmod(p, 0o755)
+    before = snapshot(sandbox)
+    for p in locked:
+        os.chmod(p, 0o555)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, TRAIN, *case.args], cwd=sandbox, capture_output=True, text=True,
+                          env=_env(sandbox), timeout=600)
+    wall = time.perf_counter() - start
+    for p in locked:
+        os.chmod(p, 0o755)
+    after = snapshot(sandbox)
+    written = sorted(set(after) - set(before))
+    changed = sorted(k for k in set(after) & set(before) if after[k] != before[k])
+    removed = sorted(set(before) - set(after))
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    ok = (done.returncode == 2 and len(lines) <= 3 and "Traceback" not in done.stderr
+          and not written and not changed and not removed)
+    return {"case": case.name, "kind": case.kind, "rc": done.returncode, "lines": len(lines),
+            "first": lines[0][:150] if lines else "", "traceback": "Traceback" in done.stderr,
+            "written": written, "changed": changed, "removed": removed, "ok": ok, "wall": wall,
+            "stderr": done.stderr}
+
+
+def main() -> None:
+    """Build the sandbox once, run the cases, print the table and the summary line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", default="", help="only cases whose name contains this")
+    parser.add_argument("-j", type=int, default=2, help="cases run at once")
+    parser.add_argument("--work", type=Path, default=None, help="folder for the sandbox (default: a temp folder)")
+    parser.add_argument("--show", action="store_true", help="print the full stderr of failing cases")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="mtl-bad-inputs-"))
+    base = work / "base"
+    if not (base / ".complete").is_file():
+        print(f"building the sandbox in {base} ...", flush=True)
+        shutil.rmtree(base, ignore_errors=True)
+        build_base(base)
+    cases = [c for c in CASES if args.k in c.name]
+    with ThreadPoolExecutor(args.j) as pool:
+        results = list(pool.map(lambda c: run_case(c, base, work / "cases"), cases))
+    print("| case | kind | exit | stderr lines | first stderr line | written / changed / removed | ok |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        files = ", ".join(r["written"][:2] + r["changed"][:2] + r["removed"][:2])
+        n = len(r["written"]) + len(r["changed"]) + len(r["removed"])
+        first = r["first"].replace("|", "\\|")
+        print(f"| {r['case']} | {r['kind']} | {r['rc']} | {r['lines']}{' (traceback)' if r['traceback'] else ''} | "
+              f"{first} | {n}{': ' + files if n else ''} | {'yes' if r['ok'] else 'NO'} |")
+    if args.show:
+        for r in results:
+            if not r["ok"]:
+                print(f"\n===== {r['case']} =====\n{r['stderr'][-4000:]}")
+    good = sum(r["ok"] for r in results)
+    print(f"\n{good}/{len(results)} cases met every expectation (exit 2, <= 3 stderr lines, no traceback, "
+          f"nothing written or changed)")
+    shutil.rmtree(work / "cases", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
