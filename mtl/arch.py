@@ -60,6 +60,14 @@ def arch_spec(backbone: nn.Module) -> ArchSpec:
     return ARCHS[model_type]
 
 
+def max_tokens(config: object) -> int:
+    """The longest input (in tokens, special tokens included) the backbone's position embeddings allow."""
+    positions = getattr(config, "max_position_embeddings", None) or 512
+    # RoBERTa-style models number positions from padding_idx + 1, so two slots never hold a token
+    offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta") else 0
+    return positions - offset
+
+
 def layer_list(backbone: nn.Module) -> nn.ModuleList:
     """The backbone's list of transformer layers."""
     return backbone.get_submodule(arch_spec(backbone).layers)

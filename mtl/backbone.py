@@ -79,12 +79,15 @@ def load_backbone(name: str = DEFAULT_BACKBONE) -> PreTrainedModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = load_backbone_config(name)
     kwargs = {"add_pooling_layer": False} if config.model_type in _POOLER_TYPES else {}
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the skipped pooler's weights would be reported as unexpected keys
+    hf_logging.disable_progress_bar()  # a bar for a load that takes a second is noise on stderr
     try:
         model = _from_pretrained(AutoModel, name, config=config, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     for p in model.parameters():
         p.requires_grad_(False)
     return model

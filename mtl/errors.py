@@ -1,4 +1,6 @@
-"""The one exception type for user mistakes (bad config, bad file, bad name)."""
+"""The one exception type for user mistakes (bad config, bad file, bad name), and one-line warnings."""
+
+import sys
 
 
 class MTLConfigError(Exception):
@@ -7,3 +9,8 @@ class MTLConfigError(Exception):
     The CLI prints it as one line (``error: <message>``) and exits with status 2; any other
     exception is a bug and keeps its traceback.
     """
+
+
+def warn(message: str) -> None:
+    """Tell the user about something mtl did on their behalf (dropped rows, a leftover folder): one stderr line."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

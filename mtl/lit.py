@@ -12,12 +12,14 @@ import torch
 from torch import nn
 
 from mtl.adapters.config import AdapterConfig, as_adapter_config
+from mtl import storage
 from mtl.assembly import FusionSetup, as_fusion_setup, assemble, head_outputs
 from mtl.backbone import DEFAULT_BACKBONE
-from mtl.data.spec import load_task_spec
+from mtl.data.spec import load_task_specs
 from mtl.errors import MTLConfigError
 from mtl.fusion.report import attention_report
 from mtl.metrics import build_metrics
+from mtl.preflight import writable_folder
 from mtl.prefix_cache import PrefixCache
 
 # the frozen backbone runs in eval mode on purpose (no dropout in frozen layers; see MTLModel.train)
@@ -76,10 +78,12 @@ class AdapterTrainer(L.LightningModule):
         self.save_hyperparameters(ignore=["adapter", "fusion"])
         self.hparams["adapter"] = adapter.to_dict()
         self.hparams["fusion"] = None if fusion is None else {**vars(fusion), "config": fusion.config.to_dict()}
-        built = assemble([load_task_spec(n, tasks_dir) for n in tasks], backbone, adapter,
+        train_specs = load_task_specs("data.tasks", tasks, tasks_dir)
+        eval_specs = load_task_specs("data.eval_tasks", eval_tasks or [], tasks_dir, train_specs)
+        built = assemble(list(train_specs.values()), backbone, adapter,
                          backbone_dropout=backbone_dropout, head_pooling=head_pooling, head_dropout=head_dropout,
                          load_from=load_from, overwrite=overwrite, adapter_sharing=adapter_sharing,
-                         eval_tasks=[load_task_spec(n, tasks_dir) for n in eval_tasks or []], fusion=fusion)
+                         eval_tasks=[s for n, s in eval_specs.items() if n not in train_specs], fusion=fusion)
         self.model, self.specs, self.routes = built.model, built.specs, built.routes
         self._drop_rng: random.Random | None = None
         self.prefix_cache: PrefixCache | None = None
@@ -226,13 +230,24 @@ class AdapterTrainer(L.LightningModule):
             out.append((task, fused, self.run_dir / ("fusions" if fused else "adapters") / task))
         return sorted(out, key=lambda item: item[1])
 
-    def on_fit_start(self) -> None:
+    def check_before(self, stage: str) -> None:
+        """Mistakes this module can find before ``stage`` runs: nothing to train, an export that would be refused,
+        an output folder that cannot be written. The CLI calls it before building the Trainer; fit calls it again."""
+        if stage != "fit":
+            return
         if not self.model.trainable_tasks():
             raise MTLConfigError("model.tasks: no task to train (loaded tasks are frozen); name new tasks in data.tasks")
-        if self.hparams.export and not self.hparams.overwrite:
-            for _, _, target in self._export_targets():
-                if target.exists():
-                    raise MTLConfigError(f"{target}: already exists (set model.overwrite: true to replace it)")
+        if self.hparams.export:
+            writable_folder(self.run_dir, "model.run_dir")
+            if not self.hparams.overwrite:
+                for _, _, target in self._export_targets():
+                    if target.exists():
+                        raise MTLConfigError(f"{target}: already exists (set model.overwrite: true to replace it)")
+        if self.hparams.cache_frozen_prefix:
+            writable_folder(self.hparams.prefix_cache_dir or self.run_dir / "prefix_cache", "model.prefix_cache_dir")
+
+    def on_fit_start(self) -> None:
+        self.check_before("fit")
         if self.trainer.is_global_zero:
             print(self.model.parameter_table())
 
@@ -262,18 +277,58 @@ class AdapterTrainer(L.LightningModule):
         report.save_json(folder / "attention.json")
 
     def load_trainable(self, ckpt_path: str | Path) -> None:
-        """Load the trainable tensors of a (trimmed) Lightning checkpoint into this module."""
-        checkpoint = torch.load(ckpt_path, map_location=self.device, weights_only=True)
-        missing = self.load_state_dict(checkpoint["state_dict"], strict=False).unexpected_keys
-        if missing:
-            raise MTLConfigError(f"{ckpt_path}: tensors {missing[:3]} do not belong to this model")
+        """Load the trainable tensors of a (trimmed) mtl checkpoint into this module."""
+        checkpoint = storage.read_checkpoint(ckpt_path)
+        self.check_checkpoint(checkpoint, ckpt_path)
+        self.load_state_dict(checkpoint["state_dict"], strict=False)
+
+    def definition(self) -> dict[str, Any]:
+        """The settings that decide what a checkpoint's tensors mean, flattened to dotted keys in a fixed order."""
+        info = self.model.backbone_info()
+        out: dict[str, Any] = {f"backbone.{k}" if k != "backbone" else k: v for k, v in info.items()}
+        tasks = self.model.trainable_tasks()
+        out["tasks"] = tasks
+        for task in tasks:
+            target = self.model.target(task)
+            head = self.model.heads[task].settings()
+            out[f"{task}.labels"] = self.model.records[task].labels
+            out.update({f"{task}.head.{k}": head[k] for k in ("problem", "pooling", "num_outputs")})
+            if target.is_fusion:
+                out[f"{task}.fusion.adapters"] = list(target.fused)
+                config = self.model.fusion_configs[task].to_dict()
+            else:
+                out[f"{task}.adapter_name"] = target.name
+                config = self.model.adapter_configs[target.name].to_dict()
+            kind = "fusion" if target.is_fusion else "adapter"
+            out.update({f"{task}.{kind}.{k}": v for k, v in config.items()})
+        out["parameters"] = {n: list(p.shape) for n, p in self.named_parameters() if p.requires_grad}
+        return out
+
+    def check_checkpoint(self, checkpoint: dict[str, Any], source: str | Path = "checkpoint") -> None:
+        """Refuse a checkpoint trained with settings that define another model: one line, the first differing key."""
+        saved = checkpoint.get(storage.CHECKPOINT_KEY, {}).get("definition")
+        if not isinstance(saved, dict):
+            raise MTLConfigError(f"{source}: not an mtl checkpoint (no model definition), expected a .ckpt written "
+                                 "by train.py fit")
+        have = self.definition()
+        for key in [*saved, *(k for k in have if k not in saved)]:
+            was, now = saved.get(key), have.get(key)
+            if was == now:
+                continue
+            if key == "parameters":
+                key, was, now = next((f"parameter {n}", was.get(n), now.get(n)) for n in [*was, *now]
+                                     if was.get(n) != now.get(n))
+            raise MTLConfigError(f"{source}: {key} is {was!r} in the checkpoint but {now!r} in the configuration; "
+                                 "a checkpoint only loads into the model it was trained as")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the frozen backbone (and frozen adapters) come from their own files: keep only trainable tensors
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint[storage.CHECKPOINT_KEY] = {"format_version": storage.FORMAT_VERSION, "definition": self.definition()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key, value in self.state_dict().items():
             state.setdefault(key, value)

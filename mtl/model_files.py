@@ -84,7 +84,7 @@ class ModelFiles:
                   same_backbone: bool = False) -> str:
         """Add the task exported in ``path`` to this model; returns its name."""
         path = Path(path)
-        data = storage.read_config(path, storage.ADAPTER_CONFIG, ("task", "hidden_size", "num_layers", "adapter", "head"))
+        data = storage.read_config(path, storage.ADAPTER_CONFIG, storage.ADAPTER_SCHEMA)
         storage.check_backbone(data, self.backbone_info(), path / storage.ADAPTER_CONFIG, same_backbone)
         name = name or data["task"]
         weights = path / storage.ADAPTER_WEIGHTS
@@ -109,7 +109,7 @@ class ModelFiles:
         """Add the fusion exported in ``path`` (its adapters must be loaded, from files with the recorded hashes)."""
         path = Path(path)
         source = path / storage.FUSION_CONFIG
-        data = storage.read_config(path, storage.FUSION_CONFIG, ("fusion", "adapters", "fusion_config", "head"))
+        data = storage.read_config(path, storage.FUSION_CONFIG, storage.FUSION_SCHEMA)
         storage.check_backbone(data, self.backbone_info(), source, same_backbone)
         run_dir = path.parent.parent
         names = []
@@ -142,7 +142,7 @@ class ModelFiles:
         """Backbone + every task and fusion exported under ``checkpoint_dir``."""
         if backbone is None:
             dirs = storage.task_dirs(checkpoint_dir)
-            names = {storage.read_config(d, storage.ADAPTER_CONFIG, ()).get("backbone") for d in dirs}
+            names = {storage.read_config(d, storage.ADAPTER_CONFIG, storage.ADAPTER_SCHEMA).get("backbone") for d in dirs}
             if len(names) != 1:
                 raise MTLConfigError(f"{checkpoint_dir}: tasks were trained on different backbones {sorted(map(str, names))}")
             backbone = names.pop()

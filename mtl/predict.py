@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from mtl.errors import MTLConfigError
 from mtl.atomic import write_text_atomic
+from mtl.preflight import writable_folder
 
 FIELDS = ["task", "index", "label", "score", "text"]
 
@@ -32,9 +33,16 @@ class PredictionWriter(BasePredictionWriter):
             raise MTLConfigError(f"PredictionWriter.output: '{output}' must end in .jsonl or .csv")
         self.overwrite = overwrite
 
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def check_before(self, stage: str) -> None:
+        """Refuse an existing output (unless overwrite) and an output folder that cannot be written."""
+        if stage != "predict":
+            return
         if self.output.exists() and not self.overwrite:
             raise MTLConfigError(f"{self.output}: already exists (set overwrite: true on the PredictionWriter)")
+        writable_folder(self.output.parent, "PredictionWriter.output")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_before("predict")
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any,
                            batch_indices: Any) -> None:

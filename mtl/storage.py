@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtl.atomic import fsync_file, write_dir_atomic, write_json_atomic
+from mtl.atomic import fsync_file, recover, write_dir_atomic, write_json_atomic
 from mtl.errors import MTLConfigError
 
 FORMAT_VERSION = 1
@@ -45,22 +46,64 @@ def write_part(target: str | Path, tensors: dict[str, torch.Tensor], config: dic
     return write_dir_atomic(target, fill)
 
 
-def read_config(folder: str | Path, config_name: str, required: tuple[str, ...]) -> dict[str, Any]:
-    """Read and check the JSON config of an exported folder."""
+# the JSON shapes mtl reads back: key -> type(s), or a nested schema; a key ending in "?" may be absent or null
+HEAD_SCHEMA = {"num_outputs": int, "problem": str, "pooling": str, "dropout": (int, float)}
+ADAPTER_SCHEMA = {"task": str, "hidden_size": int, "num_layers": int, "adapter": dict, "head": HEAD_SCHEMA,
+                  "backbone?": str, "model_type?": str, "adapter_name?": str, "labels?": [str], "task_spec?": dict}
+FUSION_SCHEMA = {"fusion": str, "hidden_size": int, "num_layers": int, "fusion_config": dict, "head": HEAD_SCHEMA,
+                 "adapters": [{"name": str, "file": str, "sha256": str}], "backbone?": str, "model_type?": str,
+                 "labels?": [str], "task_spec?": dict}
+
+
+def _type_name(expected: Any) -> str:
+    if isinstance(expected, dict):
+        return "an object"
+    if isinstance(expected, list):
+        return f"a list of {_type_name(expected[0])}"
+    names = {dict: "an object", str: "a string", int: "an integer", float: "a number", list: "a list"}
+    types = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def check_shape(source: str | Path, value: Any, expected: Any, key: str = "") -> None:
+    """``value`` has the JSON shape ``expected`` (see ADAPTER_SCHEMA); one line naming the key otherwise."""
+    where = f"{source}: {key}" if key else f"{source}: top level"
+    if isinstance(expected, dict):
+        if not isinstance(value, dict):
+            raise MTLConfigError(f"{where}: got {type(value).__name__}, expected {_type_name(expected)}")
+        for name, sub in expected.items():
+            optional, name = name.endswith("?"), name.rstrip("?")
+            if value.get(name) is None:
+                if not optional:
+                    raise MTLConfigError(f"{source}: {key}{'.' if key else ''}{name}: missing, expected {_type_name(sub)}")
+                continue
+            check_shape(source, value[name], sub, f"{key}.{name}" if key else name)
+    elif isinstance(expected, list):
+        if not isinstance(value, list):
+            raise MTLConfigError(f"{where}: got {value!r:.60}, expected {_type_name(expected)}")
+        for i, item in enumerate(value):
+            check_shape(source, item, expected[0], f"{key}[{i}]")
+    else:
+        types = expected if isinstance(expected, tuple) else (expected,)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise MTLConfigError(f"{where}: got {value!r:.60}, expected {_type_name(expected)}")
+
+
+def read_config(folder: str | Path, config_name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """Read the JSON config of an exported folder and check it against ``schema`` (one line per mistake)."""
     file = Path(folder) / config_name
     if not file.is_file():
         raise MTLConfigError(f"{file}: not found (expected an exported folder with {config_name})")
     try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise MTLConfigError(f"{file}: invalid JSON ({err})") from None
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MTLConfigError(f"{file}: invalid JSON ({err}), expected the {config_name} mtl wrote") from None
     if not isinstance(data, dict):
         raise MTLConfigError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise MTLConfigError(f"{file}: missing keys {missing}")
-    if data.get("format_version", 0) > FORMAT_VERSION:
-        raise MTLConfigError(f"{file}: format_version {data['format_version']} is newer than this mtl ({FORMAT_VERSION})")
+    version = data.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise MTLConfigError(f"{file}: format_version {version!r} is not one this mtl reads (1..{FORMAT_VERSION})")
+    check_shape(file, data, schema)
     return data
 
 
@@ -106,11 +149,36 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+CHECKPOINT_KEY = "mtl"  # the record mtl adds to every Lightning checkpoint it writes
+
+
+def read_checkpoint(file: str | Path) -> dict[str, Any]:
+    """Load a Lightning checkpoint written by mtl; tensors and plain types only, never arbitrary pickled objects."""
+    file = Path(file)
+    if not file.is_file():
+        raise MTLConfigError(f"{file}: checkpoint not found")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before failing or succeeding
+            warnings.simplefilter("ignore")
+            data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated, foreign or unsafe files fail in many ways
+        detail = next((line for line in str(err).splitlines() if line.strip()), "")[:120]
+        raise MTLConfigError(f"{file}: not a readable checkpoint ({type(err).__name__}: {detail}), "
+                             "expected a .ckpt written by train.py fit") from None
+    if not isinstance(data, dict) or not isinstance(data.get(CHECKPOINT_KEY), dict) or "state_dict" not in data:
+        raise MTLConfigError(f"{file}: not an mtl checkpoint (no '{CHECKPOINT_KEY}' record), expected a .ckpt "
+                             "written by train.py fit")
+    return data
+
+
 def task_dirs(checkpoint_dir: str | Path) -> list[Path]:
     """Exported task folders under ``checkpoint_dir/adapters`` (or ``checkpoint_dir`` itself)."""
     root = Path(checkpoint_dir)
     base = root / "adapters" if (root / "adapters").is_dir() else root
-    dirs = sorted(p for p in base.iterdir() if (p / ADAPTER_CONFIG).is_file()) if base.is_dir() else []
+    recover(base)  # report leftovers of interrupted exports; put back a task an interrupted overwrite left missing
+    # hidden names are temporaries or the previous copies of interrupted writes, never a completed export
+    dirs = sorted(p for p in base.iterdir() if not p.name.startswith(".") and (p / ADAPTER_CONFIG).is_file()) \
+        if base.is_dir() else []
     if not dirs:
         raise MTLConfigError(f"{checkpoint_dir}: no exported tasks found (expected adapters/<task>/{ADAPTER_CONFIG})")
     return dirs
@@ -119,4 +187,6 @@ def task_dirs(checkpoint_dir: str | Path) -> list[Path]:
 def fusion_dirs(checkpoint_dir: str | Path) -> list[Path]:
     """Exported fusion folders under ``checkpoint_dir/fusions`` (none is fine)."""
     base = Path(checkpoint_dir) / "fusions"
-    return sorted(p for p in base.iterdir() if (p / FUSION_CONFIG).is_file()) if base.is_dir() else []
+    recover(base)  # as in task_dirs
+    return sorted(p for p in base.iterdir() if not p.name.startswith(".") and (p / FUSION_CONFIG).is_file()) \
+        if base.is_dir() else []

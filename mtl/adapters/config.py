@@ -91,7 +91,11 @@ class AdapterConfig:
             raise MTLConfigError(f"adapter.drop_first: {self.drop_first}, expected at most {num_layers - 1} "
                                  f"(the backbone has {num_layers} layers)")
         dropped = 0 if self.robust_drop else self.drop_first
-        return [i for i in range(dropped, num_layers) if i not in self.leave_out]
+        layers = [i for i in range(dropped, num_layers) if i not in self.leave_out]
+        if not layers:
+            raise MTLConfigError(f"adapter.leave_out: {self.leave_out} with drop_first {self.drop_first} leaves none of "
+                                 f"the backbone's {num_layers} layers with an adapter, expected at least one")
+        return layers
 
     def trained_with_depth(self, depth: int) -> bool:
         """Whether training saw this many adapter-free first layers (robust dropping sees every depth)."""

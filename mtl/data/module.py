@@ -14,12 +14,14 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from transformers import DataCollatorWithPadding
 
-from mtl.backbone import load_tokenizer
+from mtl.arch import max_tokens
+from mtl.backbone import load_backbone_config, load_tokenizer
 from mtl.data.predict_input import MODEL_INPUTS, TextDataset, check_predict_file_name, read_predict_texts
 from mtl.data.sampling import TaskBatchSampler, task_probabilities
 from mtl.data.sources import SPLITS, load_task_dataset
-from mtl.data.spec import TaskSpec, load_task_spec
+from mtl.data.spec import TaskSpec, load_task_specs
 from mtl.errors import MTLConfigError
+from mtl.preflight import writable_folder
 
 CACHE_VERSION = 1  # bump when the tokenised layout changes, so old cache files are not reused
 DEFAULT_CACHE_DIR = "~/.cache/mtl/datasets"
@@ -115,7 +117,8 @@ class TaskDataModule(L.LightningDataModule):
         predict_file: A ``.txt`` (one example per non-empty line) or ``.jsonl`` file to predict on instead
             of a split; its batches are for every task of the model.
         predict_text_field: Key of the text in each ``.jsonl`` object.
-        predict_max_length: Tokens per ``predict_file`` example after truncation.
+        predict_max_length: Tokens per ``predict_file`` example after truncation (None: 128, or the backbone's
+            limit when that is smaller).
     """
 
     def __init__(
@@ -136,7 +139,7 @@ class TaskDataModule(L.LightningDataModule):
         predict_split: str = "test",
         predict_file: str | None = None,
         predict_text_field: str = "text",
-        predict_max_length: int = 128,
+        predict_max_length: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -150,16 +153,16 @@ class TaskDataModule(L.LightningDataModule):
                 raise MTLConfigError(f"data.{key}: got {cap!r}, expected a positive int (or null: the spec's own cap)")
         if predict_split not in SPLITS:
             raise MTLConfigError(f"data.predict_split: got {predict_split!r}, expected one of {list(SPLITS)}")
-        if predict_max_length < 2:
+        if predict_max_length is not None and predict_max_length < 2:
             raise MTLConfigError(f"data.predict_max_length: got {predict_max_length!r}, expected an int >= 2")
         if not predict_text_field:
             raise MTLConfigError("data.predict_text_field: empty, expected the .jsonl key that holds the text")
         if predict_file is not None:
             check_predict_file_name(predict_file)
         task_probabilities([1], sampling, temperature)  # fail on a bad strategy now, not at fit time
-        self._specs = self._load_specs("data.tasks", tasks, tasks_dir, {})
+        self._specs = load_task_specs("data.tasks", tasks, tasks_dir)
         self._train_names = list(self._specs)
-        self._specs = self._load_specs("data.eval_tasks", eval_tasks, tasks_dir, self._specs)
+        self._specs = load_task_specs("data.eval_tasks", eval_tasks, tasks_dir, self._specs)
         self.backbone, self.tasks_dir, self.seed = backbone, tasks_dir, seed
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.sampling, self.temperature = sampling, temperature
@@ -167,21 +170,34 @@ class TaskDataModule(L.LightningDataModule):
         self.predict_split, self.predict_file = predict_split, predict_file
         self.predict_text_field, self.predict_max_length = predict_text_field, predict_max_length
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+        self._check_lengths()
+        self._predict_texts: list[str] | None = None
         self._data: dict[str, datasets.DatasetDict] = {}
         self._raw: dict[str, datasets.DatasetDict] = {}  # untokenised splits, for predict's "text"
         self._tokenizer: Any = None
 
-    @staticmethod
-    def _load_specs(key: str, names: list[str], tasks_dir: str, known: dict[str, TaskSpec]) -> dict[str, TaskSpec]:
-        """``known`` plus the specs of ``names`` (YAML only: cheap); a task may occur once in all lists."""
-        specs = dict(known)
-        for task in names:
-            spec = load_task_spec(task, tasks_dir)
-            if spec.name in specs:
-                where = "given twice" if spec.name not in known else "also in data.tasks"
-                raise MTLConfigError(f"{key}: task '{spec.name}' {where}, expected each task once (trained or eval-only)")
-            specs[spec.name] = spec
-        return specs
+    def _check_lengths(self) -> None:
+        """Every max_length fits the backbone's position embeddings (else the first forward fails on shapes)."""
+        limit = max_tokens(load_backbone_config(self.backbone))
+        if self.predict_max_length is None:
+            self.predict_max_length = min(128, limit)
+        lengths = [(f"{spec.spec_file}: max_length", spec.max_length) for spec in self._specs.values()]
+        for key, length in [*lengths, ("data.predict_max_length", self.predict_max_length)]:
+            if length > limit:
+                raise MTLConfigError(f"{key}: got {length}, expected at most {limit} (the most tokens backbone "
+                                     f"'{self.backbone}' has positions for)")
+
+    def check_before(self, stage: str) -> None:
+        """Read what ``stage`` needs (task data or the predict file) and check the cache folder, writing nothing.
+
+        The data read here is kept, so the run does not read it twice.
+        """
+        if stage == "predict" and self.predict_file is not None:
+            self._predict_texts = read_predict_texts(self.predict_file, self.predict_text_field)
+            return
+        writable_folder(self.cache_dir, "data.cache_dir")
+        for name in self._specs:
+            self._raw_dataset(name)
 
     @property
     def specs(self) -> dict[str, TaskSpec]:
@@ -257,10 +273,15 @@ class TaskDataModule(L.LightningDataModule):
             self._data[name] = self._tokenised(self.effective_spec(name))
         return self._data[name]
 
+    def _raw_dataset(self, name: str) -> datasets.DatasetDict:
+        """The task's untokenised splits with the caps applied (read once)."""
+        if name not in self._raw:
+            self._raw[name] = load_task_dataset(self.effective_spec(name))
+        return self._raw[name]
+
     def _tokenised(self, spec: TaskSpec) -> datasets.DatasetDict:
         # the caps are in ``spec`` (see effective_spec), so they are part of the cache key
-        raw = load_task_dataset(spec)
-        self._raw[spec.name] = raw
+        raw = self._raw_dataset(spec.name)
         key = self.cache_key(spec, raw)
         folder = self.cache_dir / f"{spec.name}-{key}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -353,7 +374,7 @@ class TaskDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader over ``predict_file`` if set, else one per task over ``predict_split`` (see the class docstring)."""
         if self.predict_file is not None:
-            texts = read_predict_texts(self.predict_file, self.predict_text_field)
+            texts = self._predict_texts or read_predict_texts(self.predict_file, self.predict_text_field)
             data = TextDataset(texts, self.tokenizer, self.predict_max_length)
             return [DataLoader(data, batch_size=self.eval_batch_size, collate_fn=self._collator(),
                                num_workers=self.num_workers)]

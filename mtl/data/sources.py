@@ -23,7 +23,7 @@ import datasets  # noqa: E402
 import yaml  # noqa: E402
 
 from mtl.data.spec import TaskSpec  # noqa: E402
-from mtl.errors import MTLConfigError  # noqa: E402
+from mtl.errors import MTLConfigError, warn  # noqa: E402
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -33,7 +33,13 @@ Columns = dict[str, list]  # column name -> values, one split as plain Python li
 def load_task_dataset(spec: TaskSpec, limit: bool = True) -> datasets.DatasetDict:
     """Read, label, dedup/split and (if ``limit``) subsample a task's data: see the module docstring."""
     raw = read_source(spec)
-    examples = {split: _examples(spec, split, cols) for split, cols in raw.items()}
+    examples, empty = {}, {}
+    for split, cols in raw.items():
+        texts, labels, empty[split] = _examples(spec, split, cols)
+        examples[split] = (texts, labels)
+    if any(empty.values()):
+        counts = ", ".join(f"{split} {n}" for split, n in empty.items())
+        warn(f"{spec.spec_file}: dropped rows whose text is empty, blank or missing: {counts}")
     examples = _complete_splits(spec, examples)
     out = {}
     for split in SPLITS:
@@ -47,7 +53,23 @@ def load_task_dataset(spec: TaskSpec, limit: bool = True) -> datasets.DatasetDic
         columns: dict[str, list] = {f: [t[i] for t in texts] for i, f in enumerate(spec.text_fields)}
         columns["label"] = labels
         out[split] = datasets.Dataset.from_dict(columns)
+    if spec.problem == "classification":
+        _check_classes(spec, {split: out[split]["label"] for split in SPLITS})
     return datasets.DatasetDict(out)
+
+
+def _check_classes(spec: TaskSpec, labels: dict[str, list[int]]) -> None:
+    """A classifier needs two classes to train on, and can only be scored on classes it has seen."""
+    train = set(labels["train"])
+    if len(train) == 1:
+        raise MTLConfigError(f"{spec.spec_file}: source.train: every example is labelled '{spec.labels[train.pop()]}', "
+                             "expected at least 2 classes to train a classifier")
+    for split in ("validation", "test"):
+        unseen = sorted(set(labels[split]) - train)
+        if unseen:
+            raise MTLConfigError(
+                f"{spec.spec_file}: source.{split}: label '{spec.labels[unseen[0]]}' never occurs in the train split, "
+                "expected every evaluated label to be trainable (fix the data, or drop it with source.keep_labels)")
 
 
 def read_source(spec: TaskSpec) -> dict[str, Columns]:
@@ -140,8 +162,8 @@ def _complete_splits(spec: TaskSpec, examples: dict[str, tuple[list, list]]) -> 
     return out
 
 
-def _examples(spec: TaskSpec, split: str, cols: Columns) -> tuple[list[tuple[str, ...]], list]:
-    """Select text fields and convert labels; drops rows with empty text or an unkept label."""
+def _examples(spec: TaskSpec, split: str, cols: Columns) -> tuple[list[tuple[str, ...]], list, int]:
+    """Select text fields and convert labels; drops rows with empty text (counted) or an unkept label."""
     for key, name in [("text_fields", f) for f in spec.text_fields] + [("label_field", spec.label_field)]:
         if name not in cols:
             raise MTLConfigError(
@@ -159,9 +181,7 @@ def _examples(spec: TaskSpec, split: str, cols: Columns) -> tuple[list[tuple[str
             continue
         texts.append(row)
         labels.append(_label(spec, value, f"{spec.spec_file}: labels: source.{split} row {i}"))
-    if empty:
-        log.info("%s: source.%s: dropped %d rows with an empty text", spec.spec_file, split, empty)
-    return texts, labels
+    return texts, labels, empty
 
 
 def _missing(value: Any) -> bool:

@@ -126,6 +126,23 @@ def load_task_spec(name_or_path: str | Path, tasks_dir: str | Path = "tasks") ->
     return TaskSpec.from_dict(data, str(path))
 
 
+def load_task_specs(key: str, names: list[str], tasks_dir: str | Path = "tasks",
+                    known: dict[str, TaskSpec] | None = None) -> dict[str, TaskSpec]:
+    """``known`` plus the specs of ``names`` (config ``key``), refusing a task name given twice or declared by two files."""
+    specs = dict(known or {})
+    for name in names:
+        spec = load_task_spec(name, tasks_dir)
+        if spec.name in specs:
+            other = specs[spec.name].spec_file
+            if other == spec.spec_file:
+                where = "listed twice" if spec.name not in (known or {}) else "in data.tasks and data.eval_tasks"
+                raise MTLConfigError(f"{key}: task '{spec.name}' ({spec.spec_file}) {where}, expected each task once")
+            raise MTLConfigError(f"{key}: task name '{spec.name}' is declared by both {other} and {spec.spec_file}, "
+                                 "expected one spec per task name")
+        specs[spec.name] = spec
+    return specs
+
+
 def _find_spec_file(name: str, tasks_dir: Path) -> Path:
     path = Path(name).expanduser()
     if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:

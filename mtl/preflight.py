@@ -1,0 +1,59 @@
+"""Checks before any work starts: the mistakes mtl can find from the configuration, found before a Trainer exists.
+
+The CLI calls `preflight` once the model and data module are built and before the Trainer is, so a run that would
+fail on a user mistake writes nothing (no config.yaml, no token cache, no log folder). Each component owns its
+checks (`AdapterTrainer.check_before`, `TaskDataModule.check_before`); this module adds what belongs to no single
+component: the checkpoint given with ``--ckpt_path`` and the folders the Trainer's logger and callbacks write to.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mtl.errors import MTLConfigError
+
+
+def writable_folder(path: str | Path, key: str) -> None:
+    """``path`` is a folder this process can write into, or can be created as one (nothing is created here)."""
+    folder = Path(path).expanduser().absolute()
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise MTLConfigError(f"{key}: {path}: {probe} is a file, expected a folder")
+    try:  # os.access says yes to root on a read-only mount: try it (the probe folder is removed at once)
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise PermissionError
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".mtl-write-check-"))
+    except OSError:
+        raise MTLConfigError(f"{key}: {path}: {probe} is not writable by this user, expected a folder it can "
+                             "write to") from None
+
+
+def _logger_folders(logger: Any) -> list[tuple[str, Any]]:
+    loggers = logger if isinstance(logger, (list, tuple)) else [logger]
+    return [("trainer.logger", getattr(one, "save_dir", None)) for one in loggers if one not in (None, False, True)]
+
+
+def preflight(stage: str, model: Any, data: Any, trainer_config: dict[str, Any], ckpt_path: str | None) -> None:
+    """Run every check for ``stage`` (fit, validate, test, predict) before the Trainer is built."""
+    from mtl import storage  # noqa: PLC0415 - keeps this module light for the model, which imports writable_folder
+
+    if ckpt_path:
+        model.check_checkpoint(storage.read_checkpoint(ckpt_path), ckpt_path)
+    model.check_before(stage)
+    data.check_before(stage)
+    folders: list[tuple[str, Any]] = []
+    if stage != "predict" or trainer_config.get("logger"):
+        folders.append(("trainer.default_root_dir", trainer_config.get("default_root_dir") or os.getcwd()))
+    folders += _logger_folders(trainer_config.get("logger"))
+    for key, folder in folders:
+        if folder:
+            writable_folder(folder, key)
+    for callback in trainer_config.get("callbacks") or []:
+        check = getattr(callback, "check_before", None)
+        if callable(check):
+            check(stage)
