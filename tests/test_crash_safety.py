@@ -72,7 +72,7 @@ def write(folder: Path, value: float) -> Path:
 
 def load(folder: Path) -> float:
     """The value a folder was written with; its weights and config must come from the same write."""
-    value = storage.read_config(folder, storage.ADAPTER_CONFIG, {"value": int})["value"]
+    value = storage.read_config(folder, storage.ADAPTER_CONFIG, {"value": (int, float)})["value"]
     assert torch.equal(storage.read_tensors(folder / storage.ADAPTER_WEIGHTS)["w"], torch.full((2, 3), value))
     return value
 

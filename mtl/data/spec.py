@@ -135,8 +135,10 @@ def load_task_specs(key: str, names: list[str], tasks_dir: str | Path = "tasks",
         if spec.name in specs:
             other = specs[spec.name].spec_file
             if other == spec.spec_file:
-                where = "listed twice" if spec.name not in (known or {}) else "in data.tasks and data.eval_tasks"
-                raise MTLConfigError(f"{key}: task '{spec.name}' ({spec.spec_file}) {where}, expected each task once")
+                if spec.name in (known or {}):
+                    raise MTLConfigError(f"{key}: task '{spec.name}' also in data.tasks, expected each task once "
+                                         "(trained or eval-only)")
+                raise MTLConfigError(f"{key}: task '{spec.name}' given twice, expected each task once")
             raise MTLConfigError(f"{key}: task name '{spec.name}' is declared by both {other} and {spec.spec_file}, "
                                  "expected one spec per task name")
         specs[spec.name] = spec
