@@ -105,6 +105,7 @@ def build_base(base: Path) -> None:
     keyword_task(tasks, "keyword", ["bad", "good"])
     keyword_task(tasks, "colour", ["red", "blue", "pink"], seed=1)
     keyword_task(tasks, "mood", ["bad", "good"], seed=2)
+    keyword_task(tasks, "fresh", ["green", "stone"], seed=3)  # never trained: the task the add-a-task cases add
     (base / "base.yaml").write_text(BASE_CONFIG)
     (base / "fusion.yaml").write_text(FUSION_CONFIG)
     (base / "texts.txt").write_text("red alpha beta\ngood river stone\n")
@@ -165,7 +166,14 @@ FIT = ["fit", "--config", "base.yaml", "--model.run_dir", "new"]
 TEST = ["test", "--config", "base.yaml", "--ckpt_path", CKPT]
 PREDICT = ["predict", "--config", "base.yaml", "--model.load_from", "run", "--model.run_dir", "run",
            "--data.tasks", "[]", "--data.predict_file", "texts.txt", "--trainer.logger", "false"]
-ADD = ["fit", "--config", "base.yaml", "--model.load_from", "run", "--model.run_dir", "run", "--data.tasks", "[mood]"]
+ADD = ["fit", "--config", "base.yaml", "--model.load_from", "run", "--model.run_dir", "run", "--data.tasks", "[fresh]"]
+
+
+class Pwn:
+    """Unpickling this creates a folder ``pwned``: the harness then sees a file written."""
+
+    def __reduce__(self):
+        return (os.mkdir, ("pwned",))
 
 
 @dataclass
@@ -208,27 +216,27 @@ CASES = [
     Case("single-class-train", "early", FIT + ["--data.tasks", "[one]"], steps(
         write("tasks/one.csv", "text,label\n" + "".join(f"good words {i},good\n" for i in range(40))),
         write("tasks/one.yaml", "source: {type: files, train: one.csv}\ntext_fields: [text]\nlabel_field: label\n"
-                                "labels: [bad, good]\n"))),
+                                "labels: [bad, good]\nmax_length: 16\n"))),
     Case("eval-label-unseen-in-train", "early", FIT + ["--data.tasks", "[unseen]"], steps(
         write("tasks/unseen_train.csv", "text,label\n" + "".join(f"w {i},{'bad' if i % 2 else 'good'}\n" for i in range(40))),
         write("tasks/unseen_val.csv", "text,label\n" + "".join(f"v {i},{'ugly' if i % 2 else 'good'}\n" for i in range(10))),
         write("tasks/unseen.yaml", "source: {type: files, train: unseen_train.csv, validation: unseen_val.csv}\n"
-                                   "text_fields: [text]\nlabel_field: label\nlabels: [bad, good, ugly]\n"))),
+                                   "text_fields: [text]\nlabel_field: label\nlabels: [bad, good, ugly]\nmax_length: 16\n"))),
     Case("leave-out-every-layer", "early", FIT + ["--model.adapter.leave_out", "[0, 1]"]),
     Case("label-not-in-labels", "early", FIT + ["--data.tasks", "[odd]"], steps(
         write("tasks/odd.csv", "text,label\na b,good\nc d,weird\n"),
         write("tasks/odd.yaml", "source: {type: files, train: odd.csv}\ntext_fields: [text]\nlabel_field: label\n"
-                                "labels: [bad, good]\n"))),
+                                "labels: [bad, good]\nmax_length: 16\n"))),
     Case("label-field-missing", "early", FIT + ["--data.tasks", "[nofield]"], write(
         "tasks/nofield.yaml", "source: {type: files, train: keyword.csv}\ntext_fields: [text]\nlabel_field: topic\n"
-                              "labels: [bad, good]\n")),
+                              "labels: [bad, good]\nmax_length: 16\n")),
     Case("data-file-missing", "early", FIT + ["--data.tasks", "[gone]"], write(
         "tasks/gone.yaml", "source: {type: files, train: gone.csv}\ntext_fields: [text]\nlabel_field: label\n"
-                           "labels: [bad, good]\n")),
+                           "labels: [bad, good]\nmax_length: 16\n")),
     Case("data-file-binary", "early", FIT + ["--data.tasks", "[binary]"], steps(
         write_bytes("tasks/binary.csv", bytes(range(256)) * 8),
         write("tasks/binary.yaml", "source: {type: files, train: binary.csv}\ntext_fields: [text]\n"
-                                   "label_field: label\nlabels: [bad, good]\n"))),
+                                   "label_field: label\nlabels: [bad, good]\nmax_length: 16\n"))),
     Case("spec-yaml-error", "early", FIT + ["--data.tasks", "[broken]"], write("tasks/broken.yaml", "source: {type: files\n")),
     Case("run-dir-read-only", "early", FIT[:-1] + [READ_ONLY + "/run"]),
     Case("run-dir-is-a-file", "early", FIT[:-1] + ["afile"], write("afile", "not a folder\n")),
@@ -238,10 +246,10 @@ CASES = [
     Case("export-exists", "early", ["fit", "--config", "base.yaml"]),
     Case("eval-task-not-loaded", "early", ADD + ["--data.eval_tasks", "[ghost]"],
          write("tasks/ghost.yaml", "source: {type: files, train: keyword.csv}\ntext_fields: [text]\n"
-                                   "label_field: label\nlabels: [bad, good]\n")),
+                                   "label_field: label\nlabels: [bad, good]\nmax_length: 16\n")),
     Case("load-from-missing", "early", ADD[:4] + ["no-run"] + ADD[5:]),
     Case("fusion-adapter-unknown", "early", ["fit", "--config", "fusion.yaml", "--model.fusion.adapters",
-                                             "[keyword, ghost]", "--model.run_dir", "run2"]),
+                                             "[keyword, ghost]", "--model.fusion.name", "mood2"]),
     # 4. every file mtl reads
     Case("adapter-truncated", "files", PREDICT, truncate("run/adapters/keyword/adapter.safetensors")),
     Case("adapter-is-pickle", "files", PREDICT, write_bytes("run/adapters/keyword/adapter.safetensors",
@@ -257,6 +265,7 @@ CASES = [
     Case("predict-file-binary", "files", PREDICT, write_bytes("texts.txt", b"\xff\xfe\x00bad" * 10)),
     Case("ckpt-missing", "files", TEST[:-1] + ["nope.ckpt"]),
     Case("ckpt-is-pickle", "files", TEST, write_bytes(CKPT, pickle.dumps({"state_dict": {}}))),
+    Case("ckpt-malicious-pickle", "files", TEST, lambda s: (s / CKPT).write_bytes(pickle.dumps(Pwn()))),
     Case("ckpt-truncated", "files", TEST, truncate(CKPT)),
     Case("ckpt-is-text", "files", TEST, write(CKPT, "hello\n")),
     Case("ckpt-not-mtl", "files", TEST, lambda s: __import__("torch").save({"weights": [1, 2]}, s / CKPT)),

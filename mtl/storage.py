@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ def _type_name(expected: Any) -> str:
     if isinstance(expected, dict):
         return "an object"
     if isinstance(expected, list):
-        return f"a list of {_type_name(expected[0])}"
+        item = {str: "strings", int: "integers"}.get(expected[0], "objects")
+        return f"a list of {item}"
     names = {dict: "an object", str: "a string", int: "an integer", float: "a number", list: "a list"}
     types = expected if isinstance(expected, tuple) else (expected,)
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
@@ -161,7 +163,10 @@ def read_checkpoint(file: str | Path) -> dict[str, Any]:
         with warnings.catch_warnings():  # torch warns about pickle protocols before failing or succeeding
             warnings.simplefilter("ignore")
             data = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated, foreign or unsafe files fail in many ways
+    except pickle.UnpicklingError:
+        raise MTLConfigError(f"{file}: holds pickled Python objects other than tensors, which mtl never unpickles; "
+                             "expected a .ckpt written by train.py fit") from None
+    except Exception as err:  # noqa: BLE001 - truncated or foreign files fail in many ways
         detail = next((line for line in str(err).splitlines() if line.strip()), "")[:120]
         raise MTLConfigError(f"{file}: not a readable checkpoint ({type(err).__name__}: {detail}), "
                              "expected a .ckpt written by train.py fit") from None
