@@ -195,6 +195,8 @@ CASES = [
     Case("abbreviated-option", "cli", FIT + ["--data.max_train", "10"]),
     Case("unknown-option", "cli", FIT + ["--model.lrr", "0.1"]),
     Case("wrong-type-option", "cli", FIT + ["--model.lr", "fast"]),
+    Case("interpolation-unknown", "cli", ["fit", "--config", "bad.yaml"], lambda s: (s / "bad.yaml").write_text(
+        (s / "base.yaml").read_text().replace("${model.run_dir}/lightning", "${model.rundir}/lightning"))),
     Case("config-not-found", "cli", ["fit", "--config", "nope.yaml"]),
     Case("unknown-subcommand", "cli", ["fitt", "--config", "base.yaml"]),
     Case("adapter-type-unknown", "cli", FIT + ["--model.adapter.type", "lora"]),

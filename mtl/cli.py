@@ -14,6 +14,7 @@ os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import yaml  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from jsonargparse import set_parsing_settings  # noqa: E402
 from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
@@ -127,8 +128,24 @@ def explain_parse_error(message: str, keys: list[str], files: list[str]) -> str:
     if parser_key:
         key, rest = parser_key.groups()
         rest = re.sub(r"<class '(\w+)'>", r"\1", rest)
+        missing = re.fullmatch(r"Expected an? (.+?)\. Got value: None", rest)
+        if missing:
+            return f"{key}: missing, expected a {missing.group(1)}"
         return f"{key}: {rest}"[:400]
     return flat[:400]
+
+
+def explain_interpolation_error(err: Exception) -> str:
+    """One line for an omegaconf error: the key holding the ``${...}`` and the key it refers to."""
+    def strip(key: str) -> str:  # keys are reported from above the subcommand ('fit.model.lr')
+        head, _, rest = key.partition(".")
+        return rest if head in LightningCLI.subcommands() else key
+
+    key = strip(str(getattr(err, "full_key", "") or "config"))
+    target = re.search(r"resolved to '([^']+)'", str(err))
+    if target:
+        return f"{key}: ${{...}} refers to '{strip(target.group(1))}', which is not a key of the configuration"
+    return f"{key}: {str(err).splitlines()[0]}"
 
 
 def main(args: list[str] | None = None) -> None:
@@ -159,6 +176,8 @@ def user_mistake(err: BaseException) -> BaseException | None:
             return err
         if isinstance(err, MisconfigurationException):
             return MTLConfigError(f"trainer: {' '.join(str(err).split())}")
+        if isinstance(err, OmegaConfBaseException):  # a ${...} that does not resolve
+            return MTLConfigError(explain_interpolation_error(err))
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None

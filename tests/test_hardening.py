@@ -1,0 +1,286 @@
+"""Bad input ends in one line naming the file, key or value, found before any work, with nothing written.
+
+One test (or a few) per class of mistake; `benchmarks/bad_inputs.py` runs 55 such cases as real CLI calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtl import storage
+from mtl.adapters.config import AdapterConfig
+from mtl.cli import main
+from mtl.data.module import TaskDataModule
+from mtl.data.sources import load_task_dataset
+from mtl.data.spec import load_task_spec
+from mtl.errors import MTLConfigError
+from mtl.lit import AdapterTrainer
+from mtl.preflight import writable_folder
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with its content hash (folders as '')."""
+    return {str(p.relative_to(root)): "" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, list[str]]:
+    """``train.py args`` in-process: exit code (0 when it returns) and the non-empty stderr lines."""
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def error_line(lines: list[str]) -> str:
+    """The ``error:`` line, which must be the last stderr line."""
+    assert lines and lines[-1].startswith("error: "), lines
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, task_dir, tmp_path_factory) -> dict:
+    """One fit of 'keyword' on the tiny backbone through the CLI: its arguments, run folder and best checkpoint."""
+    root = tmp_path_factory.mktemp("hardening")
+    (root / "base.yaml").write_text(
+        "trainer:\n  default_root_dir: ${model.run_dir}/lightning\n  logger:\n"
+        "    class_path: lightning.pytorch.loggers.CSVLogger\n    init_args: {save_dir: '${model.run_dir}/lightning'}\n")
+    args = ["--config", str(root / "base.yaml"), "--model.backbone", str(tiny_dir), "--data.tasks", "[keyword]",
+            "--data.tasks_dir", str(task_dir), "--data.cache_dir", str(root / "cache"),
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--model.adapter.reduction_factor", "4", "--data.max_train_examples", "32"]
+    main(["fit", *args, "--model.run_dir", str(root / "run"), "--trainer.max_epochs", "1"])
+    return {"root": root, "args": args, "run": root / "run", "ckpt": next((root / "run").rglob("*.ckpt"))}
+
+
+# ---- 5. the command line ------------------------------------------------------------------------------------------
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  lr: 0.1\n  adapter: {type: pfeiffer\ndata:\n  tasks: [a]\n")
+    code, lines = run_cli(["fit", "--config", str(bad)], capsys)
+    assert code == 2 and len(lines) == 1
+    assert error_line(lines).startswith(f"error: {bad}: line 4") and "invalid YAML" in lines[0]
+
+
+def test_unknown_key_names_the_file_and_the_closest_valid_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modle:\n  lr: 0.1\ndata:\n  tasks: [a]\n")
+    code, lines = run_cli(["fit", "--config", str(bad)], capsys)
+    assert code == 2 and lines == [f"error: {bad}: modle.lr: unknown key, did you mean 'model.lr'?"]
+
+
+def test_a_misspelt_option_is_never_taken_as_an_abbreviation(capsys):
+    code, lines = run_cli(["fit", "--data.tasks", "[a]", "--data.max_train", "10"], capsys)
+    assert code == 2
+    assert lines == ["error: --data.max_train: unknown option, did you mean '--data.max_train_examples'?"]
+
+
+def test_a_missing_required_option_says_missing(capsys):
+    code, lines = run_cli(["fit"], capsys)
+    assert code == 2 and lines == ["error: data.tasks: missing, expected a list"]
+
+
+def test_help_still_prints_usage(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--help"])
+    assert done.value.code == 0 and "--data.max_train_examples" in capsys.readouterr().out
+
+
+def test_model_and_data_share_only_linked_options():
+    # Lightning merges both hyperparameter sets; a name in both must be one option, linked by the CLI
+    model = set(inspect.signature(AdapterTrainer.__init__).parameters) - {"self"}
+    data = set(inspect.signature(TaskDataModule.__init__).parameters) - {"self"}
+    assert model & data == {"tasks", "tasks_dir", "eval_tasks", "backbone"}
+
+
+def test_data_cache_dir_alone_works(trained, capsys):
+    cache = trained["root"] / "own-cache"
+    code, _ = run_cli(["fit", *trained["args"], "--model.run_dir", str(trained["root"] / "cache-run"),
+                       "--data.cache_dir", str(cache), "--trainer.max_epochs", "1"], capsys)
+    assert code == 0 and any(cache.rglob("*.arrow"))
+
+
+# ---- 1. a checkpoint never silently replaces the configuration ----------------------------------------------------
+def test_checkpoint_from_another_model_is_refused_naming_the_key(trained, capsys):
+    before = tree(trained["root"])
+    code, lines = run_cli(["test", *trained["args"], "--model.run_dir", str(trained["run"]),
+                           "--model.adapter.reduction_factor", "8", "--ckpt_path", str(trained["ckpt"])], capsys)
+    assert code == 2 and len(lines) <= 3
+    assert "keyword.adapter.reduction_factor is 4.0 in the checkpoint but 8.0 in the configuration" in error_line(lines)
+    assert tree(trained["root"]) == before
+
+
+def test_settings_that_do_not_define_the_model_follow_the_configuration(trained, capsys):
+    other = trained["root"] / "elsewhere"
+    code, _ = run_cli(["test", *trained["args"], "--model.run_dir", str(other), "--data.max_eval_examples", "4",
+                       "--ckpt_path", str(trained["ckpt"])], capsys)
+    assert code == 0
+    metrics = next((other / "lightning").rglob("metrics.csv")).read_text()
+    assert "test/keyword/acc" in metrics  # the test logged under the configured run folder, not the checkpoint's
+
+
+def test_resumed_fit_exports_into_the_configured_run_folder(trained, capsys):
+    exported = tree(trained["run"] / "adapters")
+    new = trained["root"] / "resumed"
+    code, _ = run_cli(["fit", *trained["args"], "--model.run_dir", str(new), "--trainer.max_epochs", "2",
+                       "--ckpt_path", str(trained["ckpt"])], capsys)
+    assert code == 0 and (new / "adapters" / "keyword" / storage.ADAPTER_WEIGHTS).is_file()
+    assert tree(trained["run"] / "adapters") == exported
+
+
+class _Pwn:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("pickle", "holds pickled Python objects other than tensors, which mtl never unpickles"),
+    ("plain", "not an mtl checkpoint"),
+    ("text", "not a readable checkpoint"),
+    ("truncated", "not a readable checkpoint"),
+])
+def test_files_that_are_not_mtl_checkpoints_are_refused_unopened(tmp_path, content, message):
+    file = tmp_path / "x.ckpt"
+    marker = tmp_path / "pwned"
+    if content == "pickle":
+        file.write_bytes(pickle.dumps(_Pwn(str(marker))))
+    elif content == "plain":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, file)
+    elif content == "text":
+        file.write_text("hello\n")
+    else:
+        torch.save({"state_dict": {"w": torch.zeros(100)}, "mtl": {}}, file)
+        file.write_bytes(file.read_bytes()[:200])
+    with pytest.raises(MTLConfigError, match=message) as err:
+        storage.read_checkpoint(file)
+    assert str(err.value).startswith(str(file)) and "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+# ---- 3. errors come before the work -------------------------------------------------------------------------------
+def test_a_run_that_fails_on_a_mistake_writes_nothing(trained, capsys):
+    # the export already exists: found before the Trainer exists, so no config.yaml, logs or token cache
+    before = tree(trained["root"])
+    code, lines = run_cli(["fit", *trained["args"], "--model.run_dir", str(trained["run"]),
+                           "--data.cache_dir", str(trained["root"] / "fresh-cache")], capsys)
+    assert code == 2 and "already exists" in error_line(lines) and len(lines) <= 3
+    assert tree(trained["root"]) == before
+
+
+def test_output_folders_that_cannot_be_written_fail_first(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(MTLConfigError, match=r"model.run_dir: .*afile is a file, expected a folder"):
+        writable_folder(tmp_path / "afile" / "run", "model.run_dir")
+    with pytest.raises(MTLConfigError, match="/proc is not writable by this user"):
+        writable_folder("/proc/mtl-test/run", "model.run_dir")  # read-only even for root
+    writable_folder(tmp_path / "new" / "deeper", "model.run_dir")
+    assert list(tmp_path.iterdir()) == [tmp_path / "afile"]  # the check creates nothing
+
+
+def test_max_length_beyond_the_backbone_positions_fails_when_read(tiny_dir, tmp_path):
+    (tmp_path / "long.yaml").write_text("source: {type: files, train: x.csv}\ntext_fields: [text]\n"
+                                        "label_field: label\nlabels: [a, b]\nmax_length: 600\n")
+    with pytest.raises(MTLConfigError, match=r"long.yaml: max_length: got 600, expected at most 512"):
+        TaskDataModule(["long"], backbone=str(tiny_dir), tasks_dir=str(tmp_path))
+    (tmp_path / "long.yaml").write_text((tmp_path / "long.yaml").read_text().replace("600", "16"))
+    with pytest.raises(MTLConfigError, match="data.predict_max_length: got 513, expected at most 512"):
+        TaskDataModule(["long"], backbone=str(tiny_dir), tasks_dir=str(tmp_path), predict_max_length=513)
+
+
+def _spec(tmp_path: Path, train: str, validation: str | None = None) -> object:
+    (tmp_path / "train.csv").write_text(train)
+    source = "{type: files, train: train.csv" + (", validation: val.csv, test: val.csv}" if validation else "}")
+    if validation:
+        (tmp_path / "val.csv").write_text(validation)
+    (tmp_path / "t.yaml").write_text(f"source: {source}\ntext_fields: [text]\nlabel_field: label\n"
+                                     "labels: [bad, good, ugly]\n")
+    return load_task_spec(str(tmp_path / "t.yaml"))
+
+
+def test_a_single_class_train_split_is_an_error(tmp_path):
+    spec = _spec(tmp_path, "text,label\n" + "".join(f"w {i},good\n" for i in range(30)))
+    with pytest.raises(MTLConfigError, match="source.train: every example is labelled 'good', expected at least 2"):
+        load_task_dataset(spec)
+
+
+def test_an_evaluated_label_the_train_split_never_has_is_an_error(tmp_path):
+    train = "text,label\n" + "".join(f"w {i},{'bad' if i % 2 else 'good'}\n" for i in range(20))
+    spec = _spec(tmp_path, train, "text,label\nv 1,good\nv 2,ugly\n")
+    with pytest.raises(MTLConfigError, match="source.validation: label 'ugly' never occurs in the train split"):
+        load_task_dataset(spec)
+
+
+def test_rows_dropped_for_empty_text_are_counted_per_split(tmp_path, capsys):
+    train = "text,label\n" + "".join(f"w {i},{'bad' if i % 2 else 'good'}\n" for i in range(20)) + " ,bad\n,good\n"
+    spec = _spec(tmp_path, train, "text,label\nv 1,good\n\t,bad\nv 3,bad\n")
+    data = load_task_dataset(spec)
+    assert len(data["train"]) == 20 and len(data["validation"]) == 2
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {spec.spec_file}: dropped rows whose text is empty, blank or missing: "
+                        "train 2, validation 1, test 1"]
+
+
+def test_leaving_out_every_layer_is_an_error():
+    with pytest.raises(MTLConfigError, match=r"adapter.leave_out: \[0, 1\] .* leaves none of the backbone's 2 layers"):
+        AdapterConfig(leave_out=[0, 1]).layers(2)
+    assert AdapterConfig(leave_out=[0]).layers(2) == [1]
+
+
+def test_two_spec_files_with_one_task_name_are_named(task_dir, tmp_path, capsys):
+    copy = tmp_path / "copy.yaml"
+    copy.write_text((task_dir / "keyword.yaml").read_text().replace("keyword.csv", str(task_dir / "keyword.csv"))
+                    + "name: keyword\n")
+    with pytest.raises(MTLConfigError, match=f"task name 'keyword' is declared by both {task_dir}/keyword.yaml and {copy}"):
+        TaskDataModule(["keyword", str(copy)], tasks_dir=str(task_dir))
+
+
+# ---- 4. every file mtl reads fails in one line ----------------------------------------------------------------------
+@pytest.fixture()
+def exported(tmp_path) -> Path:
+    folder = tmp_path / "adapters" / "keyword"
+    config = {"task": "keyword", "hidden_size": 32, "num_layers": 2, "adapter": {"type": "pfeiffer"},
+              "head": {"num_outputs": 2, "problem": "classification", "pooling": "mean", "dropout": 0.1},
+              "labels": ["bad", "good"]}
+    storage.write_part(folder, {"w": torch.ones(3)}, config, storage.ADAPTER_WEIGHTS, storage.ADAPTER_CONFIG)
+    return folder
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: [c], "expected a JSON object, got list"),
+    (lambda c: {**c, "labels": 7}, "labels: got 7, expected a list of strings"),
+    (lambda c: {**c, "labels": ["a", 3]}, r"labels\[1\]: got 3, expected a string"),
+    (lambda c: {**c, "head": {**c["head"], "num_outputs": "2"}}, "head.num_outputs: got '2', expected an integer"),
+    (lambda c: {k: v for k, v in c.items() if k != "task"}, "task: missing, expected a string"),
+    (lambda c: {**c, "format_version": 99}, "format_version 99 is not one this mtl reads"),
+])
+def test_exported_json_of_the_wrong_shape_fails_naming_file_and_key(exported, edit, message):
+    import json
+
+    file = exported / storage.ADAPTER_CONFIG
+    file.write_text(json.dumps(edit(json.loads(file.read_text()))))
+    with pytest.raises(MTLConfigError, match=message) as err:
+        storage.read_config(exported, storage.ADAPTER_CONFIG, storage.ADAPTER_SCHEMA)
+    assert str(err.value).startswith(str(file)) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle", "empty"])
+def test_unreadable_safetensors_fail_naming_the_file(exported, damage):
+    file = exported / storage.ADAPTER_WEIGHTS
+    data = file.read_bytes()
+    file.write_bytes({"truncated": data[: len(data) // 2], "pickle": pickle.dumps({"w": 1}), "empty": b""}[damage])
+    with pytest.raises(MTLConfigError, match="not a readable safetensors file") as err:
+        storage.read_tensors(file)
+    assert str(err.value).startswith(str(file)) and "\n" not in str(err.value)
