@@ -245,6 +245,9 @@ CASES = [
     Case("cache-dir-read-only", "early", FIT + ["--data.cache_dir", READ_ONLY + "/cache"]),
     Case("predictions-read-only", "early", PREDICT + ["--trainer.callbacks+=mtl.predict.PredictionWriter",
                                                       "--trainer.callbacks.output", READ_ONLY + "/p.jsonl"]),
+    Case("prefix-cache-not-exact", "early", FIT + ["--model.cache_frozen_prefix", "true"]),
+    Case("prefix-cache-dtype", "early", FIT + ["--model.cache_frozen_prefix", "true", "--model.adapter.drop_first", "1",
+                                               "--model.cache_dtype", "int8"]),
     Case("export-exists", "early", ["fit", "--config", "base.yaml"]),
     Case("eval-task-not-loaded", "early", ADD + ["--data.eval_tasks", "[ghost]"],
          write("tasks/ghost.yaml", "source: {type: files, train: keyword.csv}\ntext_fields: [text]\n"

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mtl.errors import warn
+
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 # errnos meaning "this kernel / filesystem cannot exchange": fall back to two renames
 _NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
@@ -35,10 +37,6 @@ def _pause(step: str) -> None:
     if os.environ.get("MTL_TEST_PAUSE_AT") == step:
         Path(os.environ["MTL_TEST_PAUSE_FILE"]).write_text(step)
         time.sleep(60)
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def _umask() -> int:
@@ -118,33 +116,38 @@ def recover(parent: str | Path, name: str | None = None, remove: bool = False) -
             try:
                 os.rename(path, target)
             except OSError as err:
-                _warn(f"{path}: {what}, which left {target.name} missing; could not put it back ({err.strerror}): "
+                warn(f"{path}: {what}, which left {target.name} missing; could not put it back ({err.strerror}): "
                       f"rename it to {target}")
             else:
-                _warn(f"{target}: was missing after an interrupted overwrite; restored the previous copy {path.name}")
+                warn(f"{target}: was missing after an interrupted overwrite; restored the previous copy {path.name}")
         elif remove:
-            _warn(f"{path}: {what}; removing it before exporting '{target_name}' again")
+            warn(f"{path}: {what}; removing it before exporting '{target_name}' again")
             if is_old:  # rename first: a half-deleted folder must never carry a name that recovery would restore
                 path = path.rename(path.with_suffix(".tmp"))
             shutil.rmtree(path)
         else:
-            _warn(f"{path}: {what}; it is ignored and removed by the next export of '{target_name}'")
+            warn(f"{path}: {what}; it is ignored and removed by the next export of '{target_name}'")
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write text to a temp file in the same directory, fsync, then rename over ``path``."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes to a temp file in the same directory, fsync, then rename over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; exported files must be readable as the umask says
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Atomically write UTF-8 text."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -20,7 +20,7 @@ from mtl.errors import MTLConfigError
 from mtl.fusion.report import attention_report
 from mtl.metrics import build_metrics
 from mtl.preflight import writable_folder
-from mtl.prefix_cache import PrefixCache
+from mtl.prefix_cache import DTYPES, PrefixCache
 
 # the frozen backbone runs in eval mode on purpose (no dropout in frozen layers; see MTLModel.train)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -244,6 +244,9 @@ class AdapterTrainer(L.LightningModule):
                     if target.exists():
                         raise MTLConfigError(f"{target}: already exists (set model.overwrite: true to replace it)")
         if self.hparams.cache_frozen_prefix:
+            PrefixCache.cached_depth(self.model)
+            if self.hparams.cache_dtype not in DTYPES:
+                raise MTLConfigError(f"model.cache_dtype: got {self.hparams.cache_dtype!r}, expected one of {list(DTYPES)}")
             writable_folder(self.hparams.prefix_cache_dir or self.run_dir / "prefix_cache", "model.prefix_cache_dir")
 
     def on_fit_start(self) -> None:

@@ -156,11 +156,9 @@ class PrefixCache:
         prefix = self.fetch(part, batch["index"].tolist(), mask, compute)
         return model(ids, mask, types, tasks=task, prefix=prefix, prefix_layers=self.k)[task]
 
-    @classmethod
-    def for_training(cls, model: MTLModel, datasets: dict[Part, Any], tokenizer_size: int, dtype: str = "float32",
-                     memory_mb: float = 2048, directory: str | Path | None = None) -> PrefixCache:
-        """Check that caching is exact for the model's trainable tasks, then key the cache by everything the states
-        depend on (backbone weights, depth, tokenizer, each dataset's fingerprint, dtype)."""
+    @staticmethod
+    def cached_depth(model: MTLModel) -> int:
+        """How many first layers the cache may hold for the model's trainable tasks; refuses where it is not exact."""
         trainable = model.trainable_tasks()
         configs = [model.adapter_configs[model.records[t].target.name] for t in trainable
                    if not model.records[t].target.is_fusion]
@@ -179,6 +177,14 @@ class PrefixCache:
         if below:
             raise MTLConfigError(f"model.cache_frozen_prefix: trainable parameter {below[0]} lies in the first {k} "
                                  f"layers")
+        return k
+
+    @classmethod
+    def for_training(cls, model: MTLModel, datasets: dict[Part, Any], tokenizer_size: int, dtype: str = "float32",
+                     memory_mb: float = 2048, directory: str | Path | None = None) -> PrefixCache:
+        """Check that caching is exact for the model's trainable tasks (`cached_depth`), then key the cache by
+        everything the states depend on (backbone weights, depth, tokenizer, each dataset's fingerprint, dtype)."""
+        k = cls.cached_depth(model)
         fingerprints = [(task, split, getattr(data, "_fingerprint", None)) for (task, split), data in datasets.items()]
         key = cache_key(model.backbone_digest(), k, model.backbone_name, tokenizer_size, fingerprints, dtype)
         print(f"frozen-prefix cache: layers 1..{k} computed once per example (eval mode), key {key}")

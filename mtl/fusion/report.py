@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mtl.atomic import write_json_atomic
+from mtl.atomic import write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from mtl.adapters.inject import AdapterSlot
@@ -89,9 +89,7 @@ class AttentionReport:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=110)
         plt.close(fig)
-        tmp = Path(path).with_suffix(".png.tmp")
-        tmp.write_bytes(buffer.getvalue())
-        tmp.replace(path)
+        write_bytes_atomic(path, buffer.getvalue())
 
 
 @torch.no_grad()
