@@ -11,8 +11,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from mtl.adapters.config import AdapterConfig, as_adapter_config
 from mtl import storage
+from mtl.adapters.config import AdapterConfig, as_adapter_config
 from mtl.assembly import FusionSetup, as_fusion_setup, assemble, head_outputs
 from mtl.backbone import DEFAULT_BACKBONE
 from mtl.data.spec import load_task_specs

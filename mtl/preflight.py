@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mtl import storage
 from mtl.errors import MTLConfigError
 
 
@@ -40,8 +41,6 @@ def _logger_folders(logger: Any) -> list[tuple[str, Any]]:
 
 def preflight(stage: str, model: Any, data: Any, trainer_config: dict[str, Any], ckpt_path: str | None) -> None:
     """Run every check for ``stage`` (fit, validate, test, predict) before the Trainer is built."""
-    from mtl import storage  # noqa: PLC0415 - keeps this module light for the model, which imports writable_folder
-
     if ckpt_path:
         model.check_checkpoint(storage.read_checkpoint(ckpt_path), ckpt_path)
     model.check_before(stage)
