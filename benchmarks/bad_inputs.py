@@ -317,7 +317,6 @@ def run_case(case: Case, base: Path, work: Path) -> dict[str, object]:
     ok = (done.returncode == 2 and len(lines) <= 3 and "Traceback" not in done.stderr
           and not written and not changed and not removed)
     return {"case": case.name, "kind": case.kind, "rc": done.returncode, "lines": len(lines),
-            "first": lines[0][:150] if lines else "",
             "error": next((line for line in lines if line.startswith("error:")), lines[-1] if lines else "")[:200], "traceback": "Traceback" in done.stderr,
             "written": written, "changed": changed, "removed": removed, "ok": ok, "wall": wall,
             "stderr": done.stderr}

@@ -102,8 +102,8 @@ def closest_key(key: str, keys: list[str]) -> str | None:
     """The valid key most like ``key``: first among its siblings, then among all keys."""
     parent = key.rpartition(".")[0]
     siblings = [k for k in keys if k.rpartition(".")[0] == parent]
-    for pool, probe in ((siblings, key), (keys, key)):
-        match = difflib.get_close_matches(probe, pool, n=1, cutoff=0.6)
+    for pool in (siblings, keys):
+        match = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
         if match:
             return match[0]
     return None
@@ -167,7 +167,7 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
-def user_mistake(err: BaseException) -> BaseException | None:
+def user_mistake(err: BaseException) -> MTLConfigError | None:
     """The user mistake behind ``err`` (an `MTLConfigError`, or Lightning refusing a trainer setting), also when
     jsonargparse wrapped it while instantiating a class."""
     seen = set()

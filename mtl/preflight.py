@@ -18,7 +18,7 @@ from mtl.errors import MTLConfigError
 
 
 def writable_folder(path: str | Path, key: str) -> None:
-    """``path`` is a folder this process can write into, or can be created as one (nothing is created here)."""
+    """``path`` is a folder this process can write into, or can be created as one (nothing is left behind)."""
     folder = Path(path).expanduser().absolute()
     probe = folder
     while not probe.exists() and probe != probe.parent:

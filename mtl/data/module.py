@@ -173,7 +173,7 @@ class TaskDataModule(L.LightningDataModule):
         self._check_lengths()
         self._predict_texts: list[str] | None = None
         self._data: dict[str, datasets.DatasetDict] = {}
-        self._raw: dict[str, datasets.DatasetDict] = {}  # untokenised splits, for predict's "text"
+        self._raw: dict[str, datasets.DatasetDict] = {}  # untokenised splits: read once (preflight), tokenised later
         self._tokenizer: Any = None
 
     def _check_lengths(self) -> None:
