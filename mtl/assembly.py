@@ -52,12 +52,25 @@ class Assembly:
     routes: dict[str, str]
 
 
+def _check_head(model: MTLModel, spec: TaskSpec, key: str) -> None:
+    """A loaded task's head fits its spec (as many outputs as the spec has labels)."""
+    have = model.heads[spec.name].num_outputs
+    if have != head_outputs(spec):
+        raise MTLConfigError(f"{spec.spec_file}: labels: {head_outputs(spec)} labels, but the adapter of "
+                             f"'{spec.name}' loaded for {key} has a head with {have} outputs")
+
+
 def assemble(tasks: list[TaskSpec], backbone: str, adapter: AdapterConfig, *, backbone_dropout: bool = False,
              head_pooling: str = "mean", head_dropout: float = 0.1, load_from: str | None = None,
              overwrite: bool = False, adapter_sharing: str = "per_task", eval_tasks: list[TaskSpec] = (),
-             fusion: FusionSetup | None = None) -> Assembly:
+             fusion: FusionSetup | None = None, continue_training: bool = False) -> Assembly:
     """Load ``load_from`` (frozen for good), add ``tasks`` (or the fusion for the one target task), mark exactly the
-    new parts trainable, and check ``eval_tasks`` against what was loaded."""
+    new parts trainable, and check ``eval_tasks`` against what was loaded.
+
+    With ``continue_training``, a task of ``tasks`` that ``load_from`` already has keeps training from its loaded
+    adapter and head (a shared adapter included) instead of being refused; the continual runner builds every
+    stage this way from the previous stage's export.
+    """
     if adapter_sharing not in ("per_task", "shared"):
         raise MTLConfigError(f"model.adapter_sharing: '{adapter_sharing}', expected per_task or shared")
     if not tasks and not load_from:
@@ -74,8 +87,13 @@ def assemble(tasks: list[TaskSpec], backbone: str, adapter: AdapterConfig, *, ba
                 raise MTLConfigError("model.fusion.unfreeze_adapters: rewrites the fused adapters' files, "
                                      "set model.overwrite: true to allow it")
             keep_training = {("adapter", a) for a in fusion.adapters}
+    if continue_training and fusion is not None:
+        raise MTLConfigError("model.continue_training: not available with model.fusion")
     if load_from:
-        for name in model.load_run(load_from, same_backbone=True):
+        loaded = model.load_run(load_from, same_backbone=True)
+        if continue_training:
+            keep_training |= {part for s in tasks if s.name in loaded for part in model.records[s.name].parts}
+        for name in loaded:
             for part in model.records[name].parts:
                 if part not in keep_training and not model.states[part].frozen:
                     model.freeze(part)
@@ -91,6 +109,9 @@ def assemble(tasks: list[TaskSpec], backbone: str, adapter: AdapterConfig, *, ba
                              head_dropout=head_dropout, labels=spec.labels, spec=spec.to_dict(), overwrite=True)
             continue
         routes[spec.name] = spec.name
+        if spec.name in model.tasks and continue_training:
+            _check_head(model, spec, "data.tasks")
+            continue
         if spec.name in model.tasks and not overwrite:
             raise MTLConfigError(f"task '{spec.name}' is already trained in {load_from} "
                                  f"(set model.overwrite: true to train it again from scratch)")
@@ -102,10 +123,7 @@ def assemble(tasks: list[TaskSpec], backbone: str, adapter: AdapterConfig, *, ba
         if spec.name not in model.tasks:
             raise MTLConfigError(f"data.eval_tasks: task '{spec.name}' has no trained adapter "
                                  f"(expected it under {load_from or 'model.load_from'}/adapters/)")
-        have = model.heads[spec.name].num_outputs
-        if have != head_outputs(spec):
-            raise MTLConfigError(f"{spec.spec_file}: labels: {head_outputs(spec)} labels, but the adapter of "
-                                 f"'{spec.name}' has a head with {have} outputs")
+        _check_head(model, spec, "data.eval_tasks")
         specs[spec.name] = spec
         routes[spec.name] = spec.name
     return Assembly(model, specs, routes)

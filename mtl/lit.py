@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,8 @@ class AdapterTrainer(L.LightningModule):
         fusion: AdapterFusion stage 2 (``name``, ``adapters``, ``config``, ``unfreeze_adapters``): train a fusion
             over adapters loaded from ``load_from`` for the one task in ``tasks``; only the fusion layers and its
             head train.
+        continue_training: a task of ``tasks`` that ``load_from`` already has continues from its loaded adapter and
+            head instead of being refused (how the continual runner trains each stage).
         drop_seed: seed of the per-batch depths drawn for ``adapter.robust_drop``.
         cache_frozen_prefix: compute each training/validation example's hidden states after the first
             ``adapter.drop_first`` layers once (first epoch) and reuse them, so later epochs run only the layers
@@ -68,7 +71,8 @@ class AdapterTrainer(L.LightningModule):
                  head_pooling: str = "mean", head_dropout: float = 0.1, backbone_dropout: bool = False,
                  run_dir: str = "checkpoints/run", overwrite: bool = False, export: bool = True,
                  adapter_sharing: str = "per_task", load_from: str | None = None,
-                 eval_tasks: list[str] | None = None, fusion: FusionSetup | dict | None = None, drop_seed: int = 0,
+                 eval_tasks: list[str] | None = None, fusion: FusionSetup | dict | None = None,
+                 continue_training: bool = False, drop_seed: int = 0,
                  cache_frozen_prefix: bool = False, cache_memory_mb: float = 2048, cache_dtype: str = "float32",
                  prefix_cache_dir: str | None = None) -> None:
         super().__init__()
@@ -83,10 +87,13 @@ class AdapterTrainer(L.LightningModule):
         built = assemble(list(train_specs.values()), backbone, adapter,
                          backbone_dropout=backbone_dropout, head_pooling=head_pooling, head_dropout=head_dropout,
                          load_from=load_from, overwrite=overwrite, adapter_sharing=adapter_sharing,
-                         eval_tasks=[s for n, s in eval_specs.items() if n not in train_specs], fusion=fusion)
+                         eval_tasks=[s for n, s in eval_specs.items() if n not in train_specs], fusion=fusion,
+                         continue_training=continue_training)
         self.model, self.specs, self.routes = built.model, built.specs, built.routes
         self._drop_rng: random.Random | None = None
         self.prefix_cache: PrefixCache | None = None
+        # a continual-learning strategy's regulariser (EWC and the like): loss += extra_loss(self, batch)
+        self.extra_loss: Callable[[AdapterTrainer, dict[str, Any]], torch.Tensor | None] | None = None
         self.val_metrics = self._metrics("val")
         self.test_metrics = self._metrics("test")
 
@@ -129,6 +136,10 @@ class AdapterTrainer(L.LightningModule):
             reg = self.model.value_regularization()
             self.log("train/fusion_reg", reg, batch_size=size)
             loss = loss + reg
+        extra = self.extra_loss(self, batch) if self.extra_loss is not None else None
+        if extra is not None:
+            self.log("train/extra_loss", extra, batch_size=size)
+            loss = loss + extra
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         if len(self.hparams.tasks) > 1:
             self.log(f"train/{route}/loss", loss, batch_size=size)
@@ -257,10 +268,7 @@ class AdapterTrainer(L.LightningModule):
     def on_fit_end(self) -> None:
         if not (self.hparams.export and self.trainer.is_global_zero):
             return
-        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
-        if best and Path(best).is_file():
-            self.load_trainable(best)
-            print(f"restored the best checkpoint before export: {best}")
+        self.restore_best()
         for task, fused, target in self._export_targets():
             if fused:
                 path = self.model.save_fusion(task, self.run_dir, overwrite=self.hparams.overwrite)
@@ -268,6 +276,13 @@ class AdapterTrainer(L.LightningModule):
             else:
                 path = self.model.save_task(task, target.parent, overwrite=self.hparams.overwrite)
             print(f"exported {task} -> {path}")
+
+    def restore_best(self) -> None:
+        """Load the trainable tensors of the best checkpoint the Trainer's checkpoint callback kept, if any."""
+        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
+        if best and Path(best).is_file():
+            self.load_trainable(best)
+            print(f"restored the best checkpoint: {best}")
 
     def _report_attention(self, fusion: str, folder: Path) -> None:
         """Mean fusion attention per layer and adapter on the validation set: a table here, a heatmap in ``folder``."""

@@ -363,6 +363,11 @@ class TaskDataModule(L.LightningDataModule):
                                       num_workers=self.num_workers))
         return loaders
 
+    def first_examples(self, task: str, split: str, rows: int) -> dict[str, Any]:
+        """The first ``rows`` examples of a task's split as one batch (a fixed probe: the same batch every call)."""
+        view = _TaskView(self._dataset(task)[split], task)
+        return self._collator()([view[i] for i in range(min(rows, len(view)))])
+
     def val_dataloader(self) -> list[DataLoader]:
         """One validation loader per task, in the order of ``tasks + eval_tasks``."""
         return self._eval_loaders("validation")
