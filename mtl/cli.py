@@ -149,12 +149,24 @@ def explain_interpolation_error(err: Exception) -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``python train.py``."""
+    """Entry point of ``python train.py``: LightningCLI's fit / validate / test / predict, plus ``continual`` (train a
+    task sequence, `mtl.continual.cli`) and ``compare`` (continual runs side by side)."""
     # resolve ${...} after all sources are merged, so command-line overrides reach interpolated values
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    argv = list(sys.argv[1:] if args is None else args)
     try:
-        for file in config_files(list(sys.argv[1:] if args is None else args)):
+        for file in config_files(argv):
             check_config_file(file)
+        if argv[:1] == ["continual"]:  # the task-sequence runner: its own parser, the same YAML sections
+            from mtl.continual.cli import continual_main
+
+            continual_main(argv[1:])
+            return
+        if argv[:1] == ["compare"]:  # continual runs side by side
+            from mtl.continual.report import compare_main
+
+            compare_main(argv[1:])
+            return
         MTLCLI(AdapterTrainer, TaskDataModule, parser_kwargs={"parser_mode": "omegaconf+"},
                save_config_kwargs={"overwrite": True}, args=args,
                # the task batch sampler shards by rank itself; Lightning must not wrap it

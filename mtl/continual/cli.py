@@ -1,0 +1,78 @@
+"""``python train.py continual --config configs/continual.yaml``: the task-sequence runner from a YAML config.
+
+The config has the sections of ``train.py fit`` (``model``, ``data``, ``trainer``, ``seed_everything``, parsed by
+the same jsonargparse machinery in omegaconf mode) plus ``continual`` (`ContinualConfig`). The keys the runner
+sets itself per stage (the tasks, what is loaded, where adapters go) are not accepted under ``model`` / ``data``.
+"""
+
+from __future__ import annotations
+
+from argparse import ArgumentError
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import ActionConfigFile
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser
+
+from mtl.continual.runner import ContinualConfig, ContinualRunner
+from mtl.data.module import TaskDataModule
+from mtl.errors import MTLConfigError
+from mtl.lit import AdapterTrainer
+from mtl.preflight import writable_folder
+
+# set per stage by the runner (or by the strategy: adapter_sharing)
+RUNNER_MODEL_KEYS = {"tasks", "tasks_dir", "run_dir", "overwrite", "export", "adapter_sharing", "load_from",
+                     "eval_tasks", "fusion", "continue_training"}
+RUNNER_DATA_KEYS = {"tasks", "backbone", "tasks_dir", "eval_tasks", "predict_split", "predict_file",
+                    "predict_text_field", "predict_max_length"}
+
+
+def build_parser() -> LightningArgumentParser:
+    """The parser of the ``continual`` command."""
+    parser = LightningArgumentParser(description="Train a sequence of tasks and measure forgetting",
+                                     exit_on_error=False, allow_abbrev=False, parser_mode="omegaconf+")
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config file")
+    parser.add_argument("--seed_everything", type=int, default=0, help="seed of the fresh adapters and of training")
+    parser.add_class_arguments(ContinualConfig, "continual")
+    parser.add_class_arguments(AdapterTrainer, "model", skip=RUNNER_MODEL_KEYS, instantiate=False)
+    parser.add_class_arguments(TaskDataModule, "data", skip=RUNNER_DATA_KEYS, instantiate=False)
+    parser.add_lightning_class_args(Trainer, "trainer")
+    return parser
+
+
+def _plain(value: Any) -> Any:
+    """A parsed (sub)config as plain dicts and lists."""
+    as_dict = getattr(value, "as_dict", None)
+    return as_dict() if callable(as_dict) else value
+
+
+def continual_main(argv: list[str]) -> dict[str, Any]:
+    """Parse ``argv`` (after ``continual``), run the sequence, return the results."""
+    from mtl.cli import config_files, explain_parse_error  # the fit CLI's one-line parse errors
+
+    parser = build_parser()
+    try:
+        cfg = parser.parse_args(argv)
+    except ArgumentError as err:
+        keys = sorted({a.dest for a in parser._actions})
+        raise MTLConfigError(explain_parse_error(str(err), keys, config_files(argv))) from None
+    settings = yaml.safe_load(parser.dump(cfg, skip_none=False))
+    settings.pop("config", None)
+    config = ContinualConfig(**_plain(cfg.continual))
+    trainer_config = _plain(cfg.trainer)
+    for key in ("default_root_dir",):
+        if trainer_config.get(key):
+            writable_folder(trainer_config[key], f"trainer.{key}")
+
+    def make_trainer(stage: str) -> Trainer:
+        # instantiated again for every stage: fresh callbacks and logger (they keep state between fits)
+        kwargs = dict(vars(parser.instantiate_classes(cfg).trainer))
+        root = Path(kwargs.pop("default_root_dir", None) or Path(config.run_dir) / "lightning")
+        kwargs.setdefault("use_distributed_sampler", False)  # the task batch sampler shards by rank itself
+        return Trainer(default_root_dir=str(root / stage), **kwargs)
+
+    runner = ContinualRunner(config, _plain(cfg.model), _plain(cfg.data), make_trainer, settings,
+                             seed=cfg.seed_everything)
+    return runner.run()

@@ -1,0 +1,382 @@
+"""Reports of a continual-learning run (markdown and heatmap) and a comparison of runs (the `compare` command).
+
+Reads the ``results.json`` that a continual run writes (format 1). Every metric shown is recomputed from the stored
+scores with `mtl.continual.metrics`, so a report and a comparison always agree with the matrices they print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from mtl.atomic import write_bytes_atomic, write_text_atomic
+from mtl.continual.metrics import AccuracyMatrix, accuracy, all_metrics, weighted_accuracy
+from mtl.errors import MTLConfigError
+
+FORMAT_VERSION = 1
+KEYS = ("format_version", "strategy", "order", "stages", "test_sizes", "scores", "metrics", "zero_forgetting", "seed",
+        "config", "wall_time_s", "run_dir")
+SCORES = (("acc", "accuracy"), ("f1", "macro-F1"))
+METRIC_NAMES = {"acc": "ACC", "acc_weighted": "ACC (test-size weighted)",
+                "avg_incremental_acc": "average incremental ACC", "bwt": "BWT", "fwt": "FWT",
+                "forgetting": "forgetting (first vs last)", "forgetting_max": "forgetting (max-based)"}
+COLUMNS = (("acc", "ACC"), ("acc_weighted", "ACC (weighted)"), ("avg_incremental_acc", "avg incr. ACC"), ("bwt", "BWT"),
+           ("fwt", "FWT"), ("forgetting", "forgetting"), ("forgetting_max", "forgetting (max)"),
+           ("intransigence", "intransigence"), ("single_task_transfer", "single-task transfer"))
+PLOTTED = ("acc", "avg_incremental_acc", "bwt", "fwt", "forgetting", "forgetting_max", "intransigence")
+SIGNED = {"bwt", "fwt", "intransigence", "single_task_transfer"}
+FORMULAS = ("BWT and FWT are Lopez-Paz & Ranzato (2017)'s paper formulas: BWT divides by T-1 (the GEM code divides by "
+            "T). Forgetting first vs last is Avalanche's; max-based is Chaudhry et al. (2018)'s.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _vector_problem(value: Any, size: int, where: str) -> str | None:
+    if isinstance(value, list) and len(value) == size and all(_is_number(v) for v in value):
+        return None
+    got = (f"{len(value)} values" if len(value) != size else "a value that is not a number") \
+        if isinstance(value, list) else f"a {type(value).__name__}"
+    return f"{where} must hold {size} numbers, one per task in 'order' (got {got})"
+
+
+def _problem(data: Any) -> str | None:
+    """What is wrong with the content of a results.json, or None."""
+    if not isinstance(data, dict):
+        return f"top level is a {type(data).__name__}, expected a mapping"
+    missing = [key for key in KEYS if key not in data]
+    if missing:
+        return f"missing key(s) {', '.join(missing)}; expected a results.json written by a continual run"
+    if data["format_version"] != FORMAT_VERSION:
+        return f"format_version is {data['format_version']!r}, expected {FORMAT_VERSION}"
+    order, stages, sizes = data["order"], data["stages"], data["test_sizes"]
+    if not isinstance(data["strategy"], str):
+        return "strategy must be a string"
+    if not (isinstance(order, list) and order and all(isinstance(t, str) for t in order)
+            and len(set(order)) == len(order)):
+        return "order must be a non-empty list of distinct task names"
+    if not (isinstance(stages, list) and stages and all(isinstance(s, list) and s and all(
+            isinstance(t, str) and t in order for t in s) for s in stages)):
+        return "stages must be a non-empty list of non-empty lists of tasks named in 'order'"
+    if not (isinstance(sizes, list) and len(sizes) == len(order)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes)):
+        return f"test_sizes must hold {len(order)} positive integers, one per task in 'order'"
+    for key, _ in SCORES:
+        entry = data["scores"].get(key) if isinstance(data["scores"], dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("after"), list) or "before" not in entry:
+            return f"scores.{key} must be a mapping with 'before' and 'after'"
+        if len(entry["after"]) != len(stages):
+            return f"scores.{key}.after has {len(entry['after'])} rows, expected {len(stages)} (one per stage)"
+        vectors = [(f"scores.{key}.before", entry["before"])]
+        vectors += [(f"scores.{key}.after[{i}]", row) for i, row in enumerate(entry["after"])]
+        problem = next(filter(None, (_vector_problem(v, len(order), where) for where, v in vectors)), None)
+        if problem:
+            return problem
+    if not isinstance(data["metrics"], dict):
+        return "metrics must be a mapping"
+    zero = data["zero_forgetting"]
+    if zero is not None and not (isinstance(zero, dict) and isinstance(zero.get("verified"), bool)
+                                 and isinstance(zero.get("tasks"), dict)
+                                 and all(isinstance(v, dict) for v in zero["tasks"].values())):
+        return "zero_forgetting must be null or a mapping with 'verified' (true or false) and 'tasks'"
+    wall = data["wall_time_s"]
+    if not (isinstance(wall, dict) and _is_number(wall.get("total")) and isinstance(wall.get("stages"), list)
+            and len(wall["stages"]) == len(stages) and all(_is_number(s) for s in wall["stages"])):
+        return f"wall_time_s must be a mapping with 'total' and 'stages' ({len(stages)} numbers, one per stage)"
+    if data["run_dir"] is not None and not isinstance(data["run_dir"], str):
+        return "run_dir must be a string"
+    return None
+
+
+def read_results(path: str | Path) -> dict:
+    """Read and check a continual run's results.json, given its run folder or the file itself."""
+    file = Path(path)
+    file = file / "results.json" if file.is_dir() else file
+    if not file.is_file():
+        raise MTLConfigError(f"{file}: not found; expected a continual run folder holding results.json, or the file")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise MTLConfigError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise MTLConfigError(f"{file}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except OSError as err:
+        raise MTLConfigError(f"{file}: cannot be read ({err.strerror})") from None
+    problem = _problem(data)
+    if problem:
+        raise MTLConfigError(f"{file}: {problem}")
+    return data
+
+
+def _sequential(results: dict) -> bool:
+    # a one-task joint run has the same shape as a one-task sequence; its strategy tells them apart
+    return results["strategy"] != "joint" and [list(s) for s in results["stages"]] == [[t] for t in results["order"]]
+
+
+def accuracy_matrix(results: dict, metric: str = "acc") -> AccuracyMatrix | None:
+    """R, b and test sizes of a sequential run (one task per stage, in order); None for any other run."""
+    if not _sequential(results):
+        return None
+    scores = results["scores"][metric]
+    return AccuracyMatrix(tuple(results["order"]), tuple(tuple(row) for row in scores["after"]),
+                          tuple(scores["before"]), tuple(results["test_sizes"]))
+
+
+def _metrics(results: dict, metric: str = "acc", joint: list[float] | None = None,
+             single: list[float] | None = None) -> dict[str, Any]:
+    r = accuracy_matrix(results, metric)
+    if r is not None:
+        return all_metrics(r, joint, single)
+    # accuracy and weighted_accuracy read only the final row: repeated T times it is the T x T matrix they expect
+    final = tuple(results["scores"][metric]["after"][-1])
+    r = AccuracyMatrix(tuple(results["order"]), (final,) * len(final), test_sizes=tuple(results["test_sizes"]))
+    return {"acc": accuracy(r), "acc_weighted": weighted_accuracy(r)}
+
+
+def _stage_labels(results: dict) -> list[str]:
+    everything = sorted(results["order"])
+    return ["after joint (all tasks)" if len(stage) > 1 and sorted(stage) == everything
+            else "after " + " + ".join(stage) for stage in results["stages"]]
+
+
+def _fmt(key: str, value: float | None) -> str:
+    if value is None:
+        return "–"
+    # + 0.0 turns the -0.0 that rounding a tiny negative value gives into 0.0, so it prints as +0.000
+    return f"{round(value, 3) + 0.0:+.3f}" if key in SIGNED else f"{value:.3f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if not _is_number(seconds):
+        return "–"
+    if round(seconds, 1) < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min {secs:02d} s" if hours else f"{minutes} min {secs:02d} s"
+
+
+def _table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    lines = [header, [":---"] * left + ["---:"] * (len(header) - left), *rows]
+    return "\n".join("| " + " | ".join(str(cell).replace("|", "\\|") for cell in line) + " |" for line in lines)
+
+
+def _zero_forgetting_line(zero: dict, order: list[str]) -> str:
+    if zero["verified"]:
+        return ("Zero forgetting: verified (the SHA-256 of every earlier task's tensors and its logits on a probe "
+                "batch are unchanged after the last task).")
+    changed = sorted((t for t, v in zero["tasks"].items() if not v.get("unchanged", False)),
+                     key=lambda t: (order.index(t) if t in order else len(order), t))
+    return (f"Zero forgetting: FAILED for {', '.join(changed) or '(no task named)'} (tensors' SHA-256 or probe-batch "
+            "logits changed after later tasks).")
+
+
+def markdown_report(results: dict) -> str:
+    """A markdown report of one run: score matrices, metrics, wall time, and the zero-forgetting check."""
+    order, labels = results["order"], _stage_labels(results)
+    lines = [f"# Continual run: {results['strategy']} ({' → '.join(order)})", "",
+             f"Seed {results['seed']}, run folder `{results['run_dir']}`. Row `after X` holds every task's test score "
+             "after training X; `before` is the score of the fresh adapters and heads.", ""]
+    for key, title in SCORES:
+        scores = results["scores"][key]
+        rows = [["before", *map("{:.3f}".format, scores["before"])]]
+        rows += [[label, *map("{:.3f}".format, row)] for label, row in zip(labels, scores["after"])]
+        lines += [f"## {title[0].upper()}{title[1:]}", "", _table(["stage", *order], rows), ""]
+    metrics = {key: _metrics(results, key) for key, _ in SCORES}
+    rows = [[name, _fmt(key, metrics["acc"].get(key)), _fmt(key, metrics["f1"].get(key))]
+            for key, name in METRIC_NAMES.items()]
+    lines += ["## Metrics", "", _table(["metric", "accuracy", "macro-F1"], rows), "", FORMULAS, ""]
+    wall = results["wall_time_s"]
+    rows = [["before", _duration(wall.get("before"))],
+            *([label, _duration(seconds)] for label, seconds in zip(labels, wall["stages"])),
+            ["total", _duration(wall["total"])]]
+    lines += ["## Wall time", "", _table(["stage", "wall time"], rows), ""]
+    if results["zero_forgetting"] is not None:
+        lines += [_zero_forgetting_line(results["zero_forgetting"], order), ""]
+    return "\n".join(lines)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def _png(plt: Any, fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _heatmap_png(results: dict) -> bytes:
+    plt = _pyplot()
+    order, labels = results["order"], ["before", *_stage_labels(results)]
+    decimals = 3 if len(order) <= 5 else 2  # 3 decimals do not fit the narrower cells of a long sequence
+    fig, axes = plt.subplots(1, 2, figsize=(3.5 + 2.0 * len(order), 1.5 + 0.4 * len(labels)), layout="constrained")
+    for ax, (key, title) in zip(axes, SCORES):
+        data = [results["scores"][key]["before"], *results["scores"][key]["after"]]
+        image = ax.imshow(data, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
+        ax.set_yticks(range(len(labels)), labels)
+        for i, row in enumerate(data):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.{decimals}f}", ha="center", va="center", fontsize=8,
+                        color="white" if v < 0.6 else "black")
+        ax.set_title(f"{title}: {results['strategy']}")
+    fig.colorbar(image, ax=list(axes))
+    return _png(plt, fig)
+
+
+def save_heatmap(results: dict, path: str | Path) -> None:
+    """One PNG, accuracy and macro-F1 side by side: rows before and after each stage, columns the tasks."""
+    write_bytes_atomic(path, _heatmap_png(results))
+
+
+def write_report(results: dict, folder: str | Path) -> list[Path]:
+    """Write results.md and heatmap.png into ``folder`` (each atomically) and return their paths."""
+    folder = Path(folder)
+    markdown, png = markdown_report(results), _heatmap_png(results)  # both built before either is written
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / "results.md", markdown)
+    write_bytes_atomic(folder / "heatmap.png", png)
+    return [folder / "results.md", folder / "heatmap.png"]
+
+
+def _default_names(runs: list[dict]) -> list[str]:
+    names, seen = [], {}
+    for results in runs:
+        name = Path(results["run_dir"] or "").name or f"{results['strategy']} ({' → '.join(results['order'])})"
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name} ({seen[name]})")  # e.g. two seeds' runs/*/per_task
+    return names
+
+
+def comparison(runs: list[dict], names: list[str] | None = None) -> list[dict]:
+    """One row of accuracy metrics per run; a* and single-task scores come from the first joint and the first per_task
+    run over the same tasks."""
+    names = _default_names(runs) if names is None else list(names)
+    if len(names) != len(runs):
+        raise ValueError(f"{len(names)} names for {len(runs)} runs")
+    rows = []
+    for results, name in zip(runs, names):
+        order, tasks = results["order"], set(results["order"])
+        row = {"name": name, "strategy": results["strategy"], "order": " → ".join(order),
+               "sequential": _sequential(results), **dict.fromkeys(k for k, _ in COLUMNS),
+               "wall_time_s": results["wall_time_s"]["total"], "reference_joint": None, "reference_single": None}
+        joint = single = None
+        if row["sequential"]:
+            ref = next((i for i, other in enumerate(runs) if other["strategy"] == "joint"
+                        and set(other["order"]) == tasks), None)
+            if ref is not None:  # a* is stored in the joint run's task order: take it by task name
+                final = dict(zip(runs[ref]["order"], runs[ref]["scores"]["acc"]["after"][-1]))
+                joint, row["reference_joint"] = [final[task] for task in order], names[ref]
+            ref = next((i for i, other in enumerate(runs) if other["strategy"] == "per_task" and _sequential(other)
+                        and set(other["order"]) == tasks), None)
+            if ref is not None:  # per_task trains each task from a fresh adapter: R[k][k] is "trained on it alone"
+                after = runs[ref]["scores"]["acc"]["after"]
+                diagonal = {task: after[k][k] for k, task in enumerate(runs[ref]["order"])}
+                single, row["reference_single"] = [diagonal[task] for task in order], names[ref]
+        row.update({k: v for k, v in _metrics(results, "acc", joint, single).items() if k in row})
+        rows.append(row)
+    return rows
+
+
+def _reference_note(rows: list[dict], key: str, what: str, none: str) -> str:
+    users: dict[str | None, list[str]] = {}
+    for row in rows:
+        if row["sequential"]:
+            users.setdefault(row[key], []).append(f"`{row['name']}`")
+    parts = [f"{none} for {', '.join(names)}" if ref is None else f"run `{ref}` for {', '.join(names)}"
+             for ref, names in users.items()]
+    return f"- {what}: {'; '.join(parts) or 'no sequential run'}."
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    """A markdown table of runs and their metrics (on accuracy), with footnotes on references and formulas."""
+    header = ["run", "strategy", "order", *(title for _, title in COLUMNS), "wall time"]
+    body = [[row["name"], row["strategy"], row["order"], *(_fmt(key, row[key]) for key, _ in COLUMNS),
+             _duration(row["wall_time_s"])] for row in rows]
+    return "\n".join([
+        _table(header, body, left=3), "",
+        "All metrics are on test accuracy. A joint run trains every task at once: only its ACC is defined.", "",
+        _reference_note(rows, "reference_joint", "Intransigence (Chaudhry et al. 2018), a* = final accuracy of joint "
+                        "run over the same tasks", "no joint run over the same tasks"),
+        _reference_note(rows, "reference_single", "Single-task transfer, score of an adapter trained on each task "
+                        "alone = R[k][k] of per_task run over the same tasks", "no per_task run over the same tasks"),
+        "- Forgetting: first vs last, R[j][j] - R[T-1][j] (Avalanche); forgetting (max): max over l < T-1 of "
+        "R[l][j] - R[T-1][j] (Chaudhry et al. 2018); both averaged over j < T-1.",
+        "- BWT and FWT: Lopez-Paz & Ranzato (2017)'s paper formulas; BWT divides by T-1 (the GEM code divides by T).",
+        ""])
+
+
+def _comparison_png(rows: list[dict]) -> bytes:
+    plt = _pyplot()
+    titles = dict(COLUMNS)
+    fig, ax = plt.subplots(figsize=(3.0 + len(PLOTTED) * (0.5 + 0.12 * len(rows)), 4.5), layout="constrained")
+    width = 0.8 / max(len(rows), 1)
+    for n, row in enumerate(rows):
+        points = [(i + (n - (len(rows) - 1) / 2) * width, row[key]) for i, key in enumerate(PLOTTED)
+                  if row[key] is not None]
+        ax.bar([x for x, _ in points], [v for _, v in points], width, label=row["name"])
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(PLOTTED)), [titles[key] for key in PLOTTED], rotation=20, ha="right")
+    ax.set_ylabel("test accuracy (difference)")
+    ax.set_title("continual runs compared")
+    ax.legend(fontsize=8)
+    return _png(plt, fig)
+
+
+def save_comparison_plot(rows: list[dict], path: str | Path) -> None:
+    """One PNG: a grouped bar chart, one group per metric and one bar per run (metrics a run lacks left out)."""
+    write_bytes_atomic(path, _comparison_png(rows))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print the usage and exit; mtl reports one line
+        raise MTLConfigError(f"compare: {' '.join(message.split())}")
+
+
+def compare_main(argv: list[str]) -> None:
+    """The `compare` command: a markdown table of runs on stdout; with --output also comparison.md and .png there."""
+    parser = _Parser(prog="mtl compare", description="Compare continual-learning runs.", exit_on_error=False,
+                     allow_abbrev=False)
+    parser.add_argument("runs", nargs="*", metavar="RUN", help="a continual run folder, or its results.json")
+    parser.add_argument("--output", metavar="DIR", help="write comparison.md and comparison.png into DIR")
+    parser.add_argument("--names", nargs="+", metavar="NAME", help="one name per RUN (default: run folder names)")
+    try:
+        args = parser.parse_args(argv)
+    except argparse.ArgumentError as err:
+        raise MTLConfigError(f"compare: {' '.join(str(err).split())}") from None
+    if not args.runs:
+        raise MTLConfigError("compare: no RUN given; expected one or more continual run folders (or results.json "
+                             "files)" + (", before --names" if args.names else ""))
+    if args.names is not None and (len(args.names) != len(args.runs) or len(set(args.names)) != len(args.names)):
+        raise MTLConfigError(f"compare: --names gives {len(args.names)} names ({', '.join(args.names)}) for "
+                             f"{len(args.runs)} runs; expected one distinct name per RUN")
+    output = Path(args.output) if args.output is not None else None
+    if output is not None and output.exists() and not output.is_dir():
+        raise MTLConfigError(f"{output}: --output exists and is not a folder")
+    files: list[Path] = []
+    runs = []
+    for run in args.runs:  # every run is read and checked before anything is written
+        file = (Path(run) / "results.json" if Path(run).is_dir() else Path(run)).resolve()
+        if file in files:
+            raise MTLConfigError(f"{run}: given twice (the same results.json as RUN {files.index(file) + 1})")
+        runs.append(read_results(run))
+        files.append(file)
+    rows = comparison(runs, args.names)
+    markdown = comparison_markdown(rows)
+    if output is not None:
+        png = _comparison_png(rows)
+        output.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output / "comparison.md", markdown)
+        write_bytes_atomic(output / "comparison.png", png)
+    print(markdown)

@@ -1,0 +1,288 @@
+"""The task-sequence runner: trains a sequence of tasks stage by stage, evaluates every task after each stage, and
+keeps a resumable state in the run folder.
+
+Every stage is built the same way, with `mtl.assembly.assemble` (through `AdapterTrainer`): load the adapters the
+previous stage exported, keep training the stage's tasks, freeze the rest. The fresh, seeded adapters and heads
+are exported once before the first stage (they give the scores before training, b), so an uninterrupted run and
+one resumed after a kill take exactly the same steps: after each stage the run folder holds that stage's export
+(``steps/NN-<task>/adapters/``) and then ``state.json`` (order, position, R so far, b, times, strategy state),
+both written atomically; ``state.json`` is the commit point.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from mtl.atomic import write_dir_atomic, write_json_atomic
+from mtl.backbone import DEFAULT_BACKBONE
+from mtl.continual.metrics import AccuracyMatrix, all_metrics
+from mtl.continual.report import write_report
+from mtl.continual.strategies import STRATEGIES, build_strategy
+from mtl.data.module import TaskDataModule
+from mtl.data.spec import load_task_specs
+from mtl.errors import MTLConfigError
+from mtl.lit import AdapterTrainer
+from mtl.preflight import writable_folder
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.json"
+RESULTS_FILE = "results.json"
+SCORES = ("acc", "f1")
+# settings that change nothing in the results, so a resumed run may use other values
+RESUME_MAY_CHANGE = ("continual.run_dir", "data.num_workers", "data.cache_dir", "data.eval_batch_size",
+                     "model.prefix_cache_dir", "model.cache_memory_mb", "trainer.enable_progress_bar",
+                     "trainer.enable_model_summary", "trainer.logger", "trainer.log_every_n_steps",
+                     "trainer.default_root_dir")
+
+
+@dataclass
+class ContinualConfig:
+    """A task sequence: the order, the strategy and where the run lives.
+
+    Args:
+        order: task names (``<tasks_dir>/<name>.yaml``) in training order, at least two.
+        strategy: ``per_task`` (a new adapter and head per task, earlier ones frozen), ``shared`` (one adapter
+            trained on every task in turn, a head per task) or ``joint`` (all tasks at once: the upper bound).
+        run_dir: run folder: state.json, each stage's exported adapters, results.json / results.md / heatmap.png.
+        tasks_dir: folder of task specs.
+        probe_size: test examples per task in the fixed probe batch of per_task's zero-forgetting check.
+    """
+
+    order: list[str] = field(default_factory=list)
+    strategy: str = "per_task"
+    run_dir: str = "checkpoints/continual"
+    tasks_dir: str = "tasks"
+    probe_size: int = 16
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one mapping of dotted keys (lists stay values)."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def duration(seconds: float) -> str:
+    """``1 min 05 s`` style."""
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+class ContinualRunner:
+    """Runs one strategy over one task order (see the module docstring); ``run()`` returns the results."""
+
+    def __init__(self, config: ContinualConfig, model_args: dict[str, Any], data_args: dict[str, Any],
+                 make_trainer: Callable[[str], L.Trainer], settings: dict[str, Any], seed: int = 0) -> None:
+        """``make_trainer(stage_name)`` builds a fresh Trainer with fresh callbacks; ``settings`` is the flat
+        configuration a resumed run must match."""
+        self.config, self.seed = config, seed
+        self.model_args, self.data_args = dict(model_args), dict(data_args)
+        self.make_trainer = make_trainer
+        self.run_dir = Path(config.run_dir)
+        self.order = list(config.order)
+        self.settings = {k: v for k, v in _json(flatten(settings)).items() if k not in RESUME_MAY_CHANGE}
+        self.strategy = None
+        self.stages: list[list[str]] = []
+
+    # ---- checks before any work -------------------------------------------------------------------------
+    def check(self) -> dict[str, Any] | None:
+        """Find every mistake the configuration holds before anything is written; returns a saved state to resume."""
+        config = self.config
+        if config.strategy not in STRATEGIES:
+            raise MTLConfigError(f"continual.strategy: '{config.strategy}', expected one of {', '.join(STRATEGIES)}")
+        if len(self.order) < 2:
+            raise MTLConfigError(f"continual.order: {self.order} has {len(self.order)} task(s), expected at least 2 "
+                                 "(backward / forward transfer and forgetting compare tasks)")
+        if config.probe_size < 1:
+            raise MTLConfigError(f"continual.probe_size: got {config.probe_size}, expected an int >= 1")
+        specs = load_task_specs("continual.order", self.order, config.tasks_dir)
+        for spec in specs.values():
+            missing = [m for m in SCORES if m not in spec.metrics]
+            if spec.problem != "classification" or missing:
+                raise MTLConfigError(f"{spec.spec_file}: problem {spec.problem} with metrics {spec.metrics}, expected a "
+                                     "classification task with metrics acc and f1 (the accuracy matrix needs both)")
+        self.strategy = build_strategy(config.strategy, config.probe_size)
+        self.stages = self.strategy.stages(self.order)
+        self.settings.update(_json(flatten({"tasks": {n: s.to_dict() for n, s in specs.items()}})))
+        writable_folder(self.run_dir, "continual.run_dir")
+        state = self._read_state()
+        self._data([], self.order).check_before("fit")  # reads every task's data now: a bad file stops us here
+        return state
+
+    def _read_state(self) -> dict[str, Any] | None:
+        file = self.run_dir / STATE_FILE
+        if not file.is_file():
+            if self.run_dir.is_dir() and any(p for p in self.run_dir.iterdir() if p.name not in ("steps", "lightning")):
+                raise MTLConfigError(f"continual.run_dir: {self.run_dir} holds files but no {STATE_FILE}, expected an "
+                                     "empty folder or a continual run to resume")
+            return None
+        try:
+            state = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise MTLConfigError(f"{file}: unreadable ({err}), expected the state of a continual run") from None
+        if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "settings" not in state:
+            raise MTLConfigError(f"{file}: not a continual-run state of format {FORMAT_VERSION}")
+        saved, now = state["settings"], self.settings
+        for key in [*saved, *(k for k in now if k not in saved)]:
+            if saved.get(key) != now.get(key):
+                raise MTLConfigError(f"{file}: {key} is {saved.get(key)!r} in the saved run but {now.get(key)!r} in the "
+                                     "configuration; resume with the same settings or use another continual.run_dir")
+        return state
+
+    # ---- building blocks ----------------------------------------------------------------------------------
+    def _data(self, train: list[str], evaluate: list[str]) -> TaskDataModule:
+        backbone = self.model_args.get("backbone", DEFAULT_BACKBONE)
+        return TaskDataModule(tasks=train, eval_tasks=evaluate, backbone=backbone, tasks_dir=self.config.tasks_dir,
+                              **self.data_args)
+
+    def _module(self, train: list[str], load_from: Path | None) -> AdapterTrainer:
+        # the one way models are built (assemble, through AdapterTrainer): fresh tasks, or the previous stage's export
+        return AdapterTrainer(tasks=train, eval_tasks=[t for t in self.order if t not in train],
+                              tasks_dir=self.config.tasks_dir, run_dir=str(self.run_dir), export=False,
+                              adapter_sharing=self.strategy.adapter_sharing,
+                              load_from=None if load_from is None else str(load_from),
+                              continue_training=load_from is not None, **self.model_args)
+
+    def _evaluate(self, trainer: L.Trainer, module: AdapterTrainer, data: TaskDataModule) -> dict[str, list[float]]:
+        """Every task of the sequence on its test split: accuracy and macro-F1, in ``order``."""
+        trainer.test(module, datamodule=data, verbose=False)
+        metrics = trainer.callback_metrics
+        return {m: [float(metrics[f"test/{task}/{m}"]) for task in self.order] for m in SCORES}
+
+    def _export(self, module: AdapterTrainer, name: str) -> str:
+        """Every task's adapter and head into ``steps/<name>/adapters/`` (atomic); returns the folder, relative."""
+        def fill(folder: Path) -> None:
+            for task in self.order:
+                module.model.save_task(task, folder / "adapters")
+
+        write_dir_atomic(self.run_dir / "steps" / name, fill)
+        return f"steps/{name}"
+
+    def _stage_name(self, index: int) -> str:
+        tasks = self.stages[index]
+        return f"{index + 1:02d}-{tasks[0] if len(tasks) == 1 else self.strategy.name}"
+
+    # ---- the run ----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Check, then train and evaluate every remaining stage, then write results.json and the report."""
+        state = self.check()
+        total = len(self.stages)
+        print(f"continual: strategy {self.config.strategy}, {len(self.order)} tasks in {total} stage(s): "
+              f"{' -> '.join(self.order)}; run folder {self.run_dir}")
+        if state is None:
+            state = self._before()
+        else:
+            self.strategy.state = state["strategy_state"]
+            print(f"continual: resuming after stage {state['completed']}/{total} ({self.run_dir / STATE_FILE})")
+        for index in range(state["completed"], total):
+            state = self._stage(index, state)
+        return self._finish(state)
+
+    def _new_state(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "settings": self.settings, "strategy": self.config.strategy,
+                "order": self.order, "stages": self.stages, "seed": self.seed, "completed": 0, "steps": [],
+                "before": {}, "after": {m: [] for m in SCORES}, "test_sizes": [],
+                "wall_time_s": {"before": 0.0, "stages": []}, "strategy_state": {}}
+
+    def _save(self, state: dict[str, Any]) -> None:
+        state["strategy_state"] = self.strategy.state
+        write_json_atomic(self.run_dir / STATE_FILE, state)
+
+    def _before(self) -> dict[str, Any]:
+        """Fresh seeded adapters and heads for every task: evaluated (b) and exported as the starting point."""
+        start = time.monotonic()
+        L.seed_everything(self.seed, verbose=False)
+        module, data = self._module(self.order, None), self._data([], self.order)
+        trainer = self.make_trainer("00-before")
+        state = self._new_state()
+        state["before"] = self._evaluate(trainer, module, data)
+        state["test_sizes"] = [len(data.task_datasets[t]["test"]) for t in self.order]
+        state["steps"].append(self._export(module, "00-before"))
+        state["wall_time_s"]["before"] = time.monotonic() - start
+        self._save(state)
+        print(f"[before] accuracy with fresh adapters and heads: {_row(state['before']['acc'])}")
+        return state
+
+    def _stage(self, index: int, state: dict[str, Any]) -> dict[str, Any]:
+        """Train stage ``index`` from the previous stage's export, evaluate every task, export, save the state."""
+        start = time.monotonic()
+        tasks, total, name = self.stages[index], len(self.stages), self._stage_name(index)
+        print(f"[stage {index + 1}/{total}] training {', '.join(tasks)} ({self.strategy.description})")
+        L.seed_everything(self.seed + index, verbose=False)
+        module = self._module(tasks, self.run_dir / state["steps"][-1])
+        data = self._data(tasks, [t for t in self.order if t not in tasks])
+        self.strategy.before_task(index, tasks, module, data)
+        trainer = self.make_trainer(name)
+        trainer.fit(module, datamodule=data)
+        module.restore_best()
+        scores = self._evaluate(trainer, module, data)
+        self.strategy.after_task(index, tasks, module, data)
+        state["steps"].append(self._export(module, name))
+        for m in SCORES:
+            state["after"][m].append(scores[m])
+        state["wall_time_s"]["stages"].append(time.monotonic() - start)
+        state["completed"] = index + 1
+        self._save(state)
+        times = state["wall_time_s"]["stages"]
+        left = sum(times) / len(times) * (total - index - 1)
+        print(f"[stage {index + 1}/{total}] {', '.join(tasks)} done in {duration(times[-1])}; accuracy "
+              f"{_row(scores['acc'])}; about {duration(left)} left")
+        return state
+
+    def _finish(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Verify what the strategy promises on the final export, then write results.json and the report."""
+        final = self.run_dir / state["steps"][-1]
+        check = self.strategy.verify(self._module([], final), self._data([], self.order))
+        results = self.results(state, check)
+        write_json_atomic(self.run_dir / RESULTS_FILE, results)
+        paths = write_report(results, self.run_dir)
+        acc = results["metrics"]["acc"]
+        print(f"continual: ACC {acc['acc']:.3f}" + (f", BWT {acc['bwt']:+.3f}" if acc.get("bwt") is not None else "")
+              + (f", zero forgetting {'verified' if check['verified'] else 'FAILED'}" if check else "")
+              + f"; wrote {self.run_dir / RESULTS_FILE}, " + ", ".join(str(p) for p in paths))
+        if check is not None and not check["verified"]:
+            changed = [t for t, v in check["tasks"].items() if not v["unchanged"]]
+            raise RuntimeError(f"per_task forgetting check failed: {changed} changed after they were trained")
+        return results
+
+    def results(self, state: dict[str, Any], check: dict[str, Any] | None) -> dict[str, Any]:
+        """The results.json record of a finished run."""
+        sequential = len(self.stages) == len(self.order)
+        metrics = {}
+        for m in SCORES:
+            after = [list(row) for row in state["after"][m]]
+            if sequential:
+                matrix = AccuracyMatrix(tuple(self.order), tuple(map(tuple, after)), tuple(state["before"][m]),
+                                        tuple(state["test_sizes"]))
+                metrics[m] = all_metrics(matrix)
+            else:
+                final, sizes = after[-1], state["test_sizes"]
+                metrics[m] = {"acc": sum(final) / len(final),
+                              "acc_weighted": sum(a * n for a, n in zip(final, sizes)) / sum(sizes)}
+        times = state["wall_time_s"]
+        return {"format_version": FORMAT_VERSION, "strategy": self.config.strategy, "order": self.order,
+                "stages": self.stages, "test_sizes": state["test_sizes"],
+                "scores": {m: {"before": state["before"][m], "after": state["after"][m]} for m in SCORES},
+                "metrics": metrics, "zero_forgetting": check, "seed": self.seed, "config": self.settings,
+                "wall_time_s": {"before": times["before"], "stages": times["stages"],
+                                "total": times["before"] + sum(times["stages"])},
+                "run_dir": str(self.run_dir), "steps": state["steps"]}
+
+
+def _json(data: dict[str, Any]) -> dict[str, Any]:
+    """As it reads back from JSON (tuples become lists), so a saved state compares equal."""
+    return json.loads(json.dumps(data, default=str))
+
+
+def _row(values: list[float]) -> str:
+    return " ".join(f"{v:.3f}" for v in values)

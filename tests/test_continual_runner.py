@@ -1,0 +1,207 @@
+"""The task-sequence runner on a tiny backbone: strategies, the checked zero forgetting, resume after a real
+SIGKILL, refused config changes on resume, and bad input (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtl import storage
+from tests.conftest import keyword_task
+from tests.test_hardening import error_line, run_cli, tree
+
+ROOT = Path(__file__).resolve().parent.parent
+ORDER = ["keyword", "colour", "animal"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir, tmp_path_factory) -> Path:
+    """A folder with three keyword tasks and the base config of a 3-task sequence on the tiny backbone."""
+    root = tmp_path_factory.mktemp("continual")
+    tasks = root / "tasks"
+    tasks.mkdir()
+    keyword_task(tasks, "keyword", ["bad", "good"])
+    keyword_task(tasks, "colour", ["red", "blue", "pink"], rows=180, seed=1)
+    keyword_task(tasks, "animal", ["cat", "dog"], rows=160, seed=2)
+    (root / "base.yaml").write_text(f"""
+seed_everything: 0
+continual: {{order: [{', '.join(ORDER)}], strategy: per_task, run_dir: {root / 'run'}, tasks_dir: {tasks}}}
+model: {{backbone: {tiny_dir}, lr: 1.0e-2}}
+data: {{batch_size: 16, cache_dir: {root / 'cache'}}}
+trainer:
+  max_epochs: 2
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  limit_val_batches: 0
+  callbacks: [{{class_path: tests.kill_switch.KillSwitch}}]
+""")
+    return root
+
+
+def run(setup: Path, capsys, run_dir: Path, *extra: str) -> tuple[int, list[str]]:
+    return run_cli(["continual", "--config", str(setup / "base.yaml"), "--continual.run_dir", str(run_dir), *extra],
+                   capsys)
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def weights(run_dir: Path, step: str, task: str) -> bytes:
+    return (run_dir / "steps" / step / "adapters" / task / storage.ADAPTER_WEIGHTS).read_bytes()
+
+
+def tensors(run_dir: Path, step: str, task: str) -> dict:
+    return storage.read_tensors(run_dir / "steps" / step / "adapters" / task / storage.ADAPTER_WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def per_task(setup, tmp_path_factory) -> Path:
+    """One uninterrupted per_task run (the reference for the resume tests)."""
+    run_dir = tmp_path_factory.mktemp("per_task") / "run"
+    from mtl.cli import main
+    main(["continual", "--config", str(setup / "base.yaml"), "--continual.run_dir", str(run_dir)])
+    return run_dir
+
+
+def test_per_task_forgets_nothing_and_says_verified(per_task):
+    out = results(per_task)
+    acc = out["scores"]["acc"]
+    r, b = acc["after"], acc["before"]
+    assert out["stages"] == [[t] for t in ORDER] and len(r) == 3 and all(len(row) == 3 for row in r)
+    assert out["metrics"]["acc"]["bwt"] == 0.0 and out["metrics"]["f1"]["bwt"] == 0.0
+    assert out["metrics"]["acc"]["forgetting"] == 0.0 and out["metrics"]["acc"]["forgetting_max"] == 0.0
+    # a task not trained yet still has its fresh adapter and head: exactly its score before training
+    assert all(r[i][j] == b[j] for i in range(3) for j in range(i + 1, 3))
+    assert out["metrics"]["acc"]["fwt"] == 0.0
+    assert r[2][0] > b[0]  # training did something
+    assert out["zero_forgetting"]["verified"] is True
+    assert set(out["zero_forgetting"]["tasks"]) == set(ORDER)
+    assert "Zero forgetting: verified" in (per_task / "results.md").read_text()
+    assert (per_task / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    # an earlier task's exported adapter and head are the same bytes after every later stage
+    assert weights(per_task, "01-keyword", "keyword") == weights(per_task, "03-animal", "keyword")
+    assert weights(per_task, "02-colour", "colour") == weights(per_task, "03-animal", "colour")
+    assert weights(per_task, "00-before", "animal") == weights(per_task, "02-colour", "animal")
+    assert weights(per_task, "00-before", "keyword") != weights(per_task, "01-keyword", "keyword")
+
+
+def test_shared_trains_one_adapter_in_turn(setup, tmp_path, capsys):
+    run_dir = tmp_path / "shared"
+    code, lines = run(setup, capsys, run_dir, "--continual.strategy", "shared")
+    assert code == 0, lines
+    out = results(run_dir)
+    adapter = [k for k in tensors(run_dir, "01-keyword", "keyword") if not k.startswith("head")]
+    head = [k for k in tensors(run_dir, "01-keyword", "keyword") if k.startswith("head")]
+    assert adapter and head
+    first, last = tensors(run_dir, "01-keyword", "keyword"), tensors(run_dir, "03-animal", "keyword")
+    assert all(first[k].equal(last[k]) for k in head)  # keyword's head is frozen after its stage
+    assert not all(first[k].equal(last[k]) for k in adapter)  # the one adapter kept training
+    # every task's folder holds the same shared adapter
+    assert all(tensors(run_dir, "03-animal", t)[k].equal(last[k]) for t in ORDER for k in adapter)
+    r = out["scores"]["acc"]["after"]
+    assert out["metrics"]["acc"]["bwt"] == pytest.approx(sum(r[2][j] - r[j][j] for j in range(2)) / 2, abs=1e-12)
+    assert out["zero_forgetting"] is None
+
+
+def test_joint_is_one_stage_over_every_task(setup, tmp_path, capsys):
+    run_dir = tmp_path / "joint"
+    code, lines = run(setup, capsys, run_dir, "--continual.strategy", "joint")
+    assert code == 0, lines
+    out = results(run_dir)
+    assert out["stages"] == [ORDER] and len(out["scores"]["acc"]["after"]) == 1
+    assert set(out["metrics"]["acc"]) == {"acc", "acc_weighted"}
+    final = out["scores"]["acc"]["after"][0]
+    assert out["metrics"]["acc"]["acc"] == pytest.approx(sum(final) / 3)
+    assert all(weights(run_dir, "00-before", t) != weights(run_dir, "01-joint", t) for t in ORDER)
+
+
+@pytest.mark.parametrize("kill_at, done", [("02-colour:train:3", 1), ("03-animal:test:0", 2)])
+def test_resume_after_sigkill_gives_the_same_run(setup, per_task, tmp_path, kill_at, done):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "train.py", "continual", "--config", str(setup / "base.yaml"),
+               "--continual.run_dir", str(run_dir)]
+    killed = subprocess.run(command, cwd=ROOT, env={**os.environ, "MTL_TEST_KILL_AT": kill_at},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["completed"] == done and not (run_dir / "results.json").exists()
+    resumed = subprocess.run(command, cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "MTL_TEST_KILL_AT"},
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming after stage {done}/3" in resumed.stdout
+    want, got = results(per_task), results(run_dir)
+    assert got["scores"] == want["scores"]  # R, b, for accuracy and macro-F1: exactly
+    assert got["zero_forgetting"]["verified"] is True
+    for task in ORDER:
+        assert weights(run_dir, "03-animal", task) == weights(per_task, "03-animal", task)
+
+
+@pytest.mark.parametrize("change, key", [
+    (["--continual.order", "[colour, keyword, animal]"], "continual.order"),
+    (["--continual.strategy", "shared"], "continual.strategy"),
+    (["--model.lr", "0.5"], "model.lr"),
+])
+def test_a_changed_config_on_resume_is_one_line(setup, per_task, capsys, change, key):
+    before = tree(per_task)
+    code, lines = run(setup, capsys, per_task, *change)
+    assert code == 2 and len(lines) == 1
+    assert "state.json" in error_line(lines) and key in error_line(lines)
+    assert tree(per_task) == before
+
+
+def test_a_changed_task_spec_on_resume_is_one_line(setup, tiny_dir, tmp_path, capsys):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, labels, rows, seed in (("keyword", ["bad", "good"], 240, 0), ("colour", ["red", "blue", "pink"], 180, 1)):
+        keyword_task(tasks, name, labels, rows=rows, seed=seed)
+    args = ["--continual.order", "[keyword, colour]", "--continual.tasks_dir", str(tasks)]
+    assert run(setup, capsys, tmp_path / "run", *args)[0] == 0
+    spec = tasks / "colour.yaml"
+    spec.write_text(spec.read_text().replace("max_length: 16", "max_length: 12"))
+    before = tree(tmp_path / "run")
+    code, lines = run(setup, capsys, tmp_path / "run", *args)
+    assert code == 2 and len(lines) == 1 and "tasks.colour.max_length" in error_line(lines)
+    assert tree(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--continual.order", "[]"], "continual.order: [] has 0 task(s), expected at least 2"),
+    (["--continual.order", "[keyword]"], "continual.order: ['keyword'] has 1 task(s), expected at least 2"),
+    (["--continual.order", "[keyword, colour, keyword]"], "continual.order: task 'keyword' given twice"),
+    (["--continual.strategy", "ewc_typo"], "continual.strategy: 'ewc_typo', expected one of per_task, shared, joint"),
+    (["--continual.order", "[keyword, nosuch]"], "task 'nosuch' not found"),
+    (["--continual.probe_size", "0"], "continual.probe_size: got 0"),
+    (["--continual.ordr", "[a, b]"], "--continual.ordr: unknown option, did you mean '--continual.order'?"),
+    (["--model.tasks", "[keyword]"], "--model.tasks: unknown option"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(setup, tmp_path, capsys, args, expected):
+    code, lines = run(setup, capsys, tmp_path / "run", *args)
+    assert code == 2 and len(lines) == 1 and expected in error_line(lines), lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_with_other_files_is_refused(setup, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    code, lines = run(setup, capsys, tmp_path / "run")
+    assert code == 2 and "holds files but no state.json" in error_line(lines)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]
+
+
+def test_compare_puts_runs_side_by_side(setup, per_task, tmp_path, capsys):
+    code, _ = run(setup, capsys, tmp_path / "joint", "--continual.strategy", "joint")
+    assert code == 0
+    code, lines = run_cli(["compare", str(per_task), str(tmp_path / "joint"), "--output", str(tmp_path / "cmp")],
+                          capsys)
+    assert code == 0, lines
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["comparison.md", "comparison.png"]
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "per_task" in table and "joint" in table
