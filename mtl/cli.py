@@ -56,8 +56,9 @@ class MTLCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            sub = next((a for a in argv if a in self._subcommand_parsers), None)
-            keys = sorted({a.dest for a in self._subcommand_parsers.get(sub, parser)._actions})
+            subcommands = getattr(self, "_subcommand_parsers", {})  # none with run=False
+            sub = next((a for a in argv if a in subcommands), None)
+            keys = sorted({a.dest for a in subcommands.get(sub, parser)._actions})
             raise MTLConfigError(explain_parse_error(str(err), keys, config_files(argv))) from None
 
 

@@ -7,13 +7,16 @@ from pathlib import Path
 import pytest
 
 from mtl.cli import MTLCLI, main
+from mtl.continual.cli import build_parser
+from mtl.continual.runner import ContinualConfig, ContinualRunner
 from mtl.data.module import TaskDataModule
 from mtl.data.spec import load_task_spec
 from mtl.lit import AdapterTrainer
 from mtl.model import MTLModel
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "\ncontinual:" not in p.read_text())
+CONTINUAL_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "\ncontinual:" in p.read_text())
 TASKS = sorted((ROOT / "tasks").glob("*.yaml"))
 
 
@@ -46,6 +49,20 @@ def test_config_builds(path, monkeypatch, trained_run, tmp_path):
         assert cli.model.model.trainable_tasks() == [fusion["name"]]
     # the interpolated trainer folder follows the command-line override of model.run_dir
     assert cli.trainer.default_root_dir.startswith("/tmp/mtl-config-check")
+
+
+@pytest.mark.parametrize("path", CONTINUAL_CONFIGS, ids=[p.name for p in CONTINUAL_CONFIGS])
+def test_continual_config_builds(path, monkeypatch, tmp_path):
+    """A ``train.py continual`` config parses, passes every check before work, and builds its first model."""
+    monkeypatch.chdir(ROOT)
+    parser = build_parser()
+    cfg = parser.parse_args(["--config", str(path), "--continual.run_dir", str(tmp_path / "run")])
+    runner = ContinualRunner(ContinualConfig(**cfg.continual.as_dict()), cfg.model.as_dict(), cfg.data.as_dict(),
+                             make_trainer=None, settings={})
+    assert runner.check() is None  # nothing to resume
+    assert len(runner.stages) >= 1 and not (tmp_path / "run").exists()
+    module = runner._module(runner.order, None)
+    assert sorted(module.model.tasks) == sorted(module.model.trainable_tasks()) == sorted(runner.order)
 
 
 @pytest.mark.parametrize("path", TASKS, ids=[p.name for p in TASKS])
