@@ -62,9 +62,8 @@ def continual_main(argv: list[str]) -> dict[str, Any]:
     settings.pop("config", None)
     config = ContinualConfig(**_plain(cfg.continual))
     trainer_config = _plain(cfg.trainer)
-    for key in ("default_root_dir",):
-        if trainer_config.get(key):
-            writable_folder(trainer_config[key], f"trainer.{key}")
+    if trainer_config.get("default_root_dir"):
+        writable_folder(trainer_config["default_root_dir"], "trainer.default_root_dir")
 
     def make_trainer(stage: str) -> Trainer:
         # instantiated again for every stage: fresh callbacks and logger (they keep state between fits)

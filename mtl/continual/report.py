@@ -126,8 +126,9 @@ def accuracy_matrix(results: dict, metric: str = "acc") -> AccuracyMatrix | None
                           tuple(scores["before"]), tuple(results["test_sizes"]))
 
 
-def _metrics(results: dict, metric: str = "acc", joint: list[float] | None = None,
-             single: list[float] | None = None) -> dict[str, Any]:
+def run_metrics(results: dict, metric: str = "acc", joint: list[float] | None = None,
+                single: list[float] | None = None) -> dict[str, Any]:
+    """Every metric of a run on ``metric`` scores: all of `all_metrics` for a sequential run, ACC for a joint one."""
     r = accuracy_matrix(results, metric)
     if r is not None:
         return all_metrics(r, joint, single)
@@ -186,7 +187,7 @@ def markdown_report(results: dict) -> str:
         rows = [["before", *map("{:.3f}".format, scores["before"])]]
         rows += [[label, *map("{:.3f}".format, row)] for label, row in zip(labels, scores["after"])]
         lines += [f"## {title[0].upper()}{title[1:]}", "", _table(["stage", *order], rows), ""]
-    metrics = {key: _metrics(results, key) for key, _ in SCORES}
+    metrics = {key: run_metrics(results, key) for key, _ in SCORES}
     rows = [[name, _fmt(key, metrics["acc"].get(key)), _fmt(key, metrics["f1"].get(key))]
             for key, name in METRIC_NAMES.items()]
     lines += ["## Metrics", "", _table(["metric", "accuracy", "macro-F1"], rows), "", FORMULAS, ""]
@@ -284,7 +285,7 @@ def comparison(runs: list[dict], names: list[str] | None = None) -> list[dict]:
                 after = runs[ref]["scores"]["acc"]["after"]
                 diagonal = {task: after[k][k] for k, task in enumerate(runs[ref]["order"])}
                 single, row["reference_single"] = [diagonal[task] for task in order], names[ref]
-        row.update({k: v for k, v in _metrics(results, "acc", joint, single).items() if k in row})
+        row.update({k: v for k, v in run_metrics(results, "acc", joint, single).items() if k in row})
         rows.append(row)
     return rows
 

@@ -22,8 +22,7 @@ import lightning as L
 
 from mtl.atomic import write_dir_atomic, write_json_atomic
 from mtl.backbone import DEFAULT_BACKBONE
-from mtl.continual.metrics import AccuracyMatrix, all_metrics
-from mtl.continual.report import write_report
+from mtl.continual.report import run_metrics, write_report
 from mtl.continual.strategies import STRATEGIES, build_strategy
 from mtl.data.module import TaskDataModule
 from mtl.data.spec import load_task_specs
@@ -221,6 +220,7 @@ class ContinualRunner:
         L.seed_everything(self.seed + index, verbose=False)
         module = self._module(tasks, self.run_dir / state["steps"][-1])
         data = self._data(tasks, [t for t in self.order if t not in tasks])
+        module.extra_loss = self.strategy.extra_loss
         self.strategy.before_task(index, tasks, module, data)
         trainer = self.make_trainer(name)
         trainer.fit(module, datamodule=data)
@@ -257,26 +257,16 @@ class ContinualRunner:
 
     def results(self, state: dict[str, Any], check: dict[str, Any] | None) -> dict[str, Any]:
         """The results.json record of a finished run."""
-        sequential = len(self.stages) == len(self.order)
-        metrics = {}
-        for m in SCORES:
-            after = [list(row) for row in state["after"][m]]
-            if sequential:
-                matrix = AccuracyMatrix(tuple(self.order), tuple(map(tuple, after)), tuple(state["before"][m]),
-                                        tuple(state["test_sizes"]))
-                metrics[m] = all_metrics(matrix)
-            else:
-                final, sizes = after[-1], state["test_sizes"]
-                metrics[m] = {"acc": sum(final) / len(final),
-                              "acc_weighted": sum(a * n for a, n in zip(final, sizes)) / sum(sizes)}
         times = state["wall_time_s"]
-        return {"format_version": FORMAT_VERSION, "strategy": self.config.strategy, "order": self.order,
-                "stages": self.stages, "test_sizes": state["test_sizes"],
-                "scores": {m: {"before": state["before"][m], "after": state["after"][m]} for m in SCORES},
-                "metrics": metrics, "zero_forgetting": check, "seed": self.seed, "config": self.settings,
-                "wall_time_s": {"before": times["before"], "stages": times["stages"],
-                                "total": times["before"] + sum(times["stages"])},
-                "run_dir": str(self.run_dir), "steps": state["steps"]}
+        results = {"format_version": FORMAT_VERSION, "strategy": self.config.strategy, "order": self.order,
+                   "stages": self.stages, "test_sizes": state["test_sizes"],
+                   "scores": {m: {"before": state["before"][m], "after": state["after"][m]} for m in SCORES},
+                   "metrics": {}, "zero_forgetting": check, "seed": self.seed, "config": self.settings,
+                   "wall_time_s": {"before": times["before"], "stages": times["stages"],
+                                   "total": times["before"] + sum(times["stages"])},
+                   "run_dir": str(self.run_dir), "steps": state["steps"]}
+        results["metrics"] = {m: run_metrics(results, m) for m in SCORES}
+        return results
 
 
 def _json(data: dict[str, Any]) -> dict[str, Any]:

@@ -34,7 +34,6 @@ class Strategy:
 
     def before_task(self, stage: int, tasks: list[str], module: AdapterTrainer, data: TaskDataModule) -> None:
         """Called after the stage's module and data are built, before its Trainer fits."""
-        module.extra_loss = self.extra_loss
 
     def extra_loss(self, module: AdapterTrainer, batch: dict[str, Any]) -> torch.Tensor | None:
         """A term added to each training step's loss (None: nothing)."""

@@ -1,0 +1,90 @@
+"""Continual learning on the offline sequence: every strategy, two task orders, the same budget.
+
+Runs ``train.py continual`` once per (order, strategy), each in its own process, one after another, then
+``train.py compare`` per order. Prints each run's accuracy matrix and the comparison tables, and copies the heatmaps
+and comparison plots to ``--figures``. A finished run is reused (delete ``--out`` or pass ``--fresh`` to redo).
+
+    python benchmarks/continual_sequence.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str]) -> float:
+    """``train.py args`` in a subprocess (output to the terminal); its wall time in seconds."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, check=True)
+    return time.perf_counter() - start
+
+
+def matrix_table(results: dict) -> str:
+    """The accuracy matrix R (with b) as markdown."""
+    order = results["order"]
+    acc = results["scores"]["acc"]
+    lines = ["| after \\ on | " + " | ".join(order) + " |", "|---|" + "---:|" * len(order),
+             "| before | " + " | ".join(f"{v:.3f}" for v in acc["before"]) + " |"]
+    for stage, row in zip(results["stages"], acc["after"]):
+        label = stage[0] if len(stage) == 1 else "all (joint)"
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/continual.yaml")
+    parser.add_argument("--out", default="checkpoints/bench-continual")
+    parser.add_argument("--figures", default="benchmarks/figures/continual")
+    parser.add_argument("--strategies", nargs="+", default=["per_task", "shared", "joint"])
+    parser.add_argument("--fresh", action="store_true", help="delete --out first")
+    args = parser.parse_args()
+    out, figures = ROOT / args.out, ROOT / args.figures
+    if args.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    first = yaml.safe_load((ROOT / args.config).read_text())["continual"]["order"]
+    orders = {"A": first, "B": list(reversed(first))}
+    figures.mkdir(parents=True, exist_ok=True)
+    walls: dict[str, float] = {}
+    start = time.perf_counter()
+    for tag, order in orders.items():
+        for strategy in args.strategies:
+            run_dir = out / tag / strategy
+            if (run_dir / "results.json").is_file():
+                print(f"reusing {run_dir}")
+                continue
+            walls[f"{tag}/{strategy}"] = run(["continual", "--config", args.config, "--continual.order",
+                                              f"[{', '.join(order)}]", "--continual.strategy", strategy,
+                                              "--continual.run_dir", str(run_dir),
+                                              "--trainer.enable_progress_bar", "false"])
+    total = time.perf_counter() - start
+    report = []
+    for tag, order in orders.items():
+        runs = [out / tag / s for s in args.strategies]
+        run(["compare", *map(str, runs), "--output", str(out / tag), "--names",
+             *[f"{s} ({tag})" for s in args.strategies]])
+        shutil.copy(out / tag / "comparison.png", figures / f"comparison-{tag}.png")
+        report.append(f"### Order {tag}: {' → '.join(order)}\n\n" + (out / tag / "comparison.md").read_text())
+        for strategy, run_dir in zip(args.strategies, runs):
+            results = json.loads((run_dir / "results.json").read_text())
+            shutil.copy(run_dir / "heatmap.png", figures / f"heatmap-{tag}-{strategy}.png")
+            check = results["zero_forgetting"]
+            note = "" if check is None else f" (zero forgetting: {'verified' if check['verified'] else 'FAILED'})"
+            report.append(f"R, accuracy, {strategy}, order {tag}{note}:\n\n{matrix_table(results)}\n")
+    print("\n\n".join(report))
+    print("\nprocess wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
+    print(f"whole comparison: {total / 60:.1f} min (runs made in this call: {len(walls)})")
+
+
+if __name__ == "__main__":
+    main()
