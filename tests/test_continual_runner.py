@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mtl import storage
+from mtl.data.module import TaskDataModule
+from mtl.errors import MTLConfigError
 from tests.conftest import keyword_task
 from tests.test_hardening import error_line, run_cli, tree
 
@@ -205,3 +208,39 @@ def test_compare_puts_runs_side_by_side(setup, per_task, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["comparison.md", "comparison.png"]
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "per_task" in table and "joint" in table
+
+
+def test_continue_training_keeps_training_a_loaded_task(tiny_dir, task_dir, tmp_path):
+    from mtl.lit import AdapterTrainer
+    from mtl.model import MTLModel
+
+    model = MTLModel(str(tiny_dir))
+    model.add_task("keyword", 2)
+    model.add_task("colour", 3)
+    with torch.no_grad():
+        for p in model.task_parameters("keyword").values():
+            p.add_(0.5)
+    for task in ("keyword", "colour"):
+        model.save_task(task, tmp_path / "run" / "adapters")
+    args = dict(tasks=["keyword"], backbone=str(tiny_dir), tasks_dir=str(task_dir), load_from=str(tmp_path / "run"),
+                eval_tasks=["colour"], export=False)
+    with pytest.raises(MTLConfigError, match="already trained"):
+        AdapterTrainer(**args)
+    module = AdapterTrainer(**args, continue_training=True)
+    assert module.model.trainable_tasks() == ["keyword"]  # colour is loaded frozen
+    assert module.model.is_frozen("colour") and not module.model.is_frozen("keyword")
+    loaded = module.model.task_parameters("keyword")
+    assert all(p.requires_grad and p.equal(model.task_parameters("keyword")[k]) for k, p in loaded.items())
+
+
+def test_extra_loss_is_added_to_the_training_loss(tiny_dir, task_dir, tmp_path):
+    from mtl.lit import AdapterTrainer
+
+    module = AdapterTrainer(tasks=["keyword"], backbone=str(tiny_dir), tasks_dir=str(task_dir), export=False)
+    module.log = lambda *a, **k: None  # no Trainer attached
+    data = TaskDataModule(tasks=["keyword"], backbone=str(tiny_dir), tasks_dir=str(task_dir), cache_dir=str(tmp_path))
+    batch = data.first_examples("keyword", "train", 8)
+    module.eval()  # no dropout: both losses see the same forward
+    plain = module.training_step(batch, 0)
+    module.extra_loss = lambda m, b: torch.tensor(2.5) * len(b["labels"])
+    assert module.training_step(batch, 0).item() == pytest.approx(plain.item() + 20.0)

@@ -151,7 +151,8 @@ def _fmt(key: str, value: float | None) -> str:
     return f"{round(value, 3) + 0.0:+.3f}" if key in SIGNED else f"{value:.3f}"
 
 
-def _duration(seconds: float | None) -> str:
+def duration(seconds: float | None) -> str:
+    """``41.0 s``, ``2 min 05 s``, ``1 h 02 min 05 s`` (``–`` for None)."""
     if not _is_number(seconds):
         return "–"
     if round(seconds, 1) < 60:
@@ -192,9 +193,9 @@ def markdown_report(results: dict) -> str:
             for key, name in METRIC_NAMES.items()]
     lines += ["## Metrics", "", _table(["metric", "accuracy", "macro-F1"], rows), "", FORMULAS, ""]
     wall = results["wall_time_s"]
-    rows = [["before", _duration(wall.get("before"))],
-            *([label, _duration(seconds)] for label, seconds in zip(labels, wall["stages"])),
-            ["total", _duration(wall["total"])]]
+    rows = [["before", duration(wall.get("before"))],
+            *([label, duration(seconds)] for label, seconds in zip(labels, wall["stages"])),
+            ["total", duration(wall["total"])]]
     lines += ["## Wall time", "", _table(["stage", "wall time"], rows), ""]
     if results["zero_forgetting"] is not None:
         lines += [_zero_forgetting_line(results["zero_forgetting"], order), ""]
@@ -304,7 +305,7 @@ def comparison_markdown(rows: list[dict]) -> str:
     """A markdown table of runs and their metrics (on accuracy), with footnotes on references and formulas."""
     header = ["run", "strategy", "order", *(title for _, title in COLUMNS), "wall time"]
     body = [[row["name"], row["strategy"], row["order"], *(_fmt(key, row[key]) for key, _ in COLUMNS),
-             _duration(row["wall_time_s"])] for row in rows]
+             duration(row["wall_time_s"])] for row in rows]
     return "\n".join([
         _table(header, body, left=3), "",
         "All metrics are on test accuracy. A joint run trains every task at once: only its ACC is defined.", "",

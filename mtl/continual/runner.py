@@ -22,7 +22,7 @@ import lightning as L
 
 from mtl.atomic import write_dir_atomic, write_json_atomic
 from mtl.backbone import DEFAULT_BACKBONE
-from mtl.continual.report import run_metrics, write_report
+from mtl.continual.report import duration, run_metrics, write_report
 from mtl.continual.strategies import STRATEGIES, build_strategy
 from mtl.data.module import TaskDataModule
 from mtl.data.spec import load_task_specs
@@ -69,12 +69,6 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in data.items():
         out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
-
-
-def duration(seconds: float) -> str:
-    """``1 min 05 s`` style."""
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 class ContinualRunner:
