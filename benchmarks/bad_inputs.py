@@ -71,6 +71,15 @@ trainer:
   enable_checkpointing: false
 """
 
+CONTINUAL_CONFIG = """\
+seed_everything: 0
+continual: {order: [keyword, colour], strategy: per_task, run_dir: crun}
+model: {backbone: backbone, adapter: {type: pfeiffer, reduction_factor: 4}}
+data: {cache_dir: cache, batch_size: 16}
+trainer: {max_epochs: 1, enable_progress_bar: false, enable_model_summary: false, logger: false,
+          enable_checkpointing: false, limit_val_batches: 0}
+"""
+
 
 def keyword_task(folder: Path, name: str, labels: list[str], rows: int = 120, seed: int = 0, extra: str = "") -> None:
     """A CSV task whose label is the label word inside the sentence, and its spec."""
@@ -88,7 +97,8 @@ def keyword_task(folder: Path, name: str, labels: list[str], rows: int = 120, se
 
 
 def build_base(base: Path) -> None:
-    """Backbone, tasks, configs, and a trained run (adapters keyword + colour, fusion mood, best.ckpt)."""
+    """Backbone, tasks, configs, a trained run (adapters keyword + colour, fusion mood, best.ckpt), and a finished
+    continual run (crun: keyword then colour)."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -108,8 +118,10 @@ def build_base(base: Path) -> None:
     keyword_task(tasks, "fresh", ["green", "stone"], seed=3)  # never trained: the task the add-a-task cases add
     (base / "base.yaml").write_text(BASE_CONFIG)
     (base / "fusion.yaml").write_text(FUSION_CONFIG)
+    (base / "continual.yaml").write_text(CONTINUAL_CONFIG)
     (base / "texts.txt").write_text("red alpha beta\ngood river stone\n")
-    for args in (["fit", "--config", "base.yaml"], ["fit", "--config", "fusion.yaml"]):
+    for args in (["fit", "--config", "base.yaml"], ["fit", "--config", "fusion.yaml"],
+                 ["continual", "--config", "continual.yaml"]):
         done = subprocess.run([sys.executable, TRAIN, *args], cwd=base, capture_output=True, text=True,
                               env=_env(base))
         if done.returncode != 0:
@@ -167,6 +179,8 @@ TEST = ["test", "--config", "base.yaml", "--ckpt_path", CKPT]
 PREDICT = ["predict", "--config", "base.yaml", "--model.load_from", "run", "--model.run_dir", "run",
            "--data.tasks", "[]", "--data.predict_file", "texts.txt", "--trainer.logger", "false"]
 ADD = ["fit", "--config", "base.yaml", "--model.load_from", "run", "--model.run_dir", "run", "--data.tasks", "[fresh]"]
+CONTINUAL = ["continual", "--config", "continual.yaml", "--continual.run_dir", "cnew"]
+RESUME = ["continual", "--config", "continual.yaml"]
 
 
 class Pwn:
@@ -282,6 +296,24 @@ CASES = [
          other_checkpoint(["--model.adapter.type", "houlsby"])),
     Case("ckpt-other-head-pooling", "checkpoint", TEST[:-1] + [OTHER_CKPT],
          other_checkpoint(["--model.head_pooling", "cls"])),
+    # ---- continual runs: the sequence, the strategy, resuming with other settings, compare
+    Case("continual-empty-order", "continual", CONTINUAL + ["--continual.order", "[]"]),
+    Case("continual-one-task", "continual", CONTINUAL + ["--continual.order", "[keyword]"]),
+    Case("continual-task-twice", "continual", CONTINUAL + ["--continual.order", "[keyword, colour, keyword]"]),
+    Case("continual-unknown-strategy", "continual", CONTINUAL + ["--continual.strategy", "replay"]),
+    Case("continual-missing-spec", "continual", CONTINUAL + ["--continual.order", "[keyword, nosuch]"]),
+    Case("continual-runner-key", "continual", CONTINUAL + ["--model.load_from", "run"]),
+    Case("continual-runner-key-in-yaml", "continual", CONTINUAL + ["--config", "bad.yaml"],
+         write("bad.yaml", "data:\n  tasks: [keyword]\n")),
+    Case("continual-run-dir-holds-a-fit-run", "continual", CONTINUAL + ["--continual.run_dir", "run"]),
+    Case("continual-resume-other-order", "continual", RESUME + ["--continual.order", "[colour, keyword]"]),
+    Case("continual-resume-other-strategy", "continual", RESUME + ["--continual.strategy", "shared"]),
+    Case("continual-resume-changed-spec", "continual", RESUME,
+         lambda s: (s / "tasks/colour.yaml").write_text((s / "tasks/colour.yaml").read_text().replace(
+             "max_length: 16", "max_length: 12"))),
+    Case("continual-state-corrupt", "continual", RESUME, truncate("crun/state.json")),
+    Case("compare-run-missing", "continual", ["compare", "crun", "nope"]),
+    Case("compare-results-corrupt", "continual", ["compare", "crun"], truncate("crun/results.json")),
 ]
 
 

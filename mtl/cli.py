@@ -113,9 +113,10 @@ def closest_key(key: str, keys: list[str]) -> str | None:
 def explain_parse_error(message: str, keys: list[str], files: list[str]) -> str:
     """One line for a jsonargparse error: the file or option, the key, and what was expected."""
     keys = [k for k in keys if not k.endswith(".help") and k not in ("help", "print_config", "print_shtab")]
-    unknown = re.search(r"does not accept option '([^']+)'", message)
+    unknown = re.search(r"(?:Group '([^']+)' )?does not accept option '([^']+)'", message)
     if unknown:
-        key = unknown.group(1)
+        group, key = unknown.groups()
+        key = f"{group}.{key}" if group and not key.startswith(f"{group}.") else key
         where = next((f for f in reversed(files) if _has_key(check_config_file(f), key)), "config")
         near = closest_key(key, keys)
         return f"{where}: {key}: unknown key" + (f", did you mean '{near}'?" if near else "")
@@ -158,6 +159,11 @@ def main(args: list[str] | None = None) -> None:
     try:
         for file in config_files(argv):
             check_config_file(file)
+        commands = [*LightningCLI.subcommands(), "continual", "compare"]
+        if argv and not argv[0].startswith("-") and argv[0] not in commands:
+            near = difflib.get_close_matches(argv[0], commands, n=1)
+            raise MTLConfigError(f"{argv[0]}: unknown command, expected one of {', '.join(commands)}"
+                                 + (f"; did you mean '{near[0]}'?" if near else ""))
         if argv[:1] == ["continual"]:  # the task-sequence runner: its own parser, the same YAML sections
             from mtl.continual.cli import continual_main
 

@@ -183,7 +183,8 @@ def test_a_changed_task_spec_on_resume_is_one_line(setup, tiny_dir, tmp_path, ca
     (["--continual.order", "[keyword, nosuch]"], "task 'nosuch' not found"),
     (["--continual.probe_size", "0"], "continual.probe_size: got 0"),
     (["--continual.ordr", "[a, b]"], "--continual.ordr: unknown option, did you mean '--continual.order'?"),
-    (["--model.tasks", "[keyword]"], "--model.tasks: unknown option"),
+    (["--model.load_from", "run"], "--model.load_from: set by the continual runner for each stage"),
+    (["--data.tasks", "[keyword]"], "--data.tasks: set by the continual runner for each stage"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(setup, tmp_path, capsys, args, expected):
     code, lines = run(setup, capsys, tmp_path / "run", *args)
@@ -244,3 +245,18 @@ def test_extra_loss_is_added_to_the_training_loss(tiny_dir, task_dir, tmp_path):
     plain = module.training_step(batch, 0)
     module.extra_loss = lambda m, b: torch.tensor(2.5) * len(b["labels"])
     assert module.training_step(batch, 0).item() == pytest.approx(plain.item() + 20.0)
+
+
+def test_a_runner_key_in_the_yaml_is_one_line(setup, tmp_path, capsys):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model:\n  load_from: somewhere\n")
+    code, lines = run(setup, capsys, tmp_path / "run", "--config", str(extra))
+    assert code == 2 and len(lines) == 1
+    assert error_line(lines) == (f"error: {extra}: model.load_from: set by the continual runner for each stage, not in "
+                                 "a continual config (the tasks come from continual.order)")
+
+
+def test_an_unknown_command_names_every_command(capsys):
+    code, lines = run_cli(["contnual"], capsys)
+    assert code == 2 and lines == ["error: contnual: unknown command, expected one of fit, validate, test, predict, "
+                                   "continual, compare; did you mean 'continual'?"]

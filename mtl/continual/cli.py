@@ -7,6 +7,7 @@ sets itself per stage (the tasks, what is loaded, where adapters go) are not acc
 
 from __future__ import annotations
 
+import re
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,12 @@ def continual_main(argv: list[str]) -> dict[str, Any]:
         cfg = parser.parse_args(argv)
     except ArgumentError as err:
         keys = sorted({a.dest for a in parser._actions})
-        raise MTLConfigError(explain_parse_error(str(err), keys, config_files(argv))) from None
+        message = explain_parse_error(str(err), keys, config_files(argv))
+        key = re.match(r"(?:\S+: )?-*((model|data)\.(\w+)): unknown", message)
+        if key and key.group(3) in (RUNNER_MODEL_KEYS if key.group(2) == "model" else RUNNER_DATA_KEYS):
+            message = (f"{message.split(': unknown')[0]}: set by the continual runner for each stage, not in a "
+                       "continual config (the tasks come from continual.order)")
+        raise MTLConfigError(message) from None
     settings = yaml.safe_load(parser.dump(cfg, skip_none=False))
     settings.pop("config", None)
     config = ContinualConfig(**_plain(cfg.continual))
