@@ -300,7 +300,7 @@ CASES = [
     Case("continual-empty-order", "continual", CONTINUAL + ["--continual.order", "[]"]),
     Case("continual-one-task", "continual", CONTINUAL + ["--continual.order", "[keyword]"]),
     Case("continual-task-twice", "continual", CONTINUAL + ["--continual.order", "[keyword, colour, keyword]"]),
-    Case("continual-unknown-strategy", "continual", CONTINUAL + ["--continual.strategy", "replay"]),
+    Case("continual-unknown-strategy", "continual", CONTINUAL + ["--continual.strategy", "lwf"]),
     Case("continual-missing-spec", "continual", CONTINUAL + ["--continual.order", "[keyword, nosuch]"]),
     Case("continual-runner-key", "continual", CONTINUAL + ["--model.load_from", "run"]),
     Case("continual-runner-key-in-yaml", "continual", CONTINUAL + ["--config", "bad.yaml"],

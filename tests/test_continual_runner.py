@@ -179,7 +179,7 @@ def test_a_changed_task_spec_on_resume_is_one_line(setup, tiny_dir, tmp_path, ca
     (["--continual.order", "[]"], "continual.order: [] has 0 task(s), expected at least 2"),
     (["--continual.order", "[keyword]"], "continual.order: ['keyword'] has 1 task(s), expected at least 2"),
     (["--continual.order", "[keyword, colour, keyword]"], "continual.order: task 'keyword' given twice"),
-    (["--continual.strategy", "ewc_typo"], "continual.strategy: 'ewc_typo', expected one of per_task, shared, joint"),
+    (["--continual.strategy", "ewc_typo"], "continual.strategy: 'ewc_typo', expected one of per_task, shared, replay, ewc, joint"),
     (["--continual.order", "[keyword, nosuch]"], "task 'nosuch' not found"),
     (["--continual.probe_size", "0"], "continual.probe_size: got 0"),
     (["--continual.ordr", "[a, b]"], "--continual.ordr: unknown option, did you mean '--continual.order'?"),

@@ -27,7 +27,7 @@ from mtl.preflight import writable_folder
 RUNNER_MODEL_KEYS = {"tasks", "tasks_dir", "run_dir", "overwrite", "export", "adapter_sharing", "load_from",
                      "eval_tasks", "fusion", "continue_training"}
 RUNNER_DATA_KEYS = {"tasks", "backbone", "tasks_dir", "eval_tasks", "predict_split", "predict_file",
-                    "predict_text_field", "predict_max_length"}
+                    "predict_text_field", "predict_max_length", "train_subsets", "task_weights"}
 
 
 def build_parser() -> LightningArgumentParser:

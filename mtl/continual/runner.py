@@ -48,10 +48,15 @@ class ContinualConfig:
     Args:
         order: task names (``<tasks_dir>/<name>.yaml``) in training order, at least two.
         strategy: ``per_task`` (a new adapter and head per task, earlier ones frozen), ``shared`` (one adapter
-            trained on every task in turn, a head per task) or ``joint`` (all tasks at once: the upper bound).
+            trained on every task in turn, a head per task), ``replay`` (shared plus a replay buffer), ``ewc``
+            (shared plus the online EWC penalty) or ``joint`` (all tasks at once: the upper bound).
         run_dir: run folder: state.json, each stage's exported adapters, results.json / results.md / heatmap.png.
         tasks_dir: folder of task specs.
         probe_size: test examples per task in the fixed probe batch of per_task's zero-forgetting check.
+        replay_size: replay: examples in the reservoir buffer (over all earlier tasks).
+        replay_ratio: replay: fraction of training batches drawn from the buffer (0 <= ratio < 1).
+        ewc_lambda: ewc: weight lambda of the penalty (lambda / 2) * sum F (theta - theta*)^2.
+        ewc_gamma: ewc: decay of the accumulated Fisher (1: plain sum over tasks; online EWC: < 1).
     """
 
     order: list[str] = field(default_factory=list)
@@ -59,6 +64,10 @@ class ContinualConfig:
     run_dir: str = "checkpoints/continual"
     tasks_dir: str = "tasks"
     probe_size: int = 16
+    replay_size: int = 200
+    replay_ratio: float = 0.2
+    ewc_lambda: float = 1000.0
+    ewc_gamma: float = 1.0
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -96,15 +105,21 @@ class ContinualRunner:
         if len(self.order) < 2:
             raise MTLConfigError(f"continual.order: {self.order} has {len(self.order)} task(s), expected at least 2 "
                                  "(backward / forward transfer and forgetting compare tasks)")
-        if config.probe_size < 1:
-            raise MTLConfigError(f"continual.probe_size: got {config.probe_size}, expected an int >= 1")
+        limits = (("probe_size", config.probe_size >= 1, "an int >= 1"),
+                  ("replay_size", config.replay_size >= 1, "an int >= 1 (examples in the buffer)"),
+                  ("replay_ratio", 0 <= config.replay_ratio < 1, "a fraction in [0, 1)"),
+                  ("ewc_lambda", config.ewc_lambda >= 0, "a number >= 0"),
+                  ("ewc_gamma", 0 < config.ewc_gamma <= 1, "a decay in (0, 1]"))
+        for key, ok, expected in limits:
+            if not ok:
+                raise MTLConfigError(f"continual.{key}: got {getattr(config, key)!r}, expected {expected}")
         specs = load_task_specs("continual.order", self.order, config.tasks_dir)
         for spec in specs.values():
             missing = [m for m in SCORES if m not in spec.metrics]
             if spec.problem != "classification" or missing:
                 raise MTLConfigError(f"{spec.spec_file}: problem {spec.problem} with metrics {spec.metrics}, expected a "
                                      "classification task with metrics acc and f1 (the accuracy matrix needs both)")
-        self.strategy = build_strategy(config.strategy, config.probe_size)
+        self.strategy = build_strategy(config, self.seed)
         self.stages = self.strategy.stages(self.order)
         self.settings.update(_json(flatten({"tasks": {n: s.to_dict() for n, s in specs.items()}})))
         writable_folder(self.run_dir, "continual.run_dir")
@@ -133,10 +148,10 @@ class ContinualRunner:
         return state
 
     # ---- building blocks ----------------------------------------------------------------------------------
-    def _data(self, train: list[str], evaluate: list[str]) -> TaskDataModule:
+    def _data(self, train: list[str], evaluate: list[str], **extra: Any) -> TaskDataModule:
         backbone = self.model_args.get("backbone", DEFAULT_BACKBONE)
         return TaskDataModule(tasks=train, eval_tasks=evaluate, backbone=backbone, tasks_dir=self.config.tasks_dir,
-                              **self.data_args)
+                              **self.data_args, **extra)
 
     def _module(self, train: list[str], load_from: Path | None) -> AdapterTrainer:
         # the one way models are built (assemble, through AdapterTrainer): fresh tasks, or the previous stage's export
@@ -157,6 +172,7 @@ class ContinualRunner:
         def fill(folder: Path) -> None:
             for task in self.order:
                 module.model.save_task(task, folder / "adapters")
+            self.strategy.save(folder)
 
         write_dir_atomic(self.run_dir / "steps" / name, fill)
         return f"steps/{name}"
@@ -212,8 +228,12 @@ class ContinualRunner:
         tasks, total, name = self.stages[index], len(self.stages), self._stage_name(index)
         print(f"[stage {index + 1}/{total}] training {', '.join(tasks)} ({self.strategy.description})")
         L.seed_everything(self.seed + index, verbose=False)
-        module = self._module(tasks, self.run_dir / state["steps"][-1])
-        data = self._data(tasks, [t for t in self.order if t not in tasks])
+        previous = self.run_dir / state["steps"][-1]
+        module = self._module(tasks, previous)
+        self.strategy.load(previous)
+        extra = self.strategy.stage_data(tasks)
+        train = extra.pop("tasks", tasks)
+        data = self._data(train, [t for t in self.order if t not in train], **extra)
         module.extra_loss = self.strategy.extra_loss
         self.strategy.before_task(index, tasks, module, data)
         trainer = self.make_trainer(name)
@@ -236,8 +256,11 @@ class ContinualRunner:
     def _finish(self, state: dict[str, Any]) -> dict[str, Any]:
         """Verify what the strategy promises on the final export, then write results.json and the report."""
         final = self.run_dir / state["steps"][-1]
-        check = self.strategy.verify(self._module([], final), self._data([], self.order))
+        module, data = self._module([], final), self._data([], self.order)
+        self.strategy.load(final)
+        check = self.strategy.verify(module, data)
         results = self.results(state, check)
+        results["stored_bytes"] = self.strategy.stored_bytes(module, data)
         write_json_atomic(self.run_dir / RESULTS_FILE, results)
         paths = write_report(results, self.run_dir)
         acc = results["metrics"]["acc"]

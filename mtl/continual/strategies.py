@@ -9,9 +9,14 @@ across a restart goes in ``state`` (JSON), which the runner saves after every st
 from __future__ import annotations
 
 import hashlib
+import random
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save_file
+
+from mtl import storage
 
 if TYPE_CHECKING:
     from mtl.data.module import TaskDataModule
@@ -31,6 +36,24 @@ class Strategy:
     def stages(self, order: list[str]) -> list[list[str]]:
         """The tasks trained at each stage, in order."""
         return [[task] for task in order]
+
+    def stage_data(self, tasks: list[str]) -> dict[str, Any]:
+        """Extra `TaskDataModule` arguments for the stage training ``tasks`` (``tasks``: what it trains on)."""
+        return {}
+
+    def load(self, folder: Path) -> None:
+        """Read the tensors this strategy keeps from the previous stage's folder (``save`` wrote them)."""
+
+    def save(self, folder: Path) -> None:
+        """Write the tensors this strategy keeps into the stage's folder (exported atomically with the adapters)."""
+
+    def stored_bytes(self, module: AdapterTrainer, data: TaskDataModule) -> dict[str, int]:
+        """What the method keeps to go on learning, in bytes: adapters and heads, plus its own memory."""
+        seen = {}
+        for task in module.model.tasks:
+            for name, p in module.model.task_parameters(task).items():
+                seen[id(p)] = p.numel() * p.element_size()  # a shared adapter counts once
+        return {"adapters_and_heads": sum(seen.values())}
 
     def before_task(self, stage: int, tasks: list[str], module: AdapterTrainer, data: TaskDataModule) -> None:
         """Called after the stage's module and data are built, before its Trainer fits."""
@@ -82,6 +105,125 @@ class Shared(Strategy):
     description = "one adapter trained on each task in turn, a head per task"
 
 
+class Replay(Shared):
+    """The shared adapter plus a reservoir buffer of earlier tasks' training examples, mixed into every later task's
+    batches: a fraction ``ratio`` of the training batches come from the buffer (through the task sampler)."""
+
+    name = "replay"
+    description = "one adapter, earlier tasks' examples replayed from a reservoir buffer"
+
+    def __init__(self, size: int, ratio: float, seed: int) -> None:
+        super().__init__()
+        self.size, self.ratio, self.seed = size, ratio, seed
+        self.state = {"buffer": [], "seen": 0}  # (task, row of its train split); examples offered so far
+
+    def stage_data(self, tasks: list[str]) -> dict[str, Any]:
+        rows: dict[str, list[int]] = {}
+        for task, row in self.state["buffer"]:
+            if task not in tasks:
+                rows.setdefault(task, []).append(row)
+        if not rows or self.ratio == 0:
+            return {}
+        total = sum(len(r) for r in rows.values())
+        weights = {t: (1.0 - self.ratio) / len(tasks) for t in tasks}
+        weights.update({t: self.ratio * len(r) / total for t, r in rows.items()})
+        return {"tasks": [*tasks, *rows], "train_subsets": {t: sorted(r) for t, r in rows.items()},
+                "task_weights": weights}
+
+    def after_task(self, stage: int, tasks: list[str], module: AdapterTrainer, data: TaskDataModule) -> None:
+        buffer, seen = self.state["buffer"], self.state["seen"]
+        for task in tasks:  # reservoir sampling: every example offered so far is in the buffer with equal chance
+            rng = random.Random(f"{self.seed}:{task}")
+            for row in range(len(data.task_datasets[task]["train"])):
+                if len(buffer) < self.size:
+                    buffer.append([task, row])
+                else:
+                    slot = rng.randrange(seen + 1)
+                    if slot < self.size:
+                        buffer[slot] = [task, row]
+                seen += 1
+        self.state["seen"] = seen
+
+    def stored_bytes(self, module: AdapterTrainer, data: TaskDataModule) -> dict[str, int]:
+        # the buffer as the batches hold it: int64 token ids and one int64 label per example
+        tokens = sum(len(data.task_datasets[t]["train"][row]["input_ids"]) + 1 for t, row in self.state["buffer"])
+        return {**super().stored_bytes(module, data), "replay_buffer": 8 * tokens}
+
+
+class EWC(Shared):
+    """The shared adapter plus online EWC: (lambda / 2) * sum_i F_i (theta_i - theta*_i)^2 over the adapter's
+    parameters, with the diagonal Fisher of each finished task accumulated as F <- gamma * F + F_task."""
+
+    name = "ewc"
+    description = "one adapter, online EWC penalty over its parameters"
+    FILE = "ewc.safetensors"
+
+    def __init__(self, lam: float, gamma: float) -> None:
+        super().__init__()
+        self.lam, self.gamma = lam, gamma
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.anchor: dict[str, torch.Tensor] = {}
+
+    def _params(self, module: AdapterTrainer) -> dict[str, torch.nn.Parameter]:
+        return module.model.part_parameters(("adapter", "shared"))
+
+    def extra_loss(self, module: AdapterTrainer, batch: dict[str, Any]) -> torch.Tensor | None:
+        if not self.fisher:
+            return None
+        total = 0.0
+        for name, p in self._params(module).items():
+            fisher, anchor = self.fisher[name].to(p.device), self.anchor[name].to(p.device)
+            total = total + (fisher * (p - anchor) ** 2).sum()
+        return 0.5 * self.lam * total
+
+    def after_task(self, stage: int, tasks: list[str], module: AdapterTrainer, data: TaskDataModule) -> None:
+        params = self._params(module)
+        fisher = diagonal_fisher(module, data.train_dataloader(), params)
+        for name, value in fisher.items():
+            self.fisher[name] = self.gamma * self.fisher[name] + value if name in self.fisher else value
+        self.anchor = {name: p.detach().cpu().clone() for name, p in params.items()}
+
+    def save(self, folder: Path) -> None:
+        if self.fisher:
+            save_file({**{f"fisher.{k}": v.contiguous() for k, v in self.fisher.items()},
+                       **{f"anchor.{k}": v.contiguous() for k, v in self.anchor.items()}}, str(folder / self.FILE))
+
+    def load(self, folder: Path) -> None:
+        file = folder / self.FILE
+        tensors = storage.read_tensors(file) if file.is_file() else {}
+        self.fisher = {k[len("fisher."):]: v for k, v in tensors.items() if k.startswith("fisher.")}
+        self.anchor = {k[len("anchor."):]: v for k, v in tensors.items() if k.startswith("anchor.")}
+
+    def stored_bytes(self, module: AdapterTrainer, data: TaskDataModule) -> dict[str, int]:
+        size = sum(v.numel() * v.element_size() for v in [*self.fisher.values(), *self.anchor.values()])
+        return {**super().stored_bytes(module, data), "fisher_and_anchor": size}
+
+
+def diagonal_fisher(module: AdapterTrainer, batches: Any, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Empirical diagonal Fisher: the mean over training batches of the squared gradient of the batch loss
+    (as Avalanche's EWC computes it), in eval mode (no dropout)."""
+    model = module.model
+    was_training = model.training
+    model.eval()
+    sums = {name: torch.zeros_like(p, device="cpu") for name, p in params.items()}
+    count = 0
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                module.zero_grad(set_to_none=True)
+                route = module.routes[batch["task"]]
+                loss = model.heads[route].loss(module(batch, split="train"), batch["labels"])
+                loss.backward()
+                for name, p in params.items():
+                    if p.grad is not None:
+                        sums[name] += p.grad.detach().cpu() ** 2
+                count += 1
+    finally:
+        module.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {name: value / max(count, 1) for name, value in sums.items()}
+
+
 class Joint(Strategy):
     """Every task trained at once with the multi-task sampler: the upper bound a* (one stage)."""
 
@@ -92,12 +234,18 @@ class Joint(Strategy):
         return [list(order)]
 
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (PerTask, Shared, Joint)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (PerTask, Shared, Replay, EWC, Joint)}
 
 
-def build_strategy(name: str, probe_size: int) -> Strategy:
-    """The strategy called ``name`` (the runner has checked the name)."""
-    return PerTask(probe_size) if name == PerTask.name else STRATEGIES[name]()
+def build_strategy(config: Any, seed: int) -> Strategy:
+    """The strategy a `ContinualConfig` names, with its settings (the runner has checked them)."""
+    if config.strategy == PerTask.name:
+        return PerTask(config.probe_size)
+    if config.strategy == Replay.name:
+        return Replay(config.replay_size, config.replay_ratio, seed)
+    if config.strategy == EWC.name:
+        return EWC(config.ewc_lambda, config.ewc_gamma)
+    return STRATEGIES[config.strategy]()
 
 
 def tensors_sha256(module: AdapterTrainer, task: str) -> str:

@@ -119,6 +119,10 @@ class TaskDataModule(L.LightningDataModule):
         predict_text_field: Key of the text in each ``.jsonl`` object.
         predict_max_length: Tokens per ``predict_file`` example after truncation (None: 128, or the backbone's
             limit when that is smaller).
+        train_subsets: task -> rows of its (capped) train split to train on instead of all of it (e.g. a replay
+            buffer of an earlier task).
+        task_weights: task -> relative probability of drawing that task for a training batch, replacing
+            ``sampling`` (every task of ``tasks`` needs one).
     """
 
     def __init__(
@@ -140,6 +144,8 @@ class TaskDataModule(L.LightningDataModule):
         predict_file: str | None = None,
         predict_text_field: str = "text",
         predict_max_length: int | None = None,
+        train_subsets: dict[str, list[int]] | None = None,
+        task_weights: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -163,6 +169,16 @@ class TaskDataModule(L.LightningDataModule):
         self._specs = load_task_specs("data.tasks", tasks, tasks_dir)
         self._train_names = list(self._specs)
         self._specs = load_task_specs("data.eval_tasks", eval_tasks, tasks_dir, self._specs)
+        for key, given in (("data.train_subsets", train_subsets), ("data.task_weights", task_weights)):
+            unknown = sorted(set(given or {}) - set(self._train_names))
+            if unknown:
+                raise MTLConfigError(f"{key}: tasks {unknown} are not in data.tasks {self._train_names}")
+        if task_weights is not None:
+            bad = {t: w for t, w in task_weights.items() if not w >= 0}
+            if bad or set(task_weights) != set(self._train_names) or not sum(task_weights.values()) > 0:
+                raise MTLConfigError(f"data.task_weights: {task_weights}, expected a weight >= 0 for every task of "
+                                     f"data.tasks {self._train_names}, not all zero")
+        self.train_subsets, self.task_weights = dict(train_subsets or {}), task_weights
         self.backbone, self.tasks_dir, self.seed = backbone, tasks_dir, seed
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.sampling, self.temperature = sampling, temperature
@@ -329,7 +345,7 @@ class TaskDataModule(L.LightningDataModule):
                 "data.tasks: empty, nothing to train; expected at least one task to train "
                 "(data.eval_tasks are only evaluated)"
             )
-        views = [_TaskView(self._dataset(n)["train"], n) for n in self._train_names]
+        views = [_TaskView(self._train_split(n), n) for n in self._train_names]
         common = dict(collate_fn=self._collator(), num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         if len(views) == 1:
             generator = torch.Generator().manual_seed(self.seed)
@@ -344,8 +360,19 @@ class TaskDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
             epoch_fn=self._current_epoch,
+            probabilities=None if self.task_weights is None else [self.task_weights[n] for n in self._train_names],
         )
         return DataLoader(ConcatDataset(views), batch_sampler=sampler, **common)
+
+    def _train_split(self, name: str) -> datasets.Dataset:
+        """A task's tokenised train split, or the rows of it that ``train_subsets`` names."""
+        data = self._dataset(name)["train"]
+        rows = self.train_subsets.get(name)
+        if rows is None:
+            return data
+        if not rows or min(rows) < 0 or max(rows) >= len(data):
+            raise MTLConfigError(f"data.train_subsets: {name}: rows must be within 0..{len(data) - 1} and not empty")
+        return data.select(rows)
 
     def _eval_loaders(self, split: str, with_text: bool = False) -> list[DataLoader]:
         if not self._specs:

@@ -72,10 +72,18 @@ class TaskBatchSampler(Sampler[list[int]]):
         world_size: int = 1,
         drop_last: bool = False,
         epoch_fn: Callable[[], int] | None = None,
+        probabilities: Sequence[float] | None = None,
     ) -> None:
-        """See the class docstring; ``sizes`` are the task datasets' lengths in concatenation order."""
+        """See the class docstring; ``sizes`` are the task datasets' lengths in concatenation order;
+        ``probabilities`` (one per task) replace the strategy's when given."""
         self.sizes = [int(n) for n in sizes]
         self.probs = task_probabilities(self.sizes, strategy, temperature)
+        if probabilities is not None:
+            weights = [float(w) if n else 0.0 for w, n in zip(probabilities, self.sizes)]
+            if len(weights) != len(self.sizes) or any(w < 0 for w in weights) or not sum(weights) > 0:
+                raise ValueError(f"probabilities {list(probabilities)}: expected {len(self.sizes)} non-negative "
+                                 "numbers, not all zero")
+            self.probs = [w / sum(weights) for w in weights]
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: expected 1 <= batch_size, 0 <= rank < world_size")
         need = batch_size * world_size if drop_last else world_size
