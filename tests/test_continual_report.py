@@ -136,11 +136,11 @@ def test_comparison_markdown_formatting_and_footnotes():
     text = comparison_markdown(comparison(comparison_runs()))
     shared = table_line(text, "shared").split(" | ")
     assert shared[1:3] == ["shared", "c → a → b"]
-    assert shared[3:13] == ["0.583", "0.562", "0.736", "-0.375", "-0.125", "0.375", "0.500", "-0.167", "+0.083",
-                            "2 min 05 s |"]
+    assert shared[3:14] == ["0.583", "0.562", "0.736", "-0.375", "-0.125", "0.375", "0.500", "-0.167", "+0.083",
+                            "–", "2 min 05 s |"]
     per_task = table_line(text, "per_task")
     assert "| +0.000 | +0.000 | 0.000 | 0.000 | -0.083 | +0.000 |" in per_task
-    assert table_line(text, "joint").count("| – ") == 7
+    assert table_line(text, "joint").count("| – ") == 8
     intransigence = next(line for line in text.splitlines() if line.startswith("- Intransigence"))
     assert "run `joint` for `per_task`, `shared`" in intransigence
     assert "no joint run over the same tasks for `lonely`" in intransigence and "joint2" not in intransigence
@@ -225,3 +225,13 @@ def test_read_results_accepts_the_folder_or_the_file_and_checks_lengths(tmp_path
     (folder / "results.json").write_text("[1, 2]")
     with pytest.raises(MTLConfigError, match="top level is a list"):
         read_results(folder)
+
+
+def test_stored_bytes_show_in_the_report_and_the_comparison():
+    runs = comparison_runs()
+    runs[0]["stored_bytes"] = {"adapters_and_heads": 14_892, "replay_buffer": 3_600}
+    text = markdown_report(runs[0])
+    assert "| adapters and heads | 14,892 |" in text and "| total | 18,492 |" in text
+    row = comparison(runs)[0]
+    assert row["stored_bytes"] == 18_492
+    assert "| 18.1 KB |" in comparison_markdown([row])

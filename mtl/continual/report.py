@@ -162,6 +162,13 @@ def duration(seconds: float | None) -> str:
     return f"{hours} h {minutes:02d} min {secs:02d} s" if hours else f"{minutes} min {secs:02d} s"
 
 
+def _size(size: int | None) -> str:
+    """``1.23 MB`` style (``–`` for None)."""
+    if size is None:
+        return "–"
+    return f"{size / 2**20:.2f} MB" if size >= 2**20 else f"{size / 2**10:.1f} KB"
+
+
 def _table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
     lines = [header, [":---"] * left + ["---:"] * (len(header) - left), *rows]
     return "\n".join("| " + " | ".join(str(cell).replace("|", "\\|") for cell in line) + " |" for line in lines)
@@ -197,6 +204,11 @@ def markdown_report(results: dict) -> str:
             *([label, duration(seconds)] for label, seconds in zip(labels, wall["stages"])),
             ["total", duration(wall["total"])]]
     lines += ["## Wall time", "", _table(["stage", "wall time"], rows), ""]
+    stored = results.get("stored_bytes")
+    if stored:
+        rows = [[what.replace("_", " "), f"{size:,}"] for what, size in stored.items()]
+        lines += ["## What the method stores", "", _table(["item", "bytes"], [*rows, ["total", f"{sum(stored.values()):,}"]]),
+                  ""]
     if results["zero_forgetting"] is not None:
         lines += [_zero_forgetting_line(results["zero_forgetting"], order), ""]
     return "\n".join(lines)
@@ -272,7 +284,8 @@ def comparison(runs: list[dict], names: list[str] | None = None) -> list[dict]:
         order, tasks = results["order"], set(results["order"])
         row = {"name": name, "strategy": results["strategy"], "order": " → ".join(order),
                "sequential": _sequential(results), **dict.fromkeys(k for k, _ in COLUMNS),
-               "wall_time_s": results["wall_time_s"]["total"], "reference_joint": None, "reference_single": None}
+               "wall_time_s": results["wall_time_s"]["total"], "reference_joint": None, "reference_single": None,
+               "stored_bytes": sum(results["stored_bytes"].values()) if results.get("stored_bytes") else None}
         joint = single = None
         if row["sequential"]:
             ref = next((i for i, other in enumerate(runs) if other["strategy"] == "joint"
@@ -303,9 +316,9 @@ def _reference_note(rows: list[dict], key: str, what: str, none: str) -> str:
 
 def comparison_markdown(rows: list[dict]) -> str:
     """A markdown table of runs and their metrics (on accuracy), with footnotes on references and formulas."""
-    header = ["run", "strategy", "order", *(title for _, title in COLUMNS), "wall time"]
+    header = ["run", "strategy", "order", *(title for _, title in COLUMNS), "stored", "wall time"]
     body = [[row["name"], row["strategy"], row["order"], *(_fmt(key, row[key]) for key, _ in COLUMNS),
-             duration(row["wall_time_s"])] for row in rows]
+             _size(row.get("stored_bytes")), duration(row["wall_time_s"])] for row in rows]
     return "\n".join([
         _table(header, body, left=3), "",
         "All metrics are on test accuracy. A joint run trains every task at once: only its ACC is defined.", "",
