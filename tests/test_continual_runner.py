@@ -345,3 +345,24 @@ def test_ewc_fisher_is_exported_with_each_stage(setup, tmp_path, capsys):
     assert len(fisher) == len(anchors) and all((v >= 0).all() for v in fisher) and sum(v.sum() for v in fisher) > 0
     out = results(run_dir)
     assert out["stored_bytes"]["fisher_and_anchor"] == sum(v.numel() * 4 for v in first.values())
+
+
+def test_the_prototype_router_grows_with_the_stages_and_is_reported(setup, tmp_path, capsys):
+    run_dir = tmp_path / "routed"
+    assert run(setup, capsys, run_dir, "--continual.routers", "[prototype, entropy]")[0] == 0
+    from mtl.routing import load_router
+    assert load_router(run_dir / "steps" / "01-keyword" / "router").tasks == ["keyword"]
+    assert load_router(run_dir / "steps" / "03-animal" / "router").tasks == ORDER
+    out = results(run_dir)
+    sizes = dict(zip(out["order"], out["test_sizes"]))
+    for kind in ("prototype", "entropy"):
+        report = out["routing"][kind]
+        assert [sum(row) for row in report["confusion"]] == [sizes[t] for t in report["tasks"]]
+        given = report["overall"]["task_given_accuracy"]
+        # task-given accuracy is R's last row, weighted by test size
+        assert given == pytest.approx(out["metrics"]["acc"]["acc_weighted"])
+        assert report["overall"]["routed_accuracy"] <= given + 1e-12
+        assert (run_dir / f"routing-{kind}.png").read_bytes()[:4] == b"\x89PNG"
+    # the keyword tasks have disjoint label words: their prototypes tell them apart
+    assert out["routing"]["prototype"]["overall"]["routing_accuracy"] == 1.0
+    assert "## Routing without a task id: prototype router" in (run_dir / "results.md").read_text()

@@ -204,6 +204,13 @@ def markdown_report(results: dict) -> str:
             *([label, duration(seconds)] for label, seconds in zip(labels, wall["stages"])),
             ["total", duration(wall["total"])]]
     lines += ["## Wall time", "", _table(["stage", "wall time"], rows), ""]
+    for kind, routing in (results.get("routing") or {}).items():
+        lines += [f"## Routing without a task id: {kind} router", "",
+                  "Every seen task's test texts in one mixed stream; the router picks the task, whose head answers.", ""]
+        rows = [[task, str(r["rows"]), *(_fmt("acc", r[k]) for k in ("routing_accuracy", "routed_accuracy",
+                                                                        "task_given_accuracy"))]
+                for task, r in [*routing["per_task"].items(), ("all", routing["overall"])]]
+        lines += [_table(["task", "rows", "routing accuracy", "routed accuracy", "task-given accuracy"], rows), ""]
     stored = results.get("stored_bytes")
     if stored:
         rows = [[what.replace("_", " "), f"{size:,}"] for what, size in stored.items()]

@@ -29,11 +29,13 @@ from mtl.data.spec import load_task_specs
 from mtl.errors import MTLConfigError
 from mtl.lit import AdapterTrainer
 from mtl.preflight import writable_folder
+from mtl.routing import EntropyRouter, PrototypeRouter, load_router, routing_report, save_confusion_png
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
 RESULTS_FILE = "results.json"
 SCORES = ("acc", "f1")
+ROUTERS = ("prototype", "entropy")
 # settings that change nothing in the results, so a resumed run may use other values
 RESUME_MAY_CHANGE = ("continual.run_dir", "data.num_workers", "data.cache_dir", "data.eval_batch_size",
                      "model.prefix_cache_dir", "model.cache_memory_mb", "trainer.enable_progress_bar",
@@ -57,6 +59,8 @@ class ContinualConfig:
         replay_ratio: replay: fraction of training batches drawn from the buffer (0 <= ratio < 1).
         ewc_lambda: ewc: weight lambda of the penalty (lambda / 2) * sum F (theta - theta*)^2.
         ewc_gamma: ewc: decay of the accumulated Fisher (1: plain sum over tasks; online EWC: < 1).
+        routers: task-free routers to report on at the end (``prototype``: updated after every stage from the
+            stage's training texts and stored in its folder, ``router/``; ``entropy``: needs nothing stored).
     """
 
     order: list[str] = field(default_factory=list)
@@ -68,6 +72,7 @@ class ContinualConfig:
     replay_ratio: float = 0.2
     ewc_lambda: float = 1000.0
     ewc_gamma: float = 1.0
+    routers: list[str] = field(default_factory=lambda: ["prototype"])
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -110,6 +115,9 @@ class ContinualRunner:
                   ("replay_ratio", 0 <= config.replay_ratio < 1, "a fraction in [0, 1)"),
                   ("ewc_lambda", config.ewc_lambda >= 0, "a number >= 0"),
                   ("ewc_gamma", 0 < config.ewc_gamma <= 1, "a decay in (0, 1]"))
+        unknown = [r for r in config.routers if r not in ROUTERS]
+        if unknown or len(set(config.routers)) != len(config.routers):
+            raise MTLConfigError(f"continual.routers: {config.routers}, expected distinct names among {list(ROUTERS)}")
         for key, ok, expected in limits:
             if not ok:
                 raise MTLConfigError(f"continual.{key}: got {getattr(config, key)!r}, expected {expected}")
@@ -167,12 +175,15 @@ class ContinualRunner:
         metrics = trainer.callback_metrics
         return {m: [float(metrics[f"test/{task}/{m}"]) for task in self.order] for m in SCORES}
 
-    def _export(self, module: AdapterTrainer, name: str) -> str:
-        """Every task's adapter and head into ``steps/<name>/adapters/`` (atomic); returns the folder, relative."""
+    def _export(self, module: AdapterTrainer, name: str, router: PrototypeRouter | None = None) -> str:
+        """Every task's adapter and head into ``steps/<name>/adapters/``, the strategy's tensors and the router, in
+        one atomic folder; returns the folder, relative."""
         def fill(folder: Path) -> None:
             for task in self.order:
                 module.model.save_task(task, folder / "adapters")
             self.strategy.save(folder)
+            if router is not None:
+                router.save(folder / "router")
 
         write_dir_atomic(self.run_dir / "steps" / name, fill)
         return f"steps/{name}"
@@ -241,7 +252,8 @@ class ContinualRunner:
         module.restore_best()
         scores = self._evaluate(trainer, module, data)
         self.strategy.after_task(index, tasks, module, data)
-        state["steps"].append(self._export(module, name))
+        router = self._update_router(previous, tasks, module, data)
+        state["steps"].append(self._export(module, name, router))
         for m in SCORES:
             state["after"][m].append(scores[m])
         state["wall_time_s"]["stages"].append(time.monotonic() - start)
@@ -253,6 +265,28 @@ class ContinualRunner:
               f"{_row(scores['acc'])}; about {duration(left)} left")
         return state
 
+    def _update_router(self, previous: Path, tasks: list[str], module: AdapterTrainer,
+                       data: TaskDataModule) -> PrototypeRouter | None:
+        """The previous stage's prototype router plus the features of this stage's training texts."""
+        if "prototype" not in self.config.routers:
+            return None
+        router = load_router(previous / "router") if (previous / "router").is_dir() else PrototypeRouter()
+        for batch in data.train_dataloader():
+            if batch["task"] in tasks:  # not the replayed rows of earlier tasks: they were added already
+                router.add_batch(module.model, batch["task"], batch["input_ids"], batch.get("attention_mask"),
+                                 batch.get("token_type_ids"))
+        return router
+
+    def _routing(self, final: Path, module: AdapterTrainer, data: TaskDataModule) -> dict[str, Any]:
+        """Each router on the mixed stream of every task's test texts: reports, and confusion PNGs in the run folder."""
+        batches = {task: list(loader) for task, loader in zip(data.task_names, data.test_dataloader())}
+        reports = {}
+        for kind in self.config.routers:
+            router = load_router(final / "router") if kind == "prototype" else EntropyRouter()
+            reports[kind] = routing_report(module.model, router, batches)
+            save_confusion_png(reports[kind], self.run_dir / f"routing-{kind}.png")
+        return reports
+
     def _finish(self, state: dict[str, Any]) -> dict[str, Any]:
         """Verify what the strategy promises on the final export, then write results.json and the report."""
         final = self.run_dir / state["steps"][-1]
@@ -261,6 +295,7 @@ class ContinualRunner:
         check = self.strategy.verify(module, data)
         results = self.results(state, check)
         results["stored_bytes"] = self.strategy.stored_bytes(module, data)
+        results["routing"] = self._routing(final, module, data)
         write_json_atomic(self.run_dir / RESULTS_FILE, results)
         paths = write_report(results, self.run_dir)
         acc = results["metrics"]["acc"]
