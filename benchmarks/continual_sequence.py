@@ -41,12 +41,26 @@ def matrix_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def routing_table(kind: str, routing: dict) -> str:
+    """One router's figures on the mixed test stream, per task, as markdown."""
+    lines = [f"{kind} router:\n", "| task | rows | routing acc | routed acc | task-given acc | routed to |",
+             "|---|---:|---:|---:|---:|---|"]
+    for i, (task, r) in enumerate([*routing["per_task"].items(), ("all", routing["overall"])]):
+        counts = routing["confusion"][i] if task != "all" else []
+        where = ", ".join(f"{t} {n}" for t, n in zip(routing["tasks"], counts) if n)
+        lines.append(f"| {task} | {r['rows']} | {r['routing_accuracy']:.3f} | {r['routed_accuracy']:.3f} | "
+                     f"{r['task_given_accuracy']:.3f} | {where} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/continual.yaml")
     parser.add_argument("--out", default="checkpoints/bench-continual")
     parser.add_argument("--figures", default="benchmarks/figures/continual")
-    parser.add_argument("--strategies", nargs="+", default=["per_task", "shared", "joint"])
+    parser.add_argument("--strategies", nargs="+", default=["per_task", "shared", "replay", "ewc", "joint"])
+    parser.add_argument("--routers", nargs="+", default=["prototype", "entropy"],
+                        help="routers reported for the per_task runs (the others keep the config's)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
     args = parser.parse_args()
     out, figures = ROOT / args.out, ROOT / args.figures
@@ -66,7 +80,9 @@ def main() -> None:
             walls[f"{tag}/{strategy}"] = run(["continual", "--config", args.config, "--continual.order",
                                               f"[{', '.join(order)}]", "--continual.strategy", strategy,
                                               "--continual.run_dir", str(run_dir),
-                                              "--trainer.enable_progress_bar", "false"])
+                                              "--trainer.enable_progress_bar", "false",
+                                              *(["--continual.routers", f"[{', '.join(args.routers)}]"]
+                                                if strategy == "per_task" else [])])
     total = time.perf_counter() - start
     report = []
     for tag, order in orders.items():
@@ -81,6 +97,9 @@ def main() -> None:
             check = results["zero_forgetting"]
             note = "" if check is None else f" (zero forgetting: {'verified' if check['verified'] else 'FAILED'})"
             report.append(f"R, accuracy, {strategy}, order {tag}{note}:\n\n{matrix_table(results)}\n")
+            for kind, routing in (results.get("routing") or {}).items():
+                shutil.copy(run_dir / f"routing-{kind}.png", figures / f"routing-{tag}-{strategy}-{kind}.png")
+                report.append(routing_table(kind, routing))
     print("\n\n".join(report))
     print("\nprocess wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
     print(f"whole comparison: {total / 60:.1f} min (runs made in this call: {len(walls)})")
