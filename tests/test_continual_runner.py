@@ -197,6 +197,7 @@ def test_a_changed_task_spec_on_resume_is_one_line(setup, tiny_dir, tmp_path, ca
     (["--continual.replay_size", "-5"], "continual.replay_size: got -5, expected an int >= 1"),
     (["--continual.replay_ratio", "1.0"], "continual.replay_ratio: got 1.0, expected a fraction in [0, 1)"),
     (["--continual.ewc_lambda", "-1"], "continual.ewc_lambda: got -1.0, expected a number >= 0"),
+    (["--continual.routers", "[knn]"], "continual.routers: ['knn'], expected distinct names among ['prototype', 'entropy']"),
     (["--continual.ordr", "[a, b]"], "--continual.ordr: unknown option, did you mean '--continual.order'?"),
     (["--model.load_from", "run"], "--model.load_from: set by the continual runner for each stage"),
     (["--data.tasks", "[keyword]"], "--data.tasks: set by the continual runner for each stage"),
