@@ -22,6 +22,7 @@ from mtl.fusion.report import attention_report
 from mtl.metrics import build_metrics
 from mtl.preflight import writable_folder
 from mtl.prefix_cache import DTYPES, PrefixCache
+from mtl.routing import ROUTER_CONFIG, EntropyRouter, Router, load_router
 
 # the frozen backbone runs in eval mode on purpose (no dropout in frozen layers; see MTLModel.train)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -55,6 +56,9 @@ class AdapterTrainer(L.LightningModule):
             head train.
         continue_training: a task of ``tasks`` that ``load_from`` already has continues from its loaded adapter and
             head instead of being refused (how the continual runner trains each stage).
+        router: predict without a task id: ``entropy`` (every head at once, the most confident answers) or a saved
+            router folder (e.g. ``<continual run>/steps/NN-<task>/router``). Each text of ``data.predict_file`` then
+            gets one row, from the task the router picks, instead of one row per task.
         drop_seed: seed of the per-batch depths drawn for ``adapter.robust_drop``.
         cache_frozen_prefix: compute each training/validation example's hidden states after the first
             ``adapter.drop_first`` layers once (first epoch) and reuse them, so later epochs run only the layers
@@ -72,7 +76,7 @@ class AdapterTrainer(L.LightningModule):
                  run_dir: str = "checkpoints/run", overwrite: bool = False, export: bool = True,
                  adapter_sharing: str = "per_task", load_from: str | None = None,
                  eval_tasks: list[str] | None = None, fusion: FusionSetup | dict | None = None,
-                 continue_training: bool = False, drop_seed: int = 0,
+                 continue_training: bool = False, router: str | None = None, drop_seed: int = 0,
                  cache_frozen_prefix: bool = False, cache_memory_mb: float = 2048, cache_dtype: str = "float32",
                  prefix_cache_dir: str | None = None) -> None:
         super().__init__()
@@ -90,12 +94,32 @@ class AdapterTrainer(L.LightningModule):
                          eval_tasks=[s for n, s in eval_specs.items() if n not in train_specs], fusion=fusion,
                          continue_training=continue_training)
         self.model, self.specs, self.routes = built.model, built.specs, built.routes
+        self.router = self._load_router(router)
         self._drop_rng: random.Random | None = None
         self.prefix_cache: PrefixCache | None = None
         # a continual-learning strategy's regulariser (EWC and the like): loss += extra_loss(self, batch)
         self.extra_loss: Callable[[AdapterTrainer, dict[str, Any]], torch.Tensor | None] | None = None
         self.val_metrics = self._metrics("val")
         self.test_metrics = self._metrics("test")
+
+    def _load_router(self, router: str | None) -> Router | None:
+        """The router ``model.router`` names, checked against this model (one line if it cannot route for it)."""
+        if router is None:
+            return None
+        if router == EntropyRouter.kind:
+            return EntropyRouter()
+        if not (Path(router) / ROUTER_CONFIG).is_file():
+            raise MTLConfigError(f"model.router: {router}: no {ROUTER_CONFIG} there, expected 'entropy' or a saved router "
+                                 "folder (a continual run saves one per stage: steps/NN-<task>/router)")
+        loaded = load_router(router)
+        if not loaded.tasks:
+            raise MTLConfigError(f"model.router: {router}: the router knows no task yet, expected one saved after a "
+                                 "task was trained")
+        missing = [t for t in loaded.tasks if t not in self.model.tasks]
+        if missing:
+            raise MTLConfigError(f"model.router: {router}: routes to {missing}, which the model does not have "
+                                 f"(model tasks: {self.model.tasks}; load them with model.load_from)")
+        return loaded
 
     def _metrics(self, stage: str) -> nn.ModuleDict:
         return nn.ModuleDict({self.routes[name]: build_metrics(spec.problem, spec.metrics, head_outputs(spec),
@@ -180,12 +204,22 @@ class AdapterTrainer(L.LightningModule):
         self._eval_epoch_end(self.test_metrics, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        """One row per example and task: label and its probability (a batch with task None runs every task)."""
-        tasks = self.model.tasks if batch["task"] is None else [self.routes.get(batch["task"], batch["task"])]
-        logits = self.model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"), tasks=tasks)
+        """One row per example and task: label and its probability (a batch with task None runs every task, or with
+        ``router`` only the task the router picks per example)."""
         size = batch["input_ids"].shape[0]
         index = batch.get("index", torch.arange(size)).tolist()
         texts = batch.get("text") or [None] * size
+        inputs = (batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
+        if batch["task"] is None and self.router is not None:
+            rows = []
+            for task, logits, i, text in zip(*self.router.routed_logits(self.model, *inputs), index, texts):
+                pred, score = self.model.heads[task].predict(logits.unsqueeze(0))
+                labels = self.model.records[task].labels
+                rows.append({"task": task, "index": i, "label": labels[int(pred)] if labels else int(pred),
+                             "score": float(score), "text": text})
+            return rows
+        tasks = self.model.tasks if batch["task"] is None else [self.routes.get(batch["task"], batch["task"])]
+        logits = self.model(*inputs, tasks=tasks)
         rows = []
         for task in tasks:
             head = self.model.heads[task]

@@ -4,6 +4,7 @@ SIGKILL, refused config changes on resume, and bad input (one line, exit 2, noth
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -367,3 +368,49 @@ def test_the_prototype_router_grows_with_the_stages_and_is_reported(setup, tmp_p
     # the keyword tasks have disjoint label words: their prototypes tell them apart
     assert out["routing"]["prototype"]["overall"]["routing_accuracy"] == 1.0
     assert "## Routing without a task id: prototype router" in (run_dir / "results.md").read_text()
+
+
+def predict_args(tiny_dir, setup, step: Path, out: Path, *extra: str) -> list[str]:
+    texts = out.parent / "texts.txt"
+    texts.write_text("good alpha beta river\nbeta red gamma stone\ncat seven table cloud\n")
+    return ["predict", "--model.backbone", str(tiny_dir), "--model.load_from", str(step), "--model.run_dir", str(step),
+            "--data.tasks", "[]", "--data.predict_file", str(texts), "--data.cache_dir", str(setup / "cache"),
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(out.parent), "--trainer.callbacks+=mtl.predict.PredictionWriter",
+            f"--trainer.callbacks.output={out}", *extra]
+
+
+def test_predict_without_a_task_id_uses_the_router(setup, per_task, tiny_dir, tmp_path, capsys):
+    from mtl.model import MTLModel
+    from mtl.routing import load_router
+
+    step = per_task / "steps" / "03-animal"
+    out = tmp_path / "routed.jsonl"
+    code, lines = run_cli(predict_args(tiny_dir, setup, step, out, "--model.router", str(step / "router")), capsys)
+    assert code == 0, lines
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2]  # one row per text, not one per task
+    # the same answers as the router from Python, without Lightning
+    model = MTLModel.from_pretrained(step).eval()
+    data = TaskDataModule(tasks=[], backbone=str(tiny_dir), predict_file=str(tmp_path / "texts.txt"),
+                          cache_dir=str(setup / "cache"))
+    batch = next(iter(data.predict_dataloader()[0]))
+    want = load_router(step / "router").predict(model, batch["input_ids"], batch["attention_mask"])
+    labels = {t: model.records[t].labels for t in model.tasks}
+    assert [(r["task"], r["label"]) for r in rows] == [(t, labels[t][i]) for t, i in want]
+
+
+@pytest.mark.parametrize("router, expected", [
+    ("nowhere", "model.router: nowhere: no router.json there, expected 'entropy' or a saved router folder"),
+    ("EARLY", "routes to ['colour', 'animal'], which the model does not have"),  # a router ahead of the model
+])
+def test_a_router_that_cannot_serve_the_model_is_one_line(setup, per_task, tiny_dir, tmp_path, capsys, router,
+                                                          expected):
+    step = per_task / "steps" / "01-keyword"
+    if router == "EARLY":  # the final router knows every task; load only keyword's adapter beside it
+        (tmp_path / "one" / "adapters").mkdir(parents=True)
+        shutil.copytree(step / "adapters" / "keyword", tmp_path / "one" / "adapters" / "keyword")
+        step, router = tmp_path / "one", str(per_task / "steps" / "03-animal" / "router")
+    code, lines = run_cli(predict_args(tiny_dir, setup, step, tmp_path / "out.jsonl", "--model.router", router), capsys)
+    assert code == 2 and len(lines) <= 2 and expected in error_line(lines), lines
+    assert not (tmp_path / "out.jsonl").exists()
