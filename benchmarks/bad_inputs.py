@@ -280,6 +280,7 @@ CASES = [
     Case("adapter-config-truncated", "files", PREDICT, truncate("run/adapters/keyword/adapter_config.json")),
     Case("fusion-config-truncated", "files", PREDICT, truncate("run/fusions/mood/fusion_config.json")),
     Case("fusion-weights-truncated", "files", PREDICT, truncate("run/fusions/mood/fusion.safetensors")),
+    Case("predict-router-missing", "files", PREDICT + ["--model.router", "nope"]),
     Case("predict-file-missing", "files", PREDICT[:-3] + ["nope.txt"] + PREDICT[-2:]),
     Case("predict-file-binary", "files", PREDICT, write_bytes("texts.txt", b"\xff\xfe\x00bad" * 10)),
     Case("ckpt-missing", "files", TEST[:-1] + ["nope.ckpt"]),
