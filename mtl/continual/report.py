@@ -7,7 +7,6 @@ scores with `mtl.continual.metrics`, so a report and a comparison always agree w
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from mtl.atomic import write_bytes_atomic, write_text_atomic
 from mtl.continual.metrics import AccuracyMatrix, accuracy, all_metrics, weighted_accuracy
 from mtl.errors import MTLConfigError
+from mtl.figures import png_bytes, pyplot
 
 FORMAT_VERSION = 1
 KEYS = ("format_version", "strategy", "order", "stages", "test_sizes", "scores", "metrics", "zero_forgetting", "seed",
@@ -221,24 +221,8 @@ def markdown_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    return pyplot
-
-
-def _png(plt: Any, fig: Any) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def _heatmap_png(results: dict) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     order, labels = results["order"], ["before", *_stage_labels(results)]
     decimals = 3 if len(order) <= 5 else 2  # 3 decimals do not fit the narrower cells of a long sequence
     fig, axes = plt.subplots(1, 2, figsize=(3.5 + 2.0 * len(order), 1.5 + 0.4 * len(labels)), layout="constrained")
@@ -253,7 +237,7 @@ def _heatmap_png(results: dict) -> bytes:
                         color="white" if v < 0.6 else "black")
         ax.set_title(f"{title}: {results['strategy']}")
     fig.colorbar(image, ax=list(axes))
-    return _png(plt, fig)
+    return png_bytes(fig)
 
 
 def save_heatmap(results: dict, path: str | Path) -> None:
@@ -340,7 +324,7 @@ def comparison_markdown(rows: list[dict]) -> str:
 
 
 def _comparison_png(rows: list[dict]) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     titles = dict(COLUMNS)
     fig, ax = plt.subplots(figsize=(3.0 + len(PLOTTED) * (0.5 + 0.12 * len(rows)), 4.5), layout="constrained")
     width = 0.8 / max(len(rows), 1)
@@ -353,7 +337,7 @@ def _comparison_png(rows: list[dict]) -> bytes:
     ax.set_ylabel("test accuracy (difference)")
     ax.set_title("continual runs compared")
     ax.legend(fontsize=8)
-    return _png(plt, fig)
+    return png_bytes(fig)
 
 
 def save_comparison_plot(rows: list[dict], path: str | Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mtl.atomic import write_bytes_atomic, write_json_atomic
+from mtl.figures import png_bytes, pyplot
 
 if TYPE_CHECKING:
     from mtl.adapters.inject import AdapterSlot
@@ -69,10 +69,7 @@ class AttentionReport:
 
     def save_heatmap(self, path: str | Path) -> None:
         """A heatmap PNG (locations x adapters), written atomically."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
+        plt = pyplot()
 
         means = self.means()
         data = [means[k] for k in means]
@@ -86,10 +83,7 @@ class AttentionReport:
         ax.set_title(f"fusion '{self.fusion}': mean attention")
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
-        plt.close(fig)
-        write_bytes_atomic(path, buffer.getvalue())
+        write_bytes_atomic(path, png_bytes(fig))
 
 
 @torch.no_grad()

@@ -7,12 +7,12 @@ not knowing the task.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtl.atomic import write_bytes_atomic
+from mtl.figures import png_bytes, pyplot
 from mtl.routing.base import Router, inference
 
 if TYPE_CHECKING:
@@ -65,10 +65,7 @@ def routing_report(model: MTLModel, router: Router, batches: dict[str, Sequence[
 
 def save_confusion_png(report: dict[str, Any], path: str | Path) -> None:
     """The confusion matrix as a heatmap PNG (colour: share of the true task's rows; text: counts), atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    plt = pyplot()
 
     tasks, counts = report["tasks"], report["confusion"]
     shares = [[v / max(sum(row), 1) for v in row] for row in counts]
@@ -87,8 +84,5 @@ def save_confusion_png(report: dict[str, Any], path: str | Path) -> None:
                  f"{'n/a' if accuracy is None else f'{accuracy:.3f}'}")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, png_bytes(fig))
 
