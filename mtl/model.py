@@ -14,6 +14,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -297,6 +298,16 @@ class MTLModel(ModelFiles, nn.Module):
                 slot.adapters.train(True)
                 slot.fusions.train(True)
         return self
+
+    @contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Eval mode (no dropout) for the block; the previous train/eval mode is restored afterwards."""
+        was_training = self.training
+        self.train(False)
+        try:
+            yield
+        finally:
+            self.train(was_training)
 
     # ---- planning ------------------------------------------------------------------------------
     def _check_tasks(self, names: Sequence[str], routable: bool = False) -> None:

@@ -115,12 +115,12 @@ class ContinualRunner:
                   ("replay_ratio", 0 <= config.replay_ratio < 1, "a fraction in [0, 1)"),
                   ("ewc_lambda", config.ewc_lambda >= 0, "a number >= 0"),
                   ("ewc_gamma", 0 < config.ewc_gamma <= 1, "a decay in (0, 1]"))
-        unknown = [r for r in config.routers if r not in ROUTERS]
-        if unknown or len(set(config.routers)) != len(config.routers):
-            raise MTLConfigError(f"continual.routers: {config.routers}, expected distinct names among {list(ROUTERS)}")
         for key, ok, expected in limits:
             if not ok:
                 raise MTLConfigError(f"continual.{key}: got {getattr(config, key)!r}, expected {expected}")
+        unknown = [r for r in config.routers if r not in ROUTERS]
+        if unknown or len(set(config.routers)) != len(config.routers):
+            raise MTLConfigError(f"continual.routers: {config.routers}, expected distinct names among {list(ROUTERS)}")
         specs = load_task_specs("continual.order", self.order, config.tasks_dir)
         for spec in specs.values():
             missing = [m for m in SCORES if m not in spec.metrics]
@@ -293,9 +293,8 @@ class ContinualRunner:
         module, data = self._module([], final), self._data([], self.order)
         self.strategy.load(final)
         check = self.strategy.verify(module, data)
-        results = self.results(state, check)
-        results["stored_bytes"] = self.strategy.stored_bytes(module, data)
-        results["routing"] = self._routing(final, module, data)
+        stored, routing = self.strategy.stored_bytes(module, data), self._routing(final, module, data)
+        results = self.results(state, check, stored, routing)
         write_json_atomic(self.run_dir / RESULTS_FILE, results)
         paths = write_report(results, self.run_dir)
         acc = results["metrics"]["acc"]
@@ -307,7 +306,8 @@ class ContinualRunner:
             raise RuntimeError(f"per_task forgetting check failed: {changed} changed after they were trained")
         return results
 
-    def results(self, state: dict[str, Any], check: dict[str, Any] | None) -> dict[str, Any]:
+    def results(self, state: dict[str, Any], check: dict[str, Any] | None, stored: dict[str, int],
+                routing: dict[str, Any]) -> dict[str, Any]:
         """The results.json record of a finished run."""
         times = state["wall_time_s"]
         results = {"format_version": FORMAT_VERSION, "strategy": self.config.strategy, "order": self.order,
@@ -316,7 +316,7 @@ class ContinualRunner:
                    "metrics": {}, "zero_forgetting": check, "seed": self.seed, "config": self.settings,
                    "wall_time_s": {"before": times["before"], "stages": times["stages"],
                                    "total": times["before"] + sum(times["stages"])},
-                   "run_dir": str(self.run_dir), "steps": state["steps"]}
+                   "run_dir": str(self.run_dir), "steps": state["steps"], "stored_bytes": stored, "routing": routing}
         results["metrics"] = {m: run_metrics(results, m) for m in SCORES}
         return results
 

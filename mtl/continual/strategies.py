@@ -1,9 +1,10 @@
 """Continual-learning strategies: what the runner does around each stage of a task sequence.
 
 A strategy says which tasks each stage trains and how the model is first built (an adapter per task, or one
-shared adapter), and gets three hooks: ``before_task`` (set up the stage's module and data), ``extra_loss`` (added
-to every training step's loss) and ``after_task`` (record what it needs, e.g. fingerprints). What it must keep
-across a restart goes in ``state`` (JSON), which the runner saves after every stage and restores on resume.
+shared adapter), and gets hooks: ``stage_data`` (what the stage trains on), ``before_task``, ``extra_loss`` (added
+to every training step's loss), ``after_task`` (record what it needs, e.g. fingerprints or a Fisher) and
+``verify`` (check its promise at the end). What it must keep across a restart goes in ``state`` (JSON, saved in
+state.json after every stage) or in files it writes with ``save`` into the stage's folder and reads with ``load``.
 """
 
 from __future__ import annotations
@@ -203,12 +204,10 @@ def diagonal_fisher(module: AdapterTrainer, batches: Any, params: dict[str, torc
     """Empirical diagonal Fisher: the mean over training batches of the squared gradient of the batch loss
     (as Avalanche's EWC computes it), in eval mode (no dropout)."""
     model = module.model
-    was_training = model.training
-    model.eval()
     sums = {name: torch.zeros_like(p, device="cpu") for name, p in params.items()}
     count = 0
     try:
-        with torch.enable_grad():
+        with model.eval_mode(), torch.enable_grad():
             for batch in batches:
                 module.zero_grad(set_to_none=True)
                 route = module.routes[batch["task"]]
@@ -220,7 +219,6 @@ def diagonal_fisher(module: AdapterTrainer, batches: Any, params: dict[str, torc
                 count += 1
     finally:
         module.zero_grad(set_to_none=True)
-        model.train(was_training)
     return {name: value / max(count, 1) for name, value in sums.items()}
 
 
@@ -263,13 +261,9 @@ def fingerprint(module: AdapterTrainer, data: TaskDataModule, task: str, probe_s
     """SHA-256 of a task's tensors and of its logits on the probe batch (plain forward, eval mode)."""
     batch = data.first_examples(task, "test", probe_size)
     model = module.model
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        inputs = [batch.get(k) for k in ("input_ids", "attention_mask", "token_type_ids")]
+    device = next(model.parameters()).device
+    inputs = [batch.get(k) for k in ("input_ids", "attention_mask", "token_type_ids")]
+    with model.eval_mode():
         logits = model(*[x.to(device) if x is not None else None for x in inputs], tasks=[task])[task]
-    finally:
-        model.train(was_training)
     raw = logits.float().cpu().contiguous().numpy().tobytes()
     return {"tensors_sha256": tensors_sha256(module, task), "probe_logits_sha256": hashlib.sha256(raw).hexdigest()}

@@ -91,9 +91,7 @@ def attention_report(model: MTLModel, fusion: str, batches: Iterable[dict[str, A
                      device: torch.device | str = "cpu") -> AttentionReport:
     """Run ``fusion`` over the batches in eval mode and collect its attention."""
     report = AttentionReport(fusion, list(model.target(fusion).fused))
-    was_training = model.training
-    model.eval()
-    try:
+    with model.eval_mode():
         for batch in batches:
             ids = batch["input_ids"].to(device)
             mask = batch.get("attention_mask")
@@ -101,6 +99,4 @@ def attention_report(model: MTLModel, fusion: str, batches: Iterable[dict[str, A
             types = batch.get("token_type_ids")
             report.mask = mask
             model(ids, mask, types.to(device) if types is not None else None, tasks=fusion, observe=report)
-    finally:
-        model.train(was_training)
     return report

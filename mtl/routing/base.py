@@ -53,13 +53,8 @@ class Router(Protocol):
 @contextmanager
 def inference(model: MTLModel) -> Iterator[None]:
     """Eval mode (no dropout) and no gradients for the block; the model's mode is restored afterwards."""
-    was_training = model.training
-    model.train(False)
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    with model.eval_mode(), torch.no_grad():
+        yield
 
 
 def check_classification(model: MTLModel, tasks: Sequence[str]) -> None:
