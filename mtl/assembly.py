@@ -63,13 +63,15 @@ def _check_head(model: MTLModel, spec: TaskSpec, key: str) -> None:
 def assemble(tasks: list[TaskSpec], backbone: str, adapter: AdapterConfig, *, backbone_dropout: bool = False,
              head_pooling: str = "mean", head_dropout: float = 0.1, load_from: str | None = None,
              overwrite: bool = False, adapter_sharing: str = "per_task", eval_tasks: list[TaskSpec] = (),
-             fusion: FusionSetup | None = None, continue_training: bool = False) -> Assembly:
+             fusion: FusionSetup | None = None, continue_training: bool = False,
+             eval_routes: dict[str, str] | None = None) -> Assembly:
     """Load ``load_from`` (frozen for good), add ``tasks`` (or the fusion for the one target task), mark exactly the
     new parts trainable, and check ``eval_tasks`` against what was loaded.
 
     With ``continue_training``, a task of ``tasks`` that ``load_from`` already has keeps training from its loaded
     adapter and head (a shared adapter included) instead of being refused; the continual runner builds every
-    stage this way from the previous stage's export.
+    stage this way from the previous stage's export. ``eval_routes`` evaluates a task of ``eval_tasks`` through a
+    loaded fusion instead of its own adapter and head (task -> fusion name).
     """
     if adapter_sharing not in ("per_task", "shared"):
         raise MTLConfigError(f"model.adapter_sharing: '{adapter_sharing}', expected per_task or shared")
@@ -119,11 +121,16 @@ def assemble(tasks: list[TaskSpec], backbone: str, adapter: AdapterConfig, *, ba
                        head_dropout=head_dropout, labels=spec.labels, spec=spec.to_dict(), overwrite=True,
                        adapter_name="shared" if adapter_sharing == "shared" else None)
     model.set_trainable(list(routes.values()), parts=sorted(keep_training))
+    eval_routes = dict(eval_routes or {})
+    for task, route in eval_routes.items():
+        if task not in [s.name for s in eval_tasks] or route not in model.tasks or not model.target(route).is_fusion:
+            raise MTLConfigError(f"model.eval_routes: {task} -> {route}, expected a task of data.eval_tasks and a "
+                                 f"fusion loaded from {load_from or 'model.load_from'}")
     for spec in eval_tasks:
         if spec.name not in model.tasks:
             raise MTLConfigError(f"data.eval_tasks: task '{spec.name}' has no trained adapter "
                                  f"(expected it under {load_from or 'model.load_from'}/adapters/)")
         _check_head(model, spec, "data.eval_tasks")
         specs[spec.name] = spec
-        routes[spec.name] = spec.name
+        routes[spec.name] = eval_routes.get(spec.name, spec.name)
     return Assembly(model, specs, routes)

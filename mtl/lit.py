@@ -76,7 +76,8 @@ class AdapterTrainer(L.LightningModule):
                  run_dir: str = "checkpoints/run", overwrite: bool = False, export: bool = True,
                  adapter_sharing: str = "per_task", load_from: str | None = None,
                  eval_tasks: list[str] | None = None, fusion: FusionSetup | dict | None = None,
-                 continue_training: bool = False, router: str | None = None, drop_seed: int = 0,
+                 continue_training: bool = False, eval_routes: dict[str, str] | None = None,
+                 router: str | None = None, drop_seed: int = 0,
                  cache_frozen_prefix: bool = False, cache_memory_mb: float = 2048, cache_dtype: str = "float32",
                  prefix_cache_dir: str | None = None) -> None:
         super().__init__()
@@ -92,7 +93,7 @@ class AdapterTrainer(L.LightningModule):
                          backbone_dropout=backbone_dropout, head_pooling=head_pooling, head_dropout=head_dropout,
                          load_from=load_from, overwrite=overwrite, adapter_sharing=adapter_sharing,
                          eval_tasks=[s for n, s in eval_specs.items() if n not in train_specs], fusion=fusion,
-                         continue_training=continue_training)
+                         continue_training=continue_training, eval_routes=eval_routes)
         self.model, self.specs, self.routes = built.model, built.specs, built.routes
         self.router = self._load_router(router)
         self._drop_rng: random.Random | None = None

@@ -160,15 +160,17 @@ class PrefixCache:
     def cached_depth(model: MTLModel) -> int:
         """How many first layers the cache may hold for the model's trainable tasks; refuses where it is not exact."""
         trainable = model.trainable_tasks()
-        configs = [model.adapter_configs[model.records[t].target.name] for t in trainable
-                   if not model.records[t].target.is_fusion]
+        targets = [model.records[t].target for t in trainable]
+        # a fusion's layers sit where its fused adapters are, so their settings decide for it as well
+        names = {name for target in targets for name in (target.fused if target.is_fusion else (target.name,))}
+        configs = [model.adapter_configs[name] for name in names]
         if any(c.robust_drop for c in configs):
             raise MTLConfigError("model.cache_frozen_prefix: not exact with adapter.robust_drop (the prefix changes "
                                  "per batch); use a fixed adapter.drop_first")
         if model.backbone_dropout:
             raise MTLConfigError("model.cache_frozen_prefix: not exact with model.backbone_dropout: true "
                                  "(cached layers must be deterministic)")
-        k = min((c.drop_first for c in configs), default=0) if len(configs) == len(trainable) else 0
+        k = model.first_adapter_layer(targets, model.drop_depths(trainable, None)) if targets else 0
         if k < 1:
             raise MTLConfigError("model.cache_frozen_prefix: needs adapter.drop_first >= 1 (no adapter in the "
                                  "layers to cache)")

@@ -94,6 +94,27 @@ def test_disk_spill_is_reused_by_a_later_run_and_invalidated_by_a_new_key(tmp_pa
     assert calls == [3, 3, 3, 3]  # a new key (e.g. another depth or dataset) recomputes
 
 
+def test_fusion_training_is_cached_too_with_the_same_loss_curve(deep_dir, task_dir, tmp_path):
+    """A fusion over adapters that skip the first 2 layers has no trainable part there: the cache holds them."""
+    for task in ("keyword", "colour"):
+        L.seed_everything(0)
+        module = AdapterTrainer([task], backbone=str(deep_dir), tasks_dir=str(task_dir), run_dir=str(tmp_path / "run"),
+                                adapter={"type": "pfeiffer", "drop_first": 2})
+        data = TaskDataModule([task], backbone=str(deep_dir), tasks_dir=str(task_dir), batch_size=16,
+                              cache_dir=str(tmp_path / "data-cache"))
+        L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0).fit(module, datamodule=data)
+    fusion = {"name": "keyword_fusion", "adapters": ["colour", "keyword"]}
+    runs = {}
+    for cached in (False, True):
+        module, losses, trainer = _run(deep_dir, task_dir, tmp_path / f"fusion-{cached}", load_from=str(tmp_path / "run"),
+                                       fusion=fusion, cache_frozen_prefix=cached)
+        runs[cached] = losses
+    assert len(runs[False]) == len(runs[True]) > 10
+    torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=1e-4, atol=1e-5)
+    assert module.prefix_cache.k == 2 and trainer.callback_metrics["cache/hit_rate"] == 1.0
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(adapter={"type": "pfeiffer", "drop_first": 2, "robust_drop": True}), "robust_drop"),
     (dict(adapter={"type": "pfeiffer"}), "drop_first >= 1"),
