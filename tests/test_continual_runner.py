@@ -129,8 +129,35 @@ def test_joint_is_one_stage_over_every_task(setup, tmp_path, capsys):
     assert all(weights(run_dir, "00-before", t) != weights(run_dir, "01-joint", t) for t in ORDER)
 
 
+def test_fusion_answers_later_tasks_through_a_fusion_and_forgets_nothing(setup, per_task, tmp_path, capsys):
+    run_dir = tmp_path / "fusion"
+    code, lines = run(setup, capsys, run_dir, "--continual.strategy", "fusion")
+    assert code == 0, lines
+    out, reference = results(run_dir), results(per_task)
+    assert out["routes"] == {"colour": "colour_fusion", "animal": "animal_fusion"}
+    r, alone = out["scores"]["acc"]["after"], out["single_task"]
+    # each stage first trains the task's own adapter exactly as per_task does: the same single-task score
+    assert {t: alone[t]["acc"] for t in ("colour", "animal")} == {
+        t: reference["scores"]["acc"]["after"][j][j] for j, t in enumerate(ORDER) if t != "keyword"}
+    assert r[0][0] == reference["scores"]["acc"]["after"][0][0]  # the first task has nothing to fuse
+    assert out["metrics"]["acc"]["bwt"] == 0.0 and out["metrics"]["acc"]["forgetting"] == 0.0
+    checked = out["zero_forgetting"]
+    assert checked["verified"] is True and set(checked["tasks"]) == {*ORDER, "colour_fusion", "animal_fusion"}
+    final = run_dir / "steps" / "03-animal"
+    fusion = json.loads((final / "fusions" / "animal_fusion" / storage.FUSION_CONFIG).read_text())
+    assert [a["name"] for a in fusion["adapters"]] == ORDER
+    assert (final / "fusions" / "colour_fusion").is_dir() and not (run_dir / "steps" / "03-animal-adapter").exists()
+    # an earlier fusion is the same bytes after later stages; own adapters equal per_task's
+    weights_file = storage.FUSION_WEIGHTS
+    assert ((run_dir / "steps/02-colour/fusions/colour_fusion" / weights_file).read_bytes()
+            == (final / "fusions/colour_fusion" / weights_file).read_bytes())
+    assert all(weights(run_dir, "03-animal", t) == weights(per_task, "03-animal", t) for t in ORDER)
+    assert out["routing"] == {} and "Single-task transfer" in (run_dir / "results.md").read_text()
+
+
 @pytest.mark.parametrize("strategy, kill_at, done", [("per_task", "02-colour:train:3", 1), ("per_task", "03-animal:test:0", 2),
-                                                     ("replay", "03-animal:train:2", 2), ("ewc", "03-animal:train:2", 2)])
+                                                     ("replay", "03-animal:train:2", 2), ("ewc", "03-animal:train:2", 2),
+                                                     ("fusion", "03-animal-fusion:train:2", 2)])
 def test_resume_after_sigkill_gives_the_same_run(setup, per_task, tmp_path, capsys, strategy, kill_at, done):
     if strategy == "per_task":
         reference = per_task
@@ -155,6 +182,10 @@ def test_resume_after_sigkill_gives_the_same_run(setup, per_task, tmp_path, caps
     assert got["stored_bytes"] == want["stored_bytes"]
     for task in ORDER:
         assert weights(run_dir, "03-animal", task) == weights(reference, "03-animal", task)
+    if strategy == "fusion":  # the killed fusion fit left its own-adapter folder; the rerun replaced, then removed it
+        assert got["single_task"] == want["single_task"] and not (run_dir / "steps" / "03-animal-adapter").exists()
+        fusion = "steps/03-animal/fusions/animal_fusion/" + storage.FUSION_WEIGHTS
+        assert (run_dir / fusion).read_bytes() == (reference / fusion).read_bytes()
     if strategy == "ewc":  # the Fisher and anchor of the resumed stage come from the same files
         ewc = "steps/03-animal/ewc.safetensors"
         assert (run_dir / ewc).read_bytes() == (reference / ewc).read_bytes()
@@ -192,7 +223,12 @@ def test_a_changed_task_spec_on_resume_is_one_line(setup, tiny_dir, tmp_path, ca
     (["--continual.order", "[]"], "continual.order: [] has 0 task(s), expected at least 2"),
     (["--continual.order", "[keyword]"], "continual.order: ['keyword'] has 1 task(s), expected at least 2"),
     (["--continual.order", "[keyword, colour, keyword]"], "continual.order: task 'keyword' given twice"),
-    (["--continual.strategy", "ewc_typo"], "continual.strategy: 'ewc_typo', expected one of per_task, shared, replay, ewc, joint"),
+    (["--continual.strategy", "ewc_typo"],
+     "continual.strategy: 'ewc_typo', expected one of per_task, shared, replay, ewc, fusion, joint"),
+    (["--continual.strategy", "fusion", "--continual.order", "[keyword]"],
+     "continual.order: ['keyword'] has 1 task(s), expected at least 2"),
+    (["--continual.fusion", "{type: wide}"], "continual.fusion.type: 'wide' is not a preset"),
+    (["--continual.fusion", "{type: dynamic, heads: 2}"], "continual.fusion: unknown fusion keys ['heads']"),
     (["--continual.order", "[keyword, nosuch]"], "task 'nosuch' not found"),
     (["--continual.probe_size", "0"], "continual.probe_size: got 0"),
     (["--continual.replay_size", "-5"], "continual.replay_size: got -5, expected an int >= 1"),

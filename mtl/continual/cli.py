@@ -25,7 +25,7 @@ from mtl.preflight import writable_folder
 
 # set per stage by the runner (or by the strategy: adapter_sharing)
 RUNNER_MODEL_KEYS = {"tasks", "tasks_dir", "run_dir", "overwrite", "export", "adapter_sharing", "load_from",
-                     "eval_tasks", "fusion", "continue_training"}
+                     "eval_tasks", "fusion", "continue_training", "eval_routes"}
 RUNNER_DATA_KEYS = {"tasks", "backbone", "tasks_dir", "eval_tasks", "predict_split", "predict_file",
                     "predict_text_field", "predict_max_length", "train_subsets", "task_weights"}
 

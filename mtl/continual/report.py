@@ -211,6 +211,8 @@ def markdown_report(results: dict) -> str:
                                                                         "task_given_accuracy"))]
                 for task, r in [*routing["per_task"].items(), ("all", routing["overall"])]]
         lines += [_table(["task", "rows", "routing accuracy", "routed accuracy", "task-given accuracy"], rows), ""]
+    if results.get("single_task"):
+        lines += _transfer_section(results)
     stored = results.get("stored_bytes")
     if stored:
         rows = [[what.replace("_", " "), f"{size:,}"] for what, size in stored.items()]
@@ -219,6 +221,22 @@ def markdown_report(results: dict) -> str:
     if results["zero_forgetting"] is not None:
         lines += [_zero_forgetting_line(results["zero_forgetting"], order), ""]
     return "\n".join(lines)
+
+
+def _transfer_section(results: dict) -> list[str]:
+    """Per task: R[j][j] (through its fusion), its own adapter alone (the stage's first fit), and the difference."""
+    after, routes, alone = results["scores"]["acc"]["after"], results.get("routes") or {}, results["single_task"]
+    rows = []
+    for j, task in enumerate(results["order"]):
+        if task in alone:
+            own = alone[task]["acc"]
+            rows.append([task, routes.get(task, task), f"{after[j][j]:.3f}", f"{own:.3f}", _fmt("bwt", after[j][j] - own)])
+        else:
+            rows.append([task, routes.get(task, task), f"{after[j][j]:.3f}", f"{after[j][j]:.3f}", "– (nothing to fuse)"])
+    return ["## Single-task transfer", "",
+            "R[j][j], the task's accuracy right after its stage through its route, against its own adapter alone "
+            "(the same adapter, tested before the fusion trained).", "",
+            _table(["task", "answered by", "R[j][j]", "own adapter alone", "transfer"], rows), ""]
 
 
 def _heatmap_png(results: dict) -> bytes:

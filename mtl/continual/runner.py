@@ -12,6 +12,7 @@ both written atomically; ``state.json`` is the commit point.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 
 import lightning as L
 
+from mtl.assembly import FusionSetup
 from mtl.atomic import write_dir_atomic, write_json_atomic
 from mtl.backbone import DEFAULT_BACKBONE
 from mtl.continual.report import duration, run_metrics, write_report
@@ -27,6 +29,7 @@ from mtl.continual.strategies import STRATEGIES, build_strategy
 from mtl.data.module import TaskDataModule
 from mtl.data.spec import load_task_specs
 from mtl.errors import MTLConfigError
+from mtl.fusion.config import FusionConfig
 from mtl.lit import AdapterTrainer
 from mtl.preflight import writable_folder
 from mtl.routing import EntropyRouter, PrototypeRouter, load_router, routing_report, save_confusion_png
@@ -36,6 +39,7 @@ STATE_FILE = "state.json"
 RESULTS_FILE = "results.json"
 SCORES = ("acc", "f1")
 ROUTERS = ("prototype", "entropy")
+OWN_ADAPTER = "-adapter"  # suffix of the folder holding a fusion stage's own adapter while its fusion trains
 # settings that change nothing in the results, so a resumed run may use other values
 RESUME_MAY_CHANGE = ("continual.run_dir", "data.num_workers", "data.cache_dir", "data.eval_batch_size",
                      "model.prefix_cache_dir", "model.cache_memory_mb", "trainer.enable_progress_bar",
@@ -51,7 +55,9 @@ class ContinualConfig:
         order: task names (``<tasks_dir>/<name>.yaml``) in training order, at least two.
         strategy: ``per_task`` (a new adapter and head per task, earlier ones frozen), ``shared`` (one adapter
             trained on every task in turn, a head per task), ``replay`` (shared plus a replay buffer), ``ewc``
-            (shared plus the online EWC penalty) or ``joint`` (all tasks at once: the upper bound).
+            (shared plus the online EWC penalty), ``fusion`` (per_task plus, from the second task on, an AdapterFusion
+            over every earlier adapter and the task's own, trained after it) or ``joint`` (all tasks at once: the
+            upper bound).
         run_dir: run folder: state.json, each stage's exported adapters, results.json / results.md / heatmap.png.
         tasks_dir: folder of task specs.
         probe_size: test examples per task in the fixed probe batch of per_task's zero-forgetting check.
@@ -59,6 +65,7 @@ class ContinualConfig:
         replay_ratio: replay: fraction of training batches drawn from the buffer (0 <= ratio < 1).
         ewc_lambda: ewc: weight lambda of the penalty (lambda / 2) * sum F (theta - theta*)^2.
         ewc_gamma: ewc: decay of the accumulated Fisher (1: plain sum over tasks; online EWC: < 1).
+        fusion: fusion: the fusion settings (``type: dynamic | static`` plus `FusionConfig` overrides).
         routers: task-free routers to report on at the end (``prototype``: updated after every stage from the
             stage's training texts and stored in its folder, ``router/``; ``entropy``: needs nothing stored).
     """
@@ -72,6 +79,7 @@ class ContinualConfig:
     replay_ratio: float = 0.2
     ewc_lambda: float = 1000.0
     ewc_gamma: float = 1.0
+    fusion: dict[str, Any] = field(default_factory=lambda: {"type": "dynamic"})
     routers: list[str] = field(default_factory=lambda: ["prototype"])
 
 
@@ -118,6 +126,12 @@ class ContinualRunner:
         for key, ok, expected in limits:
             if not ok:
                 raise MTLConfigError(f"continual.{key}: got {getattr(config, key)!r}, expected {expected}")
+        if not isinstance(config.fusion, dict):
+            raise MTLConfigError(f"continual.fusion: {config.fusion!r}, expected a mapping of fusion settings")
+        try:
+            FusionConfig.from_dict(dict(config.fusion), "continual.fusion")
+        except MTLConfigError as err:  # the dataclass names its own keys fusion.<key>
+            raise MTLConfigError(str(err) if str(err).startswith("continual.") else f"continual.{err}") from None
         unknown = [r for r in config.routers if r not in ROUTERS]
         if unknown or len(set(config.routers)) != len(config.routers):
             raise MTLConfigError(f"continual.routers: {config.routers}, expected distinct names among {list(ROUTERS)}")
@@ -161,26 +175,33 @@ class ContinualRunner:
         return TaskDataModule(tasks=train, eval_tasks=evaluate, backbone=backbone, tasks_dir=self.config.tasks_dir,
                               **self.data_args, **extra)
 
-    def _module(self, train: list[str], load_from: Path | None) -> AdapterTrainer:
-        # the one way models are built (assemble, through AdapterTrainer): fresh tasks, or the previous stage's export
+    def _module(self, train: list[str], load_from: Path | None, fusion: FusionSetup | None = None) -> AdapterTrainer:
+        # the one way models are built (assemble, through AdapterTrainer): fresh tasks, or the previous stage's export;
+        # tasks answered through a fusion are evaluated through it
         return AdapterTrainer(tasks=train, eval_tasks=[t for t in self.order if t not in train],
                               tasks_dir=self.config.tasks_dir, run_dir=str(self.run_dir), export=False,
                               adapter_sharing=self.strategy.adapter_sharing,
-                              load_from=None if load_from is None else str(load_from),
-                              continue_training=load_from is not None, **self.model_args)
+                              load_from=None if load_from is None else str(load_from), fusion=fusion,
+                              continue_training=load_from is not None and fusion is None,
+                              eval_routes={t: r for t, r in self.strategy.routes().items() if t not in train},
+                              **self.model_args)
 
-    def _evaluate(self, trainer: L.Trainer, module: AdapterTrainer, data: TaskDataModule) -> dict[str, list[float]]:
-        """Every task of the sequence on its test split: accuracy and macro-F1, in ``order``."""
+    def _evaluate(self, trainer: L.Trainer, module: AdapterTrainer, data: TaskDataModule,
+                  tasks: list[str] | None = None) -> dict[str, list[float]]:
+        """Every task of the sequence (or ``tasks``) on its test split, through its route: accuracy and macro-F1."""
         trainer.test(module, datamodule=data, verbose=False)
         metrics = trainer.callback_metrics
-        return {m: [float(metrics[f"test/{task}/{m}"]) for task in self.order] for m in SCORES}
+        return {m: [float(metrics[f"test/{module.routes[task]}/{m}"]) for task in tasks or self.order] for m in SCORES}
 
     def _export(self, module: AdapterTrainer, name: str, router: PrototypeRouter | None = None) -> str:
         """Every task's adapter and head into ``steps/<name>/adapters/``, the strategy's tensors and the router, in
         one atomic folder; returns the folder, relative."""
         def fill(folder: Path) -> None:
+            model = module.model
             for task in self.order:
-                module.model.save_task(task, folder / "adapters")
+                model.save_task(task, folder / "adapters")
+            for fusion in (t for t in model.tasks if model.target(t).is_fusion):  # after the adapters they fuse
+                model.save_fusion(fusion, folder)
             self.strategy.save(folder)
             if router is not None:
                 router.save(folder / "router")
@@ -212,7 +233,7 @@ class ContinualRunner:
         return {"format_version": FORMAT_VERSION, "settings": self.settings, "strategy": self.config.strategy,
                 "order": self.order, "stages": self.stages, "seed": self.seed, "completed": 0, "steps": [],
                 "before": {}, "after": {m: [] for m in SCORES}, "test_sizes": [],
-                "wall_time_s": {"before": 0.0, "stages": []}, "strategy_state": {}}
+                "wall_time_s": {"before": 0.0, "stages": []}, "strategy_state": {}, "single_task": {}}
 
     def _save(self, state: dict[str, Any]) -> None:
         state["strategy_state"] = self.strategy.state
@@ -250,6 +271,9 @@ class ContinualRunner:
         trainer = self.make_trainer(name)
         trainer.fit(module, datamodule=data)
         module.restore_best()
+        setup = self.strategy.fusion_setup(self.order, tasks)
+        if setup is not None:
+            module, trainer = self._fusion_fit(name, tasks, setup, module, trainer, data, state)
         scores = self._evaluate(trainer, module, data)
         self.strategy.after_task(index, tasks, module, data)
         router = self._update_router(previous, tasks, module, data)
@@ -259,11 +283,28 @@ class ContinualRunner:
         state["wall_time_s"]["stages"].append(time.monotonic() - start)
         state["completed"] = index + 1
         self._save(state)
+        shutil.rmtree(self.run_dir / "steps" / f"{name}{OWN_ADAPTER}", ignore_errors=True)  # see _fusion_fit
         times = state["wall_time_s"]["stages"]
         left = sum(times) / len(times) * (total - index - 1)
         print(f"[stage {index + 1}/{total}] {', '.join(tasks)} done in {duration(times[-1])}; accuracy "
               f"{_row(scores['acc'])}; about {duration(left)} left")
         return state
+
+    def _fusion_fit(self, name: str, tasks: list[str], setup: FusionSetup, module: AdapterTrainer, trainer: L.Trainer,
+                    data: TaskDataModule, state: dict[str, Any]) -> tuple[AdapterTrainer, L.Trainer]:
+        """The stage's second fit: the task's own adapter is tested alone (its single-task score) and exported
+        (``steps/<name>-adapter/``, removed once the stage is saved), then the fusion trains on the same data."""
+        alone = self._evaluate(trainer, module, self._data([], tasks), tasks)
+        state["single_task"].update({task: {m: alone[m][i] for m in SCORES} for i, task in enumerate(tasks)})
+        own = self.run_dir / self._export(module, f"{name}{OWN_ADAPTER}")
+        print(f"[fusion] {tasks[0]} alone: accuracy {_row(alone['acc'])}; training fusion {setup.name} over "
+              f"{', '.join(setup.adapters)}")
+        module = self._module(tasks, own, fusion=setup)
+        module.extra_loss = self.strategy.extra_loss
+        trainer = self.make_trainer(f"{name}-fusion")
+        trainer.fit(module, datamodule=data)
+        module.restore_best()
+        return module, trainer
 
     def _update_router(self, previous: Path, tasks: list[str], module: AdapterTrainer,
                        data: TaskDataModule) -> PrototypeRouter | None:
@@ -293,7 +334,10 @@ class ContinualRunner:
         module, data = self._module([], final), self._data([], self.order)
         self.strategy.load(final)
         check = self.strategy.verify(module, data)
-        stored, routing = self.strategy.stored_bytes(module, data), self._routing(final, module, data)
+        stored = self.strategy.stored_bytes(module, data)
+        routing = self._routing(final, module, data) if not self.strategy.routes() else {}
+        if self.strategy.routes():
+            print("continual: routing without a task id is reported for runs without fusion routes; skipped")
         results = self.results(state, check, stored, routing)
         write_json_atomic(self.run_dir / RESULTS_FILE, results)
         paths = write_report(results, self.run_dir)
@@ -316,7 +360,8 @@ class ContinualRunner:
                    "metrics": {}, "zero_forgetting": check, "seed": self.seed, "config": self.settings,
                    "wall_time_s": {"before": times["before"], "stages": times["stages"],
                                    "total": times["before"] + sum(times["stages"])},
-                   "run_dir": str(self.run_dir), "steps": state["steps"], "stored_bytes": stored, "routing": routing}
+                   "run_dir": str(self.run_dir), "steps": state["steps"], "stored_bytes": stored, "routing": routing,
+                   "routes": self.strategy.routes(), "single_task": state.get("single_task", {})}
         results["metrics"] = {m: run_metrics(results, m) for m in SCORES}
         return results
 

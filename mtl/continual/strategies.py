@@ -3,7 +3,8 @@
 A strategy says which tasks each stage trains and how the model is first built (an adapter per task, or one
 shared adapter), and gets hooks: ``stage_data`` (what the stage trains on), ``before_task``, ``extra_loss`` (added
 to every training step's loss), ``after_task`` (record what it needs, e.g. fingerprints or a Fisher) and
-``verify`` (check its promise at the end). What it must keep across a restart goes in ``state`` (JSON, saved in
+``verify`` (check its promise at the end), and ``fusion_setup`` (a second fit after the stage's own: a fusion over
+trained adapters, whose route ``routes`` then records). What it must keep across a restart goes in ``state`` (JSON, saved in
 state.json after every stage) or in files it writes with ``save`` into the stage's folder and reads with ``load``.
 """
 
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from mtl import storage
+from mtl.assembly import FusionSetup
 
 if TYPE_CHECKING:
     from mtl.data.module import TaskDataModule
@@ -42,6 +44,14 @@ class Strategy:
         """Extra `TaskDataModule` arguments for the stage training ``tasks`` (``tasks``: what it trains on)."""
         return {}
 
+    def fusion_setup(self, order: list[str], tasks: list[str]) -> FusionSetup | None:
+        """A fusion to train after the stage's own fit, for its one task (None: no second fit)."""
+        return None
+
+    def routes(self) -> dict[str, str]:
+        """Tasks answered through a fusion: task -> fusion name (used to build and evaluate every later stage)."""
+        return {}
+
     def load(self, folder: Path) -> None:
         """Read the tensors this strategy keeps from the previous stage's folder (``save`` wrote them)."""
 
@@ -50,11 +60,12 @@ class Strategy:
 
     def stored_bytes(self, module: AdapterTrainer, data: TaskDataModule) -> dict[str, int]:
         """What the method keeps to go on learning, in bytes: adapters and heads, plus its own memory."""
-        seen = {}
+        seen: dict[str, dict[int, int]] = {}
         for task in module.model.tasks:
+            kind = "fusions_and_heads" if module.model.target(task).is_fusion else "adapters_and_heads"
             for name, p in module.model.task_parameters(task).items():
-                seen[id(p)] = p.numel() * p.element_size()  # a shared adapter counts once
-        return {"adapters_and_heads": sum(seen.values())}
+                seen.setdefault(kind, {})[id(p)] = p.numel() * p.element_size()  # a shared adapter counts once
+        return {kind: sum(sizes.values()) for kind, sizes in sorted(seen.items())}
 
     def before_task(self, stage: int, tasks: list[str], module: AdapterTrainer, data: TaskDataModule) -> None:
         """Called after the stage's module and data are built, before its Trainer fits."""
@@ -92,10 +103,45 @@ class PerTask(Strategy):
 
     def verify(self, module: AdapterTrainer, data: TaskDataModule) -> dict[str, Any]:
         tasks = {}
-        for task, saved in self.state["fingerprints"].items():
-            now = fingerprint(module, data, task, self.probe_size)
-            tasks[task] = {"unchanged": all(now[k] == saved[k] for k in now), "trained_at_stage": saved["stage"], **now}
+        for name, saved in self.state["fingerprints"].items():
+            task = saved.get("task", name)  # a fusion's entry names the task whose probe batch it reads
+            now = fingerprint(module, data, task, self.probe_size, route=name)
+            tasks[name] = {"unchanged": all(now[k] == saved[k] for k in now), "trained_at_stage": saved["stage"], **now}
         return {"verified": bool(tasks) and all(t["unchanged"] for t in tasks.values()), "tasks": tasks}
+
+
+class Fusion(PerTask):
+    """per_task's adapters and, from the second task on, an AdapterFusion over every earlier adapter plus the new
+    task's own, trained after that adapter (a second fit of the stage, on the same data); the task is then answered
+    through its fusion. Nothing trained before is touched, so forgetting is zero, checked as in per_task for every
+    adapter, head and fusion."""
+
+    name = "fusion"
+    description = "a new adapter per task, then a fusion over it and every earlier adapter"
+    SUFFIX = "_fusion"
+
+    def __init__(self, probe_size: int, config: dict[str, Any]) -> None:
+        super().__init__(probe_size)
+        self.config = config
+        self.state = {"fingerprints": {}, "routes": {}}
+
+    def fusion_setup(self, order: list[str], tasks: list[str]) -> FusionSetup | None:
+        earlier = order[:order.index(tasks[0])]
+        if not earlier:
+            return None
+        return FusionSetup(name=tasks[0] + self.SUFFIX, adapters=[*earlier, tasks[0]], config=dict(self.config))
+
+    def routes(self) -> dict[str, str]:
+        return dict(self.state["routes"])
+
+    def after_task(self, stage: int, tasks: list[str], module: AdapterTrainer, data: TaskDataModule) -> None:
+        super().after_task(stage, tasks, module, data)
+        for task in tasks:
+            route = module.routes[task]
+            if route != task:
+                self.state["routes"][task] = route
+                self.state["fingerprints"][route] = {"stage": stage, "task": task,
+                                                     **fingerprint(module, data, task, self.probe_size, route=route)}
 
 
 class Shared(Strategy):
@@ -232,7 +278,7 @@ class Joint(Strategy):
         return [list(order)]
 
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (PerTask, Shared, Replay, EWC, Joint)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (PerTask, Shared, Replay, EWC, Fusion, Joint)}
 
 
 def build_strategy(config: Any, seed: int) -> Strategy:
@@ -243,6 +289,8 @@ def build_strategy(config: Any, seed: int) -> Strategy:
         return Replay(config.replay_size, config.replay_ratio, seed)
     if config.strategy == EWC.name:
         return EWC(config.ewc_lambda, config.ewc_gamma)
+    if config.strategy == Fusion.name:
+        return Fusion(config.probe_size, config.fusion)
     return STRATEGIES[config.strategy]()
 
 
@@ -257,13 +305,16 @@ def tensors_sha256(module: AdapterTrainer, task: str) -> str:
 
 
 @torch.no_grad()
-def fingerprint(module: AdapterTrainer, data: TaskDataModule, task: str, probe_size: int) -> dict[str, str]:
-    """SHA-256 of a task's tensors and of its logits on the probe batch (plain forward, eval mode)."""
+def fingerprint(module: AdapterTrainer, data: TaskDataModule, task: str, probe_size: int,
+                route: str | None = None) -> dict[str, str]:
+    """SHA-256 of the tensors of ``route`` (default: the task itself; or a fusion answering it) and of its logits on
+    the task's probe batch (plain forward, eval mode)."""
+    route = route or task
     batch = data.first_examples(task, "test", probe_size)
     model = module.model
     device = next(model.parameters()).device
     inputs = [batch.get(k) for k in ("input_ids", "attention_mask", "token_type_ids")]
     with model.eval_mode():
-        logits = model(*[x.to(device) if x is not None else None for x in inputs], tasks=[task])[task]
+        logits = model(*[x.to(device) if x is not None else None for x in inputs], tasks=[route])[route]
     raw = logits.float().cpu().contiguous().numpy().tobytes()
-    return {"tensors_sha256": tensors_sha256(module, task), "probe_logits_sha256": hashlib.sha256(raw).hexdigest()}
+    return {"tensors_sha256": tensors_sha256(module, route), "probe_logits_sha256": hashlib.sha256(raw).hexdigest()}
