@@ -53,12 +53,22 @@ def routing_table(kind: str, routing: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def transfer_table(results: dict) -> str:
+    """Per task: R[j][j] through its route against its own adapter alone (the fusion strategy's single-task transfer)."""
+    after, alone, routes = results["scores"]["acc"]["after"], results["single_task"], results.get("routes", {})
+    lines = ["| task | answered by | R[j][j] | own adapter alone | transfer |", "|---|---|---:|---:|---:|"]
+    for j, task in enumerate(results["order"]):
+        own = alone.get(task, {"acc": after[j][j]})["acc"]
+        lines.append(f"| {task} | {routes.get(task, task)} | {after[j][j]:.3f} | {own:.3f} | {after[j][j] - own:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/continual.yaml")
     parser.add_argument("--out", default="checkpoints/bench-continual")
     parser.add_argument("--figures", default="benchmarks/figures/continual")
-    parser.add_argument("--strategies", nargs="+", default=["per_task", "shared", "replay", "ewc", "joint"])
+    parser.add_argument("--strategies", nargs="+", default=["per_task", "shared", "replay", "ewc", "fusion", "joint"])
     parser.add_argument("--routers", nargs="+", default=["prototype", "entropy"],
                         help="routers reported for the per_task runs (the others keep the config's)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
@@ -97,6 +107,8 @@ def main() -> None:
             check = results["zero_forgetting"]
             note = "" if check is None else f" (zero forgetting: {'verified' if check['verified'] else 'FAILED'})"
             report.append(f"R, accuracy, {strategy}, order {tag}{note}:\n\n{matrix_table(results)}\n")
+            if results.get("single_task"):
+                report.append(f"single-task transfer, {strategy}, order {tag}:\n\n{transfer_table(results)}")
             for kind, routing in (results.get("routing") or {}).items():
                 shutil.copy(run_dir / f"routing-{kind}.png", figures / f"routing-{tag}-{strategy}-{kind}.png")
                 report.append(routing_table(kind, routing))

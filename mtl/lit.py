@@ -56,8 +56,9 @@ class AdapterTrainer(L.LightningModule):
             head train.
         continue_training: a task of ``tasks`` that ``load_from`` already has continues from its loaded adapter and
             head instead of being refused (how the continual runner trains each stage).
-        router: predict without a task id: ``entropy`` (every head at once, the most confident answers) or a saved
-            router folder (e.g. ``<continual run>/steps/NN-<task>/router``). Each text of ``data.predict_file`` then
+        router: predict without a task id: ``auto`` (the router saved with the model in ``load_from``), ``entropy``
+            (every head at once, the most confident answers) or a saved router folder (e.g.
+            ``<continual run>/steps/NN-<task>/router``). Each text of ``data.predict_file`` then
             gets one row, from the task the router picks, instead of one row per task.
         drop_seed: seed of the per-batch depths drawn for ``adapter.robust_drop``.
         cache_frozen_prefix: compute each training/validation example's hidden states after the first
@@ -109,6 +110,13 @@ class AdapterTrainer(L.LightningModule):
             return None
         if router == EntropyRouter.kind:
             return EntropyRouter()
+        if router == "auto":  # the router stored with the loaded model (a continual stage folder has one)
+            stored = Path(self.hparams.load_from or "") / "router"
+            if not self.hparams.load_from or not (stored / ROUTER_CONFIG).is_file():
+                raise MTLConfigError(f"model.router: auto: the model has no router ({stored / ROUTER_CONFIG} not found), "
+                                     "expected model.load_from to be a continual stage folder (steps/NN-<task>), or "
+                                     "a router folder or 'entropy' as model.router")
+            router = str(stored)
         if not (Path(router) / ROUTER_CONFIG).is_file():
             raise MTLConfigError(f"model.router: {router}: no {ROUTER_CONFIG} there, expected 'entropy' or a saved router "
                                  "folder (a continual run saves one per stage: steps/NN-<task>/router)")

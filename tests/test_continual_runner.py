@@ -422,7 +422,8 @@ def test_predict_without_a_task_id_uses_the_router(setup, per_task, tiny_dir, tm
 
     step = per_task / "steps" / "03-animal"
     out = tmp_path / "routed.jsonl"
-    code, lines = run_cli(predict_args(tiny_dir, setup, step, out, "--model.router", str(step / "router")), capsys)
+    # auto: the router saved with the stage the model is loaded from
+    code, lines = run_cli(predict_args(tiny_dir, setup, step, out, "--model.router", "auto"), capsys)
     assert code == 0, lines
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2]  # one row per text, not one per task
@@ -439,10 +440,11 @@ def test_predict_without_a_task_id_uses_the_router(setup, per_task, tiny_dir, tm
 @pytest.mark.parametrize("router, expected", [
     ("nowhere", "model.router: nowhere: no router.json there, expected 'entropy' or a saved router folder"),
     ("EARLY", "routes to ['colour', 'animal'], which the model does not have"),  # a router ahead of the model
+    ("auto", "model.router: auto: the model has no router"),  # 00-before: no task trained, no router saved
 ])
 def test_a_router_that_cannot_serve_the_model_is_one_line(setup, per_task, tiny_dir, tmp_path, capsys, router,
                                                           expected):
-    step = per_task / "steps" / "01-keyword"
+    step = per_task / "steps" / ("00-before" if router == "auto" else "01-keyword")
     if router == "EARLY":  # the final router knows every task; load only keyword's adapter beside it
         (tmp_path / "one" / "adapters").mkdir(parents=True)
         shutil.copytree(step / "adapters" / "keyword", tmp_path / "one" / "adapters" / "keyword")
