@@ -15,6 +15,7 @@ from mtl import storage
 from mtl.adapters.config import AdapterConfig
 from mtl.errors import MTLConfigError
 from mtl.fusion.config import FusionConfig
+from mtl.interop import adapterhub
 
 if TYPE_CHECKING:
     from mtl.model import MTLModel
@@ -136,6 +137,14 @@ class ModelFiles:
         names = [self.load_task(d, same_backbone=same_backbone) for d in storage.task_dirs(checkpoint_dir)]
         names += [self.load_fusion(d, same_backbone=same_backbone) for d in storage.fusion_dirs(checkpoint_dir)]
         return names
+
+    def load_adapterhub(self: MTLModel, folder: str | Path, task: str | None = None, **kwargs: Any) -> str:
+        """Add a task from a folder written by AdapterHub's save_adapter (see `mtl.interop.adapterhub`)."""
+        return adapterhub.load_adapterhub(self, folder, task, **kwargs)
+
+    def save_adapterhub(self: MTLModel, task: str, folder: str | Path, **kwargs: Any) -> Path:
+        """Write a task's adapter (and head) in AdapterHub's save_adapter layout (see `mtl.interop.adapterhub`)."""
+        return adapterhub.save_adapterhub(self, task, folder, **kwargs)
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, backbone: Any = None) -> MTLModel:

@@ -1,0 +1,365 @@
+"""AdapterHub's adapter folders, both ways, without AdapterHub installed: folders written by hand in its exact layout.
+
+The reference below recomputes AdapterHub 1.3's bottleneck math (methods/modeling.py `Adapter`, `ParallelAdapter`,
+methods/bottleneck.py) from the tensors by their AdapterHub names, on a plain Hugging Face BERT whose sub-layer
+forwards are replaced; it never goes through mtl's adapter code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from mtl.errors import MTLConfigError
+from mtl.model import MTLModel
+from tests.conftest import tiny_backbone, tiny_batch
+
+HIDDEN, LAYERS = 64, 2
+# AdapterHub 1.3's BnConfig defaults (configuration/adapter_config.py), as its to_dict() writes them
+BN = dict(mh_adapter=False, output_adapter=True, reduction_factor=16, non_linearity="relu", original_ln_before=False,
+          original_ln_after=True, ln_before=False, ln_after=False, init_weights="bert", init_weights_seed=None,
+          is_parallel=False, scaling=1.0, use_gating=False, residual_before_ln=True, adapter_residual_before_ln=False,
+          inv_adapter=None, inv_adapter_reduction_factor=None, cross_adapter=False, leave_out=[], dropout=0.0,
+          phm_layer=False, phm_dim=4, factorized_phm_W=True, shared_W_phm=False, shared_phm_rule=True,
+          factorized_phm_rule=False, phm_c_init="normal", phm_init_range=0.0001, learn_phm=True,
+          hypercomplex_nonlinearity="glorot-uniform", phm_rank=1, phm_bias=True, stochastic_depth=0.0)
+AH_PRESETS = {  # SeqBnConfig, DoubleSeqBnConfig, ParBnConfig
+    "pfeiffer": {**BN, "original_ln_before": True},
+    "houlsby": {**BN, "mh_adapter": True, "non_linearity": "swish"},
+    "parallel": {**BN, "reduction_factor": 2, "init_weights": "mam_adapter", "is_parallel": True, "scaling": 4.0},
+}
+LABELS = ["neg", "neu", "pos"]
+
+
+def write_ah(folder: Path, cfg: dict, name: str = "ah", head: dict | None = None, legacy_bin: bool = False,
+             prefix: str = "", top: dict | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A folder as AdapterHub's save_adapter(..., with_head=True) writes it; returns every tensor written."""
+    g = torch.Generator().manual_seed(seed)
+    factor = cfg["reduction_factor"]
+    width = int(HIDDEN // factor) if isinstance(factor, (int, float)) else 4
+    tensors = {}
+    for layer in range(LAYERS):
+        for location, on in (("attention.output", cfg["mh_adapter"]), ("output", cfg["output_adapter"])):
+            if on and layer not in cfg["leave_out"]:
+                base = f"{prefix}encoder.layer.{layer}.{location}.adapters.{name}."
+                for key, shape in (("adapter_down.0.weight", (width, HIDDEN)), ("adapter_down.0.bias", (width,)),
+                                   ("adapter_up.weight", (HIDDEN, width)), ("adapter_up.bias", (HIDDEN,))):
+                    tensors[base + key] = torch.randn(shape, generator=g) * 0.3
+    folder.mkdir(parents=True)
+    meta = {"hidden_size": HIDDEN, "model_class": "BertAdapterModel", "model_name": "tiny", "model_type": "bert",
+            "name": name, "version": "adapters.1.3.0"}
+    config = {**meta, "config": cfg, **(top or {})}
+    (folder / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    head_tensors = {}
+    if head is not None:
+        head_tensors = {f"heads.{name}.1.weight": torch.randn(HIDDEN, HIDDEN, generator=g) * 0.2,
+                        f"heads.{name}.1.bias": torch.randn(HIDDEN, generator=g) * 0.2,
+                        f"heads.{name}.4.weight": torch.randn(3, HIDDEN, generator=g) * 0.2,
+                        f"heads.{name}.4.bias": torch.randn(3, generator=g) * 0.2}
+        head_cfg = {"head_type": "classification", "num_labels": 3, "layers": 2, "activation_function": "tanh",
+                    "label2id": {label: i for i, label in enumerate(LABELS)}, "use_pooler": False, "bias": True,
+                    "dropout_prob": None, **head}
+        (folder / "head_config.json").write_text(json.dumps({**meta, "config": head_cfg}))
+    if legacy_bin:
+        torch.save(tensors, folder / "pytorch_adapter.bin")
+        if head is not None:
+            torch.save(head_tensors, folder / "pytorch_model_head.bin")
+    else:
+        save_file(tensors, str(folder / "adapter.safetensors"))
+        if head is not None:
+            save_file(head_tensors, str(folder / "model_head.safetensors"))
+    return {**tensors, **head_tensors}
+
+
+def adapterhub_reference(cfg: dict, tensors: dict[str, torch.Tensor], name: str = "ah",
+                         prefix: str = "") -> torch.nn.Module:
+    """A plain BERT (same weights as tiny_backbone()) whose sub-layers compute AdapterHub's adapter math."""
+    ref = tiny_backbone("bert")
+    act = {"relu": F.relu, "swish": F.silu}[cfg["non_linearity"]]
+    for layer_index, layer in enumerate(ref.encoder.layer):
+        for location, module in (("attention.output", layer.attention.output), ("output", layer.output)):
+            base = f"{prefix}encoder.layer.{layer_index}.{location}.adapters.{name}."
+            if base + "adapter_up.weight" not in tensors:
+                continue
+
+            def forward(hidden_states, input_tensor, module=module, w=lambda k, b=base: tensors[b + k]):
+                def bottleneck(z):
+                    down = act(F.linear(z, w("adapter_down.0.weight"), w("adapter_down.0.bias")))
+                    return F.linear(down, w("adapter_up.weight"), w("adapter_up.bias")) * cfg["scaling"]
+                h, x = module.dense(hidden_states), input_tensor  # eval: dropout is the identity
+                if cfg["is_parallel"]:  # ParallelAdapter: reads x, output added to h; then the frozen LN
+                    return module.LayerNorm(bottleneck(x) + h + x)
+                z = module.LayerNorm(h + x) if cfg["original_ln_before"] else h
+                residual = h if cfg["residual_before_ln"] else z
+                return module.LayerNorm(bottleneck(z) + residual + x)
+
+            module.forward = forward
+    return ref
+
+
+def mtl_hidden(model: MTLModel, task: str, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model.encode(batch["input_ids"], batch["attention_mask"], None, [(model.target(task), slice(None))])
+
+
+CASES = [("pfeiffer", {}), ("houlsby", {}), ("parallel", {}),
+         ("pfeiffer", {"leave_out": [0], "residual_before_ln": False, "dropout": 0.1, "reduction_factor": 8})]
+
+
+@pytest.mark.parametrize("preset,changes", CASES)
+def test_import_equals_adapterhub_math(tmp_path, preset, changes):
+    cfg = {**AH_PRESETS[preset], **changes}
+    written = write_ah(tmp_path / "ah", cfg, head={})
+    model = MTLModel(tiny_backbone("bert"))
+    assert model.load_adapterhub(tmp_path / "ah") == "ah"
+    config = model.adapter_configs["ah"]
+    assert config.positions == (["attn", "ffn"] if cfg["mh_adapter"] else ["ffn"])
+    assert (config.parallel, config.scaling, config.leave_out) == (cfg["is_parallel"], cfg["scaling"], cfg["leave_out"])
+    # every mtl tensor is the written one, under the documented name mapping
+    params = model.task_parameters("ah")
+    assert len(params) == len(written)
+    for key, p in params.items():
+        if key.startswith("head."):
+            ah_key = f"heads.ah.{'1' if '.dense.' in key else '4'}.{key.rsplit('.', 1)[1]}"
+        else:
+            _, layer, position, proj, kind = key.split(".")
+            location = "attention.output" if position == "attn" else "output"
+            proj = "adapter_down.0" if proj == "down" else "adapter_up"
+            ah_key = f"encoder.layer.{layer}.{location}.adapters.ah.{proj}.{kind}"
+        assert torch.equal(p, written[ah_key]), key
+    batch = tiny_batch()
+    ref = adapterhub_reference(cfg, written)
+    with torch.no_grad():
+        expected = ref(**batch).last_hidden_state
+        bare = tiny_backbone("bert")(**batch).last_hidden_state
+    hidden = mtl_hidden(model, "ah", batch)
+    assert (expected - bare).abs().max() > 1e-2  # the adapter changes the output, so the comparison means something
+    torch.testing.assert_close(hidden, expected, rtol=0, atol=2e-6)
+    head = model.heads["ah"]
+    assert (head.pooling, head.problem, model.records["ah"].labels) == ("cls", "classification", LABELS)
+    assert head.dropout.p == 0.1  # dropout_prob null: the backbone's hidden_dropout_prob, as AdapterHub does
+    logits = model(**batch, tasks="ah")["ah"]
+    dense = torch.tanh(F.linear(expected[:, 0], written["heads.ah.1.weight"], written["heads.ah.1.bias"]))
+    torch.testing.assert_close(logits, F.linear(dense, written["heads.ah.4.weight"], written["heads.ah.4.bias"]),
+                               rtol=0, atol=2e-6)
+
+
+def test_legacy_bin_with_model_prefix(tmp_path):
+    written = write_ah(tmp_path / "ah", AH_PRESETS["houlsby"], head={}, legacy_bin=True, prefix="bert.")
+    model = MTLModel(tiny_backbone("bert"))
+    model.load_adapterhub(tmp_path / "ah", task="mine")
+    assert torch.equal(model.task_parameters("mine")["adapters.1.attn.up.weight"],
+                       written["bert.encoder.layer.1.attention.output.adapters.ah.adapter_up.weight"])
+    assert torch.equal(model.task_parameters("mine")["head.out.bias"], written["heads.ah.4.bias"])
+
+
+class _Payload:
+    """Unpickling this would create a file: weights_only=True must refuse it before anything runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_legacy_bin_with_pickled_object_is_refused(tmp_path):
+    folder = tmp_path / "ah"
+    write_ah(folder, AH_PRESETS["pfeiffer"], head={}, legacy_bin=True)
+    marker = tmp_path / "unpickled"
+    tensors = torch.load(folder / "pytorch_adapter.bin", weights_only=True)
+    torch.save({**tensors, "extra": _Payload(marker)}, folder / "pytorch_adapter.bin")
+    model = MTLModel(tiny_backbone("bert"))
+    with pytest.raises(MTLConfigError) as err:
+        model.load_adapterhub(folder)
+    message = str(err.value)
+    assert "\n" not in message and str(folder / "pytorch_adapter.bin") in message and "weights_only" in message
+    assert not marker.exists() and model.tasks == []
+
+
+UNSUPPORTED = [("phm_layer", True), ("use_gating", True), ("ln_before", True), ("ln_after", True),
+               ("inv_adapter", "nice"), ("scaling", "learned"), ("scaling", "channel"),
+               ("residual_before_ln", "post_add"),
+               ("original_ln_after", False), ("non_linearity", "gelu_new"), ("stochastic_depth", 0.1),
+               ("cross_adapter", True), ("init_weights", "houlsby"), ("architecture", "lora"),
+               ("reduction_factor", {"0": 8, "default": 16}), ("output_adapter", False), ("new_field", 1),
+               ("invertible_adapter", {"block_type": "nice", "reduction_factor": 2})]
+
+
+@pytest.mark.parametrize("key,value", UNSUPPORTED, ids=[f"{k}={v}" for k, v in UNSUPPORTED])
+def test_unsupported_config_is_one_line_error(tmp_path, key, value):
+    write_ah(tmp_path / "ah", {**AH_PRESETS["pfeiffer"], key: value}, head={})
+    model = MTLModel(tiny_backbone("bert"))
+    with pytest.raises(MTLConfigError) as err:
+        model.load_adapterhub(tmp_path / "ah")
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "ah" / "adapter_config.json") in message and key in message
+    assert model.tasks == [] and model.adapter_configs == {}
+
+
+@pytest.mark.parametrize("key,value", [("hidden_size", 768), ("model_type", "gpt2")])
+def test_other_backbone_is_one_line_error(tmp_path, key, value):
+    write_ah(tmp_path / "ah", AH_PRESETS["pfeiffer"], head={}, top={key: value})
+    with pytest.raises(MTLConfigError, match=f"adapter_config.json: {key} is") as err:
+        MTLModel(tiny_backbone("bert")).load_adapterhub(tmp_path / "ah")
+    assert "\n" not in str(err.value)
+
+
+def test_config_without_version_gets_adapterhubs_activation_rename(tmp_path):
+    # AdapterHub reads an unversioned "gelu" as gelu_new (tanh approximation), which mtl lacks; "gelu_orig" is gelu
+    write_ah(tmp_path / "old", {**AH_PRESETS["pfeiffer"], "non_linearity": "gelu"}, head={}, top={"version": None})
+    with pytest.raises(MTLConfigError, match="non_linearity is 'gelu_new'"):
+        MTLModel(tiny_backbone("bert")).load_adapterhub(tmp_path / "old")
+    write_ah(tmp_path / "orig", {**AH_PRESETS["pfeiffer"], "non_linearity": "gelu_orig"}, head={},
+             top={"version": None})
+    write_ah(tmp_path / "new", {**AH_PRESETS["pfeiffer"], "non_linearity": "gelu"}, head={})
+    model = MTLModel(tiny_backbone("bert"))
+    model.load_adapterhub(tmp_path / "orig", task="orig")
+    model.load_adapterhub(tmp_path / "new", task="new")
+    assert model.adapter_configs["orig"].non_linearity == model.adapter_configs["new"].non_linearity == "gelu"
+
+
+def test_bad_tensor_names_and_shapes(tmp_path):
+    write_ah(tmp_path / "ah", AH_PRESETS["pfeiffer"], head={})
+    tensors = load_file(str(tmp_path / "ah" / "adapter.safetensors"))
+    tensors["encoder.layer.0.output.adapters.ah.gate.weight"] = torch.zeros(1, HIDDEN)
+    save_file(tensors, str(tmp_path / "ah" / "adapter.safetensors"))
+    model = MTLModel(tiny_backbone("bert"))
+    with pytest.raises(MTLConfigError, match="tensor 'encoder.layer.0.output.adapters.ah.gate.weight' is not"):
+        model.load_adapterhub(tmp_path / "ah")
+    write_ah(tmp_path / "narrow", {**AH_PRESETS["pfeiffer"], "reduction_factor": 32}, head={})
+    config = tmp_path / "narrow" / "adapter_config.json"
+    config.write_text(config.read_text().replace('"reduction_factor": 32', '"reduction_factor": 16'))
+    with pytest.raises(MTLConfigError, match=r"has shape \(2, 64\), expected \(4, 64\)"):
+        model.load_adapterhub(tmp_path / "narrow")
+    assert model.tasks == []
+
+
+def test_head_that_mtl_cannot_map(tmp_path, capsys):
+    written = write_ah(tmp_path / "ah", AH_PRESETS["pfeiffer"], head={"use_pooler": True})
+    model = MTLModel(tiny_backbone("bert"))
+    with pytest.raises(MTLConfigError, match="head_config.json: config.use_pooler is True.*pass num_labels") as err:
+        model.load_adapterhub(tmp_path / "ah")
+    assert "\n" not in str(err.value) and model.tasks == []
+    model.load_adapterhub(tmp_path / "ah", num_labels=4)
+    assert "importing the adapter with a fresh 4-label classification head" in capsys.readouterr().err
+    assert model.heads["ah"].num_outputs == 4 and model.heads["ah"].pooling == "cls"
+    assert torch.equal(model.task_parameters("ah")["adapters.0.ffn.down.bias"],
+                       written["encoder.layer.0.output.adapters.ah.adapter_down.0.bias"])
+    write_ah(tmp_path / "bare", AH_PRESETS["pfeiffer"])  # saved with_head=False
+    with pytest.raises(MTLConfigError, match="no head_config.json; pass num_labels"):
+        model.load_adapterhub(tmp_path / "bare", task="bare")
+    write_ah(tmp_path / "good", AH_PRESETS["pfeiffer"], head={})
+    with pytest.raises(MTLConfigError, match="the head has 3 labels, but num_labels is 2"):
+        model.load_adapterhub(tmp_path / "good", task="other", num_labels=2)
+    assert model.tasks == ["ah"]
+
+
+def test_mtl_export_folder_is_pointed_to_load_task(tmp_path):
+    model = MTLModel(tiny_backbone("bert"))
+    model.add_task("t", 2)
+    model.save_task("t", tmp_path)
+    with pytest.raises(MTLConfigError, match="use load_task"):
+        model.load_adapterhub(tmp_path / "t", task="u")
+
+
+def _random_tasks(family: str) -> MTLModel:
+    model = MTLModel(tiny_backbone(family))
+    for i, preset in enumerate(("pfeiffer", "houlsby", "parallel")):
+        model.add_task(f"t{i}", 3, preset, pooling="cls", labels=LABELS)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.task_parameters(f"t{i}").values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def test_export_import_round_trip_is_bit_identical(tmp_path, family):
+    model, batch = _random_tasks(family), tiny_batch()
+    loaded = MTLModel(tiny_backbone(family))
+    for task in model.tasks:
+        first = model.save_adapterhub(task, tmp_path / "a" / task)
+        assert sorted(p.name for p in first.iterdir()) == ["adapter.safetensors", "adapter_config.json",
+                                                           "head_config.json", "model_head.safetensors"]
+        assert loaded.load_adapterhub(first) == task
+        for key, p in model.task_parameters(task).items():
+            assert torch.equal(loaded.task_parameters(task)[key], p), key
+        assert torch.equal(loaded(**batch, tasks=task)[task], model(**batch, tasks=task)[task])
+        second = loaded.save_adapterhub(task, tmp_path / "b" / task)
+        for file in first.iterdir():
+            assert file.read_bytes() == (second / file.name).read_bytes(), file.name
+
+
+@pytest.mark.parametrize("preset", list(AH_PRESETS))
+def test_adapterhub_config_survives_import_and_export(tmp_path, preset):
+    cfg = {**AH_PRESETS[preset], "leave_out": [1]}
+    written = write_ah(tmp_path / "ah", cfg, head={"dropout_prob": 0.25})
+    model = MTLModel(tiny_backbone("bert"))
+    model.load_adapterhub(tmp_path / "ah")
+    out = model.save_adapterhub("ah", tmp_path / "out")
+    assert json.loads((out / "adapter_config.json").read_text())["config"] == cfg
+    head = json.loads((out / "head_config.json").read_text())["config"]
+    assert (head["dropout_prob"], head["label2id"], head["use_pooler"]) == (0.25, {"neg": 0, "neu": 1, "pos": 2}, False)
+    exported = {**load_file(str(out / "adapter.safetensors")), **load_file(str(out / "model_head.safetensors"))}
+    assert exported.keys() == written.keys()
+    assert all(torch.equal(exported[k], written[k]) for k in written)
+
+
+def test_export_writes_adapterdrop_as_leave_out_and_exact_widths(tmp_path):
+    model = MTLModel(tiny_backbone("bert"))
+    model.add_task("k", 3, {"type": "pfeiffer", "drop_first": 1, "bottleneck_size": 5}, pooling="cls")
+    with torch.no_grad():
+        for p in model.task_parameters("k").values():
+            p.add_(torch.randn(p.shape) * 0.2)
+    cfg = json.loads((model.save_adapterhub("k", tmp_path / "k") / "adapter_config.json").read_text())["config"]
+    assert cfg["leave_out"] == [0] and int(HIDDEN // cfg["reduction_factor"]) == 5  # AdapterHub's width formula
+    loaded = MTLModel(tiny_backbone("bert"))
+    loaded.load_adapterhub(tmp_path / "k")
+    batch = tiny_batch()
+    assert torch.equal(loaded(**batch, tasks="k")["k"], model(**batch, tasks="k")["k"])
+
+
+def test_export_head_rules_and_overwrite(tmp_path, capsys):
+    model = MTLModel(tiny_backbone("bert"))
+    model.add_task("m", 3)  # mean pooling: AdapterHub's heads cannot express it
+    with pytest.raises(MTLConfigError, match="pools the 'mean'.*with_head=False"):
+        model.save_adapterhub("m", tmp_path / "m", with_head=True)
+    assert not (tmp_path / "m").exists()
+    out = model.save_adapterhub("m", tmp_path / "m")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert "without its head" in capsys.readouterr().err
+    with pytest.raises(MTLConfigError, match="already exists"):
+        model.save_adapterhub("m", tmp_path / "m")
+    model.add_task("c", 3, pooling="cls")
+    model.save_adapterhub("c", tmp_path / "m", overwrite=True, with_head=False)
+    assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["name"] == "c"
+    assert not (tmp_path / "m" / "head_config.json").exists() and capsys.readouterr().err == ""
+    model.add_fusion("f", ["m", "c"], 2)
+    with pytest.raises(MTLConfigError, match="is a fusion"):
+        model.save_adapterhub("f", tmp_path / "f")
+
+
+def test_import_overwrite_and_adapter_name_in_use(tmp_path):
+    first = write_ah(tmp_path / "one", AH_PRESETS["pfeiffer"], head={}, seed=1)
+    second = write_ah(tmp_path / "two", AH_PRESETS["houlsby"], head={}, seed=2)
+    key, ah_key = "adapters.1.ffn.up.weight", "encoder.layer.1.output.adapters.ah.adapter_up.weight"
+    model = MTLModel(tiny_backbone("bert"))
+    model.load_adapterhub(tmp_path / "one")
+    with pytest.raises(MTLConfigError, match="task 'ah' already exists"):
+        model.load_adapterhub(tmp_path / "two")
+    assert torch.equal(model.task_parameters("ah")[key], first[ah_key])
+    model.load_adapterhub(tmp_path / "two", overwrite=True)
+    assert torch.equal(model.task_parameters("ah")[key], second[ah_key])
+    assert model.adapter_configs["ah"].positions == ["attn", "ffn"]
+    shared = MTLModel(tiny_backbone("bert"))
+    shared.add_task("x", 2, adapter_name="ah")  # task x runs on an adapter called 'ah'
+    before = {k: p.clone() for k, p in shared.task_parameters("x").items()}
+    with pytest.raises(MTLConfigError, match=r"adapter name 'ah' is already used by \['x'\]"):
+        shared.load_adapterhub(tmp_path / "one", overwrite=True)
+    assert shared.tasks == ["x"] and all(torch.equal(p, before[k]) for k, p in shared.task_parameters("x").items())
