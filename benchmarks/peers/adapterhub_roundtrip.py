@@ -1,0 +1,249 @@
+"""AdapterHub's adapter format both ways on MiniLM-L6: AdapterHub's saves load into mtl, mtl's exports into AdapterHub.
+
+Run with mtl's own environment (AdapterHub runs this same file in a subprocess, in its separate venv, where mtl and
+its transformers 5 are absent; the AdapterHub side never imports mtl):
+
+    .venv/bin/python benchmarks/peers/adapterhub_roundtrip.py [--seed 0] [--batch 4] [--seq 16] [--tol 1e-5] \
+        [--keep DIR]
+
+1. ``ah-save`` (AdapterHub venv): for each preset, SeqBnConfig (pfeiffer), DoubleSeqBnConfig (houlsby) and ParBnConfig
+   (parallel), ``AutoAdapterModel`` on MiniLM gets an adapter and a 3-label classification head (layers 2, tanh,
+   CLS token), every adapter and head tensor plus N(0, 0.05) noise (so ParBn's zero up-projection is not zero), and
+   ``save_adapter(folder, name, with_head=True, use_safetensors=True)``; the pfeiffer one is also saved in AdapterHub's
+   default format (``pytorch_adapter.bin`` + ``pytorch_model_head.bin``). Its eval-mode last hidden state and logits on
+   fixed inputs (last 3 tokens of row 0 masked) are dumped.
+2. mtl: ``MTLModel("minilm-l6").load_adapterhub(folder)`` for each folder; last hidden state (``encode``) and logits.
+3. mtl: one random task per preset (``add_task(..., pooling="cls")`` + noise), ``save_adapterhub`` and its outputs.
+4. ``ah-load`` (AdapterHub venv): ``load_adapter(folder, use_safetensors=True, set_active=True)`` for each mtl export;
+   its outputs (and any missing / unexpected keys AdapterHub reports, which must be none).
+Each folder imported in step 2 is also exported again by mtl: its adapter config must equal AdapterHub's, field for
+field.
+
+Prints a markdown table of max |diff| (hidden state over real tokens, logits); exit status 1 if one exceeds ``--tol``
+a config field differs, or a control (mtl's bare backbone against each AdapterHub output) is closer than 1e-3.
+Without the AdapterHub venv it prints one "skipped" line and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PEERS = Path(__file__).resolve().parent
+PEER_PYTHON = PEERS / ".venv-adapterhub" / "bin" / "python"
+PRESETS = {"pfeiffer": "SeqBnConfig", "houlsby": "DoubleSeqBnConfig", "parallel": "ParBnConfig"}
+LABELS = {0: "neg", 1: "neu", 2: "pos"}
+NOISE = 0.05
+
+
+def inputs(seed: int, batch: int, seq: int):
+    """Fixed token ids in [1000, 30000) and a mask with the last 3 tokens of row 0 padded."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30000, (batch, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    return ids, mask
+
+
+# ---- AdapterHub side (its venv; never imports mtl) -------------------------------------------------------------------
+def ah_model():
+    """MiniLM as AdapterHub's BertAdapterModel, quiet, in eval mode."""
+    import logging
+
+    from adapters import AutoAdapterModel
+    from adapterhub_bench import model_dir  # same folder
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("adapters.model_mixin").addFilter(
+        lambda record: "none are activated for the forward pass" not in record.getMessage())
+    return AutoAdapterModel.from_pretrained(str(model_dir())).eval()
+
+
+def ah_outputs(model, name: str, ids, mask) -> dict:
+    import torch
+
+    model.set_active_adapters(name)
+    model.active_head = name
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    return {f"{name}.hidden": out.hidden_states[-1].contiguous(), f"{name}.logits": out.logits.contiguous()}
+
+
+def ah_save(args: argparse.Namespace) -> None:
+    """Random AdapterHub adapters + heads, saved by AdapterHub, with their outputs."""
+    import adapters
+    import torch
+    from safetensors.torch import save_file
+
+    ids, mask = inputs(args.seed, args.batch, args.seq)
+    dumped = {"input_ids": ids, "attention_mask": mask}
+    (args.dir / "ah").mkdir()  # AdapterHub's save_adapter makes one folder level only
+    for i, (preset, config_class) in enumerate(PRESETS.items()):
+        torch.manual_seed(args.seed + i)
+        model, name = ah_model(), f"ah_{preset}"
+        model.add_adapter(name, config=getattr(adapters, config_class)())
+        model.add_classification_head(name, num_labels=3, id2label=LABELS)
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if f".adapters.{name}." in key or key.startswith(f"heads.{name}."):
+                    p.add_(torch.randn_like(p) * NOISE)
+        dumped.update(ah_outputs(model, name, ids, mask))
+        model.save_adapter(str(args.dir / "ah" / preset), name, with_head=True, use_safetensors=True)
+        if preset == "pfeiffer":  # AdapterHub's default: pickled state dicts, read by mtl with weights_only=True
+            model.save_adapter(str(args.dir / "ah" / "pfeiffer-bin"), name, with_head=True)
+    save_file(dumped, str(args.dir / "ah_outputs.safetensors"),
+              metadata={"adapters": adapters.__version__, "torch": torch.__version__})
+
+
+def ah_load(args: argparse.Namespace) -> None:
+    """Loads every mtl export with AdapterHub and dumps its outputs and loading report."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    inp = load_file(str(args.dir / "ah_outputs.safetensors"))
+    dumped, report = {}, {}
+    for preset in PRESETS:
+        model, info = ah_model(), {}
+        name = model.load_adapter(str(args.dir / "mtl" / preset), use_safetensors=True, set_active=True,
+                                  loading_info=info)
+        report[preset] = {"name": name, "missing": info.get("missing_keys", []),
+                          "unexpected": info.get("unexpected_keys", []),
+                          "config": model.adapters_config.get(name).to_dict(), "head": model.heads[name].config}
+        with torch.no_grad():
+            dumped.update(ah_outputs(model, name, inp["input_ids"], inp["attention_mask"]))
+    save_file(dumped, str(args.dir / "ah_loaded.safetensors"))
+    (args.dir / "ah_loaded.json").write_text(json.dumps(report, indent=2, default=str))
+
+
+# ---- mtl side ----------------------------------------------------------------------------------------------------
+def run_peer(command: str, args: argparse.Namespace) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [str(PEER_PYTHON), str(Path(__file__).resolve()), command, "--dir", str(args.dir), "--seed", str(args.seed),
+           "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"AdapterHub step failed (exit {proc.returncode}): {' '.join(cmd)}")
+
+
+def mtl_outputs(model, task: str, ids, mask) -> tuple:
+    import torch
+
+    with torch.no_grad():
+        hidden = model.encode(ids, mask, None, [(model.target(task), slice(None))])
+        return hidden, model(ids, mask, tasks=task)[task]
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Steps 2-4 and the table; returns the exit status."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mtl.model import MTLModel
+
+    ref = load_file(str(args.dir / "ah_outputs.safetensors"))
+    ids, mask = ref["input_ids"], ref["attention_mask"]
+    real = mask.bool()
+    rows, problems = [], []
+
+    def row(direction: str, label: str, hidden, logits, ref_hidden, ref_logits) -> None:
+        rows.append((direction, label, (hidden - ref_hidden).abs()[real].max().item(),
+                     (logits - ref_logits).abs().max().item()))
+
+    imported = MTLModel("minilm-l6").eval()
+    for folder in ("pfeiffer", "houlsby", "parallel", "pfeiffer-bin"):
+        preset = folder.split("-")[0]
+        task = imported.load_adapterhub(args.dir / "ah" / folder, task=folder.replace("-", "_"))
+        files = " + ".join(sorted(p.name for p in (args.dir / "ah" / folder).iterdir() if "config" not in p.name))
+        row("AdapterHub -> mtl", f"{preset} ({files})", *mtl_outputs(imported, task, ids, mask),
+            ref[f"ah_{preset}.hidden"], ref[f"ah_{preset}.logits"])
+        # exported again, AdapterHub's own config must come back field for field
+        theirs = json.loads((args.dir / "ah" / folder / "adapter_config.json").read_text())["config"]
+        ours = json.loads((imported.save_adapterhub(task, args.dir / "again" / folder) / "adapter_config.json")
+                          .read_text())["config"]
+        problems += [f"{folder}: config.{k} AdapterHub {theirs.get(k)!r} != re-exported {ours.get(k)!r}"
+                     for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    with torch.no_grad():
+        bare = imported.encode(ids, mask, None, [])
+    # the references against the bare backbone: far apart, or the comparisons prove nothing
+    controls = [(bare - ref[f"ah_{p}.hidden"]).abs()[real].max().item() for p in PRESETS]
+
+    torch.manual_seed(args.seed)  # add_task's fresh down-projections come from the global generator
+    exported, dumped = MTLModel("minilm-l6").eval(), {}
+    for i, preset in enumerate(PRESETS):
+        exported.add_task(preset, 3, preset, pooling="cls", labels=list(LABELS.values()))
+        gen = torch.Generator().manual_seed(args.seed + 100 + i)
+        with torch.no_grad():
+            for p in exported.task_parameters(preset).values():
+                p.add_(torch.randn(p.shape, generator=gen) * NOISE)
+        dumped[f"{preset}.hidden"], dumped[f"{preset}.logits"] = mtl_outputs(exported, preset, ids, mask)
+        exported.save_adapterhub(preset, args.dir / "mtl" / preset, with_head=True)
+    save_file(dumped, str(args.dir / "mtl_outputs.safetensors"))
+    run_peer("ah-load", args)
+    loaded = load_file(str(args.dir / "ah_loaded.safetensors"))
+    report = json.loads((args.dir / "ah_loaded.json").read_text())
+    for preset in PRESETS:
+        info = report[preset]
+        if info["missing"] or info["unexpected"]:
+            problems.append(f"{preset}: AdapterHub reported missing {info['missing'][:3]} / unexpected "
+                            f"{info['unexpected'][:3]} keys")
+        name = info["name"]
+        row("mtl -> AdapterHub", f"{preset} (adapter.safetensors + model_head.safetensors)", loaded[f"{name}.hidden"],
+            loaded[f"{name}.logits"], dumped[f"{preset}.hidden"], dumped[f"{preset}.logits"])
+        controls.append((bare - loaded[f"{name}.hidden"]).abs()[real].max().item())
+
+    control = min(controls)
+    failed = bool(problems) or control <= 1e-3
+    print("| direction | adapter | max abs diff, last hidden state (real tokens) | max abs diff, logits | status |")
+    print("|---|---|---|---|---|")
+    for direction, label, hidden, logits in rows:
+        ok = hidden <= args.tol and logits <= args.tol
+        failed |= not ok
+        print(f"| {direction} | {label} | {hidden:.2e} | {logits:.2e} | {'OK' if ok else f'FAIL (> {args.tol:g})'} |")
+    print(f"| control | mtl bare backbone vs each AdapterHub output above (smallest) | {control:.2e} | - | "
+          f"{'OK (differs)' if control > 1e-3 else 'FAIL (too close)'} |")
+    for problem in problems:
+        print(f"problem: {problem}")
+    print(f"{'FAIL' if failed else 'OK'}: inputs {tuple(ids.shape)}, seed {args.seed}, tolerance {args.tol:g}")
+    return 1 if failed else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", default="check", choices=["check", "ah-save", "ah-load"])
+    parser.add_argument("--dir", type=Path, help="(AdapterHub steps) the shared work folder")
+    parser.add_argument("--keep", type=Path, help="keep the folders and dumps here (must not exist)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tol", type=float, default=1e-5)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.command != "check":
+        (ah_save if args.command == "ah-save" else ah_load)(args)
+        return
+    if not PEER_PYTHON.exists():
+        print(f"skipped: no AdapterHub venv at {PEER_PYTHON}; create it with "
+              "`bash benchmarks/peers/setup_adapterhub.sh`")
+        raise SystemExit(0)
+    with tempfile.TemporaryDirectory(prefix="adapterhub_roundtrip_") as tmp:
+        args.dir = args.keep or Path(tmp)
+        args.dir.mkdir(parents=True, exist_ok=args.keep is None)
+        run_peer("ah-save", args)
+        status = compare(args)
+    raise SystemExit(status)
+
+
+if __name__ == "__main__":
+    main()
