@@ -32,6 +32,7 @@ from mtl.fusion.layer import FusionLayer
 from mtl.heads import TaskHead
 from mtl.model_files import ModelFiles
 from mtl.registry import Part, PartState, TaskRecord
+from mtl.routing.base import Router
 
 log = logging.getLogger("mtl")
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -60,6 +61,7 @@ class MTLModel(ModelFiles, nn.Module):
         self.backbone_dropout = backbone_dropout
         self.chunk_rows = chunk_rows  # replicated multi-task rows per pack above the shared layers (None: all)
         self.fast_fusion = fast_fusion  # the exact fast fusion path (False: per-adapter keys and values)
+        self.router: Router | None = None  # picks a task per text when none is given; saved by save_pretrained
         self.context = RoutingContext()
         self.__dict__["slots"] = inject_slots(backbone, self.context)  # they live inside self.backbone
         self.heads = nn.ModuleDict()
