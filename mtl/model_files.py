@@ -13,9 +13,11 @@ import torch
 
 from mtl import storage
 from mtl.adapters.config import AdapterConfig
+from mtl.atomic import write_dir_atomic
 from mtl.errors import MTLConfigError
 from mtl.fusion.config import FusionConfig
 from mtl.interop import adapterhub
+from mtl.routing import ROUTER_CONFIG, load_router
 
 if TYPE_CHECKING:
     from mtl.model import MTLModel
@@ -146,9 +148,31 @@ class ModelFiles:
         """Write a task's adapter (and head) in AdapterHub's save_adapter layout (see `mtl.interop.adapterhub`)."""
         return adapterhub.save_adapterhub(self, task, folder, **kwargs)
 
+    def save_pretrained(self: MTLModel, folder: str | Path, overwrite: bool = False) -> Path:
+        """Every task (adapter, head, spec), every fusion and the router, if set, in one folder written atomically."""
+        folder = Path(folder)
+        if folder.exists() and not overwrite:
+            raise MTLConfigError(f"{folder}: already exists (pass overwrite=True to replace it)")
+        if self.router is not None:
+            missing = [t for t in self.router.tasks if t not in self.records]
+            if missing:
+                raise MTLConfigError(f"model.router routes to {missing}, which the model does not have")
+
+        def fill(tmp: Path) -> None:
+            fusions = [t for t in self.tasks if self.target(t).is_fusion]
+            for task in self.tasks:
+                if task not in fusions:
+                    self.save_task(task, tmp / "adapters")
+            for fusion in fusions:  # after the adapters: a fusion's file records their hashes
+                self.save_fusion(fusion, tmp)
+            if self.router is not None and self.router.tasks:
+                self.router.save(tmp / "router")
+
+        return write_dir_atomic(folder, fill)
+
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, backbone: Any = None) -> MTLModel:
-        """Backbone + every task and fusion exported under ``checkpoint_dir``."""
+        """Backbone + every task and fusion exported under ``checkpoint_dir``, and its router (``router/``) if any."""
         if backbone is None:
             dirs = storage.task_dirs(checkpoint_dir)
             names = {storage.read_config(d, storage.ADAPTER_CONFIG, storage.ADAPTER_SCHEMA).get("backbone") for d in dirs}
@@ -157,4 +181,10 @@ class ModelFiles:
             backbone = names.pop()
         model = cls(backbone)
         model.load_run(checkpoint_dir)
+        if (Path(checkpoint_dir) / "router" / ROUTER_CONFIG).is_file():
+            model.router = load_router(Path(checkpoint_dir) / "router")
+            missing = [t for t in model.router.tasks if t not in model.records]
+            if missing:
+                raise MTLConfigError(f"{Path(checkpoint_dir) / 'router'}: routes to {missing}, which "
+                                     f"{checkpoint_dir} has no adapter for")
         return model
