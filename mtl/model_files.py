@@ -16,7 +16,7 @@ from mtl.adapters.config import AdapterConfig
 from mtl.atomic import write_dir_atomic
 from mtl.errors import MTLConfigError
 from mtl.fusion.config import FusionConfig
-from mtl.interop import adapterhub
+from mtl.interop import adapterhub, adapterhub_fusion
 from mtl.routing import ROUTER_CONFIG, load_router
 
 if TYPE_CHECKING:
@@ -147,6 +147,14 @@ class ModelFiles:
     def save_adapterhub(self: MTLModel, task: str, folder: str | Path, **kwargs: Any) -> Path:
         """Write a task's adapter (and head) in AdapterHub's save_adapter layout (see `mtl.interop.adapterhub`)."""
         return adapterhub.save_adapterhub(self, task, folder, **kwargs)
+
+    def load_adapterhub_fusion(self: MTLModel, folder: str | Path, task: str | None = None, **kwargs: Any) -> str:
+        """Add a fusion from a folder written by AdapterHub's save_adapter_fusion (see `mtl.interop.adapterhub_fusion`)."""
+        return adapterhub_fusion.load_adapterhub_fusion(self, folder, task, **kwargs)
+
+    def save_adapterhub_fusion(self: MTLModel, fusion: str, folder: str | Path, **kwargs: Any) -> Path:
+        """Write a fusion (and head) in AdapterHub's save_adapter_fusion layout (see `mtl.interop.adapterhub_fusion`)."""
+        return adapterhub_fusion.save_adapterhub_fusion(self, fusion, folder, **kwargs)
 
     def save_pretrained(self: MTLModel, folder: str | Path, overwrite: bool = False) -> Path:
         """Every task (adapter, head, spec), every fusion and the router, if set, in one folder written atomically."""

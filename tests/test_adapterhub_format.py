@@ -1,8 +1,9 @@
-"""AdapterHub's adapter folders, both ways, without AdapterHub installed: folders written by hand in its exact layout.
+"""AdapterHub's adapter and fusion folders, both ways, without AdapterHub installed: folders written by hand in its
+exact layout.
 
-The reference below recomputes AdapterHub 1.3's bottleneck math (methods/modeling.py `Adapter`, `ParallelAdapter`,
-methods/bottleneck.py) from the tensors by their AdapterHub names, on a plain Hugging Face BERT whose sub-layer
-forwards are replaced; it never goes through mtl's adapter code.
+The references below recompute AdapterHub 1.3's bottleneck and fusion math (methods/modeling.py `Adapter`,
+`ParallelAdapter`, `BertFusion`, methods/bottleneck.py) from the tensors by their AdapterHub names, on a plain Hugging
+Face BERT whose sub-layer forwards are replaced; they never go through mtl's adapter or fusion code.
 """
 
 from __future__ import annotations
@@ -363,3 +364,355 @@ def test_import_overwrite_and_adapter_name_in_use(tmp_path):
     with pytest.raises(MTLConfigError, match=r"adapter name 'ah' is already used by \['x'\]"):
         shared.load_adapterhub(tmp_path / "one", overwrite=True)
     assert shared.tasks == ["x"] and all(torch.equal(p, before[k]) for k, p in shared.task_parameters("x").items())
+
+
+# ---- AdapterFusion folders (save_adapter_fusion) ------------------------------------------------------------------
+# AdapterHub 1.3's DynamicAdapterFusionConfig / StaticAdapterFusionConfig, as its to_dict() writes them
+AH_FUSION = {
+    "dynamic": dict(key=True, query=True, value=True, query_before_ln=False, regularization=True, residual_before=False,
+                    temperature=False, value_before_softmax=True, value_initialized=True, dropout_prob=None),
+    "static": dict(key=True, query=True, value=False, query_before_ln=False, regularization=False,
+                   residual_before=False, temperature=False, value_before_softmax=True, value_initialized=False,
+                   dropout_prob=None),
+}
+
+
+def write_ah_fusion(folder: Path, cfg: dict, adapter_names: list[str], positions=("output",), head: dict | None = None,
+                    legacy_bin: bool = False, prefix: str = "", top: dict | None = None,
+                    seed: int = 10) -> dict[str, torch.Tensor]:
+    """A folder as AdapterHub's save_adapter_fusion(folder, names, with_head=...) writes it; returns its tensors.
+
+    Like AdapterHub, it has a fusion layer in every layer at the adapters' locations, leave_out layers included.
+    """
+    g = torch.Generator().manual_seed(seed)
+    name = ",".join(adapter_names)
+    tensors = {}
+    for layer in range(LAYERS):
+        for location in positions:
+            base = f"{prefix}encoder.layer.{layer}.{location}.adapter_fusion_layer.{name}."
+            for key, shape in (("query.weight", (HIDDEN, HIDDEN)), ("query.bias", (HIDDEN,)),
+                               ("key.weight", (HIDDEN, HIDDEN)), ("key.bias", (HIDDEN,))):
+                # small enough that the attention over adapters stays soft (sharp scores only amplify rounding)
+                tensors[base + key] = torch.randn(shape, generator=g) * 0.05
+            if cfg.get("value"):
+                tensors[base + "value.weight"] = torch.eye(HIDDEN) + torch.randn(HIDDEN, HIDDEN, generator=g) * 0.1
+    folder.mkdir(parents=True)
+    meta = {"hidden_size": HIDDEN, "model_class": "BertAdapterModel", "model_name": "tiny", "model_type": "bert",
+            "name": name, "version": "adapters.1.3.0"}
+    config = {**meta, "adapter_names": adapter_names, "config": cfg, **(top or {})}
+    (folder / "adapter_fusion_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    head_tensors = {}
+    if head is not None:
+        head_tensors = {f"heads.{name}.1.weight": torch.randn(HIDDEN, HIDDEN, generator=g) * 0.2,
+                        f"heads.{name}.1.bias": torch.randn(HIDDEN, generator=g) * 0.2,
+                        f"heads.{name}.4.weight": torch.randn(3, HIDDEN, generator=g) * 0.2,
+                        f"heads.{name}.4.bias": torch.randn(3, generator=g) * 0.2}
+        head_cfg = {"head_type": "classification", "num_labels": 3, "layers": 2, "activation_function": "tanh",
+                    "label2id": {label: i for i, label in enumerate(LABELS)}, "use_pooler": False, "bias": True,
+                    "dropout_prob": None, **head}
+        (folder / "head_config.json").write_text(json.dumps({**meta, "config": head_cfg}))
+    if legacy_bin:
+        torch.save(tensors, folder / "pytorch_model_adapter_fusion.bin")
+        if head is not None:
+            torch.save(head_tensors, folder / "pytorch_model_head.bin")
+    else:
+        save_file(tensors, str(folder / "model_adapter_fusion.safetensors"))
+        if head is not None:
+            save_file(head_tensors, str(folder / "model_head.safetensors"))
+    return {**tensors, **head_tensors}
+
+
+def fusion_reference(adapter_cfg: dict, adapters: dict[str, torch.Tensor], fusion_cfg: dict,
+                     fusion: dict[str, torch.Tensor], names: list[str]) -> torch.nn.Module:
+    """A plain BERT whose sub-layers compute AdapterHub's Fuse(names) by hand (methods/bottleneck.py compose_fuse,
+    methods/modeling.py BertFusion, eval mode, T = 1), reading every tensor by its AdapterHub name."""
+    ref = tiny_backbone("bert")
+    act = {"relu": F.relu, "swish": F.silu}[adapter_cfg["non_linearity"]]
+    fusion_name = ",".join(names)
+    for layer_index, layer in enumerate(ref.encoder.layer):
+        for location, module in (("attention.output", layer.attention.output), ("output", layer.output)):
+            at = f"encoder.layer.{layer_index}.{location}."
+            if at + f"adapters.{names[0]}.adapter_up.weight" not in adapters:
+                continue
+
+            def forward(hidden_states, input_tensor, module=module, at=at):
+                def a(name, key):
+                    return adapters[f"{at}adapters.{name}.{key}"]
+
+                def f(key):
+                    return fusion[f"{at}adapter_fusion_layer.{fusion_name}.{key}"]
+
+                h, x = module.dense(hidden_states), input_tensor
+                # the last adapter's pre_forward gives the adapters' input, the query and the residual
+                z = module.LayerNorm(h + x) if adapter_cfg["original_ln_before"] else h
+                residual = h if adapter_cfg["residual_before_ln"] else z
+                query = h if fusion_cfg["query_before_ln"] else z
+                ups = [F.linear(act(F.linear(z, a(n, "adapter_down.0.weight"), a(n, "adapter_down.0.bias"))),
+                                a(n, "adapter_up.weight"), a(n, "adapter_up.bias")) for n in names]
+                if fusion_cfg["residual_before"]:
+                    ups = [u + residual for u in ups]
+                q = F.linear(query, f("query.weight"), f("query.bias"))
+                scores = torch.stack([(q * F.linear(u, f("key.weight"), f("key.bias"))).sum(-1) for u in ups], -1)
+                probs = torch.softmax(scores, dim=-1)
+                values = [F.linear(u, f("value.weight")) if fusion_cfg["value"] else u for u in ups]
+                context = sum(probs[..., i:i + 1] * v for i, v in enumerate(values))
+                if not fusion_cfg["residual_before"]:
+                    context = context + residual
+                return module.LayerNorm(context + x)
+
+            module.forward = forward
+    return ref
+
+
+def _fusion_setup(tmp_path: Path, preset: str, fusion_cfg: dict, changes: dict | None = None, names=("a0", "a1", "a2"),
+                  **kwargs) -> tuple[dict, dict, dict]:
+    """AdapterHub folders of three adapters and a fusion over them; returns (adapter cfg, adapter tensors, fusion)."""
+    cfg = {**AH_PRESETS[preset], **(changes or {})}
+    adapters = {}
+    for i, name in enumerate(names):
+        adapters.update(write_ah(tmp_path / name, cfg, name=name, head={}, seed=i))
+    positions = [loc for loc, on in (("attention.output", cfg["mh_adapter"]), ("output", cfg["output_adapter"])) if on]
+    fusion = write_ah_fusion(tmp_path / "fusion", fusion_cfg, list(names), positions=positions, **kwargs)
+    return cfg, adapters, fusion
+
+
+def _load_adapters(model: MTLModel, tmp_path: Path, names=("a0", "a1", "a2")) -> None:
+    for name in names:
+        model.load_adapterhub(tmp_path / name)
+
+
+FUSION_CASES = [("pfeiffer", "dynamic", {}), ("pfeiffer", "static", {}),
+                ("houlsby", "dynamic", {"residual_before": True, "query_before_ln": True}),
+                ("pfeiffer", "dynamic", {"value_before_softmax": False, "dropout_prob": 0.2})]
+
+
+@pytest.mark.parametrize("preset,fusion_preset,changes", FUSION_CASES)
+def test_fusion_import_equals_adapterhub_math(tmp_path, preset, fusion_preset, changes):
+    fusion_cfg = {**AH_FUSION[fusion_preset], **changes}
+    cfg, adapters, fusion = _fusion_setup(tmp_path, preset, fusion_cfg, head={})
+    model = MTLModel(tiny_backbone("bert"))
+    _load_adapters(model, tmp_path)
+    assert model.load_adapterhub_fusion(tmp_path / "fusion") == "a0_a1_a2"
+    assert model.target("a0_a1_a2").fused == ("a0", "a1", "a2")
+    config = model.fusion_configs["a0_a1_a2"]
+    for key in ("value", "residual_before", "query_before_ln", "value_before_softmax", "temperature"):
+        assert getattr(config, key) == fusion_cfg[key], key
+    assert config.dropout_prob == fusion_cfg["dropout_prob"]
+    # every fusion tensor is the written one under the documented name mapping
+    params = model.part_parameters(("fusion", "a0_a1_a2"))
+    assert len(params) == len(model.adapter_locations("a0")) * (5 if fusion_cfg["value"] else 4)
+    for key, p in params.items():
+        _, layer, position, proj, kind = key.split(".")
+        location = "attention.output" if position == "attn" else "output"
+        assert torch.equal(p, fusion[f"encoder.layer.{layer}.{location}.adapter_fusion_layer.a0,a1,a2.{proj}.{kind}"])
+    batch = tiny_batch()
+    with torch.no_grad():
+        expected = fusion_reference(cfg, adapters, fusion_cfg, fusion, ["a0", "a1", "a2"])(**batch).last_hidden_state
+        single = adapterhub_reference(cfg, {k: v for k, v in adapters.items() if ".a0." in k}, name="a0")(**batch)
+    hidden = mtl_hidden(model, "a0_a1_a2", batch)
+    assert (expected - single.last_hidden_state).abs().max() > 1e-2  # the fusion is not just one adapter
+    torch.testing.assert_close(hidden, expected, rtol=0, atol=5e-6)
+    model.fast_fusion = False  # AdapterHub's own order of operations: the same numbers
+    torch.testing.assert_close(mtl_hidden(model, "a0_a1_a2", batch), expected, rtol=0, atol=5e-6)
+    assert model.records["a0_a1_a2"].labels == LABELS and model.heads["a0_a1_a2"].pooling == "cls"
+    logits = model(**batch, tasks="a0_a1_a2")["a0_a1_a2"]
+    dense = torch.tanh(F.linear(expected[:, 0], fusion["heads.a0,a1,a2.1.weight"], fusion["heads.a0,a1,a2.1.bias"]))
+    torch.testing.assert_close(logits, F.linear(dense, fusion["heads.a0,a1,a2.4.weight"],
+                                                fusion["heads.a0,a1,a2.4.bias"]), rtol=0, atol=5e-6)
+
+
+def test_fusion_config_mapping():
+    from mtl.interop.adapterhub_fusion import fusion_config_from_adapterhub
+
+    dynamic = fusion_config_from_adapterhub(AH_FUSION["dynamic"], "f.json")
+    assert (dynamic.type, dynamic.value, dynamic.value_initialized, dynamic.regularization, dynamic.reg_weight,
+            dynamic.temperature, dynamic.dropout_prob) == ("dynamic", True, True, True, 0.01, False, None)
+    static = fusion_config_from_adapterhub("static", "f.json")  # a preset name, as add_adapter_fusion takes it
+    assert (static.type, static.value, static.regularization) == ("static", False, False)
+    # regularization without a value matrix does nothing in AdapterHub; mtl refuses the pair, so it becomes false
+    assert not fusion_config_from_adapterhub({**AH_FUSION["static"], "regularization": True}, "f.json").regularization
+    # AdapterHub reads dropout_prob 0 as "the backbone's attention dropout", as mtl reads null
+    assert fusion_config_from_adapterhub({**AH_FUSION["dynamic"], "dropout_prob": 0}, "f.json").dropout_prob is None
+    annealed = fusion_config_from_adapterhub({**AH_FUSION["dynamic"], "temperature": True}, "f.json")
+    assert annealed.temperature and annealed.temperature_at(0) == 50.0 and annealed.temperature_at(None) == 1.0
+    # AdapterHub subtracts 50 / 1000 per forward call: 1.05 after 979 calls, 1 from the 980th on
+    assert annealed.temperature_at(979) == pytest.approx(1.05) and annealed.temperature_at(980) == 1.0
+
+
+FUSION_UNSUPPORTED = [("query", False), ("key", False), ("value", "yes"), ("value_initialized", "true"),
+                      ("dropout_prob", 1.5), ("new_field", 1), ("temperature", None)]
+
+
+@pytest.mark.parametrize("key,value", FUSION_UNSUPPORTED, ids=[f"{k}={v}" for k, v in FUSION_UNSUPPORTED])
+def test_unsupported_fusion_config_is_one_line_error(tmp_path, key, value):
+    _fusion_setup(tmp_path, "pfeiffer", {**AH_FUSION["dynamic"], key: value}, head={})
+    model = MTLModel(tiny_backbone("bert"))
+    _load_adapters(model, tmp_path)
+    with pytest.raises(MTLConfigError) as err:
+        model.load_adapterhub_fusion(tmp_path / "fusion")
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "fusion" / "adapter_fusion_config.json") in message
+    assert f"config.{key}" in message or f"'{key}'" in message
+    assert model.tasks == ["a0", "a1", "a2"] and model.fusion_configs == {}
+
+
+def test_fusion_missing_field_and_foreign_config(tmp_path):
+    cfg = dict(AH_FUSION["dynamic"])
+    del cfg["residual_before"]
+    _fusion_setup(tmp_path, "pfeiffer", cfg, head={})
+    model = MTLModel(tiny_backbone("bert"))
+    _load_adapters(model, tmp_path)
+    with pytest.raises(MTLConfigError, match=r"adapter_fusion_config.json: config.residual_before: missing"):
+        model.load_adapterhub_fusion(tmp_path / "fusion")
+    with pytest.raises(MTLConfigError, match=r"adapter_fusion_config.json: not found"):
+        model.load_adapterhub_fusion(tmp_path / "a0")  # an adapter folder, not a fusion
+    assert model.fusion_configs == {}
+
+
+def test_fusion_needs_its_adapters_at_the_same_locations(tmp_path):
+    _fusion_setup(tmp_path, "pfeiffer", AH_FUSION["dynamic"], head={})
+    model = MTLModel(tiny_backbone("bert"))
+    model.load_adapterhub(tmp_path / "a0")
+    with pytest.raises(MTLConfigError, match=r"adapter_names: \['a1', 'a2'\] not loaded in the model") as err:
+        model.load_adapterhub_fusion(tmp_path / "fusion")
+    assert "\n" not in str(err.value)
+    # loaded under other names: map them in AdapterHub's order
+    model.load_adapterhub(tmp_path / "a1", task="b1")
+    model.load_adapterhub(tmp_path / "a2", task="b2")
+    assert model.load_adapterhub_fusion(tmp_path / "fusion", task="f", adapters=["a0", "b1", "b2"]) == "f"
+    assert model.target("f").fused == ("a0", "b1", "b2")
+    write_ah(tmp_path / "short", {**AH_PRESETS["pfeiffer"], "leave_out": [0]}, name="a2")
+    other = MTLModel(tiny_backbone("bert"))
+    _load_adapters(other, tmp_path, ("a0", "a1"))
+    other.load_adapterhub(tmp_path / "short", num_labels=2)
+    with pytest.raises(MTLConfigError, match="sit at different layers or positions"):
+        other.load_adapterhub_fusion(tmp_path / "fusion")
+    write_ah(tmp_path / "par", AH_PRESETS["parallel"], name="p0", head={})
+    write_ah(tmp_path / "par1", AH_PRESETS["parallel"], name="p1", head={})
+    write_ah_fusion(tmp_path / "pfusion", AH_FUSION["dynamic"], ["p0", "p1"])
+    other.load_adapterhub(tmp_path / "par")
+    other.load_adapterhub(tmp_path / "par1")
+    with pytest.raises(MTLConfigError, match=r"pfusion/adapter_fusion_config.json: fusion 'p0_p1'.*must be sequential"):
+        other.load_adapterhub_fusion(tmp_path / "pfusion", num_labels=2)
+    assert other.fusion_configs == {}
+
+
+def test_fusion_in_leave_out_layers_is_dropped_and_legacy_bin(tmp_path):
+    # AdapterHub keeps (never-run) fusion layers where leave_out removed the adapters; prefix as BertAdapterModel
+    cfg, adapters, fusion = _fusion_setup(tmp_path, "pfeiffer", AH_FUSION["dynamic"], {"leave_out": [0]},
+                                          head={}, legacy_bin=True, prefix="bert.")
+    assert "bert.encoder.layer.0.output.adapter_fusion_layer.a0,a1,a2.query.weight" in fusion
+    model = MTLModel(tiny_backbone("bert"))
+    _load_adapters(model, tmp_path)
+    model.load_adapterhub_fusion(tmp_path / "fusion")
+    assert sorted({k.split(".")[1] for k in model.part_parameters(("fusion", "a0_a1_a2"))}) == ["1"]
+    batch = tiny_batch()
+    unprefixed = {k.removeprefix("bert."): v for k, v in fusion.items()}
+    with torch.no_grad():
+        expected = fusion_reference(cfg, adapters, AH_FUSION["dynamic"], unprefixed, ["a0", "a1", "a2"])(**batch)
+    torch.testing.assert_close(mtl_hidden(model, "a0_a1_a2", batch), expected.last_hidden_state, rtol=0, atol=5e-6)
+
+
+def test_fusion_bad_tensors_head_and_pickles(tmp_path, capsys):
+    _fusion_setup(tmp_path, "pfeiffer", AH_FUSION["dynamic"])  # saved as AdapterHub's default: without a head
+    model = MTLModel(tiny_backbone("bert"))
+    _load_adapters(model, tmp_path)
+    with pytest.raises(MTLConfigError, match="fusion: no head_config.json; pass num_labels to import the fusion"):
+        model.load_adapterhub_fusion(tmp_path / "fusion")
+    weights = tmp_path / "fusion" / "model_adapter_fusion.safetensors"
+    tensors = load_file(str(weights))
+    good = dict(tensors)
+    tensors["encoder.layer.1.output.adapter_fusion_layer.a0,a1,a2.query.weight"] = torch.zeros(HIDDEN, 3)
+    save_file(tensors, str(weights))
+    with pytest.raises(MTLConfigError, match=r"fusions.1.ffn.query.weight has shape \(64, 3\), expected \(64, 64\)"):
+        model.load_adapterhub_fusion(tmp_path / "fusion", num_labels=2)
+    tensors["encoder.layer.1.output.adapter_fusion_layer.other.query.weight"] = torch.zeros(HIDDEN, HIDDEN)
+    save_file(tensors, str(weights))
+    with pytest.raises(MTLConfigError, match="tensor 'encoder.layer.1.output.adapter_fusion_layer.other.query.weight' "
+                                             "is not a tensor of fusion 'a0,a1,a2'"):
+        model.load_adapterhub_fusion(tmp_path / "fusion", num_labels=2)
+    weights.unlink()
+    marker = tmp_path / "unpickled"
+    torch.save({**good, "extra": _Payload(marker)}, tmp_path / "fusion" / "pytorch_model_adapter_fusion.bin")
+    with pytest.raises(MTLConfigError, match="pytorch_model_adapter_fusion.bin: holds pickled Python objects"):
+        model.load_adapterhub_fusion(tmp_path / "fusion", num_labels=2)
+    assert not marker.exists() and model.fusion_configs == {}
+    torch.save(good, tmp_path / "fusion" / "pytorch_model_adapter_fusion.bin")
+    model.load_adapterhub_fusion(tmp_path / "fusion", num_labels=2)
+    assert "importing the fusion with a fresh 2-label classification head" in capsys.readouterr().err
+    assert model.heads["a0_a1_a2"].num_outputs == 2
+
+
+def _random_fusion(family: str, fusion: dict | str = "dynamic", adapter: dict | str = "pfeiffer") -> MTLModel:
+    model = MTLModel(tiny_backbone(family))
+    for i in range(3):
+        model.add_task(f"t{i}", 3, adapter, pooling="cls", labels=LABELS)
+    model.add_fusion("fz", ["t0", "t1", "t2"], 2, fusion, pooling="cls", labels=["no", "yes"])
+    for i, task in enumerate(model.tasks):
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.task_parameters(task).values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def test_fusion_export_import_round_trip_is_bit_identical(tmp_path, family):
+    model, batch = _random_fusion(family), tiny_batch()
+    for task in ("t0", "t1", "t2"):
+        model.save_adapterhub(task, tmp_path / "a" / task)
+    first = model.save_adapterhub_fusion("fz", tmp_path / "a" / "fz")
+    assert sorted(p.name for p in first.iterdir()) == ["adapter_fusion_config.json", "head_config.json",
+                                                       "model_adapter_fusion.safetensors", "model_head.safetensors"]
+    saved = json.loads((first / "adapter_fusion_config.json").read_text())
+    assert (saved["name"], saved["adapter_names"], saved["config"]) == ("fz", ["t0", "t1", "t2"], AH_FUSION["dynamic"])
+    loaded = MTLModel(tiny_backbone(family))
+    for task in ("t0", "t1", "t2"):
+        loaded.load_adapterhub(tmp_path / "a" / task)
+    assert loaded.load_adapterhub_fusion(first) == "fz"
+    assert loaded.fusion_configs["fz"].to_dict() == model.fusion_configs["fz"].to_dict()
+    for key, p in model.task_parameters("fz").items():
+        assert torch.equal(loaded.task_parameters("fz")[key], p), key
+    assert torch.equal(loaded(**batch, tasks="fz")["fz"], model(**batch, tasks="fz")["fz"])
+    second = loaded.save_adapterhub_fusion("fz", tmp_path / "b" / "fz")
+    for file in first.iterdir():
+        assert file.read_bytes() == (second / file.name).read_bytes(), file.name
+
+
+def test_fusion_export_writes_placeholders_where_adapterhub_has_unused_layers(tmp_path):
+    model = _random_fusion("bert", "static", {"type": "houlsby", "drop_first": 1})
+    out = model.save_adapterhub_fusion("fz", tmp_path / "fz")
+    tensors = load_file(str(out / "model_adapter_fusion.safetensors"))
+    base = "encoder.layer.0.{}.adapter_fusion_layer.fz."
+    for location in ("attention.output", "output"):  # layer 0 has no adapter: AdapterHub never runs this layer
+        assert torch.equal(tensors[base.format(location) + "query.weight"], torch.zeros(HIDDEN, HIDDEN))
+        assert base.format(location) + "value.weight" not in tensors  # static: no value matrix
+    assert len(tensors) == LAYERS * 2 * 4
+    loaded = MTLModel(tiny_backbone("bert"))
+    for task in ("t0", "t1", "t2"):
+        loaded.load_adapterhub(model.save_adapterhub(task, tmp_path / task))
+    loaded.load_adapterhub_fusion(out)
+    assert sorted(loaded.part_parameters(("fusion", "fz"))) == sorted(model.part_parameters(("fusion", "fz")))
+    batch = tiny_batch()
+    assert torch.equal(loaded(**batch, tasks="fz")["fz"], model(**batch, tasks="fz")["fz"])
+
+
+def test_fusion_export_rules(tmp_path, capsys):
+    model = _random_fusion("bert", {"type": "dynamic", "reg_weight": 0.1, "temperature": True})
+    model.save_adapterhub_fusion("fz", tmp_path / "fz")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "reg_weight 0.1 (AdapterHub: 0.01)" in err[0] and "temperature schedule" in err[0]
+    with pytest.raises(MTLConfigError, match="already exists"):
+        model.save_adapterhub_fusion("fz", tmp_path / "fz")
+    with pytest.raises(MTLConfigError, match="'t0' is not a fusion; export it with save_adapterhub"):
+        model.save_adapterhub_fusion("t0", tmp_path / "t0")
+    with pytest.raises(MTLConfigError, match="'fz' is a fusion"):
+        model.save_adapterhub("fz", tmp_path / "t0")
+    model.fusion_configs["fz"].temperature_end = 2.0
+    with pytest.raises(MTLConfigError, match="temperature_end 2.0 is not expressible"):
+        model.save_adapterhub_fusion("fz", tmp_path / "hot")
+    assert not (tmp_path / "hot").exists()
+    mean = _random_fusion("bert")
+    mean.add_fusion("fm", ["t0", "t1"], 2)  # mean pooling: AdapterHub's heads cannot express it
+    out = mean.save_adapterhub_fusion("fm", tmp_path / "fm")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_fusion_config.json", "model_adapter_fusion.safetensors"]
+    assert "exported fusion 'fm' without its head" in capsys.readouterr().err

@@ -1,1 +1,2 @@
-"""Other libraries' adapter formats: `mtl.interop.adapterhub` reads and writes AdapterHub `adapters` folders."""
+"""Other libraries' adapter formats: AdapterHub `adapters` folders, adapters (`mtl.interop.adapterhub`) and
+AdapterFusion (`mtl.interop.adapterhub_fusion`)."""

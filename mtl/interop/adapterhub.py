@@ -1,4 +1,4 @@
-"""AdapterHub `adapters` 1.3 folders, both ways, for plain bottleneck adapters: SeqBn, DoubleSeqBn, ParBn (no fusion).
+"""AdapterHub `adapters` 1.3 folders, both ways, for plain bottleneck adapters: SeqBn, DoubleSeqBn, ParBn.
 
 AdapterHub's ``save_adapter(folder, name, with_head=True, use_safetensors=True)`` writes, in one folder:
 ``adapter_config.json`` (name, model_type, hidden_size, version, config: the BnConfig fields), ``adapter.safetensors``
@@ -9,6 +9,7 @@ Without use_safetensors it writes ``pytorch_adapter.bin`` / ``pytorch_model_head
 file and key. AdapterHub reads mtl's exports with ``load_adapter(folder, use_safetensors=True)`` (its default reads only
 the .bin files, which mtl never writes). Checked against AdapterHub 1.3.0 on MiniLM (BERT), both ways, by
 benchmarks/peers/adapterhub_roundtrip.py; the other families' locations are read off AdapterHub's source.
+AdapterFusion folders: `mtl.interop.adapterhub_fusion`.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def _read_weights(folder: Path, safe: str, legacy: str) -> tuple[dict[str, torch
         return storage.read_tensors(folder / safe), folder / safe
     file = folder / legacy
     if not file.is_file():
-        raise MTLConfigError(f"{folder}: neither {safe} nor {legacy} found (expected AdapterHub's save_adapter output)")
+        raise MTLConfigError(f"{folder}: neither {safe} nor {legacy} found (expected a folder written by AdapterHub)")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before failing or succeeding
             warnings.simplefilter("ignore")
@@ -270,18 +271,7 @@ def load_adapterhub(model: MTLModel, folder: str | Path, task: str | None = None
     storage.check_tensors(wfile, tensors, {f"adapters.{layer}.{position}.{key}": torch.Size(shape)
                                            for layer in config.layers(num_layers) for position in config.positions
                                            for key, shape in shapes.items()})
-    head = _read_head(folder, hidden, model.backbone.config)
-    if isinstance(head, str):
-        if num_labels is None:
-            raise MTLConfigError(f"{head}; pass num_labels to import the adapter with a fresh head")
-        warn(f"{head}; importing the adapter with a fresh {num_labels}-label classification head")
-        head = {"num_outputs": num_labels, "labels": None, "tensors": {}, "problem": "classification",
-                "dropout": _head_dropout(model.backbone.config)}
-    elif num_labels is not None and num_labels != head["num_outputs"]:
-        raise MTLConfigError(f"{folder / HEAD_CONFIG}: the head has {head['num_outputs']} labels, but num_labels is "
-                             f"{num_labels}")
-    if labels is not None and len(labels) != head["num_outputs"]:
-        raise MTLConfigError(f"labels: {len(labels)} names for a head with {head['num_outputs']} outputs")
+    head = resolve_head(model, folder, num_labels, labels, "adapter")
     task = task or name
     # the task's adapter is named like it: one that other tasks or fusions use must not be replaced or shared
     users = [t for t, r in model.records.items() if t != task and task in (r.target.name, *r.target.fused)]
@@ -291,13 +281,37 @@ def load_adapterhub(model: MTLModel, folder: str | Path, task: str | None = None
     if task in model.records and overwrite:  # all checked: only now change the model
         model.remove_task(task)
     model.add_task(task, head["num_outputs"], config, problem=head["problem"], pooling="cls",
-                   head_dropout=head["dropout"], labels=labels if labels is not None else head["labels"])
-    params = model.task_parameters(task)
-    tensors.update(head["tensors"] or {k: p.detach() for k, p in params.items() if k.startswith("head.")})
+                   head_dropout=head["dropout"], labels=head["labels"])
+    copy_into(model.task_parameters(task), {**tensors, **head["tensors"]})
+    return task
+
+
+def resolve_head(model: MTLModel, folder: Path, num_labels: int | None, labels: Sequence[str] | None,
+                 what: str) -> dict[str, Any]:
+    """The folder's head as add_task arguments + tensors, or a fresh head when ``num_labels`` asks for one."""
+    head = _read_head(folder, model.hidden_size, model.backbone.config)
+    if isinstance(head, str):
+        if num_labels is None:
+            raise MTLConfigError(f"{head}; pass num_labels to import the {what} with a fresh head")
+        warn(f"{head}; importing the {what} with a fresh {num_labels}-label classification head")
+        head = {"num_outputs": num_labels, "labels": None, "tensors": {}, "problem": "classification",
+                "dropout": _head_dropout(model.backbone.config)}
+    elif num_labels is not None and num_labels != head["num_outputs"]:
+        raise MTLConfigError(f"{folder / HEAD_CONFIG}: the head has {head['num_outputs']} labels, but num_labels is "
+                             f"{num_labels}")
+    if labels is not None and len(labels) != head["num_outputs"]:
+        raise MTLConfigError(f"labels: {len(labels)} names for a head with {head['num_outputs']} outputs")
+    if labels is not None:
+        head["labels"] = list(labels)
+    return head
+
+
+def copy_into(params: Mapping[str, torch.nn.Parameter], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy checked tensors into a freshly added task's parameters (a head without tensors keeps its init)."""
     with torch.no_grad():
         for key, p in params.items():
-            p.copy_(tensors[key])
-    return task
+            if key in tensors:
+                p.copy_(tensors[key])
 
 
 def _head_problem(head: Any) -> str | None:
@@ -331,38 +345,60 @@ def save_adapterhub(model: MTLModel, task: str, folder: str | Path, overwrite: b
     if config.robust_drop and config.drop_first:
         raise MTLConfigError(f"task '{task}': adapter.drop_first {config.drop_first} with robust_drop evaluates "
                              "without the adapters of the first layers, which AdapterHub would run; set drop_first 0")
-    head = model.heads[task]
-    problem = _head_problem(head) if with_head is not False else None
-    if problem and with_head:
-        raise MTLConfigError(f"task '{task}': {problem}; export with with_head=False for the adapter alone")
+    problem = head_problem(model, task, with_head)
     attn, ffn = LOCATIONS[model_type]
     tensors = {}
     for key, p in model.part_parameters(("adapter", target.name)).items():
         _, layer, position, proj, kind = key.split(".")
         tensors[f"{ARCHS[model_type].layers}.{layer}.{attn if position == 'attn' else ffn}.adapters.{task}."
                 f"{'adapter_down.0' if proj == 'down' else 'adapter_up'}.{kind}"] = p.detach().cpu().contiguous()
-    meta = {"hidden_size": hidden, "model_class": MODEL_CLASSES[model_type], "model_name": model.backbone_name,
-            "model_type": model_type, "name": task, "version": FORMAT_VERSION}
+    meta = export_meta(model, task)
     layers = sorted({layer for layer, _ in model.adapter_locations(target.name)})
     files = [(WEIGHTS, tensors, CONFIG,
               {**meta, "config": adapter_config_to_adapterhub(config, layers, info["num_layers"], hidden)})]
     if with_head is not False and problem is None:
-        labels = model.records[task].labels
-        head_config = {"head_type": "multilabel_classification" if head.problem == "multilabel" else "classification",
-                       "num_labels": head.num_outputs, "layers": 2, "activation_function": "tanh", "use_pooler": False,
-                       "bias": True, "dropout_prob": head.dropout.p,
-                       "label2id": {label: i for i, label in enumerate(labels)} if labels else None}
-        head_tensors = {f"heads.{task}.{index}.{kind}": getattr(getattr(head, layer), kind).detach().cpu().contiguous()
-                        for index, layer in (("1", "dense"), ("4", "out")) for kind in ("weight", "bias")}
-        files.append((HEAD_WEIGHTS, head_tensors, HEAD_CONFIG, {**meta, "config": head_config}))
+        files.append(head_file(model, task, meta))
+    written = write_folder(folder, files)
+    if problem:
+        warn(f"{folder}: exported the adapter of '{task}' without its head: {problem}")
+    return written
 
+
+def head_problem(model: MTLModel, task: str, with_head: bool | None) -> str | None:
+    """Why the task's head is left out of an export (None: it is written); raises where ``with_head`` is True."""
+    problem = _head_problem(model.heads[task]) if with_head is not False else None
+    if problem and with_head:
+        raise MTLConfigError(f"task '{task}': {problem}; export with with_head=False to leave the head out")
+    return problem
+
+
+def export_meta(model: MTLModel, name: str) -> dict[str, Any]:
+    """The top-level fields AdapterHub's build_full_config writes beside every config."""
+    info = _backbone(model)
+    return {"hidden_size": info["hidden_size"], "model_class": MODEL_CLASSES[info["model_type"]],
+            "model_name": model.backbone_name, "model_type": info["model_type"], "name": name,
+            "version": FORMAT_VERSION}
+
+
+def head_file(model: MTLModel, task: str, meta: dict[str, Any]) -> tuple[str, dict[str, torch.Tensor], str, dict]:
+    """(weights name, tensors, config name, config) of the task's head as AdapterHub's flex classification head."""
+    head, labels = model.heads[task], model.records[task].labels
+    head_config = {"head_type": "multilabel_classification" if head.problem == "multilabel" else "classification",
+                   "num_labels": head.num_outputs, "layers": 2, "activation_function": "tanh", "use_pooler": False,
+                   "bias": True, "dropout_prob": head.dropout.p,
+                   "label2id": {label: i for i, label in enumerate(labels)} if labels else None}
+    # AdapterHub names the head like the adapter or fusion it belongs to (meta's name)
+    head_tensors = {f"heads.{meta['name']}.{index}.{kind}": getattr(getattr(head, layer), kind).detach().cpu()
+                    .contiguous() for index, layer in (("1", "dense"), ("4", "out")) for kind in ("weight", "bias")}
+    return HEAD_WEIGHTS, head_tensors, HEAD_CONFIG, {**meta, "config": head_config}
+
+
+def write_folder(folder: Path, files: list[tuple[str, dict[str, torch.Tensor], str, dict]]) -> Path:
+    """Write (weights name, tensors, config name, config) files into ``folder`` atomically."""
     def fill(tmp: Path) -> None:
         for weights_name, weights, config_name, data in files:
             save_file(weights, str(tmp / weights_name), metadata={"format": "pt"})
             fsync_file(tmp / weights_name)
             write_text_atomic(tmp / config_name, json.dumps(data, indent=2, sort_keys=True))  # sorted, as AdapterHub
 
-    written = write_dir_atomic(folder, fill)
-    if problem:
-        warn(f"{folder}: exported the adapter of '{task}' without its head: {problem}")
-    return written
+    return write_dir_atomic(folder, fill)
