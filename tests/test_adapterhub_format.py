@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -716,3 +717,136 @@ def test_fusion_export_rules(tmp_path, capsys):
     out = mean.save_adapterhub_fusion("fm", tmp_path / "fm")
     assert sorted(p.name for p in out.iterdir()) == ["adapter_fusion_config.json", "model_adapter_fusion.safetensors"]
     assert "exported fusion 'fm' without its head" in capsys.readouterr().err
+
+
+# ---- train.py import-adapterhub -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ah_dir(tiny_dir, tmp_path_factory) -> dict:
+    """AdapterHub folders for the tiny CLI backbone (hidden 32): adapters a0, a1 (saved as save_all_adapters does, in
+    one parent folder) and a fusion 'a0,a1' over them, each with its head; and the model that wrote them."""
+    root = tmp_path_factory.mktemp("ah")
+    model = MTLModel(str(tiny_dir))
+    for name in ("a0", "a1"):
+        model.add_task(name, 3, "pfeiffer", pooling="cls", labels=LABELS)
+    model.add_fusion("fz", ["a0", "a1"], 2, "dynamic", pooling="cls", labels=["no", "yes"])
+    for i, task in enumerate(model.tasks):
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.task_parameters(task).values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    for name in ("a0", "a1"):
+        model.save_adapterhub(name, root / "adapters" / name)
+    fusion = model.save_adapterhub_fusion("fz", root / "fusion")
+    # AdapterHub's default fusion name: the adapters' names joined by ','
+    config = json.loads((fusion / "adapter_fusion_config.json").read_text())
+    (fusion / "adapter_fusion_config.json").write_text(json.dumps({**config, "name": "a0,a1"}))
+    head = json.loads((fusion / "head_config.json").read_text())
+    (fusion / "head_config.json").write_text(json.dumps({**head, "name": "a0,a1"}))
+    for file in ("model_adapter_fusion.safetensors", "model_head.safetensors"):
+        tensors = load_file(str(fusion / file))
+        save_file({k.replace(".fz.", ".a0,a1."): v for k, v in tensors.items()}, str(fusion / file))
+    return {"root": root, "model": model.eval()}
+
+
+def test_import_adapterhub_command_makes_a_run_folder(ah_dir, tiny_dir, task_dir, tmp_path, capsys):
+    from tests.test_hardening import run_cli
+
+    run = tmp_path / "run"
+    code, lines = run_cli(["import-adapterhub", str(ah_dir["root"] / "adapters"), str(ah_dir["root"] / "fusion"),
+                           "--backbone", str(tiny_dir), "--run_dir", str(run)], capsys)
+    assert code == 0, lines
+    assert sorted(p.name for p in (run / "adapters").iterdir()) == ["a0", "a1"]
+    assert [p.name for p in (run / "fusions").iterdir()] == ["a0_a1"]
+    # mtl's own format now: the same outputs as the model that wrote the AdapterHub folders
+    loaded, source, batch = MTLModel.from_pretrained(run).eval(), ah_dir["model"], tiny_batch()
+    assert loaded.target("a0_a1").fused == ("a0", "a1")
+    for task, theirs in (("a0", "a0"), ("a1", "a1"), ("a0_a1", "fz")):
+        assert torch.equal(loaded(**batch, tasks=task)[task], source(**batch, tasks=theirs)[theirs]), task
+    # predict through the CLI: one row per text and task, labels from AdapterHub's label2id
+    texts, out = tmp_path / "texts.txt", tmp_path / "pred.jsonl"
+    texts.write_text("alpha beta river\nstone cloud green seven\n")
+    code, lines = run_cli(["predict", "--model.backbone", str(tiny_dir), "--model.load_from", str(run),
+                           "--model.run_dir", str(run), "--data.tasks", "[]", "--data.predict_file", str(texts),
+                           "--data.cache_dir", str(tmp_path / "cache"), "--trainer.logger", "false",
+                           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+                           "--trainer.callbacks+=mtl.predict.PredictionWriter", f"--trainer.callbacks.output={out}"],
+                          capsys)
+    assert code == 0, lines
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["task"], r["index"]) for r in rows) == [(t, i) for t in ("a0", "a0_a1", "a1") for i in (0, 1)]
+    assert {r["label"] for r in rows if r["task"] == "a0_a1"} <= {"no", "yes"}
+    assert {r["label"] for r in rows if r["task"] == "a0"} <= set(LABELS)
+    # fit a new fusion over the imported adapters (they stay frozen), exported beside them
+    code, lines = run_cli(["fit", "--model.backbone", str(tiny_dir), "--model.load_from", str(run),
+                           "--model.run_dir", str(run), "--data.tasks", "[keyword]", "--data.tasks_dir",
+                           str(task_dir), "--data.cache_dir", str(tmp_path / "cache"), "--model.fusion.name", "kf",
+                           "--model.fusion.adapters", "[a0, a1]", "--data.max_train_examples", "16",
+                           "--trainer.max_epochs", "1", "--trainer.logger", "false",
+                           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                           "--trainer.default_root_dir", str(tmp_path / "lightning")], capsys)
+    assert code == 0, lines
+    refit = MTLModel.from_pretrained(run)
+    assert refit.target("kf").fused == ("a0", "a1")
+    assert torch.equal(refit.task_parameters("a0")["adapters.1.ffn.up.weight"],
+                       loaded.task_parameters("a0")["adapters.1.ffn.up.weight"])
+
+
+def test_import_adapterhub_adds_to_a_run_folder_and_renames(ah_dir, tiny_dir, tmp_path, capsys):
+    from tests.test_hardening import run_cli
+
+    run = tmp_path / "run"
+    common = ["--backbone", str(tiny_dir), "--run_dir", str(run)]
+    assert run_cli(["import-adapterhub", str(ah_dir["root"] / "adapters"), *common], capsys)[0] == 0
+    code, lines = run_cli(["import-adapterhub", str(ah_dir["root"] / "fusion"), "--task", "fused", *common], capsys)
+    assert code == 0, lines
+    assert [p.name for p in (run / "fusions").iterdir()] == ["fused"]
+    code, lines = run_cli(["import-adapterhub", str(ah_dir["root"] / "adapters" / "a0"), *common], capsys)
+    assert code == 2 and lines == [f"error: {ah_dir['root'] / 'adapters' / 'a0'}: task 'a0' exists ({run} already "
+                                   "has it); convert it with --task NEWNAME"]
+    code, lines = run_cli(["import-adapterhub", str(ah_dir["root"] / "adapters" / "a0"), "--task", "b0", *common],
+                          capsys)
+    assert code == 0 and sorted(p.name for p in (run / "adapters").iterdir()) == ["a0", "a1", "b0"]
+
+
+def _bad_folders(root: Path, ah_dir: dict, tiny_dir: Path) -> dict[str, tuple[list[str], str]]:
+    """argv (after the command) -> the expected error, for inputs that must write nothing."""
+    adapters = ah_dir["root"] / "adapters"
+    (root / "empty").mkdir()
+    (root / "mixed").mkdir()
+    shutil.copytree(adapters / "a0", root / "mixed" / "a0")
+    (root / "mixed" / "notes").mkdir()
+    model = MTLModel(str(tiny_dir))
+    model.add_task("mine", 2)
+    model.save_task("mine", root / "mtl")
+    shutil.copytree(adapters / "a0", root / "headless")
+    for file in ("head_config.json", "model_head.safetensors"):
+        (root / "headless" / file).unlink()
+    shutil.copytree(adapters / "a0", root / "phm")
+    config = json.loads((root / "phm" / "adapter_config.json").read_text())
+    (root / "phm" / "adapter_config.json").write_text(json.dumps({**config, "config": {**config["config"],
+                                                                                       "phm_layer": True}}))
+    backbone = ["--backbone", str(tiny_dir)]
+    return {
+        "empty": ([str(root / "empty"), *backbone], f"{root / 'empty'}: no adapter_config.json or "
+                  "adapter_fusion_config.json; expected an AdapterHub save_adapter / save_adapter_fusion folder, or "
+                  "a folder of them"),
+        "stray subfolder": ([str(root / "mixed"), *backbone], "(subfolder notes has neither)"),
+        "mtl export": ([str(root / "mtl" / "mine"), *backbone], "an mtl export, not AdapterHub's; use its run folder "
+                       "with --model.load_from as it is"),
+        "no backbone": ([str(adapters)], "import-adapterhub: the following arguments are required: --backbone"),
+        "task with two": ([str(adapters), "--task", "x", *backbone], "--task names one imported part, but 2 folders"),
+        "headless": ([str(root / "headless"), *backbone], "no head_config.json (saved without its head)"),
+        "unsupported": ([str(root / "phm"), *backbone], f"{root / 'phm' / 'adapter_config.json'}: config.phm_layer"),
+        "fusion alone": ([str(ah_dir["root"] / "fusion"), *backbone], "adapter_names: ['a0', 'a1'] not loaded"),
+        "other backbone": ([str(adapters), "--backbone", "minilm-l6"], "hidden_size is 32 but the backbone has 384"),
+    }
+
+
+def test_import_adapterhub_bad_input_is_one_line_and_writes_nothing(ah_dir, tiny_dir, tmp_path, capsys):
+    from tests.test_hardening import run_cli
+
+    for case, (argv, expected) in _bad_folders(tmp_path, ah_dir, tiny_dir).items():
+        run = tmp_path / "run"
+        code, lines = run_cli(["import-adapterhub", *argv, "--run_dir", str(run)], capsys)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (case, lines)
+        assert not run.exists(), case
