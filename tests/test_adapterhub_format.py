@@ -644,6 +644,28 @@ def test_fusion_bad_tensors_head_and_pickles(tmp_path, capsys):
     assert model.heads["a0_a1_a2"].num_outputs == 2
 
 
+def test_other_heads_and_fusions_saved_alongside_are_skipped(tmp_path):
+    # AdapterHub's head and fusion savers match "heads.<name>" / "adapter_fusion_layer.<name>" as substrings, so the
+    # file of head 'a0' also holds the head of fusion 'a0,a1,a2', and fusion 'a0,a1,a2' those of 'a0,a1,a2,x'
+    _, _, fusion = _fusion_setup(tmp_path, "pfeiffer", AH_FUSION["dynamic"], head={})
+    head_file = tmp_path / "a0" / "model_head.safetensors"
+    mine = load_file(str(head_file))
+    save_file({**mine, **{k: v for k, v in fusion.items() if k.startswith("heads.")}}, str(head_file))
+    fusion_file = tmp_path / "fusion" / "model_adapter_fusion.safetensors"
+    extra = {k.replace(".a0,a1,a2.", ".a0,a1,a2,x."): v + 1 for k, v in load_file(str(fusion_file)).items()}
+    save_file({**load_file(str(fusion_file)), **extra}, str(fusion_file))
+    model = MTLModel(tiny_backbone("bert"))
+    _load_adapters(model, tmp_path)
+    model.load_adapterhub_fusion(tmp_path / "fusion")
+    assert torch.equal(model.task_parameters("a0")["head.out.weight"], mine["heads.a0.4.weight"])
+    assert torch.equal(model.task_parameters("a0_a1_a2")["fusions.1.ffn.key.bias"],
+                       fusion["encoder.layer.1.output.adapter_fusion_layer.a0,a1,a2.key.bias"])
+    # a head that is not named like this one is still an error
+    save_file({**mine, "heads.b0.1.bias": torch.zeros(HIDDEN)}, str(head_file))
+    with pytest.raises(MTLConfigError, match="tensor 'heads.b0.1.bias' is not a layer of head 'a0'"):
+        model.load_adapterhub(tmp_path / "a0", task="again")
+
+
 def _random_fusion(family: str, fusion: dict | str = "dynamic", adapter: dict | str = "pfeiffer") -> MTLModel:
     model = MTLModel(tiny_backbone(family))
     for i in range(3):
@@ -683,7 +705,7 @@ def test_fusion_export_writes_placeholders_where_adapterhub_has_unused_layers(tm
     model = _random_fusion("bert", "static", {"type": "houlsby", "drop_first": 1})
     out = model.save_adapterhub_fusion("fz", tmp_path / "fz")
     tensors = load_file(str(out / "model_adapter_fusion.safetensors"))
-    base = "encoder.layer.0.{}.adapter_fusion_layer.fz."
+    base = "bert.encoder.layer.0.{}.adapter_fusion_layer.fz."  # with the model prefix AdapterHub's loader needs
     for location in ("attention.output", "output"):  # layer 0 has no adapter: AdapterHub never runs this layer
         assert torch.equal(tensors[base.format(location) + "query.weight"], torch.zeros(HIDDEN, HIDDEN))
         assert base.format(location) + "value.weight" not in tensors  # static: no value matrix

@@ -212,6 +212,8 @@ def _read_head(folder: Path, hidden_size: int, backbone_config: Any) -> dict[str
     pattern = re.compile(rf"^(?:\w+\.)?heads\.{re.escape(str(data.get('name')))}\.([14])\.(weight|bias)$")
     tensors = {}
     for key, tensor in weights.items():
+        if other_part(key, "heads", str(data.get("name"))):
+            continue
         match = pattern.match(key)
         if match is None:
             raise MTLConfigError(f"{wfile}: tensor '{key}' is not a layer of head '{data.get('name')}', expected "
@@ -229,6 +231,15 @@ def _read_head(folder: Path, hidden_size: int, backbone_config: Any) -> dict[str
             # AdapterHub's classification head with one label is its regression head (MSE loss)
             "problem": "multilabel" if multilabel else ("regression" if num == 1 else "classification"),
             "dropout": float(dropout) if dropout is not None else _head_dropout(backbone_config)}
+
+
+def other_part(key: str, kind: str, name: str) -> bool:
+    """Whether ``key`` belongs to another head or fusion whose name starts with ``name`` ('a0,a1' for 'a0').
+
+    AdapterHub saves the tensors whose names contain ``<kind>.<name>`` (no closing dot), so its file for head 'a0'
+    also holds the head of fusion 'a0,a1' when the model has one; they are not this part's and are skipped.
+    """
+    return re.search(rf"(?:^|\.){re.escape(kind)}\.{re.escape(name)}[^.]", key) is not None
 
 
 def _backbone(model: MTLModel) -> dict[str, Any]:

@@ -16,7 +16,9 @@ mtl's schedule 50 -> 1 over 980 steps (AdapterHub subtracts 50/1000 per forward 
 steps and evaluates at 1, while a freshly loaded AdapterHub model starts again at 50). AdapterHub also keeps fusion
 layers at locations where none of the fused adapters sits (their ``leave_out`` layers); those are never run, so
 their tensors are dropped on import and written as placeholders (zero query / key, identity value) on export.
-AdapterHub reads mtl's exports with ``load_adapter_fusion(folder, use_safetensors=True, set_active=True)``.
+AdapterHub reads mtl's exports with ``load_adapter_fusion(folder, use_safetensors=True, set_active=True)``; their
+tensor names carry the model prefix (``bert.``), as AdapterHub's own saves from a flex-head model do, because its
+fusion loader, unlike its adapter loader, does not add it (without it a BertAdapterModel silently loads nothing).
 Checked against AdapterHub 1.3.0 on MiniLM both ways by benchmarks/peers/adapterhub_roundtrip.py.
 """
 
@@ -34,7 +36,7 @@ from mtl.arch import ARCHS
 from mtl.errors import MTLConfigError, warn
 from mtl.fusion.config import FusionConfig
 from mtl.interop.adapterhub import (LOCATIONS, _backbone, _is_number, _read_weights, copy_into, export_meta,
-                                    head_file, head_problem, resolve_head, write_folder)
+                                    head_file, head_problem, other_part, resolve_head, write_folder)
 
 if TYPE_CHECKING:
     from mtl.model import MTLModel
@@ -55,6 +57,10 @@ _BOOLS = ("key", "query", "value", "query_before_ln", "regularization", "residua
 # AdapterHub: T starts at 50 and drops by 50 / 1000 per forward call until 1, i.e. after 980 calls
 TEMPERATURE = dict(temperature_start=50.0, temperature_end=1.0, temperature_steps=980)
 REG_WEIGHT = 0.01  # hard-coded in AdapterHub's get_fusion_regularization_loss
+# base_model_prefix of AdapterHub's <Family>AdapterModel: its load_adapter_fusion matches tensor names against the
+# whole model (unlike load_adapter), so an export without this prefix would load nothing into a flex-head model
+PREFIXES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "electra": "electra",
+            "distilbert": "distilbert"}
 
 
 def fusion_config_from_adapterhub(cfg: Any, source: str | Path) -> FusionConfig:
@@ -113,10 +119,10 @@ def _pattern(model_type: str, name: str) -> re.Pattern[str]:
                       r"(weight|bias)$")
 
 
-def _ah_key(model_type: str, layer: int, position: str, name: str, proj: str, kind: str) -> str:
+def _ah_key(model_type: str, layer: int, position: str, name: str, proj: str, kind: str, prefix: str = "") -> str:
     attn, ffn = LOCATIONS[model_type]
-    return (f"{ARCHS[model_type].layers}.{layer}.{attn if position == 'attn' else ffn}.adapter_fusion_layer.{name}."
-            f"{proj}.{kind}")
+    return (f"{prefix}{ARCHS[model_type].layers}.{layer}.{attn if position == 'attn' else ffn}.adapter_fusion_layer."
+            f"{name}.{proj}.{kind}")
 
 
 def _expected(locations: Sequence[tuple[int, str]], hidden: int, value: bool) -> dict[str, torch.Size]:
@@ -166,6 +172,8 @@ def load_adapterhub_fusion(model: MTLModel, folder: str | Path, task: str | None
     pattern, tensors = _pattern(info["model_type"], name), {}
     positions = {position for _, position in where}
     for key, tensor in weights.items():
+        if other_part(key, "adapter_fusion_layer", name):
+            continue
         match = pattern.match(key)
         if match is None:
             raise MTLConfigError(f"{wfile}: tensor '{key}' is not a tensor of fusion '{name}', expected names like "
@@ -210,10 +218,10 @@ def save_adapterhub_fusion(model: MTLModel, fusion: str, folder: str | Path, ove
              for a in target.fused]
     config, differences = fusion_config_to_adapterhub(model.fusion_configs[fusion], fusion)
     problem = head_problem(model, fusion, with_head)
-    tensors = {}
+    tensors, prefix = {}, f"{PREFIXES[model_type]}."
     for key, p in model.part_parameters(("fusion", fusion)).items():
         _, layer, position, proj, kind = key.split(".")
-        tensors[_ah_key(model_type, int(layer), position, fusion, proj, kind)] = p.detach().cpu().contiguous()
+        tensors[_ah_key(model_type, int(layer), position, fusion, proj, kind, prefix)] = p.detach().cpu().contiguous()
     where = model.adapter_locations(target.fused[0])
     positions = sorted({position for _, position in where})
     zeros, eye = torch.zeros(hidden, hidden), torch.eye(hidden)
@@ -224,7 +232,7 @@ def save_adapterhub_fusion(model: MTLModel, fusion: str, folder: str | Path, ove
                         **({"value.weight": eye} if config["value"] else {})}
                 for part, tensor in fill.items():
                     proj, kind = part.split(".")
-                    tensors[_ah_key(model_type, layer, position, fusion, proj, kind)] = tensor.clone()
+                    tensors[_ah_key(model_type, layer, position, fusion, proj, kind, prefix)] = tensor.clone()
     meta = export_meta(model, fusion)
     files = [(WEIGHTS, tensors, CONFIG, {**meta, "adapter_names": names, "config": config})]
     if with_head is not False and problem is None:
