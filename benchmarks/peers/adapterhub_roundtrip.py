@@ -19,6 +19,17 @@ its transformers 5 are absent; the AdapterHub side never imports mtl):
 Each folder imported in step 2 is also exported again by mtl: its adapter config must equal AdapterHub's, field for
 field.
 
+Fusion rows, both ways: in step 1 AdapterHub also adds three SeqBn adapters ``f0, f1, f2`` (each with a head), a
+``DynamicAdapterFusionConfig`` ``Fuse(f0, f1, f2)`` and a 3-label head named like the fusion, adds the same noise
+(query / key / value included) and saves each adapter with ``save_adapter`` and the fusion with
+``save_adapter_fusion(folder, "f0,f1,f2", with_head=True, use_safetensors=True)`` (and once in its default .bin
+format); its outputs with the fusion active are dumped. mtl loads the three adapter folders with ``load_adapterhub``
+and the fusion with ``load_adapterhub_fusion``; re-exported with ``save_adapterhub_fusion``, the fusion config must
+equal AdapterHub's. The other way, mtl builds three random Pfeiffer tasks ``m0, m1, m2`` and a random dynamic fusion
+``mfz`` over them (cls-pooled heads), exports them with ``save_adapterhub`` / ``save_adapterhub_fusion``, and AdapterHub
+loads them with ``load_adapter(..., use_safetensors=True)`` and ``load_adapter_fusion(folder, use_safetensors=True,
+set_active=True)``; every AdapterHub fusion parameter must equal the file's tensor (none missing or left over).
+
 Prints a markdown table of max |diff| (hidden state over real tokens, logits); exit status 1 if one exceeds ``--tol``
 a config field differs, or a control (mtl's bare backbone against each AdapterHub output) is closer than 1e-3.
 Without the AdapterHub venv it prints one "skipped" line and exits 0.
@@ -37,6 +48,8 @@ from pathlib import Path
 PEERS = Path(__file__).resolve().parent
 PEER_PYTHON = PEERS / ".venv-adapterhub" / "bin" / "python"
 PRESETS = {"pfeiffer": "SeqBnConfig", "houlsby": "DoubleSeqBnConfig", "parallel": "ParBnConfig"}
+FUSED = ["f0", "f1", "f2"]  # AdapterHub's adapters under its fusion "f0,f1,f2"
+MTL_FUSED = ["m0", "m1", "m2"]  # mtl's tasks under its fusion "mfz"
 LABELS = {0: "neg", 1: "neu", 2: "pos"}
 NOISE = 0.05
 
@@ -67,10 +80,11 @@ def ah_model():
     return AutoAdapterModel.from_pretrained(str(model_dir())).eval()
 
 
-def ah_outputs(model, name: str, ids, mask) -> dict:
+def ah_outputs(model, name: str, ids, mask, setup=None) -> dict:
+    """Last hidden state and logits with ``setup`` (default: the adapter ``name``) active and head ``name``."""
     import torch
 
-    model.set_active_adapters(name)
+    model.set_active_adapters(setup or name)
     model.active_head = name
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
@@ -99,8 +113,35 @@ def ah_save(args: argparse.Namespace) -> None:
         model.save_adapter(str(args.dir / "ah" / preset), name, with_head=True, use_safetensors=True)
         if preset == "pfeiffer":  # AdapterHub's default: pickled state dicts, read by mtl with weights_only=True
             model.save_adapter(str(args.dir / "ah" / "pfeiffer-bin"), name, with_head=True)
+    dumped.update(ah_save_fusion(args, ids, mask))
     save_file(dumped, str(args.dir / "ah_outputs.safetensors"),
               metadata={"adapters": adapters.__version__, "torch": torch.__version__})
+
+
+def ah_save_fusion(args: argparse.Namespace, ids, mask) -> dict:
+    """Three random SeqBn adapters and a dynamic fusion over them with its head, saved by AdapterHub; outputs."""
+    import torch
+    from adapters import DynamicAdapterFusionConfig, SeqBnConfig
+    from adapters.composition import Fuse
+
+    torch.manual_seed(args.seed + 10)
+    model, name = ah_model(), ",".join(FUSED)
+    for adapter in FUSED:
+        model.add_adapter(adapter, config=SeqBnConfig())
+        model.add_classification_head(adapter, num_labels=3, id2label=LABELS)
+    model.add_adapter_fusion(Fuse(*FUSED), DynamicAdapterFusionConfig())
+    model.add_classification_head(name, num_labels=3, id2label=LABELS)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if any(f".adapters.{a}." in key for a in FUSED) or f"adapter_fusion_layer.{name}." in key \
+                    or key.startswith("heads."):
+                p.add_(torch.randn_like(p) * NOISE)
+    out = ah_outputs(model, name, ids, mask, Fuse(*FUSED))
+    for adapter in FUSED:
+        model.save_adapter(str(args.dir / "ah" / adapter), adapter, with_head=True, use_safetensors=True)
+    model.save_adapter_fusion(str(args.dir / "ah" / "fusion"), name, with_head=True, use_safetensors=True)
+    model.save_adapter_fusion(str(args.dir / "ah" / "fusion-bin"), name, with_head=True)  # AdapterHub's default
+    return out
 
 
 def ah_load(args: argparse.Namespace) -> None:
@@ -119,8 +160,31 @@ def ah_load(args: argparse.Namespace) -> None:
                           "config": model.adapters_config.get(name).to_dict(), "head": model.heads[name].config}
         with torch.no_grad():
             dumped.update(ah_outputs(model, name, inp["input_ids"], inp["attention_mask"]))
+    dumped.update(ah_load_fusion(args, inp, report))
     save_file(dumped, str(args.dir / "ah_loaded.safetensors"))
     (args.dir / "ah_loaded.json").write_text(json.dumps(report, indent=2, default=str))
+
+
+def ah_load_fusion(args: argparse.Namespace, inp: dict, report: dict) -> dict:
+    """mtl's exported adapters and fusion loaded by AdapterHub's public calls; its outputs, and a parameter check
+    (load_adapter_fusion reports no missing keys, so every fusion parameter is compared with the file here)."""
+    import torch
+    from adapters.composition import Fuse
+    from safetensors.torch import load_file
+
+    model = ah_model()
+    for task in MTL_FUSED:
+        model.load_adapter(str(args.dir / "mtl" / task), use_safetensors=True)
+    folder = args.dir / "mtl" / "mfz"
+    model.load_adapter_fusion(str(folder), use_safetensors=True, set_active=True)
+    saved = load_file(str(folder / "model_adapter_fusion.safetensors"))
+    params = {k: p for k, p in model.named_parameters() if "adapter_fusion_layer.mfz." in k}
+    report["mfz"] = {"name": "mfz", "missing": sorted(set(params) - set(saved)),
+                     "unexpected": sorted(set(saved) - set(params)),
+                     "differ": sorted(k for k in set(params) & set(saved) if not torch.equal(params[k], saved[k])),
+                     "config": model.adapters_config.get_fusion("mfz")[0].to_dict(), "head": model.heads["mfz"].config}
+    with torch.no_grad():
+        return ah_outputs(model, "mfz", inp["input_ids"], inp["attention_mask"], Fuse(*MTL_FUSED, name="mfz"))
 
 
 # ---- mtl side ----------------------------------------------------------------------------------------------------
@@ -171,10 +235,23 @@ def compare(args: argparse.Namespace) -> int:
                           .read_text())["config"]
         problems += [f"{folder}: config.{k} AdapterHub {theirs.get(k)!r} != re-exported {ours.get(k)!r}"
                      for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    for adapter in FUSED:
+        imported.load_adapterhub(args.dir / "ah" / adapter)
+    for folder in ("fusion", "fusion-bin"):
+        task = imported.load_adapterhub_fusion(args.dir / "ah" / folder, task=folder.replace("-", "_"))
+        files = " + ".join(sorted(p.name for p in (args.dir / "ah" / folder).iterdir() if "config" not in p.name))
+        row("AdapterHub -> mtl", f"dynamic fusion over 3 SeqBn ({files})", *mtl_outputs(imported, task, ids, mask),
+            ref["f0,f1,f2.hidden"], ref["f0,f1,f2.logits"])
+        theirs = json.loads((args.dir / "ah" / folder / "adapter_fusion_config.json").read_text())["config"]
+        ours = json.loads((imported.save_adapterhub_fusion(task, args.dir / "again" / folder)
+                           / "adapter_fusion_config.json").read_text())["config"]
+        problems += [f"{folder}: config.{k} AdapterHub {theirs.get(k)!r} != re-exported {ours.get(k)!r}"
+                     for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
     with torch.no_grad():
         bare = imported.encode(ids, mask, None, [])
     # the references against the bare backbone: far apart, or the comparisons prove nothing
-    controls = [(bare - ref[f"ah_{p}.hidden"]).abs()[real].max().item() for p in PRESETS]
+    controls = [(bare - ref[f"{p}.hidden"]).abs()[real].max().item()
+                for p in [f"ah_{p}" for p in PRESETS] + [",".join(FUSED)]]
 
     torch.manual_seed(args.seed)  # add_task's fresh down-projections come from the global generator
     exported, dumped = MTLModel("minilm-l6").eval(), {}
@@ -186,23 +263,44 @@ def compare(args: argparse.Namespace) -> int:
                 p.add_(torch.randn(p.shape, generator=gen) * NOISE)
         dumped[f"{preset}.hidden"], dumped[f"{preset}.logits"] = mtl_outputs(exported, preset, ids, mask)
         exported.save_adapterhub(preset, args.dir / "mtl" / preset, with_head=True)
+    fused = MTLModel("minilm-l6").eval()
+    for task in MTL_FUSED:
+        fused.add_task(task, 3, "pfeiffer", pooling="cls", labels=list(LABELS.values()))
+    fused.add_fusion("mfz", MTL_FUSED, 3, "dynamic", pooling="cls", labels=list(LABELS.values()))
+    for i, task in enumerate(fused.tasks):
+        gen = torch.Generator().manual_seed(args.seed + 200 + i)
+        with torch.no_grad():
+            for p in fused.task_parameters(task).values():
+                p.add_(torch.randn(p.shape, generator=gen) * NOISE)
+        if task == "mfz":
+            fused.save_adapterhub_fusion(task, args.dir / "mtl" / task, with_head=True)
+        else:
+            fused.save_adapterhub(task, args.dir / "mtl" / task, with_head=True)
+    dumped["mfz.hidden"], dumped["mfz.logits"] = mtl_outputs(fused, "mfz", ids, mask)
     save_file(dumped, str(args.dir / "mtl_outputs.safetensors"))
     run_peer("ah-load", args)
     loaded = load_file(str(args.dir / "ah_loaded.safetensors"))
     report = json.loads((args.dir / "ah_loaded.json").read_text())
-    for preset in PRESETS:
+    for preset in [*PRESETS, "mfz"]:
         info = report[preset]
-        if info["missing"] or info["unexpected"]:
+        if info["missing"] or info["unexpected"] or info.get("differ"):
             problems.append(f"{preset}: AdapterHub reported missing {info['missing'][:3]} / unexpected "
-                            f"{info['unexpected'][:3]} keys")
+                            f"{info['unexpected'][:3]} keys / differing values {info.get('differ', [])[:3]}")
         name = info["name"]
-        row("mtl -> AdapterHub", f"{preset} (adapter.safetensors + model_head.safetensors)", loaded[f"{name}.hidden"],
-            loaded[f"{name}.logits"], dumped[f"{preset}.hidden"], dumped[f"{preset}.logits"])
+        label = "dynamic fusion over 3 Pfeiffer tasks (model_adapter_fusion.safetensors + model_head.safetensors)" \
+            if preset == "mfz" else f"{preset} (adapter.safetensors + model_head.safetensors)"
+        row("mtl -> AdapterHub", label, loaded[f"{name}.hidden"], loaded[f"{name}.logits"],
+            dumped[f"{preset}.hidden"], dumped[f"{preset}.logits"])
         controls.append((bare - loaded[f"{name}.hidden"]).abs()[real].max().item())
+    # exported by mtl, the fusion config AdapterHub loaded must be the one mtl wrote
+    written = json.loads((args.dir / "mtl" / "mfz" / "adapter_fusion_config.json").read_text())["config"]
+    problems += [f"mfz: config.{k} written {written.get(k)!r} != AdapterHub's {report['mfz']['config'].get(k)!r}"
+                 for k in sorted(set(written) | set(report["mfz"]["config"]))
+                 if written.get(k) != report["mfz"]["config"].get(k)]
 
     control = min(controls)
     failed = bool(problems) or control <= 1e-3
-    print("| direction | adapter | max abs diff, last hidden state (real tokens) | max abs diff, logits | status |")
+    print("| direction | adapter or fusion | max abs diff, last hidden state (real tokens) | max abs diff, logits | status |")
     print("|---|---|---|---|---|")
     for direction, label, hidden, logits in rows:
         ok = hidden <= args.tol and logits <= args.tol
