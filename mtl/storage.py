@@ -154,22 +154,28 @@ def file_sha256(path: str | Path) -> str:
 CHECKPOINT_KEY = "mtl"  # the record mtl adds to every Lightning checkpoint it writes
 
 
+def torch_load(file: Path, kind: str, expected: str) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain types only, never arbitrary pickled objects; a one-line
+    error names the file (``kind``: what it is called in that error, ``expected``: what it should have been)."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before failing or succeeding
+            warnings.simplefilter("ignore")
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise MTLConfigError(f"{file}: holds pickled Python objects other than tensors, which mtl never unpickles "
+                             f"(torch.load weights_only=True refused them); expected {expected}") from None
+    except Exception as err:  # noqa: BLE001 - truncated or foreign files fail in many ways
+        detail = next((line for line in str(err).splitlines() if line.strip()), "")[:120]
+        raise MTLConfigError(f"{file}: not a readable {kind} ({type(err).__name__}: {detail}), "
+                             f"expected {expected}") from None
+
+
 def read_checkpoint(file: str | Path) -> dict[str, Any]:
     """Load a Lightning checkpoint written by mtl; tensors and plain types only, never arbitrary pickled objects."""
     file = Path(file)
     if not file.is_file():
         raise MTLConfigError(f"{file}: checkpoint not found")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before failing or succeeding
-            warnings.simplefilter("ignore")
-            data = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise MTLConfigError(f"{file}: holds pickled Python objects other than tensors, which mtl never unpickles; "
-                             "expected a .ckpt written by train.py fit") from None
-    except Exception as err:  # noqa: BLE001 - truncated or foreign files fail in many ways
-        detail = next((line for line in str(err).splitlines() if line.strip()), "")[:120]
-        raise MTLConfigError(f"{file}: not a readable checkpoint ({type(err).__name__}: {detail}), "
-                             "expected a .ckpt written by train.py fit") from None
+    data = torch_load(file, "checkpoint", "a .ckpt written by train.py fit")
     if not isinstance(data, dict) or not isinstance(data.get(CHECKPOINT_KEY), dict) or "state_dict" not in data:
         raise MTLConfigError(f"{file}: not an mtl checkpoint (no '{CHECKPOINT_KEY}' record), expected a .ckpt "
                              "written by train.py fit")

@@ -39,6 +39,37 @@ AH_PRESETS = {  # SeqBnConfig, DoubleSeqBnConfig, ParBnConfig
 LABELS = ["neg", "neu", "pos"]
 
 
+def _meta(name: str) -> dict:
+    """The top-level keys AdapterHub writes into every config file of a saved module."""
+    return {"hidden_size": HIDDEN, "model_class": "BertAdapterModel", "model_name": "tiny", "model_type": "bert",
+            "name": name, "version": "adapters.1.3.0"}
+
+
+def _write_files(folder: Path, name: str, config: dict, config_name: str, tensors: dict, weights: str, legacy: str,
+                 head: dict | None, legacy_bin: bool, g: torch.Generator) -> dict:
+    """A module's config and weights, and its classification head when ``head`` is given, as AdapterHub saves them."""
+    (folder / config_name).write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    head_tensors = {}
+    if head is not None:
+        head_tensors = {f"heads.{name}.1.weight": torch.randn(HIDDEN, HIDDEN, generator=g) * 0.2,
+                        f"heads.{name}.1.bias": torch.randn(HIDDEN, generator=g) * 0.2,
+                        f"heads.{name}.4.weight": torch.randn(3, HIDDEN, generator=g) * 0.2,
+                        f"heads.{name}.4.bias": torch.randn(3, generator=g) * 0.2}
+        head_cfg = {"head_type": "classification", "num_labels": 3, "layers": 2, "activation_function": "tanh",
+                    "label2id": {label: i for i, label in enumerate(LABELS)}, "use_pooler": False, "bias": True,
+                    "dropout_prob": None, **head}
+        (folder / "head_config.json").write_text(json.dumps({**_meta(name), "config": head_cfg}))
+    if legacy_bin:
+        torch.save(tensors, folder / legacy)
+        if head is not None:
+            torch.save(head_tensors, folder / "pytorch_model_head.bin")
+    else:
+        save_file(tensors, str(folder / weights))
+        if head is not None:
+            save_file(head_tensors, str(folder / "model_head.safetensors"))
+    return {**tensors, **head_tensors}
+
+
 def write_ah(folder: Path, cfg: dict, name: str = "ah", head: dict | None = None, legacy_bin: bool = False,
              prefix: str = "", top: dict | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     """A folder as AdapterHub's save_adapter(..., with_head=True) writes it; returns every tensor written."""
@@ -54,29 +85,9 @@ def write_ah(folder: Path, cfg: dict, name: str = "ah", head: dict | None = None
                                    ("adapter_up.weight", (HIDDEN, width)), ("adapter_up.bias", (HIDDEN,))):
                     tensors[base + key] = torch.randn(shape, generator=g) * 0.3
     folder.mkdir(parents=True)
-    meta = {"hidden_size": HIDDEN, "model_class": "BertAdapterModel", "model_name": "tiny", "model_type": "bert",
-            "name": name, "version": "adapters.1.3.0"}
-    config = {**meta, "config": cfg, **(top or {})}
-    (folder / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
-    head_tensors = {}
-    if head is not None:
-        head_tensors = {f"heads.{name}.1.weight": torch.randn(HIDDEN, HIDDEN, generator=g) * 0.2,
-                        f"heads.{name}.1.bias": torch.randn(HIDDEN, generator=g) * 0.2,
-                        f"heads.{name}.4.weight": torch.randn(3, HIDDEN, generator=g) * 0.2,
-                        f"heads.{name}.4.bias": torch.randn(3, generator=g) * 0.2}
-        head_cfg = {"head_type": "classification", "num_labels": 3, "layers": 2, "activation_function": "tanh",
-                    "label2id": {label: i for i, label in enumerate(LABELS)}, "use_pooler": False, "bias": True,
-                    "dropout_prob": None, **head}
-        (folder / "head_config.json").write_text(json.dumps({**meta, "config": head_cfg}))
-    if legacy_bin:
-        torch.save(tensors, folder / "pytorch_adapter.bin")
-        if head is not None:
-            torch.save(head_tensors, folder / "pytorch_model_head.bin")
-    else:
-        save_file(tensors, str(folder / "adapter.safetensors"))
-        if head is not None:
-            save_file(head_tensors, str(folder / "model_head.safetensors"))
-    return {**tensors, **head_tensors}
+    config = {**_meta(name), "config": cfg, **(top or {})}
+    return _write_files(folder, name, config, "adapter_config.json", tensors, "adapter.safetensors",
+                        "pytorch_adapter.bin", head, legacy_bin, g)
 
 
 def adapterhub_reference(cfg: dict, tensors: dict[str, torch.Tensor], name: str = "ah",
@@ -398,29 +409,9 @@ def write_ah_fusion(folder: Path, cfg: dict, adapter_names: list[str], positions
             if cfg.get("value"):
                 tensors[base + "value.weight"] = torch.eye(HIDDEN) + torch.randn(HIDDEN, HIDDEN, generator=g) * 0.1
     folder.mkdir(parents=True)
-    meta = {"hidden_size": HIDDEN, "model_class": "BertAdapterModel", "model_name": "tiny", "model_type": "bert",
-            "name": name, "version": "adapters.1.3.0"}
-    config = {**meta, "adapter_names": adapter_names, "config": cfg, **(top or {})}
-    (folder / "adapter_fusion_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
-    head_tensors = {}
-    if head is not None:
-        head_tensors = {f"heads.{name}.1.weight": torch.randn(HIDDEN, HIDDEN, generator=g) * 0.2,
-                        f"heads.{name}.1.bias": torch.randn(HIDDEN, generator=g) * 0.2,
-                        f"heads.{name}.4.weight": torch.randn(3, HIDDEN, generator=g) * 0.2,
-                        f"heads.{name}.4.bias": torch.randn(3, generator=g) * 0.2}
-        head_cfg = {"head_type": "classification", "num_labels": 3, "layers": 2, "activation_function": "tanh",
-                    "label2id": {label: i for i, label in enumerate(LABELS)}, "use_pooler": False, "bias": True,
-                    "dropout_prob": None, **head}
-        (folder / "head_config.json").write_text(json.dumps({**meta, "config": head_cfg}))
-    if legacy_bin:
-        torch.save(tensors, folder / "pytorch_model_adapter_fusion.bin")
-        if head is not None:
-            torch.save(head_tensors, folder / "pytorch_model_head.bin")
-    else:
-        save_file(tensors, str(folder / "model_adapter_fusion.safetensors"))
-        if head is not None:
-            save_file(head_tensors, str(folder / "model_head.safetensors"))
-    return {**tensors, **head_tensors}
+    config = {**_meta(name), "adapter_names": adapter_names, "config": cfg, **(top or {})}
+    return _write_files(folder, name, config, "adapter_fusion_config.json", tensors, "model_adapter_fusion.safetensors",
+                        "pytorch_model_adapter_fusion.bin", head, legacy_bin, g)
 
 
 def fusion_reference(adapter_cfg: dict, adapters: dict[str, torch.Tensor], fusion_cfg: dict,

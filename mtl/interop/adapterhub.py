@@ -15,9 +15,7 @@ AdapterFusion folders: `mtl.interop.adapterhub_fusion`.
 from __future__ import annotations
 
 import json
-import pickle
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,15 +75,7 @@ def _read_weights(folder: Path, safe: str, legacy: str) -> tuple[dict[str, torch
     file = folder / legacy
     if not file.is_file():
         raise MTLConfigError(f"{folder}: neither {safe} nor {legacy} found (expected a folder written by AdapterHub)")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before failing or succeeding
-            warnings.simplefilter("ignore")
-            data = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise MTLConfigError(f"{file}: holds pickled Python objects other than tensors, which mtl never unpickles "
-                             "(torch.load weights_only=True refused it); expected a dict of tensors") from None
-    except Exception as err:  # noqa: BLE001 - truncated or foreign files fail in many ways
-        raise MTLConfigError(f"{file}: not a readable torch file ({type(err).__name__})") from None
+    data = storage.torch_load(file, "torch file", "a dict of tensors (AdapterHub's .bin)")
     if not isinstance(data, Mapping) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in data.items()):
         raise MTLConfigError(f"{file}: expected a dict of tensor names to tensors, got {type(data).__name__}")
     return dict(data), file
