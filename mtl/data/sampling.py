@@ -47,14 +47,20 @@ class TaskBatchSampler(Sampler[list[int]]):
     temperature / uniform sampling while large ones may not be exhausted in an epoch.
 
     Epoch length (per rank) = ceil(total examples / (batch_size * world_size)) batches (floor
-    with ``drop_last``): an epoch is the amount of data of one pass over all tasks, whatever the
-    strategy.
+    with ``drop_last``; one fewer where a last chunk joins the one before it, see below): an epoch
+    is the amount of data of one pass over all tasks, whatever the strategy.
 
     Distributed: all ranks draw the same task sequence (each step trains the same task on every
-    rank, so no parameter is unused on one rank only) and each step's ``batch_size *
-    world_size`` examples of that task are dealt out across ranks, so ranks get disjoint shards
-    (the last chunk of a pass is padded from the start of the permutation, as
-    ``DistributedSampler`` does). Use the Trainer with ``use_distributed_sampler=False``.
+    rank, so no parameter is unused on one rank only) and each step's ``batch_size * world_size``
+    examples of that task are dealt out across ranks (``chunk[rank::world_size]``): within a
+    pass over a task no example is given twice and none is left out, and a step's examples are
+    those of a 1-process run with ``batch_size * world_size`` (the same permutation, cut at the
+    same places). The last chunk of a pass may not split evenly: ranks then get batches that
+    differ by one example (the training step weights each rank's mean loss by its share, see
+    ``AdapterTrainer.rank_share``); a last chunk smaller than ``world_size``, which would leave a
+    rank with nothing, joins the chunk before it (there, and only there, the batches differ from
+    the 1-process run's). Every rank yields the same number of batches. Use the Trainer with
+    ``use_distributed_sampler=False``.
 
     Lightning does not call ``set_epoch`` on a batch sampler; pass ``epoch_fn`` (read when an
     epoch's iteration starts) or call ``set_epoch`` yourself. Randomness depends only on
@@ -100,10 +106,15 @@ class TaskBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
+        """Batches per epoch on this rank: as many as `pass_chunks` cuts all tasks' examples together into."""
         per_step = self.batch_size * self.world_size
         total = sum(self.sizes)
-        return max(1, total // per_step if self.drop_last else math.ceil(total / per_step))
+        if self.drop_last:
+            return max(1, total // per_step)
+        batches = math.ceil(total / per_step)
+        if 0 < total % per_step < self.world_size and batches > 1:
+            batches -= 1  # the last chunk joins the one before it (so one task's epoch is exactly one pass)
+        return batches
 
     def task_sequence(self) -> list[int]:
         """The task index of each batch of the current epoch (identical on every rank)."""
@@ -127,11 +138,29 @@ class TaskBatchSampler(Sampler[list[int]]):
         for pass_no in range(10**12):
             perm = list(range(n))
             random.Random(f"{self.seed}:{self.epoch}:{task}:{pass_no}").shuffle(perm)
-            for start in range(0, n, step):
-                chunk = perm[start : start + step]
-                if len(chunk) < step:
-                    if self.drop_last:
-                        break
-                    # pad to a multiple of world_size so that no rank gets an empty batch
-                    chunk += perm[: -len(chunk) % self.world_size]
+            for chunk in pass_chunks(perm, step, self.world_size, self.drop_last):
                 yield [self.offsets[task] + i for i in chunk[self.rank :: self.world_size]]
+
+
+def pass_chunks(perm: list[int], step: int, world_size: int, drop_last: bool = False) -> list[list[int]]:
+    """One pass's global batches: ``perm`` cut every ``step`` examples (see `TaskBatchSampler`).
+
+    A short last chunk is dropped with ``drop_last``; otherwise, if it has fewer than ``world_size``
+    examples, it joins the chunk before it (so that every rank gets at least one example, with no
+    example repeated). Needs ``len(perm) >= world_size``.
+    """
+    chunks = [perm[start : start + step] for start in range(0, len(perm), step)]
+    if chunks and len(chunks[-1]) < step:
+        if drop_last:
+            chunks.pop()
+        elif len(chunks[-1]) < world_size and len(chunks) > 1:
+            last = chunks.pop()
+            chunks[-1] = chunks[-1] + last
+    return chunks
+
+
+def shard_rows(size: int, rank: int, world_size: int) -> list[int]:
+    """The rows of a ``size``-row evaluation split that ``rank`` evaluates: every ``world_size``-th, no padding."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
+    return list(range(rank, size, world_size))
