@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import datasets
 import lightning as L
@@ -17,7 +17,7 @@ from transformers import DataCollatorWithPadding
 from mtl.arch import max_tokens
 from mtl.backbone import load_backbone_config, load_tokenizer
 from mtl.data.predict_input import MODEL_INPUTS, TextDataset, check_predict_file_name, read_predict_texts
-from mtl.data.sampling import TaskBatchSampler, task_probabilities
+from mtl.data.sampling import TaskBatchSampler, shard_rows, task_probabilities
 from mtl.data.sources import SPLITS, load_task_dataset
 from mtl.data.spec import TaskSpec, load_task_specs
 from mtl.errors import MTLConfigError
@@ -56,20 +56,35 @@ class TaskCollator:
 
 
 class _TaskView(Dataset):
-    """A tokenised split whose items also carry their task name and row index; with ``texts``, also the text."""
+    """A tokenised split whose items also carry their task name and row index; with ``texts``, also the text;
+    with ``rows``, only those rows of the split (one process's shard under DDP)."""
 
-    def __init__(self, data: datasets.Dataset, task: str, texts: list[str] | None = None) -> None:
-        self.data, self.task, self.texts = data, task, texts
+    def __init__(self, data: datasets.Dataset, task: str, texts: list[str] | None = None,
+                 rows: list[int] | None = None) -> None:
+        self.data, self.task, self.texts, self.rows = data, task, texts, rows
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.data) if self.rows is None else len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        # the row index keys per-example caches (the frozen-prefix cache) and prediction output
-        item = {**self.data[int(index)], "task": self.task, "index": int(index)}
+        index = int(index) if self.rows is None else self.rows[int(index)]
+        # the row index (within the whole split) keys per-example caches (the frozen-prefix cache) and prediction output
+        item = {**self.data[index], "task": self.task, "index": index}
         if self.texts is not None:
-            item["text"] = self.texts[int(index)]
+            item["text"] = self.texts[index]
         return item
+
+
+def refuse_on_every_rank(trainer: Any, error: MTLConfigError) -> NoReturn:
+    """Stop every process of a distributed run on a user mistake that each of them found: only one per node reports it.
+
+    The processes a user starts (local rank 0: the Lightning launcher, or one per node) raise ``error``, which the CLI
+    prints as one line with exit status 2. The others leave quietly with status 0: Lightning's launcher kills its
+    process within seconds of a child failing, which could cut it off before it prints the line.
+    """
+    if getattr(trainer, "local_rank", 0) == 0:
+        raise error
+    raise SystemExit(0)
 
 
 def _smaller(a: int | None, b: int | None) -> int | None:
@@ -83,10 +98,15 @@ class TaskDataModule(L.LightningDataModule):
     Batches are dicts: ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the
     tokenizer makes them) padded to the batch's longest example, ``labels`` (long for
     classification, float for regression / multilabel) and ``task`` (the task's name).
-    Training batches come only from ``tasks``; with several, from a ``TaskBatchSampler``. Under
-    DDP run the Trainer with ``use_distributed_sampler=False``: the sampler shards by rank itself
-    (the evaluation loaders are then not sharded, so every rank evaluates all examples).
+    Training batches come only from ``tasks``; with several, from a ``TaskBatchSampler``.
     Validation / test give one loader per task, in the order of ``tasks + eval_tasks``.
+
+    Several processes (DDP; the Trainer needs ``use_distributed_sampler=False``, which train.py sets):
+    training batches always come from a ``TaskBatchSampler`` (one task too), which deals each
+    step's examples out across the ranks, every rank the same number of batches; validation and
+    test loaders give each rank every ``world_size``-th row of each split, not padded, so every
+    row is evaluated exactly once (the per-task torchmetrics add up the ranks' states).
+    ``predict`` loaders are not sharded.
 
     Prediction: without ``predict_file``, one loader per task (``tasks + eval_tasks``) over
     ``predict_split``, batches as above plus ``index`` (LongTensor, the rows' positions in the
@@ -330,6 +350,17 @@ class TaskDataModule(L.LightningDataModule):
         trainer = self._trainer_or_none()
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def _check_distributed(self) -> None:
+        """Under several processes, Lightning must leave mtl's loaders alone (one line if it would not)."""
+        trainer = self._trainer_or_none()
+        _, world_size = self._rank()
+        # no public accessor: this is the flag Lightning's data connector reads before wrapping a loader's sampler
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if world_size > 1 and getattr(connector, "use_distributed_sampler", False):
+            refuse_on_every_rank(trainer, MTLConfigError(
+                f"trainer.use_distributed_sampler: true with {world_size} processes, expected false: mtl shards its "
+                "batches by rank itself, and Lightning cannot wrap the task batch sampler (train.py sets false)"))
+
     def _trainer_or_none(self) -> Any:
         return getattr(self, "trainer", None)
 
@@ -347,10 +378,17 @@ class TaskDataModule(L.LightningDataModule):
             )
         views = [_TaskView(self._train_split(n), n) for n in self._train_names]
         common = dict(collate_fn=self._collator(), num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-        if len(views) == 1:
+        rank, world_size = self._rank()
+        if len(views) == 1 and world_size == 1:
             generator = torch.Generator().manual_seed(self.seed)
             return DataLoader(views[0], batch_size=self.batch_size, shuffle=True, generator=generator, **common)
-        rank, world_size = self._rank()
+        self._check_distributed()
+        few = next(((n, len(v)) for n, v in zip(self._train_names, views) if len(v) < world_size), None)
+        if few is not None:
+            refuse_on_every_rank(self._trainer_or_none(), MTLConfigError(
+                f"data.tasks: {few[0]} has {few[1]} training example(s), fewer than the {world_size} processes "
+                "(trainer world size); expected at least one per process"))
+        # one task under DDP too: the plain shuffled loader would give every rank the same examples
         sampler = TaskBatchSampler(
             [len(v) for v in views],
             self.batch_size,
@@ -374,18 +412,29 @@ class TaskDataModule(L.LightningDataModule):
             raise MTLConfigError(f"data.train_subsets: {name}: rows must be within 0..{len(data) - 1} and not empty")
         return data.select(rows)
 
-    def _eval_loaders(self, split: str, with_text: bool = False) -> list[DataLoader]:
+    def _eval_loaders(self, split: str, with_text: bool = False, shard: bool = False) -> list[DataLoader]:
+        """One loader per task over ``split``; with ``shard`` under several processes, this rank's rows only."""
         if not self._specs:
             raise MTLConfigError(
                 f"data.tasks and data.eval_tasks: empty, nothing to read the {split} split of; "
                 "expected at least one task (or data.predict_file to predict on a file)"
             )
         collate = self._collator()
+        rank, world_size = self._rank()
+        shard = shard and world_size > 1
+        if shard:
+            self._check_distributed()
         loaders = []
         for name in self._specs:
             data = self._dataset(name)[split]  # builds the task if needed, which also fills self._raw
+            if shard and len(data) < world_size:
+                # a rank without rows would never update that task's metrics (nothing to add up)
+                refuse_on_every_rank(self._trainer_or_none(), MTLConfigError(
+                    f"data: {name}: the {split} split has {len(data)} example(s), fewer than the {world_size} "
+                    "processes (trainer world size); expected at least one per process (raise data.max_eval_examples "
+                    "or run on fewer devices)"))
             texts = list(self._raw[name][split][self._specs[name].text_fields[0]]) if with_text else None
-            view = _TaskView(data, name, texts)
+            view = _TaskView(data, name, texts, shard_rows(len(data), rank, world_size) if shard else None)
             loaders.append(DataLoader(view, batch_size=self.eval_batch_size, collate_fn=collate,
                                       num_workers=self.num_workers))
         return loaders
@@ -396,12 +445,16 @@ class TaskDataModule(L.LightningDataModule):
         return self._collator()([view[i] for i in range(min(rows, len(view)))])
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One validation loader per task, in the order of ``tasks + eval_tasks``."""
-        return self._eval_loaders("validation")
+        """One validation loader per task, in the order of ``tasks + eval_tasks`` (this rank's rows under DDP)."""
+        return self._eval_loaders("validation", shard=True)
 
     def test_dataloader(self) -> list[DataLoader]:
-        """One test loader per task, in the order of ``tasks + eval_tasks``."""
-        return self._eval_loaders("test")
+        """One test loader per task, in the order of ``tasks + eval_tasks`` (this rank's rows under DDP)."""
+        return self._eval_loaders("test", shard=True)
+
+    def full_eval_loaders(self, split: str) -> list[DataLoader]:
+        """One loader per task over every row of ``split``, also under DDP (for a report that one process writes)."""
+        return self._eval_loaders(split)
 
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader over ``predict_file`` if set, else one per task over ``predict_split`` (see the class docstring)."""
