@@ -10,12 +10,15 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
+from torchmetrics import MeanMetric
 
 from mtl import storage
 from mtl.adapters.config import AdapterConfig, as_adapter_config
 from mtl.assembly import FusionSetup, as_fusion_setup, assemble, head_outputs
 from mtl.backbone import DEFAULT_BACKBONE
+from mtl.data.module import refuse_on_every_rank
 from mtl.data.spec import load_task_specs
 from mtl.errors import MTLConfigError
 from mtl.fusion.report import attention_report
@@ -26,6 +29,8 @@ from mtl.routing import ROUTER_CONFIG, EntropyRouter, Router, load_router
 
 # the frozen backbone runs in eval mode on purpose (no dropout in frozen layers; see MTLModel.train)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# under DDP the per-task values logged at epoch end are torchmetrics results, already added up over the ranks
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/")
 
 
 class AdapterTrainer(L.LightningModule):
@@ -103,6 +108,9 @@ class AdapterTrainer(L.LightningModule):
         self.extra_loss: Callable[[AdapterTrainer, dict[str, Any]], torch.Tensor | None] | None = None
         self.val_metrics = self._metrics("val")
         self.test_metrics = self._metrics("test")
+        # the evaluation loss as a metric too, so that under DDP it is the mean over every rank's examples
+        self.val_losses = nn.ModuleDict({route: MeanMetric() for route in self.val_metrics})
+        self.test_losses = nn.ModuleDict({route: MeanMetric() for route in self.test_metrics})
 
     def _load_router(self, router: str | None) -> Router | None:
         """The router ``model.router`` names, checked against this model (one line if it cannot route for it)."""
@@ -162,7 +170,7 @@ class AdapterTrainer(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         route = self.routes[batch["task"]]
         logits = self(batch, drop_first=self.robust_drop_depth(batch["task"]), split="train")
-        loss = self.model.heads[route].loss(logits, batch["labels"])
+        loss = data_loss = self.model.heads[route].loss(logits, batch["labels"])
         size = batch["input_ids"].shape[0]
         if self.model.fusion_configs:
             # AdapterFusion's value regulariser, in this step (not one optimiser step late)
@@ -176,41 +184,65 @@ class AdapterTrainer(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         if len(self.hparams.tasks) > 1:
             self.log(f"train/{route}/loss", loss, batch_size=size)
-        return loss
+        weight = self.rank_share(size)
+        # what backward sees: this rank's mean loss weighted by its share of the step's examples (1 in one process)
+        return loss if weight == 1.0 else loss + (weight - 1.0) * data_loss
 
-    def _eval_step(self, batch: dict[str, Any], metrics: nn.ModuleDict, stage: str) -> None:
+    def rank_share(self, size: int) -> float:
+        """This rank's weight for a step where it holds ``size`` of all ranks' examples: ``size * world_size / total``.
+
+        DDP averages the ranks' gradients. Ranks hold equal shares except at the end of a pass over a task
+        (`TaskBatchSampler`), where they may differ by one example; weighting each rank's mean loss by its share makes
+        the averaged gradient that of the mean loss over all the step's examples, as one process would compute it.
+        """
+        world_size = self.trainer.world_size
+        if world_size == 1:
+            return 1.0
+        total = self.trainer.strategy.reduce(torch.tensor(float(size), device=self.device), reduce_op="sum")
+        return size * world_size / float(total)
+
+    def _eval_step(self, batch: dict[str, Any], metrics: nn.ModuleDict, losses: nn.ModuleDict, stage: str) -> None:
         route = self.routes[batch["task"]]
         logits = self(batch, split="validation" if stage == "val" else None)
         head = self.model.heads[route]
         loss = head.loss(logits, batch["labels"])
-        self.log(f"{stage}/{route}/loss", loss, batch_size=batch["input_ids"].shape[0], add_dataloader_idx=False)
+        losses[route].update(loss.detach(), weight=batch["input_ids"].shape[0])
         target = batch["labels"]
         preds = logits.squeeze(-1) if head.problem == "regression" else logits
         metrics[route].update(preds, target.long() if head.problem != "regression" else target)
 
-    def _eval_epoch_end(self, metrics: nn.ModuleDict, stage: str) -> None:
+    def _eval_epoch_end(self, metrics: nn.ModuleDict, losses: nn.ModuleDict, stage: str) -> None:
+        tasks = list(metrics)
+        updated = torch.tensor([any(m.update_called for m in metrics[t].values()) for t in tasks], dtype=torch.float,
+                               device=self.device)
+        if self.trainer.world_size > 1:
+            # compute() adds up the ranks' states (a collective): every rank must compute the same tasks
+            updated = self.trainer.strategy.reduce(updated, reduce_op="sum")
         values: dict[str, list[torch.Tensor]] = {}
-        for task, collection in metrics.items():
-            if not any(m.update_called for m in collection.values()):
+        for task, seen in zip(tasks, updated.tolist()):
+            if not seen:
                 continue
+            collection = metrics[task]
             for key, value in collection.compute().items():
                 self.log(key, value, prog_bar=key.endswith("/acc"), add_dataloader_idx=False)
                 values.setdefault(key.rsplit("/", 1)[1], []).append(value)
+            self.log(f"{stage}/{task}/loss", losses[task].compute(), add_dataloader_idx=False)
             collection.reset()
+            losses[task].reset()
         for metric, vals in values.items():
             self.log(f"{stage}/avg/{metric}", torch.stack(vals).mean(), add_dataloader_idx=False)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
+        self._eval_step(batch, self.val_metrics, self.val_losses, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end(self.val_metrics, "val")
+        self._eval_epoch_end(self.val_metrics, self.val_losses, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
+        self._eval_step(batch, self.test_metrics, self.test_losses, "test")
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end(self.test_metrics, "test")
+        self._eval_epoch_end(self.test_metrics, self.test_losses, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """One row per example and task: label and its probability (a batch with task None runs every task, or with
@@ -260,6 +292,8 @@ class AdapterTrainer(L.LightningModule):
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._setup_distributed()
         if stage == "fit" and self.hparams.cache_frozen_prefix and self.prefix_cache is None:
             data = self.trainer.datamodule
             training = set(self.model.trainable_tasks())
@@ -268,6 +302,37 @@ class AdapterTrainer(L.LightningModule):
             self.prefix_cache = PrefixCache.for_training(
                 self.model, datasets, len(data.tokenizer), self.hparams.cache_dtype, self.hparams.cache_memory_mb,
                 self.hparams.prefix_cache_dir or self.run_dir / "prefix_cache")
+
+    def _setup_distributed(self) -> None:
+        """Under several processes: refuse what is not supported there, and let DDP skip parameters a step leaves unused."""
+        trainer = self.trainer
+        if trainer.world_size > 1 and self.hparams.cache_frozen_prefix:
+            # each process would cache only the rows it is dealt, and their on-disk parts would race for one file name
+            refuse_on_every_rank(trainer, MTLConfigError(
+                f"model.cache_frozen_prefix: not supported with {trainer.world_size} processes (trainer world size), "
+                "expected false under DDP (or run on one device)"))
+        strategy = trainer.strategy
+        # a step trains one task (and robust AdapterDrop skips the lowest adapters), so the other trainable tensors get
+        # no gradient; DDP then needs find_unused_parameters, which leaves their grads None as in one process (AdamW
+        # skips them). Lightning's DDPStrategy keeps its DistributedDataParallel arguments in _ddp_kwargs and reads them
+        # after setup().
+        if not isinstance(strategy, DDPStrategy):
+            return
+        tasks = self.model.trainable_tasks()
+        robust = any(self.model.adapter_configs[self.model.target(t).name].robust_drop
+                     for t in tasks if not self.model.target(t).is_fusion)
+        if len(tasks) < 2 and not robust:
+            return
+        chosen = strategy._ddp_kwargs.get("find_unused_parameters")
+        if chosen is None:
+            strategy._ddp_kwargs["find_unused_parameters"] = True
+            if trainer.is_global_zero:
+                print("ddp: find_unused_parameters on (a step leaves some trainable tensors unused)")
+        elif not chosen:
+            why = f"each step trains one of {len(tasks)} tasks" if len(tasks) > 1 else "adapter.robust_drop skips adapters"
+            refuse_on_every_rank(trainer, MTLConfigError(
+                f"trainer.strategy: find_unused_parameters is false, but {why} and leaves other trainable tensors "
+                "without a gradient; expected ddp or ddp_find_unused_parameters_true"))
 
     def on_train_epoch_end(self) -> None:
         cache = self.prefix_cache
@@ -309,9 +374,11 @@ class AdapterTrainer(L.LightningModule):
             print(self.model.parameter_table())
 
     def on_fit_end(self) -> None:
-        if not (self.hparams.export and self.trainer.is_global_zero):
+        if not self.hparams.export:
             return
-        self.restore_best()
+        self.restore_best()  # on every rank, so that all processes end fit with the exported weights
+        if not self.trainer.is_global_zero:
+            return  # one process writes the files
         for task, fused, target in self._export_targets():
             if fused:
                 path = self.model.save_fusion(task, self.run_dir, overwrite=self.hparams.overwrite)
@@ -325,13 +392,14 @@ class AdapterTrainer(L.LightningModule):
         best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
         if best and Path(best).is_file():
             self.load_trainable(best)
-            print(f"restored the best checkpoint: {best}")
+            if self.trainer.is_global_zero:
+                print(f"restored the best checkpoint: {best}")
 
     def _report_attention(self, fusion: str, folder: Path) -> None:
         """Mean fusion attention per layer and adapter on the validation set: a table here, a heatmap in ``folder``."""
         data = self.trainer.datamodule
         tasks = [t for t, route in self.routes.items() if route == fusion]
-        loaders = [loader for loader in data.val_dataloader() if loader.dataset.task in tasks]
+        loaders = [loader for loader in data.full_eval_loaders("validation") if loader.dataset.task in tasks]
         report = attention_report(self.model, fusion, (b for loader in loaders for b in loader), self.device)
         print(report.table())
         report.save_heatmap(folder / "attention.png")
