@@ -195,9 +195,9 @@ class AdapterTrainer(L.LightningModule):
         (`TaskBatchSampler`), where they may differ by one example; weighting each rank's mean loss by its share makes
         the averaged gradient that of the mean loss over all the step's examples, as one process would compute it.
         """
-        world_size = self.trainer.world_size
-        if world_size == 1:
+        if self._trainer is None or self.trainer.world_size == 1:  # a step called outside a Trainer is one process
             return 1.0
+        world_size = self.trainer.world_size
         total = self.trainer.strategy.reduce(torch.tensor(float(size), device=self.device), reduce_op="sum")
         return size * world_size / float(total)
 
