@@ -39,8 +39,28 @@ def _logger_folders(logger: Any) -> list[tuple[str, Any]]:
     return [("trainer.logger", getattr(one, "save_dir", None)) for one in loggers if one not in (None, False, True)]
 
 
+def process_count(trainer_config: dict[str, Any]) -> int:
+    """Processes the Trainer will start, as far as its configuration says (devices x num_nodes; 'auto' counts 1)."""
+    devices = trainer_config.get("devices", "auto")
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        count = len([d for d in devices.split(",") if d.strip()])
+    else:
+        try:
+            count = max(int(devices), 1)
+        except (TypeError, ValueError):  # "auto" (and -1 on this CPU-only check): one device without accelerators
+            count = 1
+    return count * max(int(trainer_config.get("num_nodes") or 1), 1)
+
+
 def preflight(stage: str, model: Any, data: Any, trainer_config: dict[str, Any], ckpt_path: str | None) -> None:
     """Run every check for ``stage`` (fit, validate, test, predict) before the Trainer is built."""
+    processes = process_count(trainer_config)
+    if stage == "fit" and processes > 1 and getattr(model.hparams, "cache_frozen_prefix", False):
+        # found here, before any process starts; AdapterTrainer refuses it again for Trainers built in Python
+        raise MTLConfigError(f"model.cache_frozen_prefix: not supported with {processes} processes (trainer world "
+                             "size), expected false under DDP (or run on one device)")
     if ckpt_path:
         model.check_checkpoint(storage.read_checkpoint(ckpt_path), ckpt_path)
     model.check_before(stage)

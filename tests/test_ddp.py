@@ -450,3 +450,11 @@ def test_ddp_refuses_the_frozen_prefix_cache_in_one_line(tiny_dir, task_dir, tmp
                       "expected false under DDP (or run on one device)"]
     assert "Traceback" not in err
     assert not (tmp_path / "cached").exists() and not (tmp_path / "cached-record").exists()
+
+
+@pytest.mark.parametrize("config, processes", [({}, 1), ({"devices": "auto"}, 1), ({"devices": 2}, 2),
+                                               ({"devices": "2", "num_nodes": 2}, 4), ({"devices": [0, 1]}, 2),
+                                               ({"devices": "0,1,"}, 2), ({"devices": 1, "num_nodes": 3}, 3)])
+def test_process_count_reads_devices_and_nodes_before_the_trainer_exists(config, processes):
+    from mtl.preflight import process_count
+    assert process_count(config) == processes
