@@ -61,6 +61,10 @@ def preflight(stage: str, model: Any, data: Any, trainer_config: dict[str, Any],
         # found here, before any process starts; AdapterTrainer refuses it again for Trainers built in Python
         raise MTLConfigError(f"model.cache_frozen_prefix: not supported with {processes} processes (trainer world "
                              "size), expected false under DDP (or run on one device)")
+    if processes > 1 and trainer_config.get("use_distributed_sampler"):
+        raise MTLConfigError(f"trainer.use_distributed_sampler: true with {processes} processes, expected false: mtl "
+                             "shards its batches by rank itself, and Lightning cannot wrap the task batch sampler "
+                             "(train.py sets false)")
     if ckpt_path:
         model.check_checkpoint(storage.read_checkpoint(ckpt_path), ckpt_path)
     model.check_before(stage)

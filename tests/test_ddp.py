@@ -458,3 +458,12 @@ def test_ddp_refuses_the_frozen_prefix_cache_in_one_line(tiny_dir, task_dir, tmp
 def test_process_count_reads_devices_and_nodes_before_the_trainer_exists(config, processes):
     from mtl.preflight import process_count
     assert process_count(config) == processes
+
+
+def test_ddp_mistakes_found_from_the_config_stop_before_any_process_starts(tiny_dir, task_dir, tmp_path):
+    args = ddp_args(tiny_dir, task_dir, tmp_path, "sampler", ["keyword"], "--trainer.use_distributed_sampler", "true")
+    code, _, err = run_train(args, tmp_path)
+    assert code == 2 and [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: trainer.use_distributed_sampler: true with 2 processes, expected false: mtl shards its batches by rank "
+        "itself, and Lightning cannot wrap the task batch sampler (train.py sets false)"]
+    assert not (tmp_path / "sampler").exists() and not (tmp_path / "sampler-lightning").exists()
