@@ -91,15 +91,27 @@ def check_shape(source: str | Path, value: Any, expected: Any, key: str = "") ->
             raise MTLConfigError(f"{where}: got {value!r:.60}, expected {_type_name(expected)}")
 
 
+def read_json(file: str | Path, expected: str) -> Any:
+    """A JSON file's content; one line naming the file if it is missing, not UTF-8 or not JSON (``expected``: what
+    it should be, for that line)."""
+    file = Path(file)
+    if not file.is_file():
+        raise MTLConfigError(f"{file}: not found; expected {expected}")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise MTLConfigError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start}), expected {expected}") from None
+    except json.JSONDecodeError as err:
+        raise MTLConfigError(f"{file}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}), expected "
+                             f"{expected}") from None
+    except OSError as err:
+        raise MTLConfigError(f"{file}: cannot be read ({err.strerror}), expected {expected}") from None
+
+
 def read_config(folder: str | Path, config_name: str, schema: dict[str, Any]) -> dict[str, Any]:
     """Read the JSON config of an exported folder and check it against ``schema`` (one line per mistake)."""
     file = Path(folder) / config_name
-    if not file.is_file():
-        raise MTLConfigError(f"{file}: not found (expected an exported folder with {config_name})")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MTLConfigError(f"{file}: invalid JSON ({err}), expected the {config_name} mtl wrote") from None
+    data = read_json(file, f"the {config_name} of a folder mtl exported")
     if not isinstance(data, dict):
         raise MTLConfigError(f"{file}: expected a JSON object, got {type(data).__name__}")
     version = data.get("format_version", 0)

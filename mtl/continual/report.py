@@ -7,7 +7,6 @@ scores with `mtl.continual.metrics`, so a report and a comparison always agree w
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from mtl.atomic import write_bytes_atomic, write_text_atomic
 from mtl.continual.metrics import AccuracyMatrix, accuracy, all_metrics, weighted_accuracy
 from mtl.errors import MTLConfigError
 from mtl.figures import png_bytes, pyplot
+from mtl.storage import read_json
 
 FORMAT_VERSION = 1
 KEYS = ("format_version", "strategy", "order", "stages", "test_sizes", "scores", "metrics", "zero_forgetting", "seed",
@@ -96,16 +96,7 @@ def read_results(path: str | Path) -> dict:
     """Read and check a continual run's results.json, given its run folder or the file itself."""
     file = Path(path)
     file = file / "results.json" if file.is_dir() else file
-    if not file.is_file():
-        raise MTLConfigError(f"{file}: not found; expected a continual run folder holding results.json, or the file")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise MTLConfigError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise MTLConfigError(f"{file}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
-    except OSError as err:
-        raise MTLConfigError(f"{file}: cannot be read ({err.strerror})") from None
+    data = read_json(file, "a continual run folder holding results.json, or the file")
     problem = _problem(data)
     if problem:
         raise MTLConfigError(f"{file}: {problem}")

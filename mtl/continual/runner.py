@@ -32,6 +32,7 @@ from mtl.errors import MTLConfigError
 from mtl.fusion.config import FusionConfig
 from mtl.lit import AdapterTrainer
 from mtl.preflight import writable_folder
+from mtl.storage import read_json
 from mtl.routing import EntropyRouter, PrototypeRouter, load_router, routing_report, save_confusion_png
 
 FORMAT_VERSION = 1
@@ -156,10 +157,7 @@ class ContinualRunner:
                 raise MTLConfigError(f"continual.run_dir: {self.run_dir} holds files but no {STATE_FILE}, expected an "
                                      "empty folder or a continual run to resume")
             return None
-        try:
-            state = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise MTLConfigError(f"{file}: unreadable ({err}), expected the state of a continual run") from None
+        state = read_json(file, "the state of a continual run")
         if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "settings" not in state:
             raise MTLConfigError(f"{file}: not a continual-run state of format {FORMAT_VERSION}")
         saved, now = state["settings"], self.settings

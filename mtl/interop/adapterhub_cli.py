@@ -14,10 +14,10 @@ as mtl's own ``DIR/adapters/<task>/`` or ``DIR/fusions/<name>/``. A DIR that alr
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from mtl import storage
 from mtl.errors import MTLConfigError
 from mtl.interop import adapterhub, adapterhub_fusion
 
@@ -28,10 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MTLConfigError(f"{file}: not readable JSON ({type(err).__name__})") from None
+    data = storage.read_json(file, "an AdapterHub config (JSON)")
     if not isinstance(data, dict):
         raise MTLConfigError(f"{file}: expected a JSON object, got {type(data).__name__}")
     return data
