@@ -303,14 +303,17 @@ class AdapterTrainer(L.LightningModule):
                 self.model, datasets, len(data.tokenizer), self.hparams.cache_dtype, self.hparams.cache_memory_mb,
                 self.hparams.prefix_cache_dir or self.run_dir / "prefix_cache")
 
+    @staticmethod
+    def _cache_refusal(processes: int) -> MTLConfigError:
+        # each process would cache only the rows it is dealt, and their on-disk parts would race for one file name
+        return MTLConfigError(f"model.cache_frozen_prefix: not supported with {processes} processes (trainer world "
+                              "size), expected false under DDP (or run on one device)")
+
     def _setup_distributed(self) -> None:
         """Under several processes: refuse what is not supported there, and let DDP skip parameters a step leaves unused."""
         trainer = self.trainer
         if trainer.world_size > 1 and self.hparams.cache_frozen_prefix:
-            # each process would cache only the rows it is dealt, and their on-disk parts would race for one file name
-            refuse_on_every_rank(trainer, MTLConfigError(
-                f"model.cache_frozen_prefix: not supported with {trainer.world_size} processes (trainer world size), "
-                "expected false under DDP (or run on one device)"))
+            refuse_on_every_rank(trainer, self._cache_refusal(trainer.world_size))
         strategy = trainer.strategy
         # a step trains one task (and robust AdapterDrop skips the lowest adapters), so the other trainable tensors get
         # no gradient; DDP then needs find_unused_parameters, which leaves their grads None as in one process (AdamW
@@ -349,9 +352,10 @@ class AdapterTrainer(L.LightningModule):
             out.append((task, fused, self.run_dir / ("fusions" if fused else "adapters") / task))
         return sorted(out, key=lambda item: item[1])
 
-    def check_before(self, stage: str) -> None:
+    def check_before(self, stage: str, processes: int = 1) -> None:
         """Mistakes this module can find before ``stage`` runs: nothing to train, an export that would be refused,
-        an output folder that cannot be written. The CLI calls it before building the Trainer; fit calls it again."""
+        an output folder that cannot be written, a setting the Trainer's ``processes`` cannot run. The CLI calls it
+        before building the Trainer; fit calls it again."""
         if stage != "fit":
             return
         if not self.model.trainable_tasks():
@@ -363,6 +367,8 @@ class AdapterTrainer(L.LightningModule):
                     if target.exists():
                         raise MTLConfigError(f"{target}: already exists (set model.overwrite: true to replace it)")
         if self.hparams.cache_frozen_prefix:
+            if processes > 1:
+                raise self._cache_refusal(processes)
             PrefixCache.cached_depth(self.model)
             if self.hparams.cache_dtype not in DTYPES:
                 raise MTLConfigError(f"model.cache_dtype: got {self.hparams.cache_dtype!r}, expected one of {list(DTYPES)}")

@@ -56,19 +56,12 @@ def process_count(trainer_config: dict[str, Any]) -> int:
 
 def preflight(stage: str, model: Any, data: Any, trainer_config: dict[str, Any], ckpt_path: str | None) -> None:
     """Run every check for ``stage`` (fit, validate, test, predict) before the Trainer is built."""
+    # the settings several processes cannot run are found here, before any process starts
     processes = process_count(trainer_config)
-    if stage == "fit" and processes > 1 and getattr(model.hparams, "cache_frozen_prefix", False):
-        # found here, before any process starts; AdapterTrainer refuses it again for Trainers built in Python
-        raise MTLConfigError(f"model.cache_frozen_prefix: not supported with {processes} processes (trainer world "
-                             "size), expected false under DDP (or run on one device)")
-    if processes > 1 and trainer_config.get("use_distributed_sampler"):
-        raise MTLConfigError(f"trainer.use_distributed_sampler: true with {processes} processes, expected false: mtl "
-                             "shards its batches by rank itself, and Lightning cannot wrap the task batch sampler "
-                             "(train.py sets false)")
     if ckpt_path:
         model.check_checkpoint(storage.read_checkpoint(ckpt_path), ckpt_path)
-    model.check_before(stage)
-    data.check_before(stage)
+    model.check_before(stage, processes)
+    data.check_before(stage, processes, bool(trainer_config.get("use_distributed_sampler")))
     folders: list[tuple[str, Any]] = []
     if stage != "predict" or trainer_config.get("logger"):
         folders.append(("trainer.default_root_dir", trainer_config.get("default_root_dir") or os.getcwd()))

@@ -32,8 +32,8 @@ from mtl.errors import MTLConfigError
 from mtl.fusion.config import FusionConfig
 from mtl.lit import AdapterTrainer
 from mtl.preflight import writable_folder
-from mtl.storage import read_json
 from mtl.routing import EntropyRouter, PrototypeRouter, load_router, routing_report, save_confusion_png
+from mtl.storage import read_json
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
@@ -333,9 +333,11 @@ class ContinualRunner:
         self.strategy.load(final)
         check = self.strategy.verify(module, data)
         stored = self.strategy.stored_bytes(module, data)
-        routing = self._routing(final, module, data) if not self.strategy.routes() else {}
-        if self.strategy.routes():
+        routing = {}
+        if self.strategy.routes():  # routers answer through each task's own adapter, not through its fusion
             print("continual: routing without a task id is reported for runs without fusion routes; skipped")
+        else:
+            routing = self._routing(final, module, data)
         results = self.results(state, check, stored, routing)
         write_json_atomic(self.run_dir / RESULTS_FILE, results)
         paths = write_report(results, self.run_dir)

@@ -2,9 +2,9 @@
 
 A strategy says which tasks each stage trains and how the model is first built (an adapter per task, or one
 shared adapter), and gets hooks: ``stage_data`` (what the stage trains on), ``before_task``, ``extra_loss`` (added
-to every training step's loss), ``after_task`` (record what it needs, e.g. fingerprints or a Fisher) and
-``verify`` (check its promise at the end), and ``fusion_setup`` (a second fit after the stage's own: a fusion over
-trained adapters, whose route ``routes`` then records). What it must keep across a restart goes in ``state`` (JSON, saved in
+to every training step's loss), ``after_task`` (record what it needs, e.g. fingerprints or a Fisher), ``verify``
+(check its promise at the end) and ``fusion_setup`` (a second fit after the stage's own: a fusion over trained
+adapters, whose route ``routes`` then records). What it must keep across a restart goes in ``state`` (JSON, saved in
 state.json after every stage) or in files it writes with ``save`` into the stage's folder and reads with ``load``.
 """
 

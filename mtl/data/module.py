@@ -87,6 +87,12 @@ def refuse_on_every_rank(trainer: Any, error: MTLConfigError) -> NoReturn:
     raise SystemExit(0)
 
 
+def _sampler_refusal(processes: int) -> MTLConfigError:
+    return MTLConfigError(f"trainer.use_distributed_sampler: true with {processes} processes, expected false: mtl "
+                          "shards its batches by rank itself, and Lightning cannot wrap the task batch sampler "
+                          "(train.py sets false)")
+
+
 def _smaller(a: int | None, b: int | None) -> int | None:
     """The tighter of two optional caps (None: no cap)."""
     return b if a is None else a if b is None else min(a, b)
@@ -223,11 +229,14 @@ class TaskDataModule(L.LightningDataModule):
                 raise MTLConfigError(f"{key}: got {length}, expected at most {limit} (the most tokens backbone "
                                      f"'{self.backbone}' has positions for)")
 
-    def check_before(self, stage: str) -> None:
+    def check_before(self, stage: str, processes: int = 1, distributed_sampler: bool = False) -> None:
         """Read what ``stage`` needs (task data or the predict file) and check the cache folder, writing nothing.
 
-        The data read here is kept, so the run does not read it twice.
+        The data read here is kept, so the run does not read it twice. ``processes`` and ``distributed_sampler``: what
+        the Trainer will run with (the CLI reads them from its configuration before any process starts).
         """
+        if processes > 1 and distributed_sampler:
+            raise _sampler_refusal(processes)
         if stage == "predict" and self.predict_file is not None:
             self._predict_texts = read_predict_texts(self.predict_file, self.predict_text_field)
             return
@@ -357,9 +366,7 @@ class TaskDataModule(L.LightningDataModule):
         # no public accessor: this is the flag Lightning's data connector reads before wrapping a loader's sampler
         connector = getattr(trainer, "_accelerator_connector", None)
         if world_size > 1 and getattr(connector, "use_distributed_sampler", False):
-            refuse_on_every_rank(trainer, MTLConfigError(
-                f"trainer.use_distributed_sampler: true with {world_size} processes, expected false: mtl shards its "
-                "batches by rank itself, and Lightning cannot wrap the task batch sampler (train.py sets false)"))
+            refuse_on_every_rank(trainer, _sampler_refusal(world_size))
 
     def _trainer_or_none(self) -> Any:
         return getattr(self, "trainer", None)
