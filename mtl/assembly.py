@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mtl import model_files
 from mtl.adapters.config import AdapterConfig
 from mtl.data.spec import TaskSpec
 from mtl.errors import MTLConfigError
@@ -92,7 +93,7 @@ def assemble(tasks: list[TaskSpec], backbone: str, adapter: AdapterConfig, *, ba
     if continue_training and fusion is not None:
         raise MTLConfigError("model.continue_training: not available with model.fusion")
     if load_from:
-        loaded = model.load_run(load_from, same_backbone=True)
+        loaded = model_files.load_run(model, load_from, same_backbone=True)
         if continue_training:
             keep_training |= {part for s in tasks if s.name in loaded for part in model.records[s.name].parts}
         for name in loaded:

@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torchmetrics import MeanMetric
 
+from mtl import model_files
 from mtl import storage
 from mtl.adapters.config import AdapterConfig, as_adapter_config
 from mtl.assembly import FusionSetup, as_fusion_setup, assemble, head_outputs
@@ -387,10 +388,10 @@ class AdapterTrainer(L.LightningModule):
             return  # one process writes the files
         for task, fused, target in self._export_targets():
             if fused:
-                path = self.model.save_fusion(task, self.run_dir, overwrite=self.hparams.overwrite)
+                path = model_files.save_fusion(self.model, task, self.run_dir, overwrite=self.hparams.overwrite)
                 self._report_attention(task, path)
             else:
-                path = self.model.save_task(task, target.parent, overwrite=self.hparams.overwrite)
+                path = model_files.save_task(self.model, task, target.parent, overwrite=self.hparams.overwrite)
             print(f"exported {task} -> {path}")
 
     def restore_best(self) -> None:
@@ -419,7 +420,7 @@ class AdapterTrainer(L.LightningModule):
 
     def definition(self) -> dict[str, Any]:
         """The settings that decide what a checkpoint's tensors mean, flattened to dotted keys in a fixed order."""
-        info = self.model.backbone_info()
+        info = model_files.backbone_info(self.model)
         out: dict[str, Any] = {f"backbone.{k}" if k != "backbone" else k: v for k, v in info.items()}
         tasks = self.model.trainable_tasks()
         out["tasks"] = tasks

@@ -15,12 +15,14 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from mtl import model_files
 from mtl.adapters.bottleneck import BottleneckAdapter
 from mtl.adapters.config import AdapterConfig, as_adapter_config
 from mtl.adapters.inject import AdapterSlot, Observer, Routing, RoutingContext, Target, inject_slots, repeat_rows
@@ -30,9 +32,7 @@ from mtl.errors import MTLConfigError
 from mtl.fusion.config import FusionConfig, as_fusion_config
 from mtl.fusion.layer import FusionLayer
 from mtl.heads import TaskHead
-from mtl.model_files import ModelFiles
 from mtl.registry import Part, PartState, TaskRecord
-from mtl.routing.base import Router
 
 log = logging.getLogger("mtl")
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -44,7 +44,7 @@ def _check_name(value: str, what: str) -> None:
         raise MTLConfigError(f"{what} '{value}' is invalid, expected letters, digits, '_' or '-'")
 
 
-class MTLModel(ModelFiles, nn.Module):
+class MTLModel(nn.Module):
     """Frozen backbone + adapters and fusion layers (in slots) + per-task heads, keyed by name."""
 
     def __init__(self, backbone: str | PreTrainedModel = DEFAULT_BACKBONE, backbone_dropout: bool = False,
@@ -61,7 +61,6 @@ class MTLModel(ModelFiles, nn.Module):
         self.backbone_dropout = backbone_dropout
         self.chunk_rows = chunk_rows  # replicated multi-task rows per pack above the shared layers (None: all)
         self.fast_fusion = fast_fusion  # the exact fast fusion path (False: per-adapter keys and values)
-        self.router: Router | None = None  # picks a task per text when none is given; saved by save_pretrained
         self.context = RoutingContext()
         self.__dict__["slots"] = inject_slots(backbone, self.context)  # they live inside self.backbone
         self.heads = nn.ModuleDict()
@@ -234,6 +233,19 @@ class MTLModel(ModelFiles, nn.Module):
                 digest.update(key.encode())
                 digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
+
+    # ---- files: the familiar one-call entry points; `mtl.model_files` does the work ------------------
+    def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Every task and fusion in one folder written atomically (`mtl.model_files.save_pretrained`)."""
+        return model_files.save_pretrained(self, folder, overwrite)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path, backbone: str | PreTrainedModel | None = None) -> MTLModel:
+        """Backbone + every task and fusion exported under ``checkpoint_dir`` (a router is loaded beside the model:
+        `mtl.deployment.Deployment`)."""
+        model = cls(backbone if backbone is not None else model_files.run_backbone(checkpoint_dir))
+        model_files.load_run(model, checkpoint_dir)
+        return model
 
     # ---- states: active (routable), trainable (requires_grad), frozen (for good) -------------
     def set_trainable(self, names: Sequence[str], parts: Sequence[Part] = ()) -> None:

@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from mtl import model_files
+from mtl.interop.adapterhub import load_adapterhub, save_adapterhub
+from mtl.interop.adapterhub_fusion import load_adapterhub_fusion, save_adapterhub_fusion
 from mtl.errors import MTLConfigError
 from mtl.model import MTLModel
 from tests.conftest import tiny_backbone, tiny_batch
@@ -130,7 +133,7 @@ def test_import_equals_adapterhub_math(tmp_path, preset, changes):
     cfg = {**AH_PRESETS[preset], **changes}
     written = write_ah(tmp_path / "ah", cfg, head={})
     model = MTLModel(tiny_backbone("bert"))
-    assert model.load_adapterhub(tmp_path / "ah") == "ah"
+    assert load_adapterhub(model, tmp_path / "ah") == "ah"
     config = model.adapter_configs["ah"]
     assert config.positions == (["attn", "ffn"] if cfg["mh_adapter"] else ["ffn"])
     assert (config.parallel, config.scaling, config.leave_out) == (cfg["is_parallel"], cfg["scaling"], cfg["leave_out"])
@@ -166,7 +169,7 @@ def test_import_equals_adapterhub_math(tmp_path, preset, changes):
 def test_legacy_bin_with_model_prefix(tmp_path):
     written = write_ah(tmp_path / "ah", AH_PRESETS["houlsby"], head={}, legacy_bin=True, prefix="bert.")
     model = MTLModel(tiny_backbone("bert"))
-    model.load_adapterhub(tmp_path / "ah", task="mine")
+    load_adapterhub(model, tmp_path / "ah", task="mine")
     assert torch.equal(model.task_parameters("mine")["adapters.1.attn.up.weight"],
                        written["bert.encoder.layer.1.attention.output.adapters.ah.adapter_up.weight"])
     assert torch.equal(model.task_parameters("mine")["head.out.bias"], written["heads.ah.4.bias"])
@@ -190,7 +193,7 @@ def test_legacy_bin_with_pickled_object_is_refused(tmp_path):
     torch.save({**tensors, "extra": _Payload(marker)}, folder / "pytorch_adapter.bin")
     model = MTLModel(tiny_backbone("bert"))
     with pytest.raises(MTLConfigError) as err:
-        model.load_adapterhub(folder)
+        load_adapterhub(model, folder)
     message = str(err.value)
     assert "\n" not in message and str(folder / "pytorch_adapter.bin") in message and "weights_only" in message
     assert not marker.exists() and model.tasks == []
@@ -210,7 +213,7 @@ def test_unsupported_config_is_one_line_error(tmp_path, key, value):
     write_ah(tmp_path / "ah", {**AH_PRESETS["pfeiffer"], key: value}, head={})
     model = MTLModel(tiny_backbone("bert"))
     with pytest.raises(MTLConfigError) as err:
-        model.load_adapterhub(tmp_path / "ah")
+        load_adapterhub(model, tmp_path / "ah")
     message = str(err.value)
     assert "\n" not in message and str(tmp_path / "ah" / "adapter_config.json") in message and key in message
     assert model.tasks == [] and model.adapter_configs == {}
@@ -220,7 +223,7 @@ def test_unsupported_config_is_one_line_error(tmp_path, key, value):
 def test_other_backbone_is_one_line_error(tmp_path, key, value):
     write_ah(tmp_path / "ah", AH_PRESETS["pfeiffer"], head={}, top={key: value})
     with pytest.raises(MTLConfigError, match=f"adapter_config.json: {key} is") as err:
-        MTLModel(tiny_backbone("bert")).load_adapterhub(tmp_path / "ah")
+        load_adapterhub(MTLModel(tiny_backbone("bert")), tmp_path / "ah")
     assert "\n" not in str(err.value)
 
 
@@ -228,13 +231,13 @@ def test_config_without_version_gets_adapterhubs_activation_rename(tmp_path):
     # AdapterHub reads an unversioned "gelu" as gelu_new (tanh approximation), which mtl lacks; "gelu_orig" is gelu
     write_ah(tmp_path / "old", {**AH_PRESETS["pfeiffer"], "non_linearity": "gelu"}, head={}, top={"version": None})
     with pytest.raises(MTLConfigError, match="non_linearity is 'gelu_new'"):
-        MTLModel(tiny_backbone("bert")).load_adapterhub(tmp_path / "old")
+        load_adapterhub(MTLModel(tiny_backbone("bert")), tmp_path / "old")
     write_ah(tmp_path / "orig", {**AH_PRESETS["pfeiffer"], "non_linearity": "gelu_orig"}, head={},
              top={"version": None})
     write_ah(tmp_path / "new", {**AH_PRESETS["pfeiffer"], "non_linearity": "gelu"}, head={})
     model = MTLModel(tiny_backbone("bert"))
-    model.load_adapterhub(tmp_path / "orig", task="orig")
-    model.load_adapterhub(tmp_path / "new", task="new")
+    load_adapterhub(model, tmp_path / "orig", task="orig")
+    load_adapterhub(model, tmp_path / "new", task="new")
     assert model.adapter_configs["orig"].non_linearity == model.adapter_configs["new"].non_linearity == "gelu"
 
 
@@ -245,12 +248,12 @@ def test_bad_tensor_names_and_shapes(tmp_path):
     save_file(tensors, str(tmp_path / "ah" / "adapter.safetensors"))
     model = MTLModel(tiny_backbone("bert"))
     with pytest.raises(MTLConfigError, match="tensor 'encoder.layer.0.output.adapters.ah.gate.weight' is not"):
-        model.load_adapterhub(tmp_path / "ah")
+        load_adapterhub(model, tmp_path / "ah")
     write_ah(tmp_path / "narrow", {**AH_PRESETS["pfeiffer"], "reduction_factor": 32}, head={})
     config = tmp_path / "narrow" / "adapter_config.json"
     config.write_text(config.read_text().replace('"reduction_factor": 32', '"reduction_factor": 16'))
     with pytest.raises(MTLConfigError, match=r"has shape \(2, 64\), expected \(4, 64\)"):
-        model.load_adapterhub(tmp_path / "narrow")
+        load_adapterhub(model, tmp_path / "narrow")
     assert model.tasks == []
 
 
@@ -258,28 +261,28 @@ def test_head_that_mtl_cannot_map(tmp_path, capsys):
     written = write_ah(tmp_path / "ah", AH_PRESETS["pfeiffer"], head={"use_pooler": True})
     model = MTLModel(tiny_backbone("bert"))
     with pytest.raises(MTLConfigError, match="head_config.json: config.use_pooler is True.*pass num_labels") as err:
-        model.load_adapterhub(tmp_path / "ah")
+        load_adapterhub(model, tmp_path / "ah")
     assert "\n" not in str(err.value) and model.tasks == []
-    model.load_adapterhub(tmp_path / "ah", num_labels=4)
+    load_adapterhub(model, tmp_path / "ah", num_labels=4)
     assert "importing the adapter with a fresh 4-label classification head" in capsys.readouterr().err
     assert model.heads["ah"].num_outputs == 4 and model.heads["ah"].pooling == "cls"
     assert torch.equal(model.task_parameters("ah")["adapters.0.ffn.down.bias"],
                        written["encoder.layer.0.output.adapters.ah.adapter_down.0.bias"])
     write_ah(tmp_path / "bare", AH_PRESETS["pfeiffer"])  # saved with_head=False
     with pytest.raises(MTLConfigError, match="no head_config.json; pass num_labels"):
-        model.load_adapterhub(tmp_path / "bare", task="bare")
+        load_adapterhub(model, tmp_path / "bare", task="bare")
     write_ah(tmp_path / "good", AH_PRESETS["pfeiffer"], head={})
     with pytest.raises(MTLConfigError, match="the head has 3 labels, but num_labels is 2"):
-        model.load_adapterhub(tmp_path / "good", task="other", num_labels=2)
+        load_adapterhub(model, tmp_path / "good", task="other", num_labels=2)
     assert model.tasks == ["ah"]
 
 
 def test_mtl_export_folder_is_pointed_to_load_task(tmp_path):
     model = MTLModel(tiny_backbone("bert"))
     model.add_task("t", 2)
-    model.save_task("t", tmp_path)
+    model_files.save_task(model, "t", tmp_path)
     with pytest.raises(MTLConfigError, match="use load_task"):
-        model.load_adapterhub(tmp_path / "t", task="u")
+        load_adapterhub(model, tmp_path / "t", task="u")
 
 
 def _random_tasks(family: str) -> MTLModel:
@@ -297,14 +300,14 @@ def test_export_import_round_trip_is_bit_identical(tmp_path, family):
     model, batch = _random_tasks(family), tiny_batch()
     loaded = MTLModel(tiny_backbone(family))
     for task in model.tasks:
-        first = model.save_adapterhub(task, tmp_path / "a" / task)
+        first = save_adapterhub(model, task, tmp_path / "a" / task)
         assert sorted(p.name for p in first.iterdir()) == ["adapter.safetensors", "adapter_config.json",
                                                            "head_config.json", "model_head.safetensors"]
-        assert loaded.load_adapterhub(first) == task
+        assert load_adapterhub(loaded, first) == task
         for key, p in model.task_parameters(task).items():
             assert torch.equal(loaded.task_parameters(task)[key], p), key
         assert torch.equal(loaded(**batch, tasks=task)[task], model(**batch, tasks=task)[task])
-        second = loaded.save_adapterhub(task, tmp_path / "b" / task)
+        second = save_adapterhub(loaded, task, tmp_path / "b" / task)
         for file in first.iterdir():
             assert file.read_bytes() == (second / file.name).read_bytes(), file.name
 
@@ -314,8 +317,8 @@ def test_adapterhub_config_survives_import_and_export(tmp_path, preset):
     cfg = {**AH_PRESETS[preset], "leave_out": [1]}
     written = write_ah(tmp_path / "ah", cfg, head={"dropout_prob": 0.25})
     model = MTLModel(tiny_backbone("bert"))
-    model.load_adapterhub(tmp_path / "ah")
-    out = model.save_adapterhub("ah", tmp_path / "out")
+    load_adapterhub(model, tmp_path / "ah")
+    out = save_adapterhub(model, "ah", tmp_path / "out")
     assert json.loads((out / "adapter_config.json").read_text())["config"] == cfg
     head = json.loads((out / "head_config.json").read_text())["config"]
     assert (head["dropout_prob"], head["label2id"], head["use_pooler"]) == (0.25, {"neg": 0, "neu": 1, "pos": 2}, False)
@@ -330,10 +333,10 @@ def test_export_writes_adapterdrop_as_leave_out_and_exact_widths(tmp_path):
     with torch.no_grad():
         for p in model.task_parameters("k").values():
             p.add_(torch.randn(p.shape) * 0.2)
-    cfg = json.loads((model.save_adapterhub("k", tmp_path / "k") / "adapter_config.json").read_text())["config"]
+    cfg = json.loads((save_adapterhub(model, "k", tmp_path / "k") / "adapter_config.json").read_text())["config"]
     assert cfg["leave_out"] == [0] and int(HIDDEN // cfg["reduction_factor"]) == 5  # AdapterHub's width formula
     loaded = MTLModel(tiny_backbone("bert"))
-    loaded.load_adapterhub(tmp_path / "k")
+    load_adapterhub(loaded, tmp_path / "k")
     batch = tiny_batch()
     assert torch.equal(loaded(**batch, tasks="k")["k"], model(**batch, tasks="k")["k"])
 
@@ -342,20 +345,20 @@ def test_export_head_rules_and_overwrite(tmp_path, capsys):
     model = MTLModel(tiny_backbone("bert"))
     model.add_task("m", 3)  # mean pooling: AdapterHub's heads cannot express it
     with pytest.raises(MTLConfigError, match="pools the 'mean'.*with_head=False"):
-        model.save_adapterhub("m", tmp_path / "m", with_head=True)
+        save_adapterhub(model, "m", tmp_path / "m", with_head=True)
     assert not (tmp_path / "m").exists()
-    out = model.save_adapterhub("m", tmp_path / "m")
+    out = save_adapterhub(model, "m", tmp_path / "m")
     assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
     assert "without its head" in capsys.readouterr().err
     with pytest.raises(MTLConfigError, match="already exists"):
-        model.save_adapterhub("m", tmp_path / "m")
+        save_adapterhub(model, "m", tmp_path / "m")
     model.add_task("c", 3, pooling="cls")
-    model.save_adapterhub("c", tmp_path / "m", overwrite=True, with_head=False)
+    save_adapterhub(model, "c", tmp_path / "m", overwrite=True, with_head=False)
     assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["name"] == "c"
     assert not (tmp_path / "m" / "head_config.json").exists() and capsys.readouterr().err == ""
     model.add_fusion("f", ["m", "c"], 2)
     with pytest.raises(MTLConfigError, match="is a fusion"):
-        model.save_adapterhub("f", tmp_path / "f")
+        save_adapterhub(model, "f", tmp_path / "f")
 
 
 def test_import_overwrite_and_adapter_name_in_use(tmp_path):
@@ -363,18 +366,18 @@ def test_import_overwrite_and_adapter_name_in_use(tmp_path):
     second = write_ah(tmp_path / "two", AH_PRESETS["houlsby"], head={}, seed=2)
     key, ah_key = "adapters.1.ffn.up.weight", "encoder.layer.1.output.adapters.ah.adapter_up.weight"
     model = MTLModel(tiny_backbone("bert"))
-    model.load_adapterhub(tmp_path / "one")
+    load_adapterhub(model, tmp_path / "one")
     with pytest.raises(MTLConfigError, match="task 'ah' already exists"):
-        model.load_adapterhub(tmp_path / "two")
+        load_adapterhub(model, tmp_path / "two")
     assert torch.equal(model.task_parameters("ah")[key], first[ah_key])
-    model.load_adapterhub(tmp_path / "two", overwrite=True)
+    load_adapterhub(model, tmp_path / "two", overwrite=True)
     assert torch.equal(model.task_parameters("ah")[key], second[ah_key])
     assert model.adapter_configs["ah"].positions == ["attn", "ffn"]
     shared = MTLModel(tiny_backbone("bert"))
     shared.add_task("x", 2, adapter_name="ah")  # task x runs on an adapter called 'ah'
     before = {k: p.clone() for k, p in shared.task_parameters("x").items()}
     with pytest.raises(MTLConfigError, match=r"adapter name 'ah' is already used by \['x'\]"):
-        shared.load_adapterhub(tmp_path / "one", overwrite=True)
+        load_adapterhub(shared, tmp_path / "one", overwrite=True)
     assert shared.tasks == ["x"] and all(torch.equal(p, before[k]) for k, p in shared.task_parameters("x").items())
 
 
@@ -470,7 +473,7 @@ def _fusion_setup(tmp_path: Path, preset: str, fusion_cfg: dict, changes: dict |
 
 def _load_adapters(model: MTLModel, tmp_path: Path, names=("a0", "a1", "a2")) -> None:
     for name in names:
-        model.load_adapterhub(tmp_path / name)
+        load_adapterhub(model, tmp_path / name)
 
 
 FUSION_CASES = [("pfeiffer", "dynamic", {}), ("pfeiffer", "static", {}),
@@ -484,7 +487,7 @@ def test_fusion_import_equals_adapterhub_math(tmp_path, preset, fusion_preset, c
     cfg, adapters, fusion = _fusion_setup(tmp_path, preset, fusion_cfg, head={})
     model = MTLModel(tiny_backbone("bert"))
     _load_adapters(model, tmp_path)
-    assert model.load_adapterhub_fusion(tmp_path / "fusion") == "a0_a1_a2"
+    assert load_adapterhub_fusion(model, tmp_path / "fusion") == "a0_a1_a2"
     assert model.target("a0_a1_a2").fused == ("a0", "a1", "a2")
     config = model.fusion_configs["a0_a1_a2"]
     for key in ("value", "residual_before", "query_before_ln", "value_before_softmax", "temperature"):
@@ -541,7 +544,7 @@ def test_unsupported_fusion_config_is_one_line_error(tmp_path, key, value):
     model = MTLModel(tiny_backbone("bert"))
     _load_adapters(model, tmp_path)
     with pytest.raises(MTLConfigError) as err:
-        model.load_adapterhub_fusion(tmp_path / "fusion")
+        load_adapterhub_fusion(model, tmp_path / "fusion")
     message = str(err.value)
     assert "\n" not in message and str(tmp_path / "fusion" / "adapter_fusion_config.json") in message
     assert f"config.{key}" in message or f"'{key}'" in message
@@ -555,37 +558,37 @@ def test_fusion_missing_field_and_foreign_config(tmp_path):
     model = MTLModel(tiny_backbone("bert"))
     _load_adapters(model, tmp_path)
     with pytest.raises(MTLConfigError, match=r"adapter_fusion_config.json: config.residual_before: missing"):
-        model.load_adapterhub_fusion(tmp_path / "fusion")
+        load_adapterhub_fusion(model, tmp_path / "fusion")
     with pytest.raises(MTLConfigError, match=r"adapter_fusion_config.json: not found"):
-        model.load_adapterhub_fusion(tmp_path / "a0")  # an adapter folder, not a fusion
+        load_adapterhub_fusion(model, tmp_path / "a0")  # an adapter folder, not a fusion
     assert model.fusion_configs == {}
 
 
 def test_fusion_needs_its_adapters_at_the_same_locations(tmp_path):
     _fusion_setup(tmp_path, "pfeiffer", AH_FUSION["dynamic"], head={})
     model = MTLModel(tiny_backbone("bert"))
-    model.load_adapterhub(tmp_path / "a0")
+    load_adapterhub(model, tmp_path / "a0")
     with pytest.raises(MTLConfigError, match=r"adapter_names: \['a1', 'a2'\] not loaded in the model") as err:
-        model.load_adapterhub_fusion(tmp_path / "fusion")
+        load_adapterhub_fusion(model, tmp_path / "fusion")
     assert "\n" not in str(err.value)
     # loaded under other names: map them in AdapterHub's order
-    model.load_adapterhub(tmp_path / "a1", task="b1")
-    model.load_adapterhub(tmp_path / "a2", task="b2")
-    assert model.load_adapterhub_fusion(tmp_path / "fusion", task="f", adapters=["a0", "b1", "b2"]) == "f"
+    load_adapterhub(model, tmp_path / "a1", task="b1")
+    load_adapterhub(model, tmp_path / "a2", task="b2")
+    assert load_adapterhub_fusion(model, tmp_path / "fusion", task="f", adapters=["a0", "b1", "b2"]) == "f"
     assert model.target("f").fused == ("a0", "b1", "b2")
     write_ah(tmp_path / "short", {**AH_PRESETS["pfeiffer"], "leave_out": [0]}, name="a2")
     other = MTLModel(tiny_backbone("bert"))
     _load_adapters(other, tmp_path, ("a0", "a1"))
-    other.load_adapterhub(tmp_path / "short", num_labels=2)
+    load_adapterhub(other, tmp_path / "short", num_labels=2)
     with pytest.raises(MTLConfigError, match="sit at different layers or positions"):
-        other.load_adapterhub_fusion(tmp_path / "fusion")
+        load_adapterhub_fusion(other, tmp_path / "fusion")
     write_ah(tmp_path / "par", AH_PRESETS["parallel"], name="p0", head={})
     write_ah(tmp_path / "par1", AH_PRESETS["parallel"], name="p1", head={})
     write_ah_fusion(tmp_path / "pfusion", AH_FUSION["dynamic"], ["p0", "p1"])
-    other.load_adapterhub(tmp_path / "par")
-    other.load_adapterhub(tmp_path / "par1")
+    load_adapterhub(other, tmp_path / "par")
+    load_adapterhub(other, tmp_path / "par1")
     with pytest.raises(MTLConfigError, match=r"pfusion/adapter_fusion_config.json: fusion 'p0_p1'.*must be sequential"):
-        other.load_adapterhub_fusion(tmp_path / "pfusion", num_labels=2)
+        load_adapterhub_fusion(other, tmp_path / "pfusion", num_labels=2)
     assert other.fusion_configs == {}
 
 
@@ -596,7 +599,7 @@ def test_fusion_in_leave_out_layers_is_dropped_and_legacy_bin(tmp_path):
     assert "bert.encoder.layer.0.output.adapter_fusion_layer.a0,a1,a2.query.weight" in fusion
     model = MTLModel(tiny_backbone("bert"))
     _load_adapters(model, tmp_path)
-    model.load_adapterhub_fusion(tmp_path / "fusion")
+    load_adapterhub_fusion(model, tmp_path / "fusion")
     assert sorted({k.split(".")[1] for k in model.part_parameters(("fusion", "a0_a1_a2"))}) == ["1"]
     batch = tiny_batch()
     unprefixed = {k.removeprefix("bert."): v for k, v in fusion.items()}
@@ -610,27 +613,27 @@ def test_fusion_bad_tensors_head_and_pickles(tmp_path, capsys):
     model = MTLModel(tiny_backbone("bert"))
     _load_adapters(model, tmp_path)
     with pytest.raises(MTLConfigError, match="fusion: no head_config.json; pass num_labels to import the fusion"):
-        model.load_adapterhub_fusion(tmp_path / "fusion")
+        load_adapterhub_fusion(model, tmp_path / "fusion")
     weights = tmp_path / "fusion" / "model_adapter_fusion.safetensors"
     tensors = load_file(str(weights))
     good = dict(tensors)
     tensors["encoder.layer.1.output.adapter_fusion_layer.a0,a1,a2.query.weight"] = torch.zeros(HIDDEN, 3)
     save_file(tensors, str(weights))
     with pytest.raises(MTLConfigError, match=r"fusions.1.ffn.query.weight has shape \(64, 3\), expected \(64, 64\)"):
-        model.load_adapterhub_fusion(tmp_path / "fusion", num_labels=2)
+        load_adapterhub_fusion(model, tmp_path / "fusion", num_labels=2)
     tensors["encoder.layer.1.output.adapter_fusion_layer.other.query.weight"] = torch.zeros(HIDDEN, HIDDEN)
     save_file(tensors, str(weights))
     with pytest.raises(MTLConfigError, match="tensor 'encoder.layer.1.output.adapter_fusion_layer.other.query.weight' "
                                              "is not a tensor of fusion 'a0,a1,a2'"):
-        model.load_adapterhub_fusion(tmp_path / "fusion", num_labels=2)
+        load_adapterhub_fusion(model, tmp_path / "fusion", num_labels=2)
     weights.unlink()
     marker = tmp_path / "unpickled"
     torch.save({**good, "extra": _Payload(marker)}, tmp_path / "fusion" / "pytorch_model_adapter_fusion.bin")
     with pytest.raises(MTLConfigError, match="pytorch_model_adapter_fusion.bin: holds pickled Python objects"):
-        model.load_adapterhub_fusion(tmp_path / "fusion", num_labels=2)
+        load_adapterhub_fusion(model, tmp_path / "fusion", num_labels=2)
     assert not marker.exists() and model.fusion_configs == {}
     torch.save(good, tmp_path / "fusion" / "pytorch_model_adapter_fusion.bin")
-    model.load_adapterhub_fusion(tmp_path / "fusion", num_labels=2)
+    load_adapterhub_fusion(model, tmp_path / "fusion", num_labels=2)
     assert "importing the fusion with a fresh 2-label classification head" in capsys.readouterr().err
     assert model.heads["a0_a1_a2"].num_outputs == 2
 
@@ -647,14 +650,14 @@ def test_other_heads_and_fusions_saved_alongside_are_skipped(tmp_path):
     save_file({**load_file(str(fusion_file)), **extra}, str(fusion_file))
     model = MTLModel(tiny_backbone("bert"))
     _load_adapters(model, tmp_path)
-    model.load_adapterhub_fusion(tmp_path / "fusion")
+    load_adapterhub_fusion(model, tmp_path / "fusion")
     assert torch.equal(model.task_parameters("a0")["head.out.weight"], mine["heads.a0.4.weight"])
     assert torch.equal(model.task_parameters("a0_a1_a2")["fusions.1.ffn.key.bias"],
                        fusion["encoder.layer.1.output.adapter_fusion_layer.a0,a1,a2.key.bias"])
     # a head that is not named like this one is still an error
     save_file({**mine, "heads.b0.1.bias": torch.zeros(HIDDEN)}, str(head_file))
     with pytest.raises(MTLConfigError, match="tensor 'heads.b0.1.bias' is not a layer of head 'a0'"):
-        model.load_adapterhub(tmp_path / "a0", task="again")
+        load_adapterhub(model, tmp_path / "a0", task="again")
 
 
 def _random_fusion(family: str, fusion: dict | str = "dynamic", adapter: dict | str = "pfeiffer") -> MTLModel:
@@ -673,28 +676,28 @@ def _random_fusion(family: str, fusion: dict | str = "dynamic", adapter: dict | 
 def test_fusion_export_import_round_trip_is_bit_identical(tmp_path, family):
     model, batch = _random_fusion(family), tiny_batch()
     for task in ("t0", "t1", "t2"):
-        model.save_adapterhub(task, tmp_path / "a" / task)
-    first = model.save_adapterhub_fusion("fz", tmp_path / "a" / "fz")
+        save_adapterhub(model, task, tmp_path / "a" / task)
+    first = save_adapterhub_fusion(model, "fz", tmp_path / "a" / "fz")
     assert sorted(p.name for p in first.iterdir()) == ["adapter_fusion_config.json", "head_config.json",
                                                        "model_adapter_fusion.safetensors", "model_head.safetensors"]
     saved = json.loads((first / "adapter_fusion_config.json").read_text())
     assert (saved["name"], saved["adapter_names"], saved["config"]) == ("fz", ["t0", "t1", "t2"], AH_FUSION["dynamic"])
     loaded = MTLModel(tiny_backbone(family))
     for task in ("t0", "t1", "t2"):
-        loaded.load_adapterhub(tmp_path / "a" / task)
-    assert loaded.load_adapterhub_fusion(first) == "fz"
+        load_adapterhub(loaded, tmp_path / "a" / task)
+    assert load_adapterhub_fusion(loaded, first) == "fz"
     assert loaded.fusion_configs["fz"].to_dict() == model.fusion_configs["fz"].to_dict()
     for key, p in model.task_parameters("fz").items():
         assert torch.equal(loaded.task_parameters("fz")[key], p), key
     assert torch.equal(loaded(**batch, tasks="fz")["fz"], model(**batch, tasks="fz")["fz"])
-    second = loaded.save_adapterhub_fusion("fz", tmp_path / "b" / "fz")
+    second = save_adapterhub_fusion(loaded, "fz", tmp_path / "b" / "fz")
     for file in first.iterdir():
         assert file.read_bytes() == (second / file.name).read_bytes(), file.name
 
 
 def test_fusion_export_writes_placeholders_where_adapterhub_has_unused_layers(tmp_path):
     model = _random_fusion("bert", "static", {"type": "houlsby", "drop_first": 1})
-    out = model.save_adapterhub_fusion("fz", tmp_path / "fz")
+    out = save_adapterhub_fusion(model, "fz", tmp_path / "fz")
     tensors = load_file(str(out / "model_adapter_fusion.safetensors"))
     base = "bert.encoder.layer.0.{}.adapter_fusion_layer.fz."  # with the model prefix AdapterHub's loader needs
     for location in ("attention.output", "output"):  # layer 0 has no adapter: AdapterHub never runs this layer
@@ -703,8 +706,8 @@ def test_fusion_export_writes_placeholders_where_adapterhub_has_unused_layers(tm
     assert len(tensors) == LAYERS * 2 * 4
     loaded = MTLModel(tiny_backbone("bert"))
     for task in ("t0", "t1", "t2"):
-        loaded.load_adapterhub(model.save_adapterhub(task, tmp_path / task))
-    loaded.load_adapterhub_fusion(out)
+        load_adapterhub(loaded, save_adapterhub(model, task, tmp_path / task))
+    load_adapterhub_fusion(loaded, out)
     assert sorted(loaded.part_parameters(("fusion", "fz"))) == sorted(model.part_parameters(("fusion", "fz")))
     batch = tiny_batch()
     assert torch.equal(loaded(**batch, tasks="fz")["fz"], model(**batch, tasks="fz")["fz"])
@@ -712,22 +715,22 @@ def test_fusion_export_writes_placeholders_where_adapterhub_has_unused_layers(tm
 
 def test_fusion_export_rules(tmp_path, capsys):
     model = _random_fusion("bert", {"type": "dynamic", "reg_weight": 0.1, "temperature": True})
-    model.save_adapterhub_fusion("fz", tmp_path / "fz")
+    save_adapterhub_fusion(model, "fz", tmp_path / "fz")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "reg_weight 0.1 (AdapterHub: 0.01)" in err[0] and "temperature schedule" in err[0]
     with pytest.raises(MTLConfigError, match="already exists"):
-        model.save_adapterhub_fusion("fz", tmp_path / "fz")
-    with pytest.raises(MTLConfigError, match="'t0' is not a fusion; export it with save_adapterhub"):
-        model.save_adapterhub_fusion("t0", tmp_path / "t0")
+        save_adapterhub_fusion(model, "fz", tmp_path / "fz")
+    with pytest.raises(MTLConfigError, match="'t0' is not a fusion; export it with save_adapterhub\(model"):
+        save_adapterhub_fusion(model, "t0", tmp_path / "t0")
     with pytest.raises(MTLConfigError, match="'fz' is a fusion"):
-        model.save_adapterhub("fz", tmp_path / "t0")
+        save_adapterhub(model, "fz", tmp_path / "t0")
     model.fusion_configs["fz"].temperature_end = 2.0
     with pytest.raises(MTLConfigError, match="temperature_end 2.0 is not expressible"):
-        model.save_adapterhub_fusion("fz", tmp_path / "hot")
+        save_adapterhub_fusion(model, "fz", tmp_path / "hot")
     assert not (tmp_path / "hot").exists()
     mean = _random_fusion("bert")
     mean.add_fusion("fm", ["t0", "t1"], 2)  # mean pooling: AdapterHub's heads cannot express it
-    out = mean.save_adapterhub_fusion("fm", tmp_path / "fm")
+    out = save_adapterhub_fusion(mean, "fm", tmp_path / "fm")
     assert sorted(p.name for p in out.iterdir()) == ["adapter_fusion_config.json", "model_adapter_fusion.safetensors"]
     assert "exported fusion 'fm' without its head" in capsys.readouterr().err
 
@@ -748,8 +751,8 @@ def ah_dir(tiny_dir, tmp_path_factory) -> dict:
             for p in model.task_parameters(task).values():
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)
     for name in ("a0", "a1"):
-        model.save_adapterhub(name, root / "adapters" / name)
-    fusion = model.save_adapterhub_fusion("fz", root / "fusion")
+        save_adapterhub(model, name, root / "adapters" / name)
+    fusion = save_adapterhub_fusion(model, "fz", root / "fusion")
     # AdapterHub's default fusion name: the adapters' names joined by ','
     config = json.loads((fusion / "adapter_fusion_config.json").read_text())
     (fusion / "adapter_fusion_config.json").write_text(json.dumps({**config, "name": "a0,a1"}))
@@ -830,7 +833,7 @@ def _bad_folders(root: Path, ah_dir: dict, tiny_dir: Path) -> dict[str, tuple[li
     (root / "mixed" / "notes").mkdir()
     model = MTLModel(str(tiny_dir))
     model.add_task("mine", 2)
-    model.save_task("mine", root / "mtl")
+    model_files.save_task(model, "mine", root / "mtl")
     shutil.copytree(adapters / "a0", root / "headless")
     for file in ("head_config.json", "model_head.safetensors"):
         (root / "headless" / file).unlink()

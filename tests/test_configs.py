@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from mtl import model_files
 from mtl.cli import MTLCLI, main
 from mtl.continual.cli import build_parser
 from mtl.continual.runner import ContinualConfig, ContinualRunner
@@ -28,7 +29,7 @@ def trained_run(tmp_path_factory) -> Path:
     for path in TASKS:
         spec = load_task_spec(str(path))
         model.add_task(spec.name, len(spec.labels), labels=spec.labels, spec=spec.to_dict())
-        model.save_task(spec.name, run / "adapters")
+        model_files.save_task(model, spec.name, run / "adapters")
     return run
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtl import model_files
 from mtl import storage
 from mtl.data.module import TaskDataModule
 from mtl.errors import MTLConfigError
@@ -275,7 +276,7 @@ def test_continue_training_keeps_training_a_loaded_task(tiny_dir, task_dir, tmp_
         for p in model.task_parameters("keyword").values():
             p.add_(0.5)
     for task in ("keyword", "colour"):
-        model.save_task(task, tmp_path / "run" / "adapters")
+        model_files.save_task(model, task, tmp_path / "run" / "adapters")
     args = dict(tasks=["keyword"], backbone=str(tiny_dir), tasks_dir=str(task_dir), load_from=str(tmp_path / "run"),
                 eval_tasks=["colour"], export=False)
     with pytest.raises(MTLConfigError, match="already trained"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mtl import model_files
 from mtl.adapters.bottleneck import BottleneckAdapter
 from mtl.adapters.inject import Routing, Target
 from mtl.errors import MTLConfigError
@@ -188,11 +189,11 @@ def test_bad_fusions_fail_with_one_line(adapters, config, message):
 def test_fusion_files_round_trip_and_guard_their_adapters(tmp_path):
     model = _fused_model()
     for task in ("a", "b", "c"):
-        model.save_task(task, tmp_path / "adapters")
-    path = model.save_fusion("fz", tmp_path)
+        model_files.save_task(model, task, tmp_path / "adapters")
+    path = model_files.save_fusion(model, "fz", tmp_path)
     assert sorted(p.name for p in path.iterdir()) == ["fusion.safetensors", "fusion_config.json"]
     with pytest.raises(MTLConfigError, match="already exists"):
-        model.save_fusion("fz", tmp_path)
+        model_files.save_fusion(model, "fz", tmp_path)
     fresh = MTLModel.from_pretrained(tmp_path, backbone=tiny_backbone("bert")).eval()
     batch = tiny_batch()
     assert torch.equal(fresh(**batch, tasks="fz")["fz"], model(**batch, tasks="fz")["fz"])
@@ -217,7 +218,7 @@ def test_an_inactive_task_refuses_rows_but_can_still_be_saved_and_removed(tmp_pa
     model.set_active(("adapter", "a"), False)
     with pytest.raises(MTLConfigError, match="inactive"):
         model(**tiny_batch(), tasks="a")
-    assert model.save_task("a", tmp_path).is_dir()
+    assert model_files.save_task(model, "a", tmp_path).is_dir()
     model.remove_task("fz")
     model.remove_task("a")
     assert model.tasks == ["b", "c"] and ("adapter", "a") not in model.states

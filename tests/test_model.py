@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mtl import model_files
 from mtl.adapters.config import AdapterConfig
 from mtl.errors import MTLConfigError
 from mtl.adapters.inject import Target
@@ -131,7 +132,7 @@ def test_save_and_load_round_trip(tmp_path):
     model = _model()
     batch = tiny_batch()
     for task in model.tasks:
-        model.save_task(task, tmp_path / "adapters")
+        model_files.save_task(model, task, tmp_path / "adapters")
     files = load_file(str(tmp_path / "adapters" / "b" / "adapter.safetensors"))
     assert "adapters.0.attn.down.weight" in files and "head.out.bias" in files
     meta = json.loads((tmp_path / "adapters" / "b" / "adapter_config.json").read_text())
@@ -139,7 +140,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert meta["labels"] == ["l0", "l1", "l2", "l3"]
     fresh = MTLModel(tiny_backbone("bert"))
     for task in ("a", "b", "c"):
-        fresh.load_task(tmp_path / "adapters" / task)
+        model_files.load_task(fresh, tmp_path / "adapters" / task)
     for task in ("a", "b", "c"):
         assert torch.equal(fresh(**batch, tasks=task)[task], model(**batch, tasks=task)[task])
     assert not list((tmp_path / "adapters").glob(".*"))  # no temporary leftovers
@@ -147,22 +148,22 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_existing_adapter_is_never_overwritten_silently(tmp_path):
     model = _model()
-    path = model.save_task("a", tmp_path)
+    path = model_files.save_task(model, "a", tmp_path)
     original = (path / "adapter.safetensors").read_bytes()
     with torch.no_grad():
         next(iter(model.task_parameters("a").values())).add_(1.0)
     with pytest.raises(MTLConfigError, match="already exists"):
-        model.save_task("a", tmp_path)
+        model_files.save_task(model, "a", tmp_path)
     assert (path / "adapter.safetensors").read_bytes() == original
-    model.save_task("a", tmp_path, overwrite=True)
+    model_files.save_task(model, "a", tmp_path, overwrite=True)
     assert (path / "adapter.safetensors").read_bytes() != original
 
 
 def test_loading_into_a_different_backbone_shape_fails(tmp_path):
-    _model().save_task("a", tmp_path)
+    model_files.save_task(_model(), "a", tmp_path)
     other = MTLModel(tiny_backbone("distilbert"))
     with pytest.raises(MTLConfigError, match="model_type"):
-        other.load_task(tmp_path / "a")
+        model_files.load_task(other, tmp_path / "a")
     assert other.tasks == []
 
 
@@ -188,10 +189,10 @@ def test_shared_adapter_mode_one_adapter_many_heads(tmp_path):
     for task in ("a", "b"):
         torch.testing.assert_close(both[task], model(**batch, tasks=task)[task], rtol=1e-5, atol=1e-5)
     for task in ("a", "b"):
-        model.save_task(task, tmp_path)
+        model_files.save_task(model, task, tmp_path)
     fresh = MTLModel(tiny_backbone("bert"))
-    fresh.load_task(tmp_path / "a")
-    fresh.load_task(tmp_path / "b")
+    model_files.load_task(fresh, tmp_path / "a")
+    model_files.load_task(fresh, tmp_path / "b")
     assert {t: fresh.target(t).name for t in fresh.tasks} == {"a": "shared", "b": "shared"}
     assert torch.equal(fresh(**batch, tasks="b")["b"], model(**batch, tasks="b")["b"])
     model.remove_task("a")  # the adapter stays while b uses it

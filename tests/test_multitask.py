@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 
+from mtl import model_files
 from mtl.backbone import load_tokenizer
 from mtl.data.module import TaskDataModule
 from mtl.errors import MTLConfigError
@@ -81,7 +82,7 @@ def test_add_task_wrong_combinations_fail_in_one_line(tiny_dir, task_dir, tmp_pa
     run = tmp_path / "run"
     model = MTLModel(str(tiny_dir))
     model.add_task("keyword", 2, labels=["bad", "good"])
-    model.save_task("keyword", run / "adapters")
+    model_files.save_task(model, "keyword", run / "adapters")
     kwargs = dict(backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run), load_from=str(run))
     with pytest.raises(MTLConfigError, match="already trained"):
         AdapterTrainer(["keyword"], **kwargs)
@@ -108,7 +109,7 @@ def test_predict_file_with_every_task_in_one_forward(tiny_dir, task_dir, tmp_pat
             for p in model.task_parameters(task).values():
                 p.normal_(0, 0.2)
     for task in model.tasks:
-        model.save_task(task, run / "adapters")
+        model_files.save_task(model, task, run / "adapters")
     texts = tmp_path / "in.txt"
     texts.write_text("alpha good river\n\nred stone cloud\nbeta bad\n")
     module = AdapterTrainer([], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run), load_from=str(run))

@@ -1,5 +1,6 @@
-"""One call for a whole setup: save_pretrained / from_pretrained keep every task, fusion and the router, and a
-reloaded setup gives exactly the validation metrics it had (a fusion setup included)."""
+"""One call for a whole setup: `Deployment.save` / `Deployment.load` keep every task, fusion and the router (which
+travels beside the model), and a reloaded setup gives exactly the validation metrics it had (a fusion setup included);
+`MTLModel.save_pretrained` / `from_pretrained` do the same for the model alone."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from mtl.data.module import TaskDataModule
+from mtl.deployment import Deployment
 from mtl.errors import MTLConfigError
 from mtl.lit import AdapterTrainer
 from mtl.model import MTLModel
@@ -44,8 +46,7 @@ def setup(tiny_dir, task_dir, tmp_path_factory):
     data.setup("fit")
     for batch in data.train_dataloader():
         router.add_batch(model, batch["task"], batch["input_ids"], batch["attention_mask"])
-    model.router = router
-    return root, run, model
+    return root, run, Deployment(model, router, run)
 
 
 def _validate(tiny_dir, task_dir, tmp_path, folder) -> dict[str, float]:
@@ -58,8 +59,8 @@ def _validate(tiny_dir, task_dir, tmp_path, folder) -> dict[str, float]:
 
 
 def test_a_reloaded_setup_gives_exactly_the_same_validation_metrics(setup, tiny_dir, task_dir, tmp_path):
-    root, run, model = setup
-    saved = model.save_pretrained(tmp_path / "whole")
+    root, run, deployment = setup
+    saved = deployment.save(tmp_path / "whole")
     assert sorted(p.name for p in saved.iterdir()) == ["adapters", "fusions", "router"]
     before, after = _validate(tiny_dir, task_dir, tmp_path, run), _validate(tiny_dir, task_dir, tmp_path, saved)
     assert f"val/{FUSION}/acc" in before and "val/colour/acc" in before  # keyword is scored through its fusion
@@ -67,25 +68,40 @@ def test_a_reloaded_setup_gives_exactly_the_same_validation_metrics(setup, tiny_
 
 
 def test_from_pretrained_brings_back_every_part_and_the_router(setup, tmp_path):
-    _, _, model = setup
-    reloaded = MTLModel.from_pretrained(model.save_pretrained(tmp_path / "whole"))
+    _, _, deployment = setup
+    model = deployment.model
+    loaded = Deployment.load(deployment.save(tmp_path / "whole"))
+    reloaded = loaded.model
+    assert loaded.source == tmp_path / "whole"
     assert reloaded.tasks == model.tasks and reloaded.target(FUSION).fused == ("colour", "keyword")
     want, got = model.state_dict(), reloaded.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     ids = torch.randint(1000, 2000, (5, 12))
     model.eval(), reloaded.eval()
-    assert reloaded.router.predict(reloaded, ids) == model.router.predict(model, ids)
+    assert loaded.router.predict(reloaded, ids) == deployment.router.predict(model, ids)
     logits, again = model(ids, tasks=model.tasks), reloaded(ids, tasks=model.tasks)
     assert all(torch.equal(logits[t], again[t]) for t in model.tasks)
 
 
 def test_save_pretrained_never_replaces_a_folder_silently(setup, tmp_path):
-    _, _, model = setup
-    folder = model.save_pretrained(tmp_path / "whole")
+    _, _, deployment = setup
+    folder = deployment.save(tmp_path / "whole")
     marker = folder / "adapters" / "keyword" / "adapter.safetensors"
     before = marker.read_bytes()
     with pytest.raises(MTLConfigError, match="already exists"):
-        model.save_pretrained(folder)
+        deployment.save(folder)
     assert marker.read_bytes() == before
-    model.save_pretrained(folder, overwrite=True)
+    deployment.save(folder, overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == ["adapters", "fusions", "router"]
+
+
+def test_the_model_alone_saves_without_a_router_and_a_router_must_fit_the_model(setup, tmp_path):
+    _, _, deployment = setup
+    folder = deployment.model.save_pretrained(tmp_path / "model-only")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapters", "fusions"]
+    assert Deployment.load(folder).router is None
+    smaller = MTLModel.from_pretrained(folder)
+    smaller.remove_task("colour")
+    with pytest.raises(MTLConfigError, match=r"router: routes to \['colour'\], which the model does not have"):
+        Deployment(smaller, deployment.router).save(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

@@ -12,7 +12,7 @@ its transformers 5 are absent; the AdapterHub side never imports mtl):
    ``save_adapter(folder, name, with_head=True, use_safetensors=True)``; the pfeiffer one is also saved in AdapterHub's
    default format (``pytorch_adapter.bin`` + ``pytorch_model_head.bin``). Its eval-mode last hidden state and logits on
    fixed inputs (last 3 tokens of row 0 masked) are dumped.
-2. mtl: ``MTLModel("minilm-l6").load_adapterhub(folder)`` for each folder; last hidden state (``encode``) and logits.
+2. mtl: ``load_adapterhub(MTLModel("minilm-l6"), folder)`` for each folder; last hidden state (``encode``) and logits.
 3. mtl: one random task per preset (``add_task(..., pooling="cls")`` + noise), ``save_adapterhub`` and its outputs.
 4. ``ah-load`` (AdapterHub venv): ``load_adapter(folder, use_safetensors=True, set_active=True)`` for each mtl export;
    its outputs (and any missing / unexpected keys AdapterHub reports, which must be none).
@@ -211,6 +211,8 @@ def compare(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import load_file, save_file
 
+    from mtl.interop.adapterhub import load_adapterhub, save_adapterhub
+    from mtl.interop.adapterhub_fusion import load_adapterhub_fusion, save_adapterhub_fusion
     from mtl.model import MTLModel
 
     ref = load_file(str(args.dir / "ah_outputs.safetensors"))
@@ -225,25 +227,25 @@ def compare(args: argparse.Namespace) -> int:
     imported = MTLModel("minilm-l6").eval()
     for folder in ("pfeiffer", "houlsby", "parallel", "pfeiffer-bin"):
         preset = folder.split("-")[0]
-        task = imported.load_adapterhub(args.dir / "ah" / folder, task=folder.replace("-", "_"))
+        task = load_adapterhub(imported, args.dir / "ah" / folder, task=folder.replace("-", "_"))
         files = " + ".join(sorted(p.name for p in (args.dir / "ah" / folder).iterdir() if "config" not in p.name))
         row("AdapterHub -> mtl", f"{preset} ({files})", *mtl_outputs(imported, task, ids, mask),
             ref[f"ah_{preset}.hidden"], ref[f"ah_{preset}.logits"])
         # exported again, AdapterHub's own config must come back field for field
         theirs = json.loads((args.dir / "ah" / folder / "adapter_config.json").read_text())["config"]
-        ours = json.loads((imported.save_adapterhub(task, args.dir / "again" / folder) / "adapter_config.json")
+        ours = json.loads((save_adapterhub(imported, task, args.dir / "again" / folder) / "adapter_config.json")
                           .read_text())["config"]
         problems += [f"{folder}: config.{k} AdapterHub {theirs.get(k)!r} != re-exported {ours.get(k)!r}"
                      for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
     for adapter in FUSED:
-        imported.load_adapterhub(args.dir / "ah" / adapter)
+        load_adapterhub(imported, args.dir / "ah" / adapter)
     for folder in ("fusion", "fusion-bin"):
-        task = imported.load_adapterhub_fusion(args.dir / "ah" / folder, task=folder.replace("-", "_"))
+        task = load_adapterhub_fusion(imported, args.dir / "ah" / folder, task=folder.replace("-", "_"))
         files = " + ".join(sorted(p.name for p in (args.dir / "ah" / folder).iterdir() if "config" not in p.name))
         row("AdapterHub -> mtl", f"dynamic fusion over 3 SeqBn ({files})", *mtl_outputs(imported, task, ids, mask),
             ref["f0,f1,f2.hidden"], ref["f0,f1,f2.logits"])
         theirs = json.loads((args.dir / "ah" / folder / "adapter_fusion_config.json").read_text())["config"]
-        ours = json.loads((imported.save_adapterhub_fusion(task, args.dir / "again" / folder)
+        ours = json.loads((save_adapterhub_fusion(imported, task, args.dir / "again" / folder)
                            / "adapter_fusion_config.json").read_text())["config"]
         problems += [f"{folder}: config.{k} AdapterHub {theirs.get(k)!r} != re-exported {ours.get(k)!r}"
                      for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
@@ -262,7 +264,7 @@ def compare(args: argparse.Namespace) -> int:
             for p in exported.task_parameters(preset).values():
                 p.add_(torch.randn(p.shape, generator=gen) * NOISE)
         dumped[f"{preset}.hidden"], dumped[f"{preset}.logits"] = mtl_outputs(exported, preset, ids, mask)
-        exported.save_adapterhub(preset, args.dir / "mtl" / preset, with_head=True)
+        save_adapterhub(exported, preset, args.dir / "mtl" / preset, with_head=True)
     fused = MTLModel("minilm-l6").eval()
     for task in MTL_FUSED:
         fused.add_task(task, 3, "pfeiffer", pooling="cls", labels=list(LABELS.values()))
@@ -273,9 +275,9 @@ def compare(args: argparse.Namespace) -> int:
             for p in fused.task_parameters(task).values():
                 p.add_(torch.randn(p.shape, generator=gen) * NOISE)
         if task == "mfz":
-            fused.save_adapterhub_fusion(task, args.dir / "mtl" / task, with_head=True)
+            save_adapterhub_fusion(fused, task, args.dir / "mtl" / task, with_head=True)
         else:
-            fused.save_adapterhub(task, args.dir / "mtl" / task, with_head=True)
+            save_adapterhub(fused, task, args.dir / "mtl" / task, with_head=True)
     dumped["mfz.hidden"], dumped["mfz.logits"] = mtl_outputs(fused, "mfz", ids, mask)
     save_file(dumped, str(args.dir / "mtl_outputs.safetensors"))
     run_peer("ah-load", args)

@@ -17,6 +17,7 @@ from jsonargparse import ActionConfigFile
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
+from mtl.cli_errors import config_files, explain_parse_error
 from mtl.continual.runner import ContinualConfig, ContinualRunner
 from mtl.data.module import TaskDataModule
 from mtl.errors import MTLConfigError
@@ -51,8 +52,6 @@ def _plain(value: Any) -> Any:
 
 def continual_main(argv: list[str]) -> dict[str, Any]:
     """Parse ``argv`` (after ``continual``), run the sequence, return the results."""
-    from mtl.cli import config_files, explain_parse_error  # the fit CLI's one-line parse errors
-
     parser = build_parser()
     try:
         cfg = parser.parse_args(argv)

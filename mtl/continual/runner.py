@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 
+from mtl import model_files
 from mtl.assembly import FusionSetup
 from mtl.atomic import write_dir_atomic, write_json_atomic
 from mtl.backbone import DEFAULT_BACKBONE
@@ -197,9 +198,9 @@ class ContinualRunner:
         def fill(folder: Path) -> None:
             model = module.model
             for task in self.order:
-                model.save_task(task, folder / "adapters")
+                model_files.save_task(model, task, folder / "adapters")
             for fusion in (t for t in model.tasks if model.target(t).is_fusion):  # after the adapters they fuse
-                model.save_fusion(fusion, folder)
+                model_files.save_fusion(model, fusion, folder)
             self.strategy.save(folder)
             if router is not None:
                 router.save(folder / "router")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
+from mtl import model_files
 from mtl import storage
 from mtl.adapters.config import AdapterConfig
 from mtl.arch import ARCHS
@@ -233,7 +234,7 @@ def other_part(key: str, kind: str, name: str) -> bool:
 
 
 def _backbone(model: MTLModel) -> dict[str, Any]:
-    info = model.backbone_info()
+    info = model_files.backbone_info(model)
     if info["model_type"] not in LOCATIONS:
         raise MTLConfigError(f"backbone model_type '{info['model_type']}' has no AdapterHub layout here, expected one "
                              f"of {sorted(LOCATIONS)}")

@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mtl import model_files
 from mtl import storage
 from mtl.errors import MTLConfigError
 from mtl.interop import adapterhub, adapterhub_fusion
@@ -100,7 +101,7 @@ def import_main(argv: list[str]) -> list[str]:
         raise MTLConfigError(f"{run}: --run_dir exists and is not a folder")
     model = MTLModel(args.backbone)
     if (run / "adapters").is_dir():
-        model.load_run(run, same_backbone=True)
+        model_files.load_run(model, run, same_backbone=True)
     names = []
     for folder, kind, name in sorted(found, key=lambda f: f[1] == "fusion"):  # a fusion needs its adapters
         task = args.task or (name.replace(",", "_") if kind == "fusion" else name)
@@ -111,8 +112,8 @@ def import_main(argv: list[str]) -> list[str]:
             raise MTLConfigError(f"{folder}: no {adapterhub.HEAD_CONFIG} (saved without its head); save it with "
                                  "with_head=True, or import in Python with num_labels for a fresh head")
         try:
-            load = model.load_adapterhub_fusion if kind == "fusion" else model.load_adapterhub
-            names.append(load(folder, task))
+            load = adapterhub_fusion.load_adapterhub_fusion if kind == "fusion" else adapterhub.load_adapterhub
+            names.append(load(model, folder, task))
         except MTLConfigError as err:  # name the folder when the model's own check did not
             raise MTLConfigError(str(err) if str(folder) in str(err) else f"{folder}: {err}") from None
     targets = [run / ("fusions" if model.target(n).is_fusion else "adapters") / n for n in names]
@@ -122,9 +123,9 @@ def import_main(argv: list[str]) -> list[str]:
                              "another --run_dir")
     for name, target in zip(names, targets):
         if model.target(name).is_fusion:
-            model.save_fusion(name, run)
+            model_files.save_fusion(model, name, run)
         else:
-            model.save_task(name, run / "adapters")
+            model_files.save_task(model, name, run / "adapters")
         print(f"{'fusion' if model.target(name).is_fusion else 'task'} '{name}' -> {target}")
     print(f"use it with: train.py predict --model.backbone {args.backbone} --model.load_from {run} ...")
     return names

@@ -208,7 +208,7 @@ def save_adapterhub_fusion(model: MTLModel, fusion: str, folder: str | Path, ove
     folder = Path(folder)
     target = model.target(fusion)
     if not target.is_fusion:
-        raise MTLConfigError(f"'{fusion}' is not a fusion; export it with save_adapterhub")
+        raise MTLConfigError(f"'{fusion}' is not a fusion; export it with save_adapterhub(model, task, folder)")
     if folder.exists() and not overwrite:
         raise MTLConfigError(f"{folder}: already exists (pass overwrite=True to replace it)")
     info = _backbone(model)
