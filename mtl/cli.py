@@ -60,15 +60,15 @@ class MTLCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python train.py``: LightningCLI's fit / validate / test / predict, plus ``continual`` (train a
-    task sequence, `mtl.continual.cli`), ``compare`` (continual runs side by side) and ``import-adapterhub``
-    (AdapterHub folders into an mtl run folder, `mtl.interop.adapterhub_cli`)."""
+    task sequence, `mtl.continual.cli`), ``compare`` (continual runs side by side), ``import-adapterhub``
+    (AdapterHub folders into an mtl run folder, `mtl.interop.adapterhub_cli`) and ``serve`` (`mtl.serving`)."""
     # resolve ${...} after all sources are merged, so command-line overrides reach interpolated values
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     argv = list(sys.argv[1:] if args is None else args)
     try:
         for file in config_files(argv):
             check_config_file(file)
-        commands = [*LightningCLI.subcommands(), "continual", "compare", "import-adapterhub"]
+        commands = [*LightningCLI.subcommands(), "continual", "compare", "import-adapterhub", "serve"]
         if argv and not argv[0].startswith("-") and argv[0] not in commands:
             near = difflib.get_close_matches(argv[0], commands, n=1)
             raise MTLConfigError(f"{argv[0]}: unknown command, expected one of {', '.join(commands)}"
@@ -82,6 +82,11 @@ def main(args: list[str] | None = None) -> None:
             from mtl.continual.report import compare_main
 
             compare_main(argv[1:])
+            return
+        if argv[:1] == ["serve"]:  # one backbone, a store of adapters, LitServe (mtl.serving)
+            from mtl.serving.cli import serve_main
+
+            serve_main(argv[1:])
             return
         if argv[:1] == ["import-adapterhub"]:  # AdapterHub folders -> an mtl run folder (mtl.interop.adapterhub_cli)
             from mtl.interop.adapterhub_cli import import_main

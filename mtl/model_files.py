@@ -86,14 +86,20 @@ def _fill(model: MTLModel, name: str, tensors: dict[str, torch.Tensor], file: Pa
 
 
 def load_task(model: MTLModel, path: str | Path, overwrite: bool = False, name: str | None = None,
-              same_backbone: bool = False) -> str:
-    """Add the task exported in ``path`` to this model; returns its name."""
+              same_backbone: bool = False, data: dict[str, Any] | None = None,
+              tensors: dict[str, torch.Tensor] | None = None) -> str:
+    """Add the task exported in ``path`` to this model; returns its name.
+
+    ``data`` / ``tensors``: the folder's config and weights when the caller has read them already (a server reads
+    the weights' bytes once, for their SHA-256 and for the tensors, so the version it reports is what it loaded).
+    """
     path = Path(path)
-    data = storage.read_config(path, storage.ADAPTER_CONFIG, storage.ADAPTER_SCHEMA)
+    if data is None:
+        data = storage.read_config(path, storage.ADAPTER_CONFIG, storage.ADAPTER_SCHEMA)
     storage.check_backbone(data, backbone_info(model), path / storage.ADAPTER_CONFIG, same_backbone)
     name = name or data["task"]
     weights = path / storage.ADAPTER_WEIGHTS
-    tensors = storage.read_tensors(weights)
+    tensors = storage.read_tensors(weights) if tensors is None else tensors
     adapter_name = data.get("adapter_name") or name
     shared = adapter_name in model.adapter_configs
     if shared:  # the adapter is already loaded for another task: this file's copy must be the same tensors
@@ -111,11 +117,14 @@ def load_task(model: MTLModel, path: str | Path, overwrite: bool = False, name: 
     return name
 
 
-def load_fusion(model: MTLModel, path: str | Path, overwrite: bool = False, same_backbone: bool = False) -> str:
-    """Add the fusion exported in ``path`` (its adapters must be loaded, from files with the recorded hashes)."""
+def load_fusion(model: MTLModel, path: str | Path, overwrite: bool = False, same_backbone: bool = False,
+                data: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> str:
+    """Add the fusion exported in ``path`` (its adapters must be loaded, from files with the recorded hashes);
+    ``data`` / ``tensors`` as in `load_task`."""
     path = Path(path)
     source = path / storage.FUSION_CONFIG
-    data = storage.read_config(path, storage.FUSION_CONFIG, storage.FUSION_SCHEMA)
+    if data is None:
+        data = storage.read_config(path, storage.FUSION_CONFIG, storage.FUSION_SCHEMA)
     storage.check_backbone(data, backbone_info(model), source, same_backbone)
     run_dir = path.parent.parent
     names = []
@@ -134,7 +143,8 @@ def load_fusion(model: MTLModel, path: str | Path, overwrite: bool = False, same
     model.add_fusion(data["fusion"], names, head["num_outputs"], config, problem=head["problem"],
                     pooling=head["pooling"], head_dropout=head["dropout"], labels=data.get("labels"),
                     spec=data.get("task_spec"), overwrite=overwrite)
-    _fill(model, data["fusion"], storage.read_tensors(path / storage.FUSION_WEIGHTS), path / storage.FUSION_WEIGHTS)
+    weights = path / storage.FUSION_WEIGHTS
+    _fill(model, data["fusion"], storage.read_tensors(weights) if tensors is None else tensors, weights)
     return data["fusion"]
 
 

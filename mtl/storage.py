@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from mtl.atomic import fsync_file, recover, write_dir_atomic, write_json_atomic
 from mtl.errors import MTLConfigError
@@ -129,6 +129,20 @@ def read_tensors(file: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own types for truncated or foreign files
+        raise MTLConfigError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
+def read_tensors_with_sha256(file: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """A safetensors file's SHA-256 and its tensors, both from one read of its bytes (so a file replaced between two
+    reads can never give a hash that does not belong to the tensors)."""
+    file = Path(file)
+    try:
+        data = file.read_bytes()
+    except OSError as err:
+        raise MTLConfigError(f"{file}: cannot be read ({err.strerror})") from None
+    try:
+        return hashlib.sha256(data).hexdigest(), load(data)
+    except Exception as err:  # noqa: BLE001 - as in read_tensors
         raise MTLConfigError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err})") from None
 
 

@@ -313,7 +313,7 @@ def test_a_runner_key_in_the_yaml_is_one_line(setup, tmp_path, capsys):
 def test_an_unknown_command_names_every_command(capsys):
     code, lines = run_cli(["contnual"], capsys)
     assert code == 2 and lines == ["error: contnual: unknown command, expected one of fit, validate, test, predict, "
-                                   "continual, compare, import-adapterhub; did you mean 'continual'?"]
+                                   "continual, compare, import-adapterhub, serve; did you mean 'continual'?"]
 
 
 def test_replay_mixes_the_buffer_in_with_the_ratio():

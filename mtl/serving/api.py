@@ -1,0 +1,280 @@
+"""The HTTP side of serving, on LitServe: request checks, the `LitAPI` that answers a gathered batch with ONE forward,
+and ``GET /tasks``.
+
+LitServe gathers requests (``max_batch_size`` / ``batch_timeout``) into one call of `AdapterServingAPI.predict`:
+the rows of every request, whatever their tasks and fusions, run as one `MTLModel.forward(..., row_tasks=...)`.
+A bad request never reaches the model and never fails its batch: `RequestGuard` (in the HTTP process) refuses bodies
+that are too large or not JSON objects, and `decode_request` turns every other mistake into that request's own 4xx.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+import torch
+from starlette.responses import JSONResponse
+
+from mtl.atomic import write_json_atomic
+from mtl.backbone import load_tokenizer
+from mtl.errors import MTLConfigError
+from mtl.model import MTLModel
+from mtl.routing import EntropyRouter, PrototypeRouter, load_router, mean_features
+from mtl.routing.base import ROUTER_CONFIG, rows_of
+from mtl.serving.store import AdapterStore, StoreEntry
+
+MAX_TEXTS = 256  # texts in one request ("texts": [...]); more is a 400
+MAX_TEXT_BYTES = 1 << 20  # one text, UTF-8; more is a 413
+MAX_BODY_BYTES = 8 << 20  # a whole request body; more is a 413 before it is read further
+STATUS_FILE = "status.json"
+
+
+def error(status: int, message: str) -> JSONResponse:
+    """A 4xx/5xx answer with a one-line ``{"error": ...}`` body."""
+    return JSONResponse({"error": " ".join(message.split())}, status_code=status)
+
+
+class RequestGuard:
+    """ASGI middleware for ``POST /predict``: a body over ``MAX_BODY_BYTES`` is a 413 and a body that is not a JSON
+    object a 400, answered here so the inference worker never sees them (LitServe would answer bad JSON with a 500)."""
+
+    def __init__(self, app: Any, path: str = "/predict") -> None:
+        self.app, self.path = app, path
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                await error(413, f"request body over {MAX_BODY_BYTES >> 20} MB")(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            await error(400, f"body is not valid JSON ({err}), expected an object like "
+                             '{"text": "...", "task": "..."}')(scope, receive, send)
+            return
+        if not isinstance(data, dict):
+            await error(400, f"body is a JSON {type(data).__name__}, expected an object with 'text' or 'texts'")(
+                scope, receive, send)
+            return
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+@dataclass
+class Parsed:
+    """One request after `parse_request`: its texts and task, or the answer that refuses it."""
+
+    texts: list[str] = field(default_factory=list)
+    task: str | None = None
+    many: bool = False  # "texts": answer a list
+    refusal: JSONResponse | None = None
+
+
+def parse_request(request: Any) -> Parsed:
+    """Check one request's shape (the one place that does); a mistake becomes that request's 4xx answer."""
+    if not isinstance(request, dict):
+        return Parsed(refusal=error(400, f"body is a JSON {type(request).__name__}, expected an object"))
+    unknown = sorted(set(request) - {"text", "texts", "task"})
+    if unknown:
+        return Parsed(refusal=error(400, f"unknown key(s) {unknown}, expected 'text' or 'texts', and 'task'"))
+    if ("text" in request) == ("texts" in request):
+        return Parsed(refusal=error(400, "give exactly one of 'text' (a string) or 'texts' (a list of strings)"))
+    many = "texts" in request
+    texts = request["texts"] if many else [request["text"]]
+    if many and (not isinstance(texts, list) or not texts):
+        return Parsed(refusal=error(400, f"texts: got {str(texts)[:40]!r}, expected a non-empty list of strings"))
+    if len(texts) > MAX_TEXTS:
+        return Parsed(refusal=error(400, f"texts: {len(texts)} texts, expected at most {MAX_TEXTS} per request"))
+    for i, text in enumerate(texts):
+        where = f"texts[{i}]" if many else "text"
+        if not isinstance(text, str) or not text.strip():
+            return Parsed(refusal=error(400, f"{where}: got {str(text)[:40]!r}, expected a non-empty string"))
+        if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
+            return Parsed(refusal=error(413, f"{where}: {len(text.encode('utf-8')):,} bytes, expected at most "
+                                             f"{MAX_TEXT_BYTES:,} (1 MB)"))
+    task = request.get("task")
+    if task is not None and (not isinstance(task, str) or not task):
+        return Parsed(refusal=error(400, f"task: got {str(task)[:40]!r}, expected a task name (a string)"))
+    return Parsed(texts=[t.strip() for t in texts], task=task, many=many)
+
+
+def answer(head_problem: str, labels: list[str] | None, logits: torch.Tensor) -> dict[str, Any]:
+    """A row's label, score and scores from its head's logits."""
+    if head_problem == "regression":
+        value = logits.float().tolist()
+        return {"label": None, "score": value[0] if len(value) == 1 else value, "scores": None}
+    names = labels or [str(i) for i in range(logits.shape[-1])]
+    if head_problem == "multilabel":
+        probs = torch.sigmoid(logits.float())
+        return {"label": [n for n, p in zip(names, probs.tolist()) if p > 0.5], "score": float(probs.max()),
+                "scores": dict(zip(names, probs.tolist()))}
+    probs = torch.softmax(logits.float(), dim=-1)
+    best = int(probs.argmax())
+    return {"label": names[best], "score": float(probs[best]), "scores": dict(zip(names, probs.tolist()))}
+
+
+class AdapterServingAPI(ls.LitAPI):
+    """One backbone, the store's adapters on demand, every gathered request in one forward."""
+
+    def __init__(self, store: str, entries: dict[str, StoreEntry], backbone: str, max_resident: int,
+                 poll_seconds: float, runtime_dir: str, router: str = "auto", max_batch_size: int = 32,
+                 batch_timeout: float = 0.01, threads: int | None = None) -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+        self.store_root, self.entries, self.backbone_name = store, entries, backbone
+        self.max_resident, self.poll_seconds, self.runtime_dir = max_resident, poll_seconds, Path(runtime_dir)
+        self.router_kind, self.threads = router, threads
+
+    # ---- start-up and the store poller ---------------------------------------------------------
+    def setup(self, device: str) -> None:
+        """Load the backbone and tokenizer, index the store, start polling it for new or replaced exports."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.store = AdapterStore(self.store_root, self.max_resident, say=self.say, entries=self.entries)
+        self.model = MTLModel(self.backbone_name).to(device).eval()
+        self.device = device
+        self.store.attach(self.model)
+        self.tokenizer = load_tokenizer(self.backbone_name)
+        self.router = self._router()
+        self.publish()
+        self._stop = threading.Event()
+        threading.Thread(target=self._poll, name="mtl-store-poller", daemon=True).start()
+
+    def say(self, line: str) -> None:
+        """One log line (store changes, evictions)."""
+        print(f"serve: {line}", flush=True)
+
+    def _router(self) -> PrototypeRouter | EntropyRouter | None:
+        folder = Path(self.store_root) / "router"
+        if self.router_kind == "none":
+            return None
+        if self.router_kind == "auto" and (folder / ROUTER_CONFIG).is_file():
+            return load_router(folder)
+        return EntropyRouter()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                for line in self.store.scan():
+                    self.say(line)
+                self.publish()
+            except Exception as err:  # noqa: BLE001 - the poller must outlive a folder that vanishes mid-scan
+                self.say(f"store scan failed ({type(err).__name__}: {err}); retrying")
+
+    def publish(self) -> None:
+        """Write what ``GET /tasks`` lists (read by the HTTP processes) atomically."""
+        write_json_atomic(self.runtime_dir / STATUS_FILE, {"tasks": self.store.describe(), "time": time.time()})
+
+    # ---- one batch -------------------------------------------------------------------------------
+    def decode_request(self, request: Any) -> Parsed:
+        """Check one request; never raises (a raise would fail every request gathered with it)."""
+        return parse_request(request)
+
+    def batch(self, inputs: list[Parsed]) -> list[Parsed]:
+        """The gathered requests as they are: tokenising waits until every row's task is known."""
+        return inputs
+
+    def unbatch(self, output: list[Any]) -> list[Any]:
+        """One answer per request, in order."""
+        return output
+
+    @torch.inference_mode()
+    def predict(self, requests: list[Parsed]) -> list[Any]:
+        """Route task-less rows, make every needed part resident, run all rows as ONE forward, answer each request."""
+        entries = self.store.snapshot()
+        out: list[Any] = [r.refusal for r in requests]
+        for i, r in enumerate(requests):
+            if out[i] is None and r.task is not None and r.task not in entries:
+                out[i] = error(404, f"task: unknown task {r.task!r}; GET /tasks lists the {len(entries)} servable")
+        rows = [(i, text, r.task) for i, r in enumerate(requests) if out[i] is None for text in r.texts]
+        routed = [k for k, (_, _, task) in enumerate(rows) if task is None]
+        chosen: dict[int, str] = {}
+        if routed:
+            try:
+                chosen = dict(zip(routed, self._route([rows[k][1] for k in routed], entries)))
+            except MTLConfigError as err:
+                for k in routed:
+                    out[rows[k][0]] = error(400, f"no task given and {err}")
+        rows = [(i, text, task or chosen.get(k)) for k, (i, text, task) in enumerate(rows) if out[i] is None]
+        versions, failed = self.store.prepare([task for _, _, task in rows]) if rows else ({}, {})
+        for i, _, task in rows:
+            if task in failed:
+                out[i] = error(503, f"task {task!r} cannot be loaded: {failed[task]}")
+        rows = [row for row in rows if out[row[0]] is None]
+        results: dict[int, list[dict[str, Any]]] = {}
+        if rows:
+            logits = self._forward(rows, entries)
+            for (i, _, task), row in zip(rows, logits):
+                head = self.model.heads[task]
+                results.setdefault(i, []).append({"task": task, **answer(head.problem, self.model.records[task].labels,
+                                                                          row), "version": versions[task]})
+        for i, r in enumerate(requests):
+            if out[i] is None:
+                answers = results[i]
+                if r.task is None:
+                    for a in answers:
+                        a["routed"] = True
+                out[i] = {"results": answers} if r.many else answers[0]
+        return out
+
+    def _forward(self, rows: list[tuple[int, str, str]], entries: dict[str, StoreEntry]) -> list[torch.Tensor]:
+        """ONE forward over every row, each through its own task; each text truncated at its task's max_length."""
+        tasks = [task for _, _, task in rows]
+        encoded = [self.tokenizer(text, truncation=True, max_length=entries[task].max_length)
+                   for (_, text, task) in rows]
+        batch = self.tokenizer.pad(encoded, return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        logits = self.model(**inputs, row_tasks=tasks)
+        return [row.cpu() for row in rows_of(tasks, logits)]
+
+    def _route(self, texts: list[str], entries: dict[str, StoreEntry]) -> list[str]:
+        """The task the store's router picks for each text."""
+        if self.router is None:
+            raise MTLConfigError("the server runs without a router (serve.router: none); expected 'task'")
+        length = max(e.max_length for e in entries.values())
+        batch = self.tokenizer(texts, truncation=True, max_length=length, padding=True, return_tensors="pt")
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        types = batch.get("token_type_ids")
+        types = types.to(self.device) if types is not None else None
+        if isinstance(self.router, PrototypeRouter):
+            missing = [t for t in self.router.tasks if t not in entries]
+            if missing:
+                raise MTLConfigError(f"the store's router routes to {missing}, which the store no longer has")
+            prefix = self.model.prefix_states(ids, mask, types, layers=self.router.depth)
+            return self.router.route_features(mean_features(prefix, mask), depth=self.router.depth)
+        tasks = [n for n, e in entries.items() if e.kind == "task" and e.labels and len(e.labels) >= 2]
+        if len(tasks) > self.store.max_resident:
+            raise MTLConfigError(f"the store has no router and entropy routing needs all {len(tasks)} tasks resident "
+                                 f"(serve.max_resident {self.store.max_resident}); expected 'task'")
+        _, failed = self.store.prepare(tasks)
+        if failed:
+            raise MTLConfigError(f"entropy routing cannot load {sorted(failed)}")
+        return EntropyRouter(tasks).route(self.model, ids, mask, types)
+
+    def encode_response(self, output: Any) -> Any:
+        """The answer as JSON (a refusal is already a JSONResponse with its status)."""
+        return output
