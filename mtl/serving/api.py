@@ -7,8 +7,6 @@ A bad request never reaches the model and never fails its batch: `RequestGuard` 
 that are too large or not JSON objects, and `decode_request` turns every other mistake into that request's own 4xx.
 """
 
-from __future__ import annotations
-
 import json
 import threading
 import time
@@ -18,6 +16,7 @@ from typing import Any
 
 import litserve as ls
 import torch
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from mtl.atomic import write_json_atomic
@@ -74,6 +73,9 @@ class RequestGuard:
                 scope, receive, send)
             return
         sent = False
+        # the body is JSON whatever the client said (curl -d says form data, which LitServe would parse as a form)
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+        scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
         async def replay() -> dict:
             nonlocal sent
@@ -177,11 +179,19 @@ class AdapterServingAPI(ls.LitAPI):
         return EntropyRouter()
 
     def _poll(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
+        """Rescan every ``poll_seconds``; republish the listing within a quarter second of any change."""
+        last_scan, published = time.monotonic(), self.store.resident_names
+        while not self._stop.wait(min(self.poll_seconds, 0.25)):
             try:
-                for line in self.store.scan():
-                    self.say(line)
-                self.publish()
+                changed = False
+                if time.monotonic() - last_scan >= self.poll_seconds:
+                    last_scan = time.monotonic()
+                    for line in self.store.scan():
+                        self.say(line)
+                        changed = True
+                if changed or self.store.resident_names != published:
+                    published = self.store.resident_names
+                    self.publish()
             except Exception as err:  # noqa: BLE001 - the poller must outlive a folder that vanishes mid-scan
                 self.say(f"store scan failed ({type(err).__name__}: {err}); retrying")
 
@@ -190,8 +200,11 @@ class AdapterServingAPI(ls.LitAPI):
         write_json_atomic(self.runtime_dir / STATUS_FILE, {"tasks": self.store.describe(), "time": time.time()})
 
     # ---- one batch -------------------------------------------------------------------------------
-    def decode_request(self, request: Any) -> Parsed:
-        """Check one request; never raises (a raise would fail every request gathered with it)."""
+    # LitServe routes on this annotation: `Request` makes it read the body as JSON and pass that here (which is why
+    # this module does not use postponed annotations)
+    def decode_request(self, request: Request) -> Parsed:
+        """Check one request (its parsed JSON body); never raises (a raise would fail every request gathered with
+        it)."""
         return parse_request(request)
 
     def batch(self, inputs: list[Parsed]) -> list[Parsed]:

@@ -64,6 +64,14 @@ def _stamp(*files: Path) -> Stamp:
     return tuple(out)
 
 
+def _stamp_or_none(folder: Path) -> Stamp:
+    """The stamp of every file in an export folder (for telling one broken state from the next)."""
+    try:
+        return _stamp(*sorted(p for p in folder.iterdir() if p.is_file()))
+    except OSError:
+        return ()
+
+
 def check_safetensors_bytes(file: Path, data: bytes) -> None:
     """The bytes hold a complete safetensors file: header readable and every tensor inside the file (a half-copied
     or truncated export fails here, before it is ever loaded)."""
@@ -132,6 +140,8 @@ class AdapterStore:
         self._lock = threading.Lock()
         self.entries: dict[str, StoreEntry] = {}
         self._missing: dict[str, int] = {}
+        self._reported: dict[Path, Stamp] = {}  # broken exports already reported, so a rescan does not repeat them
+        self.resident_names: tuple[str, ...] = ()  # for other threads: replaced whole after each change
         self.resident: OrderedDict[str, StoreEntry] = OrderedDict()  # least recently used first
         self.model: MTLModel | None = None
         if entries is None:
@@ -159,9 +169,11 @@ class AdapterStore:
                     raise
                 if known is not None:
                     found[known.name] = known
-                    changes.append(f"kept version {known.version} of '{known.name}': {err}")
-                else:
-                    changes.append(f"skipped {folder}: {err}")
+                stamp = _stamp_or_none(folder)
+                if self._reported.get(folder) != stamp:
+                    self._reported[folder] = stamp
+                    changes.append(f"kept version {known.version} of '{known.name}': {err}" if known is not None
+                                   else f"skipped {folder}: {err}")
                 continue
             if entry.name in found:
                 message = f"'{entry.name}' is exported twice ({found[entry.name].folder} and {folder})"
@@ -203,7 +215,7 @@ class AdapterStore:
 
     def describe(self) -> list[dict[str, Any]]:
         """Every servable part, as ``GET /tasks`` lists it."""
-        resident = set(self.resident)
+        resident = set(self.resident_names)
         return [e.describe(e.name in resident) for e in self.snapshot().values()]
 
     # ---- the resident parts (the model's thread only) ----------------------------------------
@@ -245,6 +257,7 @@ class AdapterStore:
                     continue
             self.resident.move_to_end(name)
         self._evict(set(needed))
+        self.resident_names = tuple(self.resident)
         return {n: self.resident[n].version for n in wanted if n not in failed}, {n: failed[n] for n in wanted if n in failed}
 
     def _load(self, entry: StoreEntry) -> None:
