@@ -35,7 +35,7 @@ STATUS_FILE = "status.json"
 
 def error(status: int, message: str) -> JSONResponse:
     """A 4xx/5xx answer with a one-line ``{"error": ...}`` body."""
-    return JSONResponse({"error": " ".join(message.split())}, status_code=status)
+    return JSONResponse({"error": " ".join(message.splitlines())}, status_code=status)
 
 
 class RequestGuard:

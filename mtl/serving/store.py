@@ -187,6 +187,7 @@ class AdapterStore:
                 changes.append(f"new {entry.kind} '{entry.name}' version {entry.version}")
             elif before.sha256 != entry.sha256:
                 changes.append(f"'{entry.name}' version {before.version} -> {entry.version}")
+        on_disk = set(found)
         for name, entry in old.items():
             if name not in found:  # an overwrite without an atomic exchange leaves the name empty for a moment
                 self._missing[name] = self._missing.get(name, 0) + 1
@@ -194,7 +195,7 @@ class AdapterStore:
                     found[name] = entry
                 else:
                     changes.append(f"'{name}' removed from the store")
-        for name in found:
+        for name in on_disk:
             self._missing.pop(name, None)
         with self._lock:
             self.entries = found

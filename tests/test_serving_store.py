@@ -1,0 +1,169 @@
+"""The adapter store and the serving API in one process (no HTTP): an index that reads no weights, answers equal to
+`MTLModel.forward` on each text alone from ONE forward per batch, LRU eviction with fusions pinning their adapters,
+hot swap between batches, broken and removed exports, and every request mistake as that request's own 4xx."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from mtl import storage
+from mtl.errors import MTLConfigError
+from mtl.routing import load_router
+from mtl.serving.api import MAX_TEXT_BYTES, MAX_TEXTS, AdapterServingAPI, parse_request
+from mtl.serving.store import AdapterStore
+from tests.serving_helpers import FUSION, LABELS, TASKS, TEXTS, expected, retrain, store_model, write_store
+
+
+@pytest.fixture()
+def store_dir(tiny_dir, tmp_path):
+    return write_store(tmp_path / "store", tiny_dir)
+
+
+def _api(store_dir, tiny_dir, tmp_path, max_resident=8) -> AdapterServingAPI:
+    store = AdapterStore(store_dir, max_resident)
+    api = AdapterServingAPI(str(store_dir), store.snapshot(), str(tiny_dir), max_resident, 3600.0, str(tmp_path))
+    api.setup("cpu")
+    return api
+
+
+def _scores(answer: dict) -> torch.Tensor:
+    return torch.tensor([answer["scores"][label] for label in LABELS])
+
+
+def test_the_index_reads_configs_and_hashes_but_loads_no_weights(store_dir, tiny_dir, tmp_path):
+    api = _api(store_dir, tiny_dir, tmp_path)
+    assert api.model.tasks == [] and api.store.resident_names == ()
+    listed = {row["task"]: row for row in api.store.describe()}
+    assert sorted(listed) == sorted([*TASKS, FUSION])
+    sha = storage.file_sha256(store_dir / "adapters" / "t1" / storage.ADAPTER_WEIGHTS)
+    assert listed["t1"]["version"] == sha[:12] and listed["t1"]["labels"] == LABELS
+    assert listed["t3"]["adapter"] == "houlsby" and listed[FUSION]["fused"] == ["t0", "t1"]
+    assert json.loads((tmp_path / "status.json").read_text())["tasks"][0]["resident"] is False
+
+
+def test_a_mixed_batch_is_one_forward_and_equals_each_text_alone(store_dir, tiny_dir, tmp_path):
+    api = _api(store_dir, tiny_dir, tmp_path)
+    calls = []
+    forward = api.model.forward
+    api.model.forward = lambda *a, **k: calls.append(k.get("row_tasks")) or forward(*a, **k)
+    requests = [{"text": TEXTS[0], "task": "t0"}, {"texts": TEXTS[1:4], "task": "t2"}, {"text": TEXTS[4], "task": FUSION},
+                {"text": TEXTS[5], "task": "t3"}, {"text": TEXTS[2], "task": "t1"}]
+    out = api.predict([parse_request(r) for r in requests])
+    assert len(calls) == 1 and sorted(set(calls[0])) == sorted(["t0", "t1", "t2", "t3", FUSION])
+    reference, tokenizer = store_model(store_dir, tiny_dir), api.tokenizer
+    pairs = [(out[0], TEXTS[0], "t0")] + [(a, t, "t2") for a, t in zip(out[1]["results"], TEXTS[1:4])] + \
+        [(out[2], TEXTS[4], FUSION), (out[3], TEXTS[5], "t3"), (out[4], TEXTS[2], "t1")]
+    for answer, text, task in pairs:
+        want = expected(reference, tokenizer, text, task, 8 if task == "t2" else 128)
+        assert answer["task"] == task and torch.allclose(_scores(answer), want, atol=1e-5)
+        assert answer["label"] == LABELS[int(want.argmax())]
+    # t2 truncates at its task's max_length (8 tokens), as in training: the long text answers like its first 8 tokens
+    short = tokenizer.decode(tokenizer(TEXTS[2], truncation=True, max_length=8)["input_ids"][1:-1])
+    again = api.predict([parse_request({"text": short, "task": "t2"})])[0]
+    assert torch.allclose(_scores(again), _scores(out[1]["results"][1]), atol=1e-5)
+
+
+def test_eviction_keeps_at_most_max_resident_and_a_fusion_pins_its_adapters(store_dir, tiny_dir, tmp_path):
+    api = _api(store_dir, tiny_dir, tmp_path, max_resident=3)
+    reference = store_model(store_dir, tiny_dir)
+    api.predict([parse_request({"text": TEXTS[0], "task": FUSION})])
+    assert set(api.store.resident_names) == {"t0", "t1", FUSION}
+    for task in ["t2", "t3", "t2"]:  # the fusion and its two adapters are pinned only while the fusion is needed
+        answer = api.predict([parse_request({"text": TEXTS[1], "task": task})])[0]
+        assert torch.allclose(_scores(answer), expected(reference, api.tokenizer, TEXTS[1], task, 32), atol=1e-5)
+        assert len(api.store.resident_names) <= 3 and task in api.store.resident_names
+    assert FUSION not in api.store.resident_names or {"t0", "t1"} <= set(api.store.resident_names)
+    for task in [*TASKS, FUSION]:  # evicted parts load again, with the same answers
+        answer = api.predict([parse_request({"text": TEXTS[3], "task": task})])[0]
+        assert torch.allclose(_scores(answer), expected(reference, api.tokenizer, TEXTS[3], task, 32), atol=1e-5)
+        resident = set(api.store.resident_names)
+        assert len(resident) <= 3 and (FUSION not in resident or {"t0", "t1"} <= resident)
+    assert sorted(api.model.tasks) == sorted(api.store.resident_names)
+
+
+def test_a_new_export_is_swapped_in_between_batches_and_answers_say_which_version(store_dir, tiny_dir, tmp_path):
+    api = _api(store_dir, tiny_dir, tmp_path)
+    old = api.predict([parse_request({"text": TEXTS[0], "task": "t2"})])[0]
+    retrain(store_dir, tiny_dir, "t2", seed=99)
+    same = api.predict([parse_request({"text": TEXTS[0], "task": "t2"})])[0]  # no rescan yet: still the old version
+    assert same == old
+    assert api.store.scan() == [f"'t2' version {old['version']} -> "
+                                f"{storage.file_sha256(store_dir / 'adapters/t2/adapter.safetensors')[:12]}"]
+    new = api.predict([parse_request({"text": TEXTS[0], "task": "t2"})])[0]
+    want = expected(store_model(store_dir, tiny_dir), api.tokenizer, TEXTS[0], "t2", 8)
+    assert new["version"] != old["version"] and torch.allclose(_scores(new), want, atol=1e-5)
+
+
+def test_a_broken_export_keeps_the_old_version_and_a_removed_task_goes_after_two_scans(store_dir, tiny_dir, tmp_path):
+    api = _api(store_dir, tiny_dir, tmp_path)
+    old = api.predict([parse_request({"text": TEXTS[0], "task": "t1"})])[0]
+    weights = store_dir / "adapters" / "t1" / storage.ADAPTER_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-100])  # a half-copied file, written in place (not atomically)
+    changes = api.store.scan()
+    assert len(changes) == 1 and changes[0].startswith(f"kept version {old['version']} of 't1': {weights}: ")
+    assert "truncated or half-written" in changes[0]
+    assert api.store.scan() == []  # reported once
+    assert api.predict([parse_request({"text": TEXTS[0], "task": "t1"})])[0] == old
+    shutil.rmtree(store_dir / "adapters" / "t3")
+    assert api.store.scan() == [] and "t3" in api.store.snapshot()  # a moment's absence is an overwrite in flight
+    assert api.store.scan() == ["'t3' removed from the store"]
+    gone = api.predict([parse_request({"text": TEXTS[0], "task": "t3"})])[0]
+    assert gone.status_code == 404 and b"unknown task 't3'" in gone.body
+
+
+def test_the_store_router_answers_task_less_texts_as_routing_then_forward_would(store_dir, tiny_dir, tmp_path):
+    api = _api(store_dir, tiny_dir, tmp_path)
+    out = api.predict([parse_request({"texts": TEXTS[:4]}), parse_request({"text": TEXTS[4], "task": "t0"})])
+    reference, router = store_model(store_dir, tiny_dir), load_router(store_dir / "router")
+    batch = api.tokenizer(TEXTS[:4], padding=True, return_tensors="pt")
+    chosen = router.route(reference, batch["input_ids"], batch["attention_mask"])
+    assert [a["task"] for a in out[0]["results"]] == chosen and all(a["routed"] for a in out[0]["results"])
+    for answer, text in zip(out[0]["results"], TEXTS):
+        length = 8 if answer["task"] == "t2" else 32
+        assert torch.allclose(_scores(answer), expected(reference, api.tokenizer, text, answer["task"], length), atol=1e-5)
+    assert "routed" not in out[1]
+
+
+@pytest.mark.parametrize("request_body, status, message", [
+    ([1], 400, "body is a JSON list, expected an object"),
+    ({"task": "t0"}, 400, "give exactly one of 'text' (a string) or 'texts' (a list of strings)"),
+    ({"text": "a", "texts": ["b"]}, 400, "give exactly one of"),
+    ({"text": "   "}, 400, "text: got '   ', expected a non-empty string"),
+    ({"text": 5}, 400, "text: got '5', expected a non-empty string"),
+    ({"texts": []}, 400, "texts: got '[]', expected a non-empty list of strings"),
+    ({"texts": ["ok", None]}, 400, "texts[1]: got 'None', expected a non-empty string"),
+    ({"texts": ["x"] * 10_000}, 400, f"texts: 10000 texts, expected at most {MAX_TEXTS} per request"),
+    ({"text": "é" * (MAX_TEXT_BYTES // 2 + 1)}, 413, f"text: {MAX_TEXT_BYTES + 2:,} bytes, expected at most"),
+    ({"text": "a", "task": 3}, 400, "task: got '3', expected a task name (a string)"),
+    ({"text": "a", "label": "x"}, 400, "unknown key(s) ['label'], expected 'text' or 'texts', and 'task'"),
+])
+def test_each_request_mistake_is_its_own_one_line_answer(request_body, status, message):
+    refusal = parse_request(request_body).refusal
+    body = json.loads(refusal.body)
+    assert refusal.status_code == status and message in body["error"] and "\n" not in body["error"]
+
+
+def test_bad_requests_in_a_batch_leave_the_others_answered(store_dir, tiny_dir, tmp_path):
+    api = _api(store_dir, tiny_dir, tmp_path)
+    out = api.predict([parse_request({"text": ""}), parse_request({"text": "a", "task": "nope"}),
+                       parse_request({"text": TEXTS[0], "task": "t0"})])
+    assert [getattr(o, "status_code", 200) for o in out] == [400, 404, 200] and out[2]["task"] == "t0"
+
+
+def test_a_store_that_cannot_be_served_is_one_line(tmp_path, store_dir):
+    with pytest.raises(MTLConfigError, match=r"serve.store: .*nowhere: not a folder"):
+        AdapterStore(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MTLConfigError, match="no exported task found"):
+        AdapterStore(tmp_path / "empty")
+    two = tmp_path / "two"
+    for run in ("a", "b"):
+        shutil.copytree(store_dir / "adapters", two / run / "adapters")
+    with pytest.raises(MTLConfigError, match="'t0' is exported twice"):
+        AdapterStore(two)
+    with pytest.raises(MTLConfigError, match="serve.max_resident: got 0"):
+        AdapterStore(store_dir, 0)
