@@ -16,7 +16,7 @@ from transformers import DataCollatorWithPadding
 
 from mtl.arch import max_tokens
 from mtl.backbone import load_backbone_config, load_tokenizer
-from mtl.data.predict_input import MODEL_INPUTS, TextDataset, check_predict_file_name, read_predict_texts
+from mtl.data.predict_input import MODEL_INPUTS, TextStream, check_predict_file_name, count_predict_examples
 from mtl.data.sampling import TaskBatchSampler, shard_rows, task_probabilities
 from mtl.data.sources import SPLITS, load_task_dataset
 from mtl.data.spec import TaskSpec, load_task_specs
@@ -117,9 +117,9 @@ class TaskDataModule(L.LightningDataModule):
     Prediction: without ``predict_file``, one loader per task (``tasks + eval_tasks``) over
     ``predict_split``, batches as above plus ``index`` (LongTensor, the rows' positions in the
     split) and ``text`` (list of the first text field, raw). With ``predict_file``, one loader
-    over the file: ``input_ids``, ``attention_mask`` (``token_type_ids``), ``index`` (position
-    among the file's examples, blank lines skipped), ``text``, no ``labels`` and ``task`` None
-    (meaning every task of the model).
+    streaming the file (read and tokenised a batch at a time): ``input_ids``, ``attention_mask``
+    (``token_type_ids``), ``index`` (position among the file's examples, blank lines skipped),
+    ``text``, no ``labels`` and ``task`` None (meaning every task of the model).
 
     Args:
         tasks: Tasks to train (and evaluate): names (``<tasks_dir>/<name>.yaml``) or paths to task YAML
@@ -213,7 +213,7 @@ class TaskDataModule(L.LightningDataModule):
         self.predict_text_field, self.predict_max_length = predict_text_field, predict_max_length
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
         self._check_lengths()
-        self._predict_texts: list[str] | None = None
+        self._predict_file_checked = False
         self._data: dict[str, datasets.DatasetDict] = {}
         self._raw: dict[str, datasets.DatasetDict] = {}  # untokenised splits: read once (preflight), tokenised later
         self._tokenizer: Any = None
@@ -232,13 +232,15 @@ class TaskDataModule(L.LightningDataModule):
     def check_before(self, stage: str, processes: int = 1, distributed_sampler: bool = False) -> None:
         """Read what ``stage`` needs (task data or the predict file) and check the cache folder, writing nothing.
 
-        The data read here is kept, so the run does not read it twice. ``processes`` and ``distributed_sampler``: what
-        the Trainer will run with (the CLI reads them from its configuration before any process starts).
+        Task data read here is kept, so the run does not read it twice; the predict file is only validated (it is
+        streamed when predicting). ``processes`` and ``distributed_sampler``: what the Trainer will run with (the CLI
+        reads them from its configuration before any process starts).
         """
         if processes > 1 and distributed_sampler:
             raise _sampler_refusal(processes)
         if stage == "predict" and self.predict_file is not None:
-            self._predict_texts = read_predict_texts(self.predict_file, self.predict_text_field)
+            count_predict_examples(self.predict_file, self.predict_text_field)
+            self._predict_file_checked = True
             return
         writable_folder(self.cache_dir, "data.cache_dir")
         for name in self._specs:
@@ -466,8 +468,10 @@ class TaskDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader over ``predict_file`` if set, else one per task over ``predict_split`` (see the class docstring)."""
         if self.predict_file is not None:
-            texts = self._predict_texts or read_predict_texts(self.predict_file, self.predict_text_field)
-            data = TextDataset(texts, self.tokenizer, self.predict_max_length)
-            return [DataLoader(data, batch_size=self.eval_batch_size, collate_fn=self._collator(),
-                               num_workers=self.num_workers)]
+            if not self._predict_file_checked:  # mistakes in the file stop the run before any output is started
+                count_predict_examples(self.predict_file, self.predict_text_field)
+            stream = TextStream(self.predict_file, self.predict_text_field, self.tokenizer, self.predict_max_length,
+                                self.eval_batch_size)
+            # the stream yields whole batches (batch_size=None): tokenised per batch, in the file's order
+            return [DataLoader(stream, batch_size=None, collate_fn=self._collator(), num_workers=self.num_workers)]
         return self._eval_loaders(self.predict_split, with_text=True)

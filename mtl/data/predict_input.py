@@ -1,16 +1,19 @@
 """Prediction input from a file: ``.txt`` (one example per non-empty line) or ``.jsonl``.
 
-Texts are tokenised in memory (no cache: the file is read once per prediction run). Pure
-Python + torch's ``Dataset``; no Lightning.
+The file is streamed: read line by line and tokenised one batch at a time, so memory does not grow with the file.
+Pure Python + torch's ``IterableDataset``; no Lightning.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 from mtl.errors import MTLConfigError
 
@@ -26,31 +29,41 @@ def check_predict_file_name(path: str) -> None:
         )
 
 
-def read_predict_texts(path: str | Path, text_field: str = "text") -> list[str]:
-    """The file's texts in order: non-empty lines of a .txt, ``text_field`` of each .jsonl object.
+def iter_predict_texts(path: str | Path, text_field: str = "text") -> Iterator[str]:
+    """The file's texts in order, read lazily: non-empty lines of a .txt, ``text_field`` of each .jsonl object.
 
     Blank lines are skipped in both formats; texts are stripped of surrounding whitespace (as the
-    training sources do). Errors name the file, and the 1-based line for .jsonl.
+    training sources do). Errors name the file, and the 1-based line for .jsonl; a file without
+    examples is an error once it has been read to the end.
     """
     path = Path(path).expanduser()
     check_predict_file_name(str(path))
     if not path.is_file():
         raise MTLConfigError(f"{path}: data.predict_file: no such file, expected a .txt or .jsonl file of texts")
-    try:
-        # utf-8-sig: a BOM written by some editors must not become part of the first text
-        content = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise MTLConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}), expected UTF-8") from None
-    # split on "\n" only (not str.splitlines): line numbers then match what an editor shows
-    lines = [(n, line.strip()) for n, line in enumerate(content.split("\n"), start=1)]
-    lines = [(n, line) for n, line in lines if line]
-    if path.suffix.lower() == ".jsonl":
-        texts = [_jsonl_text(path, n, line, text_field) for n, line in lines]
-    else:
-        texts = [line for _, line in lines]
-    if not texts:
+    jsonl, count, offset = path.suffix.lower() == ".jsonl", 0, 0
+    # binary lines split on b"\n" only (not str.splitlines): line numbers then match what an editor shows
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]  # utf-8-sig: a BOM must not become part of the first text
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                # byte offsets count from after the BOM, as decoding the whole file with utf-8-sig did
+                raise MTLConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {offset + err.start}), "
+                                     "expected UTF-8") from None
+            offset += len(raw)
+            if line:
+                count += 1
+                yield _jsonl_text(path, n, line, text_field) if jsonl else line
+    if not count:
         raise MTLConfigError(f"{path}: no examples (empty or blank lines only), expected one example per line")
-    return texts
+
+
+def count_predict_examples(path: str | Path, text_field: str = "text") -> int:
+    """Validate the whole file (every error `iter_predict_texts` can raise) and count its examples, keeping no text."""
+    # a cheap first pass: mistakes are found before any work starts, at the cost of reading the file twice
+    return sum(1 for _ in iter_predict_texts(path, text_field))
 
 
 def _jsonl_text(path: Path, n: int, line: str, field: str) -> str:
@@ -71,18 +84,28 @@ def _jsonl_text(path: Path, n: int, line: str, field: str) -> str:
     return value.strip()
 
 
-class TextDataset(Dataset):
-    """Texts tokenised in memory; items carry ``index`` (position in the file), ``text`` and ``task`` None."""
+class TextStream(IterableDataset):
+    """The file's examples as lists of ``batch_size`` items (``index``: position in the file, ``text``, ``task`` None),
+    read and tokenised one batch at a time; use with ``DataLoader(batch_size=None)``."""
 
-    def __init__(self, texts: list[str], tokenizer: Any, max_length: int) -> None:
-        """Tokenise ``texts`` (truncated to ``max_length`` tokens) once, up front."""
-        self.texts = texts
-        enc = tokenizer(texts, truncation=True, max_length=max_length)
-        self.columns = {k: enc[k] for k in MODEL_INPUTS if k in enc}
+    def __init__(self, path: str | Path, text_field: str, tokenizer: Any, max_length: int, batch_size: int) -> None:
+        """Nothing is read until iteration."""
+        self.path, self.text_field = path, text_field
+        self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
 
-    def __len__(self) -> int:
-        return len(self.texts)
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        texts = iter_predict_texts(self.path, self.text_field)
+        # every worker reads the file but tokenises only every workers-th batch; the DataLoader takes the workers'
+        # batches in turn, so the order is the file's
+        for number, chunk in enumerate(iter(lambda: list(islice(texts, self.batch_size)), [])):
+            if number % workers == worker:
+                yield self._items(chunk, number * self.batch_size)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _items(self, texts: list[str], start: int) -> list[dict[str, Any]]:
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        columns = {k: enc[k] for k in MODEL_INPUTS if k in enc}
         # task None: the batch is meant for every task of the model (the collator passes it on)
-        return {**{k: v[index] for k, v in self.columns.items()}, "index": index, "text": self.texts[index], "task": None}
+        return [{**{k: v[i] for k, v in columns.items()}, "index": start + i, "text": text, "task": None}
+                for i, text in enumerate(texts)]
