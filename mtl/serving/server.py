@@ -17,9 +17,11 @@ if TYPE_CHECKING:
     from mtl.serving.cli import ServeConfig
 
 
-def build_server(config: ServeConfig, store: AdapterStore, backbone: str, runtime_dir: str) -> ls.LitServer:
-    """A LitServer answering ``POST /predict`` from ``store`` and listing it at ``GET /tasks``."""
-    api = AdapterServingAPI(config.store, store.snapshot(), backbone, config.max_resident, config.poll_seconds,
+def build_server(config: ServeConfig, store: AdapterStore, backbone: str, runtime_dir: str,
+                 api_class: type[AdapterServingAPI] = AdapterServingAPI) -> ls.LitServer:
+    """A LitServer answering ``POST /predict`` from ``store`` and listing it at ``GET /tasks`` (``api_class``: a
+    variant of the API, e.g. a benchmark's baseline)."""
+    api = api_class(config.store, store.snapshot(), backbone, config.max_resident, config.poll_seconds,
                             runtime_dir, config.router, config.max_batch_size, config.batch_timeout, config.threads)
     server = ls.LitServer(api, accelerator="auto", devices=1, workers_per_device=1, timeout=config.timeout,
                           middlewares=[RequestGuard], enable_shutdown_api=True)
