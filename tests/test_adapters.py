@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from mtl.adapters.bottleneck import BottleneckAdapter, grouped_outputs
 from mtl.adapters.config import AdapterConfig
 from mtl.adapters.inject import Routing, Target
 from mtl.errors import MTLConfigError
@@ -136,3 +137,49 @@ def test_leave_out_out_of_range():
     model = MTLModel(tiny_backbone("bert"))
     with pytest.raises(MTLConfigError, match="leave_out"):
         model.add_task("t", 2, AdapterConfig(leave_out=[5]))
+
+
+@pytest.mark.parametrize("counts", [[1, 1, 1, 1, 1], [3, 1, 2, 1, 4], [2, 2, 2, 2, 2]])
+def test_grouped_outputs_equal_each_adapter_on_its_own_rows(counts):
+    torch.manual_seed(0)
+    adapters = [BottleneckAdapter(16, AdapterConfig(type="pfeiffer", reduction_factor=4, scaling=s))
+                for s in (1.0, 2.0, 1.0, 0.5, 1.0)]
+    for adapter in adapters:
+        torch.nn.init.normal_(adapter.up.weight)
+        torch.nn.init.normal_(adapter.up.bias)
+    z = torch.randn(sum(counts), 3, 16)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    loop = torch.cat([a.up_output(z[s:s + c]) for a, s, c in zip(adapters, starts, counts)])
+    assert torch.allclose(grouped_outputs(adapters, counts, z), loop, atol=1e-6)
+    wider = adapters[:4] + [BottleneckAdapter(16, AdapterConfig(type="pfeiffer", reduction_factor=2))]
+    assert grouped_outputs(wider, counts, z) is None  # widths differ: the caller loops per adapter
+
+
+def test_a_many_task_row_batch_takes_the_grouped_path_and_equals_each_row_alone(monkeypatch):
+    from mtl.adapters.inject import AdapterSlot
+    from mtl.model import MTLModel
+    from tests.conftest import tiny_backbone, tiny_batch
+
+    model = MTLModel(tiny_backbone("bert"))
+    names = [f"t{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        model.add_task(name, 3, "pfeiffer" if i < 4 else "houlsby")
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for p in model.task_parameters(name).values():
+                p.add_(torch.randn_like(p) * 0.3)
+    grouped, original = [], AdapterSlot._grouped
+    monkeypatch.setattr(AdapterSlot, "_grouped", lambda self, *a: grouped.append(original(self, *a)) or grouped[-1])
+    batch = tiny_batch(rows=9, length=7)
+    for row_tasks in (["t0", "t1", "t2", "t3", "t0", "t2", "t1", "t3", "t3"], ["t0", "t1", "t4", "t2", "t3", "t0", "t4", "t1", "t2"]):
+        grouped.clear()
+        with torch.no_grad():
+            out = model(**batch, row_tasks=row_tasks)
+            seen = dict.fromkeys(row_tasks, 0)
+            for row, task in enumerate(row_tasks):
+                alone = model(batch["input_ids"][row:row + 1], batch["attention_mask"][row:row + 1], tasks=task)[task]
+                assert torch.allclose(out[task][seen[task]], alone[0], atol=1e-5)
+                seen[task] += 1
+        used = [g is not None for g in grouped]
+        # pfeiffer only: every ffn slot batches its groups; with a houlsby task (other inputs) the slots loop
+        assert used and all(used) == ("t4" not in row_tasks) and any(used) == ("t4" not in row_tasks)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mtl.adapters.bottleneck import factored_outputs
+from mtl.adapters.bottleneck import factored_outputs, grouped_outputs
 from mtl.arch import SubLayer, arch_spec, layer_list
 
 
@@ -38,6 +38,10 @@ class Target:
         """Whether this target mixes several adapters with a fusion layer."""
         return bool(self.fused)
 
+
+# from this many task groups in one layer call, gathering each row's adapter weights for one batched matmul beats
+# a loop of small matmuls per group (benchmarks/mixed_batch.py)
+GROUPED_MIN = 4
 
 Observer = Callable[["AdapterSlot", str, torch.Tensor], None]  # (slot, fusion name, softmax weights [rows, seq, N])
 
@@ -112,8 +116,28 @@ class AdapterSlot(nn.Module):
             memo: dict[str, torch.Tensor] = {}  # every route starts from the same rows here: share adapter outputs
             pieces = [self._route(t, h, x, routing, memo) for t, _ in groups]
             return torch.cat(pieces, dim=0), repeat_rows(x, routing.replicate)
+        if len(groups) >= GROUPED_MIN:
+            grouped = self._grouped(groups, h, x)
+            if grouped is not None:
+                return grouped, x
         pieces = [self._route(t, h[s], x[s], routing, None) for t, s in groups]
         return torch.cat(pieces, dim=0), x
+
+    def _grouped(self, groups: list[tuple[Target | None, slice]], h: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """Many plain adapters on their own rows (a server's mixed batch) in one batched pass; None where that does
+        not apply: a fusion or a row with no adapter here, adapters that read other inputs, or dropout at work."""
+        if any(t is None or t.is_fusion or t.name not in self.adapters for t, _ in groups):
+            return None
+        adapters = [self.adapters[t.name] for t, _ in groups]
+        rules = {(a.parallel, a.original_ln_before, a.residual_before_ln) for a in adapters}
+        if len(rules) > 1 or any(a.training and a.dropout.p > 0 for a in adapters):
+            return None
+        counts = [len(range(*s.indices(h.shape[0]))) for _, s in groups]
+        if sum(counts) != h.shape[0]:
+            return None
+        z, residual = adapters[0].inputs(h, x, self.layer_norm)  # row-wise, and the same rules for every adapter
+        up = grouped_outputs(adapters, counts, z)
+        return None if up is None else up + residual
 
     def _up(self, name: str, z: torch.Tensor, memo: dict[str, torch.Tensor] | None) -> torch.Tensor:
         if memo is None:

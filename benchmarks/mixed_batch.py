@@ -1,0 +1,77 @@
+"""Mixed-task batch vs one-task batch: the forward alone, in process, on MiniLM-L6.
+
+Usage: python benchmarks/mixed_batch.py [--rows 32] [--tasks 32] [--seq 64] [--threads 1] [--repeats 15]
+
+A server batches whatever requests arrive together, so a batch of ``rows`` rows spread over ``tasks`` different
+Pfeiffer adapters (``row_tasks``) must cost about what the same batch costs through one adapter. The adapters are
+about 1% of the FLOPs, so the limit of the ratio is about 0.99. Prints a markdown table: rows/s of both, the ratio,
+and the largest difference between the mixed forward and each row's own single-task forward. Times are medians of
+interleaved runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mtl.model import MTLModel
+
+
+def median_times(fns: list, repeats: int) -> list[float]:
+    """Median wall time of each ``fn()``, interleaved so drift on a shared machine hits all alike."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) for bucket in times]
+
+
+def main() -> None:
+    """Build the model, time both batches, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--tasks", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = MTLModel("minilm-l6").eval()
+    names = [f"t{i}" for i in range(args.tasks)]
+    for name in names:
+        model.add_task(name, 3, "pfeiffer")
+        with torch.no_grad():
+            for p in model.task_parameters(name).values():
+                p.add_(torch.randn_like(p) * 0.05)
+    ids = torch.randint(1000, 20000, (args.rows, args.seq))
+    mask = torch.ones_like(ids)
+    mixed = [names[i % args.tasks] for i in range(args.rows)]
+    same = [names[0]] * args.rows
+    with torch.inference_mode():
+        t_same, t_mixed = median_times([lambda: model(ids, mask, row_tasks=same),
+                                        lambda: model(ids, mask, row_tasks=mixed)], args.repeats)
+        out = model(ids, mask, row_tasks=mixed)
+        seen = dict.fromkeys(names, 0)
+        diff = 0.0
+        for row, task in enumerate(mixed):
+            alone = model(ids[row:row + 1], mask[row:row + 1], tasks=task)[task][0]
+            diff = max(diff, float((out[task][seen[task]] - alone).abs().max()))
+            seen[task] += 1
+    print(f"MiniLM-L6, {args.rows} rows x {args.seq} tokens, {args.tasks} Pfeiffer tasks, {args.threads} thread(s), "
+          f"median of {args.repeats}\n")
+    print("| batch | rows/s | ratio to one task | max abs diff vs each row alone |")
+    print("|---|---:|---:|---:|")
+    print(f"| all rows one task | {args.rows / t_same:.1f} | 1.00 | - |")
+    print(f"| {args.tasks} tasks mixed | {args.rows / t_mixed:.1f} | {t_same / t_mixed:.2f} | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
