@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,19 @@ from mtl.continual.runner import ContinualConfig, ContinualRunner
 from mtl.data.module import TaskDataModule
 from mtl.data.spec import load_task_spec
 from mtl.lit import AdapterTrainer
+from mtl.serving.cli import parse as parse_serve
+from mtl.serving.store import AdapterStore
 from mtl.model import MTLModel
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "\ncontinual:" not in p.read_text())
-CONTINUAL_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "\ncontinual:" in p.read_text())
+def _configs(section: str | None) -> list[Path]:
+    """configs/*.yaml with a top-level ``section:`` (None: neither continual nor serve, i.e. LightningCLI's)."""
+    found = {p: next((s for s in ("continual", "serve") if re.search(rf"^{s}:", p.read_text(), re.M)), None)
+             for p in (ROOT / "configs").glob("*.yaml")}
+    return sorted(p for p, s in found.items() if s == section)
+
+
+CONFIGS, CONTINUAL_CONFIGS, SERVE_CONFIGS = _configs(None), _configs("continual"), _configs("serve")
 TASKS = sorted((ROOT / "tasks").glob("*.yaml"))
 
 
@@ -64,6 +73,16 @@ def test_continual_config_builds(path, monkeypatch, tmp_path):
     assert len(runner.stages) >= 1 and not (tmp_path / "run").exists()
     module = runner._module(runner.order, None)
     assert sorted(module.model.tasks) == sorted(module.model.trainable_tasks()) == sorted(runner.order)
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=[p.name for p in SERVE_CONFIGS])
+def test_serve_config_parses_and_its_store_indexes(path, monkeypatch, trained_run):
+    """A ``train.py serve`` config passes every check made before the server starts (the store pointed at a run)."""
+    monkeypatch.chdir(ROOT)
+    config = parse_serve(["--config", str(path), "--serve.store", str(trained_run)])
+    assert config.host == "127.0.0.1" and config.store == str(trained_run)
+    store = AdapterStore(config.store, config.max_resident)
+    assert sorted(store.snapshot()) == sorted(p.stem for p in TASKS) and store.backbone() == "minilm-l6"
 
 
 @pytest.mark.parametrize("path", TASKS, ids=[p.name for p in TASKS])

@@ -127,8 +127,8 @@ def test_texts_without_a_task_go_where_the_store_router_sends_them(server, refer
     status, answer = call(f"{base}/predict", {"texts": TEXTS[:3]})
     batch = tokenizer(TEXTS[:3], padding=True, return_tensors="pt")
     chosen = load_router(store / "router").route(model, batch["input_ids"], batch["attention_mask"])
-    assert status == 200 and [a["task"] for a in answer["results"]] == chosen
-    for a, text in zip(answer["results"], TEXTS):
+    assert status == 200 and [a["task"] for a in answer] == chosen
+    for a, text in zip(answer, TEXTS):
         assert a["routed"] is True
         assert torch.allclose(_scores(a), expected(model, tokenizer, text, a["task"], _length(a["task"])), atol=1e-5)
 

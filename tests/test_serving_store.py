@@ -55,7 +55,7 @@ def test_a_mixed_batch_is_one_forward_and_equals_each_text_alone(store_dir, tiny
     out = api.predict([parse_request(r) for r in requests])
     assert len(calls) == 1 and sorted(set(calls[0])) == sorted(["t0", "t1", "t2", "t3", FUSION])
     reference, tokenizer = store_model(store_dir, tiny_dir), api.tokenizer
-    pairs = [(out[0], TEXTS[0], "t0")] + [(a, t, "t2") for a, t in zip(out[1]["results"], TEXTS[1:4])] + \
+    pairs = [(out[0], TEXTS[0], "t0")] + [(a, t, "t2") for a, t in zip(out[1], TEXTS[1:4])] + \
         [(out[2], TEXTS[4], FUSION), (out[3], TEXTS[5], "t3"), (out[4], TEXTS[2], "t1")]
     for answer, text, task in pairs:
         want = expected(reference, tokenizer, text, task, 8 if task == "t2" else 128)
@@ -64,7 +64,7 @@ def test_a_mixed_batch_is_one_forward_and_equals_each_text_alone(store_dir, tiny
     # t2 truncates at its task's max_length (8 tokens), as in training: the long text answers like its first 8 tokens
     short = tokenizer.decode(tokenizer(TEXTS[2], truncation=True, max_length=8)["input_ids"][1:-1])
     again = api.predict([parse_request({"text": short, "task": "t2"})])[0]
-    assert torch.allclose(_scores(again), _scores(out[1]["results"][1]), atol=1e-5)
+    assert torch.allclose(_scores(again), _scores(out[1][1]), atol=1e-5)
 
 
 def test_eviction_keeps_at_most_max_resident_and_a_fusion_pins_its_adapters(store_dir, tiny_dir, tmp_path):
@@ -121,8 +121,8 @@ def test_the_store_router_answers_task_less_texts_as_routing_then_forward_would(
     reference, router = store_model(store_dir, tiny_dir), load_router(store_dir / "router")
     batch = api.tokenizer(TEXTS[:4], padding=True, return_tensors="pt")
     chosen = router.route(reference, batch["input_ids"], batch["attention_mask"])
-    assert [a["task"] for a in out[0]["results"]] == chosen and all(a["routed"] for a in out[0]["results"])
-    for answer, text in zip(out[0]["results"], TEXTS):
+    assert [a["task"] for a in out[0]] == chosen and all(a["routed"] for a in out[0])
+    for answer, text in zip(out[0], TEXTS):
         length = 8 if answer["task"] == "t2" else 32
         assert torch.allclose(_scores(answer), expected(reference, api.tokenizer, text, answer["task"], length), atol=1e-5)
     assert "routed" not in out[1]

@@ -251,7 +251,7 @@ class AdapterServingAPI(ls.LitAPI):
                 if r.task is None:
                     for a in answers:
                         a["routed"] = True
-                out[i] = {"results": answers} if r.many else answers[0]
+                out[i] = answers if r.many else answers[0]
         return out
 
     def _forward(self, rows: list[tuple[int, str, str]], entries: dict[str, StoreEntry]) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ one line and exit 2 with nothing started.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from argparse import ArgumentError
 from dataclasses import dataclass
@@ -118,5 +119,8 @@ def serve_main(argv: list[str]) -> None:
     print(f"serve: store {config.store}: {len(entries) - fusions} tasks, {fusions} fusions; max_resident "
           f"{config.max_resident}; backbone {backbone}; http://{config.host}:{config.port} "
           f"(POST /predict, GET /tasks, GET /health)", flush=True)
-    server.run(host=config.host, port=config.port, generate_client_file=False, log_level="warning",
-               num_api_servers=1)
+    try:
+        server.run(host=config.host, port=config.port, generate_client_file=False, log_level="warning",
+                   num_api_servers=1)
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
