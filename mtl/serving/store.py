@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import struct
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -30,7 +31,7 @@ log = logging.getLogger("mtl.serving")
 Stamp = tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the index of a large store stays small (no __dict__ per entry)
 class StoreEntry:
     """One servable part as the index knows it: where it is, its version, and what a client needs to know."""
 
@@ -116,7 +117,7 @@ def read_entry(kind: str, folder: Path, previous: StoreEntry | None = None) -> S
     return StoreEntry(
         name=data["task"] if kind == "task" else data["fusion"], kind=kind, folder=folder,
         sha256=hashlib.sha256(raw).hexdigest(), stamp=stamp,
-        labels=tuple(data["labels"]) if data.get("labels") else None,
+        labels=tuple(sys.intern(label) for label in data["labels"]) if data.get("labels") else None,
         adapter=str(data["adapter"].get("type", "custom")) if kind == "task" else "fusion",
         fused=tuple(Path(a["file"]).parts[1] for a in data["adapters"]) if kind == "fusion" else (),
         max_length=int(spec.get("max_length") or 128), backbone=data.get("backbone"))
@@ -238,11 +239,9 @@ class AdapterStore:
         needed = list(dict.fromkeys(f for n in wanted for f in entries[n].fused)) + wanted
         stale = [n for n, e in self.resident.items() if entries.get(n) is None or entries[n].sha256 != e.sha256]
         stale += [n for n, e in self.resident.items() if any(f in stale for f in e.fused) and n not in stale]
-        for name in sorted(stale, key=lambda n: self.resident[n].kind != "fusion"):  # fusions before their tasks
+        # a replaced or removed part leaves (fusions before their tasks); the scan that found it logged the change
+        for name in sorted(stale, key=lambda n: self.resident[n].kind != "fusion"):
             self._unload(name)
-        for name in stale:
-            if name in entries:
-                self.say(f"swapped '{name}' -> version {entries[name].version}")
         failed: dict[str, str] = {}
         for name in needed:
             broken = [f for f in entries[name].fused if f in failed]
