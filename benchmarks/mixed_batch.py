@@ -13,26 +13,12 @@ mixed forward and each row's own single-task forward. Times are medians of inter
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from multitask_inference import median_times  # the same interleaved timing loop
 
 from mtl.adapters import inject
 from mtl.model import MTLModel
-
-
-def median_times(fns: list, repeats: int) -> list[float]:
-    """Median wall time of each ``fn()``, interleaved so drift on a shared machine hits all alike."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, bucket in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
-    return [statistics.median(bucket) for bucket in times]
 
 
 def main() -> None:
