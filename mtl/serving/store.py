@@ -28,7 +28,8 @@ from mtl.errors import MTLConfigError
 from mtl.model import MTLModel
 
 log = logging.getLogger("mtl.serving")
-Stamp = tuple[int, ...]
+Stamp = int  # a hash of (inode, size, mtime) of an export's files: cheap to keep, changes when a file does
+_SHARED: dict[tuple[str, ...], tuple[str, ...]] = {}  # one copy of each label tuple for the whole index
 
 
 @dataclass(frozen=True, slots=True)  # slots: the index of a large store stays small (no __dict__ per entry)
@@ -37,8 +38,8 @@ class StoreEntry:
 
     name: str
     kind: str  # "task" or "fusion"
-    folder: Path
-    sha256: str
+    folder: str  # a str, not a Path: a Path caches its parts, several times the size of the string
+    sha256: bytes  # the digest (32 bytes), not its 64-character hex
     stamp: Stamp
     labels: tuple[str, ...] | None
     adapter: str  # the adapter preset ("pfeiffer", ...) or "fusion"
@@ -49,7 +50,7 @@ class StoreEntry:
     @property
     def version(self) -> str:
         """The SHA-256 prefix of the weights file that answers carry."""
-        return self.sha256[:12]
+        return self.sha256.hex()[:12]
 
     def describe(self, resident: bool) -> dict[str, Any]:
         """The entry as ``GET /tasks`` lists it."""
@@ -62,7 +63,7 @@ def _stamp(*files: Path) -> Stamp:
     for file in files:
         st = file.stat()
         out += [st.st_ino, st.st_size, st.st_mtime_ns]
-    return tuple(out)
+    return hash(tuple(out))
 
 
 def _stamp_or_none(folder: Path) -> Stamp:
@@ -70,7 +71,7 @@ def _stamp_or_none(folder: Path) -> Stamp:
     try:
         return _stamp(*sorted(p for p in folder.iterdir() if p.is_file()))
     except OSError:
-        return ()
+        return 0
 
 
 def check_safetensors_bytes(file: Path, data: bytes) -> None:
@@ -108,19 +109,20 @@ def read_entry(kind: str, folder: Path, previous: StoreEntry | None = None) -> S
         stamp = _stamp(folder / config_name, weights)
     except OSError:
         raise MTLConfigError(f"{weights}: not found") from None
-    if previous is not None and previous.stamp == stamp and previous.folder == folder:
+    if previous is not None and previous.stamp == stamp and previous.folder == str(folder):
         return previous
     data = storage.read_config(folder, config_name, schema)
     raw = weights.read_bytes()
     check_safetensors_bytes(weights, raw)
     spec = data.get("task_spec") or {}
     return StoreEntry(
-        name=data["task"] if kind == "task" else data["fusion"], kind=kind, folder=folder,
-        sha256=hashlib.sha256(raw).hexdigest(), stamp=stamp,
-        labels=tuple(sys.intern(label) for label in data["labels"]) if data.get("labels") else None,
-        adapter=str(data["adapter"].get("type", "custom")) if kind == "task" else "fusion",
+        name=data["task"] if kind == "task" else data["fusion"], kind=kind, folder=str(folder),
+        sha256=hashlib.sha256(raw).digest(), stamp=stamp,
+        labels=_SHARED.setdefault(labels, labels) if (labels := tuple(map(sys.intern, data.get("labels") or ()))) else None,
+        adapter=sys.intern(str(data["adapter"].get("type", "custom"))) if kind == "task" else "fusion",
         fused=tuple(Path(a["file"]).parts[1] for a in data["adapters"]) if kind == "fusion" else (),
-        max_length=int(spec.get("max_length") or 128), backbone=data.get("backbone"))
+        max_length=int(spec.get("max_length") or 128),
+        backbone=sys.intern(data["backbone"]) if data.get("backbone") else None)
 
 
 class AdapterStore:
@@ -161,8 +163,9 @@ class AdapterStore:
             old = dict(self.entries)
         found: dict[str, StoreEntry] = {}
         changes = []
+        by_folder = {e.folder: e for e in old.values()}
         for kind, folder in _part_folders(self.root):
-            known = next((e for e in old.values() if e.folder == folder), None)
+            known = by_folder.get(str(folder))
             try:
                 entry = read_entry(kind, folder, known)
             except MTLConfigError as err:
@@ -261,17 +264,18 @@ class AdapterStore:
         return {n: self.resident[n].version for n in wanted if n not in failed}, {n: failed[n] for n in wanted if n in failed}
 
     def _load(self, entry: StoreEntry) -> None:
-        weights = entry.folder / (storage.ADAPTER_WEIGHTS if entry.kind == "task" else storage.FUSION_WEIGHTS)
+        folder = Path(entry.folder)
+        weights = folder / (storage.ADAPTER_WEIGHTS if entry.kind == "task" else storage.FUSION_WEIGHTS)
         sha, tensors = storage.read_tensors_with_sha256(weights)
-        if sha != entry.sha256:  # replaced after the scan: serve what was read, under its own version
-            entry = read_entry(entry.kind, entry.folder)
+        if bytes.fromhex(sha) != entry.sha256:  # replaced after the scan: serve what was read, under its own version
+            entry = read_entry(entry.kind, folder)
             sha, tensors = storage.read_tensors_with_sha256(weights)
-            if sha != entry.sha256:
+            if bytes.fromhex(sha) != entry.sha256:
                 raise MTLConfigError(f"{weights}: changed while it was being read; try again")
         if entry.kind == "task":
-            model_files.load_task(self.model, entry.folder, tensors=tensors)
+            model_files.load_task(self.model, folder, tensors=tensors)
         else:
-            model_files.load_fusion(self.model, entry.folder, tensors=tensors)
+            model_files.load_fusion(self.model, folder, tensors=tensors)
         self.resident[entry.name] = entry
 
     def _unload(self, name: str) -> None:
