@@ -156,6 +156,19 @@ def truncate(rel: str, keep: float = 0.5) -> Callable[[Path], None]:
     return run
 
 
+def poison(rel: str, value: float = float("nan"), tensor: str | None = None) -> Callable[[Path], None]:
+    """Setup: put ``value`` (NaN, inf) into one element of a safetensors file's tensor (default: the first in name
+    order), keeping the file otherwise valid."""
+    def run(s: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(s / rel))
+        name = tensor or sorted(tensors)[0]
+        tensors[name].view(-1)[0] = value
+        save_file(tensors, str(s / rel))
+    return run
+
+
 def steps(*fns: Callable[[Path], None]) -> Callable[[Path], None]:
     """Setup: several steps in order."""
     return lambda s: [f(s) for f in fns] and None
@@ -280,6 +293,14 @@ CASES = [
     Case("adapter-config-truncated", "files", PREDICT, truncate("run/adapters/keyword/adapter_config.json")),
     Case("fusion-config-truncated", "files", PREDICT, truncate("run/fusions/mood/fusion_config.json")),
     Case("fusion-weights-truncated", "files", PREDICT, truncate("run/fusions/mood/fusion.safetensors")),
+    Case("adapter-tensor-nan", "files", PREDICT, poison("run/adapters/keyword/adapter.safetensors")),
+    Case("head-tensor-inf", "files", PREDICT, poison("run/adapters/colour/adapter.safetensors", float("inf"),
+                                                     "head.out.weight")),
+    Case("fusion-tensor-nan", "files", PREDICT, poison("run/fusions/mood/fusion.safetensors")),
+    Case("router-tensor-nan", "files", PREDICT[:4] + ["crun/steps/02-colour"] + PREDICT[5:] + ["--model.router", "auto"],
+         poison("crun/steps/02-colour/router/router.safetensors", tensor="means")),
+    Case("continual-resume-adapter-nan", "continual", RESUME,
+         poison("crun/steps/02-colour/adapters/keyword/adapter.safetensors", float("-inf"))),
     Case("predict-router-missing", "files", PREDICT + ["--model.router", "nope"]),
     Case("predict-task-auto-without-router", "files", PREDICT + ["--model.router", "auto"]),
     Case("import-adapterhub-mtl-folder", "files", ["import-adapterhub", "run/adapters/keyword", "--backbone",

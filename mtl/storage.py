@@ -121,29 +121,47 @@ def read_config(folder: str | Path, config_name: str, schema: dict[str, Any]) ->
     return data
 
 
+def check_finite(file: str | Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (read from ``file``) with no NaN or infinity in a floating-point tensor; one line naming the file and
+    the first such tensor otherwise. Every tensor mtl reads passes here."""
+    # a NaN weight never fails where it is read: it surfaces far away (a "singular covariance", NaN logits), so it is
+    # refused at the read, where the file can still be named
+    for name in sorted(tensors):
+        value = tensors[name]
+        if (value.is_floating_point() or value.is_complex()) and value.numel() and not bool(torch.isfinite(value).all()):
+            bad = ~torch.isfinite(value)
+            kinds = [k for k, m in (("NaN", torch.isnan(value)), ("infinity", torch.isinf(value))) if bool(m.any())]
+            raise MTLConfigError(f"{file}: tensor {name} holds {int(bad.sum())} non-finite value(s) "
+                                 f"({' and '.join(kinds)}) of {value.numel()}, expected finite numbers (the file is "
+                                 "damaged or was written by a diverged run; export it again)")
+    return tensors
+
+
 def read_tensors(file: str | Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file (one line if it is missing or unreadable)."""
+    """Load a safetensors file (one line if it is missing, unreadable or holds NaN / infinity)."""
     file = Path(file)
     if not file.is_file():
         raise MTLConfigError(f"{file}: not found")
     try:
-        return load_file(str(file))
+        tensors = load_file(str(file))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own types for truncated or foreign files
         raise MTLConfigError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    return check_finite(file, tensors)
 
 
 def read_tensors_with_sha256(file: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
     """A safetensors file's SHA-256 and its tensors, both from one read of its bytes (so a file replaced between two
-    reads can never give a hash that does not belong to the tensors)."""
+    reads can never give a hash that does not belong to the tensors); refused as in `read_tensors`."""
     file = Path(file)
     try:
         data = file.read_bytes()
     except OSError as err:
         raise MTLConfigError(f"{file}: cannot be read ({err.strerror})") from None
     try:
-        return hashlib.sha256(data).hexdigest(), load(data)
+        tensors = load(data)
     except Exception as err:  # noqa: BLE001 - as in read_tensors
         raise MTLConfigError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    return hashlib.sha256(data).hexdigest(), check_finite(file, tensors)
 
 
 def check_tensors(file: str | Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> None:

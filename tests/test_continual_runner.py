@@ -371,6 +371,17 @@ def test_ewc_penalty_and_online_fisher_by_hand(monkeypatch):
     assert torch.equal(ewc.anchor["w"], torch.tensor([1.0, 2.0]))  # the weights after the task
 
 
+def test_an_ewc_file_with_nan_is_refused_naming_the_file_and_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    fisher = torch.ones(4)
+    fisher[2] = float("nan")
+    save_file({"fisher.w": fisher, "anchor.w": torch.zeros(4)}, str(tmp_path / EWC.FILE))
+    with pytest.raises(MTLConfigError) as err:
+        EWC(lam=1.0, gamma=1.0).load(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / EWC.FILE}: tensor fisher.w holds 1 non-finite value(s) (NaN)")
+
+
 def test_ewc_fisher_is_exported_with_each_stage(setup, tmp_path, capsys):
     run_dir = tmp_path / "ewc"
     assert run(setup, capsys, run_dir, "--continual.strategy", "ewc")[0] == 0

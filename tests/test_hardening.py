@@ -284,3 +284,54 @@ def test_unreadable_safetensors_fail_naming_the_file(exported, damage):
     with pytest.raises(MTLConfigError, match="not a readable safetensors file") as err:
         storage.read_tensors(file)
     assert str(err.value).startswith(str(file)) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value, kind", [(float("nan"), "NaN"), (float("inf"), "infinity"), (float("-inf"), "infinity")])
+@pytest.mark.parametrize("read", [storage.read_tensors, lambda f: storage.read_tensors_with_sha256(f)[1]],
+                         ids=["read_tensors", "read_tensors_with_sha256"])
+def test_non_finite_tensors_fail_naming_the_file_and_the_tensor(exported, value, kind, read):
+    from safetensors.torch import save_file
+
+    file = exported / storage.ADAPTER_WEIGHTS
+    weights = torch.ones(3)
+    weights[1] = value
+    save_file({"a.ok": torch.zeros(2), "b.bad": weights, "c.ids": torch.arange(3)}, str(file))
+    with pytest.raises(MTLConfigError) as err:
+        read(file)
+    message = str(err.value)
+    assert message.startswith(f"{file}: tensor b.bad holds 1 non-finite value(s) ({kind})") and "\n" not in message
+
+
+def test_finite_and_integer_tensors_read_back_unchanged(exported):
+    from safetensors.torch import save_file
+
+    file = exported / storage.ADAPTER_WEIGHTS
+    tensors = {"w": torch.randn(4, 3), "half": torch.randn(5).half(), "ids": torch.arange(4), "empty": torch.zeros(0)}
+    save_file(tensors, str(file))
+    for read in (storage.read_tensors, lambda f: storage.read_tensors_with_sha256(f)[1]):
+        back = read(file)
+        assert sorted(back) == sorted(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_a_nan_in_a_loaded_adapter_stops_predict_before_anything_is_written(trained, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(trained["run"] / "adapters", run / "adapters")
+    file = run / "adapters" / "keyword" / storage.ADAPTER_WEIGHTS
+    tensors = load_file(str(file))
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(file))
+    texts = tmp_path / "texts.txt"
+    texts.write_text("good words\n")
+    before = tree(tmp_path)
+    code, lines = run_cli(["predict", *trained["args"], "--data.tasks", "[]", "--model.load_from", str(run),
+                           "--model.run_dir", str(run), "--data.predict_file", str(texts),
+                           "--trainer.logger", "false"], capsys)
+    assert code == 2 and error_line(lines) == (f"error: {file}: tensor {name} holds 1 non-finite value(s) (NaN) of "
+                                               f"{tensors[name].numel()}, expected finite numbers (the file is damaged "
+                                               "or was written by a diverged run; export it again)")
+    assert tree(tmp_path) == before

@@ -296,8 +296,15 @@ def _wrong_tensor(folder):
     save_file(tensors, str(folder / "router.safetensors"))
 
 
+def _nan_tensor(folder):
+    tensors = load_file(str(folder / "router.safetensors"))
+    tensors["means"][1, 3] = float("nan")
+    save_file(tensors, str(folder / "router.safetensors"))
+
+
 @pytest.mark.parametrize("damage, words", [
     (_truncate, ["router.safetensors", "not a readable safetensors"]),
+    (_nan_tensor, ["router.safetensors", "tensor means holds 1 non-finite value(s) (NaN)"]),
     (lambda f: (f / "router.safetensors").unlink(), ["router.safetensors", "not found"]),
     (lambda f: (f / "router.json").unlink(), ["router.json", "not found"]),
     (_edit_json(depth="DROP"), ["router.json", "depth: missing"]),
@@ -306,7 +313,7 @@ def _wrong_tensor(folder):
     (_edit_json(tasks=["a", "b", "c"]), ["router.safetensors", "counts has shape (2,), expected (3,)"]),
     (_edit_json(tasks=["a", "a"]), ["router.json", "distinct task names"]),
     (_wrong_tensor, ["router.safetensors", "means has shape (2, 10), expected (2, 64)"]),
-], ids=["truncated", "no-weights", "no-config", "missing-key", "unknown-kind", "hidden-size", "task-count",
+], ids=["truncated", "nan", "no-weights", "no-config", "missing-key", "unknown-kind", "hidden-size", "task-count",
         "duplicate-task", "wrong-shape"])
 def test_broken_router_files_are_one_line_errors(tmp_path, damage, words):
     router = PrototypeRouter()

@@ -79,7 +79,7 @@ def _read_weights(folder: Path, safe: str, legacy: str) -> tuple[dict[str, torch
     data = storage.torch_load(file, "torch file", "a dict of tensors (AdapterHub's .bin)")
     if not isinstance(data, Mapping) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in data.items()):
         raise MTLConfigError(f"{file}: expected a dict of tensor names to tensors, got {type(data).__name__}")
-    return dict(data), file
+    return storage.check_finite(file, dict(data)), file
 
 
 def adapter_config_from_adapterhub(cfg: dict[str, Any], num_layers: int, source: str | Path) -> AdapterConfig:
