@@ -226,6 +226,19 @@ def test_file_formats_encoding_and_label_kinds(tmp_path):
     assert {tuple(v) for s in labels.values() for v in s["label"]} == {(1.0, 0.0, 0.0), (1.0, 0.0, 1.0)}
 
 
+@pytest.mark.parametrize("name", ["train.jsonl", "train.json"])
+def test_a_training_text_the_tokenizer_cannot_encode_is_named_when_read(tmp_path, name):
+    rows = [{"text": f"row {i}", "label": "pos" if i % 2 else "neg"} for i in range(20)]
+    rows[7]["text"] = "lone \ud83d half"
+    body = "\n".join(json.dumps(r) for r in rows) if name.endswith("jsonl") else json.dumps(rows)
+    (tmp_path / name).write_text(body, encoding="utf-8")
+    spec = load_task_spec(write_task(tmp_path, source={"type": "files", "train": name}))
+    with pytest.raises(MTLConfigError) as err:
+        load_task_dataset(spec)
+    assert str(err.value).startswith(f"{spec.spec_file}: source.train row 7: text field 'text': holds a lone "
+                                     "surrogate U+D83D at character 6 ")
+
+
 def test_folder_source_decodes_bad_bytes(tmp_path):
     for label in ("sport", "tech"):
         (tmp_path / "data" / label).mkdir(parents=True)

@@ -209,3 +209,19 @@ def test_workers_keep_the_file_order(tiny_dir, tmp_path):
     two = [(item["index"], item["text"]) for batch in DataLoader(stream, batch_size=None, collate_fn=list,
                                                                 num_workers=2) for item in batch]
     assert one == two == [(i, f"line {i}") for i in range(23)]
+
+
+def test_a_lone_surrogate_deep_in_a_jsonl_file_is_found_before_any_work(tiny_dir, task_dir, tmp_path):
+    """'\\ud800' is valid JSON but not a character: the tokenizer would fail on it mid-run with a TypeError."""
+    path = tmp_path / "in.jsonl"
+    rows = [json.dumps({"text": f"row {n}"}) for n in range(1, 61)]
+    rows[46] = '{"text": "ok \\ud83d\\ude00 then a lone \\ud800 here"}'  # a full pair is fine, the lone half is not
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    data = _data(tiny_dir, task_dir, tmp_path, predict_file=str(path))
+    with pytest.raises(MTLConfigError) as err:
+        data.check_before("predict")
+    assert str(err.value).startswith(f"{path}: line 47: 'text': holds a lone surrogate U+D800 at character 18 ")
+    assert "\n" not in str(err.value)
+    rows[46] = '{"text": "ok \\ud83d\\ude00 a pair"}'
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    assert list(iter_predict_texts(path))[46] == "ok \U0001F600 a pair"

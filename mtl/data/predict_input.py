@@ -29,12 +29,26 @@ def check_predict_file_name(path: str) -> None:
         )
 
 
+def check_encodable(text: str, where: str) -> str:
+    """``text`` if it encodes as UTF-8; else one line naming ``where`` and the first code point that does not."""
+    # JSON (and Python) strings may hold lone UTF-16 surrogates ("\\ud800"): valid JSON, but no Unicode character, so
+    # the tokenizer fails on them deep inside a batch; they are refused where the text is read, not replaced, so no
+    # example silently differs from its file
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise MTLConfigError(f"{where}: holds a lone surrogate U+{ord(text[err.start]):04X} at character {err.start + 1} "
+                             "(a \\u escape that is half of a UTF-16 pair, not a character; the tokenizer cannot "
+                             "encode it), expected Unicode text: remove it or write the whole character") from None
+    return text
+
+
 def iter_predict_texts(path: str | Path, text_field: str = "text") -> Iterator[str]:
     """The file's texts in order, read lazily: non-empty lines of a .txt, ``text_field`` of each .jsonl object.
 
     Blank lines are skipped in both formats; texts are stripped of surrounding whitespace (as the
-    training sources do). Errors name the file, and the 1-based line for .jsonl; a file without
-    examples is an error once it has been read to the end.
+    training sources do). Errors name the file, and the 1-based line for .jsonl and for a text the tokenizer
+    cannot encode (a lone surrogate); a file without examples is an error once it has been read to the end.
     """
     path = Path(path).expanduser()
     check_predict_file_name(str(path))
@@ -55,7 +69,8 @@ def iter_predict_texts(path: str | Path, text_field: str = "text") -> Iterator[s
             offset += len(raw)
             if line:
                 count += 1
-                yield _jsonl_text(path, n, line, text_field) if jsonl else line
+                text = _jsonl_text(path, n, line, text_field) if jsonl else line
+                yield check_encodable(text, f"{path}: line {n}" + (f": '{text_field}'" if jsonl else ""))
     if not count:
         raise MTLConfigError(f"{path}: no examples (empty or blank lines only), expected one example per line")
 

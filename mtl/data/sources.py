@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets reads it at impo
 import datasets  # noqa: E402
 import yaml  # noqa: E402
 
+from mtl.data.predict_input import check_encodable  # noqa: E402
 from mtl.data.spec import TaskSpec  # noqa: E402
 from mtl.errors import MTLConfigError, warn  # noqa: E402
 
@@ -176,6 +177,8 @@ def _examples(spec: TaskSpec, split: str, cols: Columns) -> tuple[list[tuple[str
         if not all(row):
             empty += 1
             continue
+        for name, text in zip(spec.text_fields, row):  # every source's texts pass here (json escapes, YAML, ...)
+            check_encodable(text, f"{spec.spec_file}: source.{split} row {i}: text field '{name}'")
         value = src.label_map.get(str(raw), raw) if src.label_map and not isinstance(raw, list) else raw
         if keep is not None and str(value) not in keep:
             continue
