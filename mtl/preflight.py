@@ -54,6 +54,35 @@ def process_count(trainer_config: dict[str, Any]) -> int:
     return count * max(int(trainer_config.get("num_nodes") or 1), 1)
 
 
+# Lightning strategies that run the fit in several processes (launched at fit) or shard the model over them
+MULTI_PROCESS_STRATEGIES = ("ddp", "fsdp", "deepspeed", "xla", "hpu_parallel")
+
+
+def strategy_name(strategy: Any) -> str:
+    """The name of a ``trainer.strategy`` setting: a registered name, a class_path's class, or an instance's class."""
+    if isinstance(strategy, str):
+        return strategy
+    if isinstance(strategy, dict):
+        return str(strategy.get("class_path", "")).rpartition(".")[2] or "auto"
+    return "auto" if strategy is None else type(strategy).__name__
+
+
+def check_single_process(trainer_config: dict[str, Any], command: str) -> None:
+    """Refuse trainer settings that would run ``command`` in several processes, before any process starts."""
+    name = strategy_name(trainer_config.get("strategy", "auto"))
+    processes = process_count(trainer_config)
+    devices, nodes = trainer_config.get("devices", "auto"), trainer_config.get("num_nodes") or 1
+    why = f"{command} runs in one process (it is not sharded or tested under DDP)"
+    if any(key in name.lower() for key in MULTI_PROCESS_STRATEGIES):
+        raise MTLConfigError(f"trainer.strategy: {name} (with trainer.devices {devices}): {why}, expected "
+                             "trainer.strategy auto and trainer.devices 1")
+    if processes > 1:
+        key, value = ("trainer.num_nodes", f"{nodes} (x trainer.devices {devices})") if nodes != 1 else \
+            ("trainer.devices", str(devices))
+        raise MTLConfigError(f"{key}: {value} would start {processes} processes: {why}, expected trainer.devices 1 "
+                             "and trainer.num_nodes 1")
+
+
 def preflight(stage: str, model: Any, data: Any, trainer_config: dict[str, Any], ckpt_path: str | None) -> None:
     """Run every check for ``stage`` (fit, validate, test, predict) before the Trainer is built."""
     # the settings several processes cannot run are found here, before any process starts

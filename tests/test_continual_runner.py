@@ -239,6 +239,12 @@ def test_a_changed_task_spec_on_resume_is_one_line(setup, tiny_dir, tmp_path, ca
     (["--continual.ordr", "[a, b]"], "--continual.ordr: unknown option, did you mean '--continual.order'?"),
     (["--model.load_from", "run"], "--model.load_from: set by the continual runner for each stage"),
     (["--data.tasks", "[keyword]"], "--data.tasks: set by the continual runner for each stage"),
+    (["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+     "trainer.strategy: ddp (with trainer.devices 2): train.py continual runs in one process"),
+    (["--trainer.strategy", "ddp_spawn", "--trainer.devices", "1", "--trainer.accelerator", "cpu"],
+     "trainer.strategy: ddp_spawn (with trainer.devices 1): train.py continual runs in one process"),
+    (["--trainer.devices", "2", "--trainer.accelerator", "cpu"], "trainer.devices: 2 would start 2 processes"),
+    (["--trainer.num_nodes", "2", "--trainer.accelerator", "cpu"], "trainer.num_nodes: 2 (x trainer.devices auto)"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(setup, tmp_path, capsys, args, expected):
     code, lines = run(setup, capsys, tmp_path / "run", *args)

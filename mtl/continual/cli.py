@@ -22,7 +22,7 @@ from mtl.continual.runner import ContinualConfig, ContinualRunner
 from mtl.data.module import TaskDataModule
 from mtl.errors import MTLConfigError
 from mtl.lit import AdapterTrainer
-from mtl.preflight import writable_folder
+from mtl.preflight import check_single_process, writable_folder
 
 # set per stage by the runner (or by the strategy: adapter_sharing)
 RUNNER_MODEL_KEYS = {"tasks", "tasks_dir", "run_dir", "overwrite", "export", "adapter_sharing", "load_from",
@@ -67,6 +67,7 @@ def continual_main(argv: list[str]) -> dict[str, Any]:
     settings.pop("config", None)
     config = ContinualConfig(**_plain(cfg.continual))
     trainer_config = _plain(cfg.trainer)
+    check_single_process(trainer_config, "train.py continual")  # before anything is written or launched
     if trainer_config.get("default_root_dir"):
         writable_folder(trainer_config["default_root_dir"], "trainer.default_root_dir")
 
@@ -75,6 +76,8 @@ def continual_main(argv: list[str]) -> dict[str, Any]:
         kwargs = dict(vars(parser.instantiate_classes(cfg).trainer))
         root = Path(kwargs.pop("default_root_dir", None) or Path(config.run_dir) / "lightning")
         kwargs.setdefault("use_distributed_sampler", False)  # the task batch sampler shards by rank itself
+        if kwargs.get("devices", "auto") == "auto":  # 'auto' takes every GPU (DDP); the runner is one process
+            kwargs["devices"] = 1
         return Trainer(default_root_dir=str(root / stage), **kwargs)
 
     runner = ContinualRunner(config, _plain(cfg.model), _plain(cfg.data), make_trainer, settings,
