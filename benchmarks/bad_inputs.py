@@ -276,6 +276,9 @@ CASES = [
     Case("prefix-cache-dtype", "early", FIT + ["--model.cache_frozen_prefix", "true", "--model.adapter.drop_first", "1",
                                                "--model.cache_dtype", "int8"]),
     Case("export-exists", "early", ["fit", "--config", "base.yaml"]),
+    Case("overwrite-fused-adapter", "early", ["fit", "--config", "base.yaml", "--model.overwrite", "true",
+                                              "--data.tasks", "[keyword]"]),
+    Case("overwrite-fused-adapter-loaded", "early", ADD[:-1] + ["[keyword]", "--model.overwrite", "true"]),
     Case("eval-task-not-loaded", "early", ADD + ["--data.eval_tasks", "[ghost]"],
          write("tasks/ghost.yaml", "source: {type: files, train: keyword.csv}\ntext_fields: [text]\n"
                                    "label_field: label\nlabels: [bad, good]\nmax_length: 16\n")),

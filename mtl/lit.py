@@ -363,10 +363,12 @@ class AdapterTrainer(L.LightningModule):
             raise MTLConfigError("model.tasks: no task to train (loaded tasks are frozen); name new tasks in data.tasks")
         if self.hparams.export:
             writable_folder(self.run_dir, "model.run_dir")
-            if not self.hparams.overwrite:
-                for _, _, target in self._export_targets():
-                    if target.exists():
-                        raise MTLConfigError(f"{target}: already exists (set model.overwrite: true to replace it)")
+            targets = self._export_targets()
+            for task, fused, target in targets:
+                if target.exists() and not self.hparams.overwrite:
+                    raise MTLConfigError(f"{target}: already exists (set model.overwrite: true to replace it)")
+                if target.exists() and not fused:  # a fusion exported again in this fit records the new file
+                    model_files.check_replaceable(self.run_dir, task, [t for t, f, _ in targets if f])
         if self.hparams.cache_frozen_prefix:
             if processes > 1:
                 raise self._cache_refusal(processes)

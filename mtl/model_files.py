@@ -48,6 +48,26 @@ def save_task(model: MTLModel, name: str, directory: str | Path, overwrite: bool
                               storage.ADAPTER_WEIGHTS, storage.ADAPTER_CONFIG, overwrite)
 
 
+def fusions_fusing(run_dir: str | Path, task: str) -> list[str]:
+    """The fusions exported under ``run_dir/fusions/`` whose recorded adapter files include ``adapters/<task>/``."""
+    file = str(Path("adapters") / task / storage.ADAPTER_WEIGHTS)
+    return [folder.name for folder in storage.fusion_dirs(run_dir)
+            if any(a["file"] == file for a in storage.read_config(folder, storage.FUSION_CONFIG,
+                                                                   storage.FUSION_SCHEMA)["adapters"])]
+
+
+def check_replaceable(run_dir: str | Path, task: str, replaced_fusions: list[str] | tuple[str, ...] = ()) -> None:
+    """Refuse to replace ``run_dir/adapters/<task>/`` while a fusion there (other than ``replaced_fusions``, exported
+    again with it) fuses it: that fusion records the file's SHA-256 and would never load again."""
+    dependent = [f for f in fusions_fusing(run_dir, task) if f not in replaced_fusions]
+    if dependent:
+        folders = ", ".join(str(Path(run_dir) / "fusions" / f) for f in dependent)
+        raise MTLConfigError(
+            f"{Path(run_dir) / 'adapters' / task}: fused by fusion(s) {dependent} in the same run folder, which record "
+            "this adapter file's SHA-256 and would no longer load if it were replaced; to proceed, train into a new "
+            f"run folder (model.run_dir, with model.load_from {run_dir}), or remove the fusion(s) first ({folders})")
+
+
 def save_fusion(model: MTLModel, name: str, run_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``run_dir/fusions/<name>/`` with the fusion layers, the target head and each fused adapter's hash.
 

@@ -203,3 +203,37 @@ def test_bad_fusion_stage_settings_fail_before_training(tiny_dir, task_dir, tmp_
     with pytest.raises(MTLConfigError, match=message):
         AdapterTrainer(**kwargs)
     assert not (run / "fusions").exists()
+
+
+def test_overwriting_an_adapter_a_fusion_fuses_is_refused_before_training(tiny_dir, task_dir, tmp_path):
+    import shutil
+
+    run = _stage_one(tiny_dir, task_dir, tmp_path)
+    fusion = {"name": "colour_fusion", "adapters": ["keyword", "colour"], "config": {"type": "dynamic"}}
+    _trainer(epochs=1).fit(AdapterTrainer(["colour"], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run),
+                                          load_from=str(run), fusion=fusion),
+                           datamodule=_data(tiny_dir, task_dir, tmp_path, ["colour"]))
+    common = dict(backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run), overwrite=True)
+    module = AdapterTrainer(["keyword"], **common)  # a fresh keyword exported over the fused one
+    with pytest.raises(MTLConfigError) as err:
+        module.check_before("fit")
+    message = str(err.value)
+    assert message.startswith(f"{run / 'adapters' / 'keyword'}: fused by fusion(s) ['colour_fusion'] in the same "
+                              "run folder") and "\n" not in message
+    assert "train into a new run folder" in message and f"remove the fusion(s) first ({run / 'fusions'}" in message
+    with pytest.raises(MTLConfigError, match="frozen for good"):  # loaded with its fusion: refused when built
+        AdapterTrainer(["keyword"], load_from=str(run), **common)
+    # a task no fusion fuses can still be replaced
+    (run / "fusions" / "colour_fusion" / "fusion_config.json").write_text(
+        (run / "fusions" / "colour_fusion" / "fusion_config.json").read_text().replace("adapters/keyword/", "adapters/x/"))
+    AdapterTrainer(["keyword"], **common).check_before("fit")
+    (run / "fusions" / "colour_fusion" / "fusion_config.json").write_text(
+        (run / "fusions" / "colour_fusion" / "fusion_config.json").read_text().replace("adapters/x/", "adapters/keyword/"))
+    # the fusion trained again with its adapters rewrites its own record; another fusion over them would break
+    again = dict(fusion={**fusion, "unfreeze_adapters": True}, load_from=str(run), **common)
+    AdapterTrainer(["colour"], **again).check_before("fit")
+    shutil.copytree(run / "fusions" / "colour_fusion", run / "fusions" / "other")
+    config = run / "fusions" / "other" / "fusion_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "fusion": "other"}))
+    with pytest.raises(MTLConfigError, match=r"adapters/(keyword|colour): fused by fusion\(s\) \['other'\]"):
+        AdapterTrainer(["colour"], **again).check_before("fit")
