@@ -23,12 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mtl.errors import warn
+from mtl.errors import warn, write_failure
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 # errnos meaning "this kernel / filesystem cannot exchange": fall back to two renames
 _NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
 # what write_dir_atomic leaves when killed: .<target name>.<mkdtemp's random part>.<tmp|old>
+KEPT = "any previous version is kept, no temporary is left"
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]+\.(?P<kind>tmp|old)")
 
 
@@ -132,7 +133,10 @@ def recover(parent: str | Path, name: str | None = None, remove: bool = False) -
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write bytes to a temp file in the same directory, fsync, then rename over ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise write_failure(path.parent, err, KEPT) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; exported files must be readable as the umask says
         with os.fdopen(fd, "wb") as f:
@@ -140,8 +144,10 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):  # disk full, no permission: one line naming the file; the old one is kept
+            raise write_failure(path, err, KEPT) from None
         raise
 
 
@@ -163,9 +169,12 @@ def write_dir_atomic(target: str | Path, fill: Callable[[Path], None]) -> Path:
     """
     target = Path(target)
     parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    recover(parent, target.name, remove=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        recover(parent, target.name, remove=True)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp"))
+    except OSError as err:
+        raise write_failure(target, err, KEPT) from None
     old = tmp.with_suffix(".old")
     try:
         _pause("tmp_created")
@@ -195,9 +204,12 @@ def write_dir_atomic(target: str | Path, fill: Callable[[Path], None]) -> Path:
             _pause("old_discarded")
         shutil.rmtree(tmp, ignore_errors=True)
         _pause("done")
-    except BaseException:
+    except BaseException as err:
         if old.exists() and not target.exists():
             os.rename(old, target)
         shutil.rmtree(tmp, ignore_errors=True)
+        # every export passes here: disk full or a folder made read-only is one line naming it, the old folder kept
+        if isinstance(err, OSError):
+            raise write_failure(target, err, KEPT) from None
         raise
     return target

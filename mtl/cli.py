@@ -6,6 +6,7 @@ import difflib
 import os
 import sys
 from argparse import ArgumentError
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
@@ -16,7 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa:
 
 from mtl.cli_errors import check_config_file, config_files, explain_parse_error, user_mistake  # noqa: E402
 from mtl.data.module import TaskDataModule  # noqa: E402
-from mtl.errors import MTLConfigError  # noqa: E402
+from mtl.errors import WRITE_ERRNOS, MTLConfigError, write_failure  # noqa: E402
 from mtl.lit import AdapterTrainer  # noqa: E402
 from mtl.preflight import preflight  # noqa: E402
 
@@ -45,6 +46,17 @@ class MTLCLI(LightningCLI):
             preflight(self.subcommand, self.model, self.datamodule, self._get(self.config_init, "trainer", {}),
                       self.config[self.subcommand].get("ckpt_path"))
         return super().instantiate_trainer(**kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; an output that cannot be written mid-run (a checkpoint, a log, an export) is one line naming the
+        path, the OS error and where the trained weights are."""
+        try:
+            super()._run_subcommand(subcommand)
+        except OSError as err:
+            if err.errno not in WRITE_ERRNOS:
+                raise
+            where = Path(err.filename).parent if err.filename else Path(self.model.hparams.run_dir)
+            raise write_failure(where, err, self.model.kept_weights() if subcommand == "fit" else "") from None
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, turning a parser error into one `MTLConfigError` line that names the key or option."""

@@ -21,7 +21,7 @@ from mtl.assembly import FusionSetup, as_fusion_setup, assemble, head_outputs
 from mtl.backbone import DEFAULT_BACKBONE
 from mtl.data.module import refuse_on_every_rank
 from mtl.data.spec import load_task_specs
-from mtl.errors import MTLConfigError
+from mtl.errors import MTLConfigError, MTLWriteError
 from mtl.fusion.report import attention_report
 from mtl.metrics import build_metrics
 from mtl.preflight import writable_folder
@@ -388,13 +388,30 @@ class AdapterTrainer(L.LightningModule):
         self.restore_best()  # on every rank, so that all processes end fit with the exported weights
         if not self.trainer.is_global_zero:
             return  # one process writes the files
-        for task, fused, target in self._export_targets():
-            if fused:
-                path = model_files.save_fusion(self.model, task, self.run_dir, overwrite=self.hparams.overwrite)
-                self._report_attention(task, path)
-            else:
-                path = model_files.save_task(self.model, task, target.parent, overwrite=self.hparams.overwrite)
-            print(f"exported {task} -> {path}")
+        try:
+            for task, fused, target in self._export_targets():
+                if fused:
+                    path = model_files.save_fusion(self.model, task, self.run_dir, overwrite=self.hparams.overwrite)
+                    self._report_attention(task, path)
+                else:
+                    path = model_files.save_task(self.model, task, target.parent, overwrite=self.hparams.overwrite)
+                print(f"exported {task} -> {path}")
+        except MTLWriteError as err:  # the training is not lost: say where its weights are
+            raise MTLWriteError(f"{err}; {self.kept_weights()}") from None
+
+    def kept_weights(self) -> str:
+        """Where the trained weights are when an export or a checkpoint cannot be written (for that one line)."""
+        callback = self._trainer.checkpoint_callback if self._trainer else None
+        best = getattr(callback, "best_model_path", "")
+        if not (best and Path(best).is_file()):
+            # the callback names a new best before writing it: if that write failed, the previous best is still there
+            folder = Path(getattr(callback, "dirpath", None) or "/nonexistent")
+            kept = sorted(folder.glob("*.ckpt"), key=lambda f: f.stat().st_mtime) if folder.is_dir() else []
+            best = str(kept[-1]) if kept else ""
+        if best:
+            return (f"the trained weights are kept in the best checkpoint {best} (once the folder can be written, "
+                    "resume the same fit command with --ckpt_path set to it)")
+        return "no checkpoint holds the trained weights (checkpointing was off or none was written yet)"
 
     def restore_best(self) -> None:
         """Load the trainable tensors of the best checkpoint the Trainer's checkpoint callback kept, if any."""

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from mtl import atomic, storage
+from mtl.errors import MTLWriteError
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD, NEW, LATER = 1.0, 2.0, 3.0
@@ -228,9 +229,41 @@ def test_other_exchange_errors_are_raised_and_keep_the_old_folder(tmp_path, monk
 
     write(tmp_path / "keyword", OLD)
     monkeypatch.setattr(atomic, "_renameat2", lambda: denied)
-    with pytest.raises(PermissionError):
+    with pytest.raises(MTLWriteError, match=f"^{tmp_path / 'keyword'}: cannot be written \\(Permission denied at "):
         write(tmp_path / "keyword", NEW)
     assert load(tmp_path / "keyword") == OLD and hidden(tmp_path) == []
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", str(args[1]) if len(args) > 1 else None)
+
+
+def test_a_full_disk_while_exporting_is_one_line_and_keeps_the_old_folder(tmp_path, monkeypatch):
+    write(tmp_path / "keyword", OLD)
+    monkeypatch.setattr(storage, "save_file", _disk_full)
+    with pytest.raises(MTLWriteError) as err:
+        write(tmp_path / "keyword", NEW)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'keyword'}: cannot be written (No space left on device at ")
+    assert message.endswith("; any previous version is kept, no temporary is left") and "\n" not in message
+    assert load(tmp_path / "keyword") == OLD and hidden(tmp_path) == []
+    with pytest.raises(MTLWriteError, match=r"new: cannot be written \(No space left on device"):
+        write(tmp_path / "new", NEW)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keyword"]
+
+
+def test_a_json_file_that_cannot_be_written_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    file = tmp_path / "state.json"
+    atomic.write_json_atomic(file, {"completed": 1})
+
+    def fsync(fd):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    with pytest.raises(MTLWriteError, match=f"^{file}: cannot be written \\(Disk quota exceeded\\)"):
+        atomic.write_json_atomic(file, {"completed": 2})
+    monkeypatch.undo()
+    assert json.loads(file.read_text()) == {"completed": 1} and hidden(tmp_path) == []
 
 
 def test_renameat2_exchange_works_on_tmp_path(tmp_path):

@@ -335,3 +335,49 @@ def test_a_nan_in_a_loaded_adapter_stops_predict_before_anything_is_written(trai
                                                f"{tensors[name].numel()}, expected finite numbers (the file is damaged "
                                                "or was written by a diverged run; export it again)")
     assert tree(tmp_path) == before
+
+
+def test_a_full_disk_at_export_is_one_line_naming_the_folder_and_the_kept_checkpoint(trained, tmp_path, capsys,
+                                                                                    monkeypatch):
+    import errno
+
+    def full(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(storage, "save_file", full)
+    run = tmp_path / "run"
+    code, lines = run_cli(["fit", *trained["args"], "--model.run_dir", str(run), "--trainer.max_epochs", "1"], capsys)
+    line = error_line(lines)
+    assert code == 2 and not any("Traceback" in x for x in lines), lines
+    assert line.startswith(f"error: {run / 'adapters' / 'keyword'}: cannot be written (No space left on device at ")
+    best = next(run.rglob("*.ckpt"))
+    assert line.endswith(f"the trained weights are kept in the best checkpoint {best} (once the folder can be "
+                         "written, resume the same fit command with --ckpt_path set to it)")
+    assert not (run / "adapters").exists() or not any((run / "adapters").iterdir())
+
+
+def test_a_checkpoint_that_cannot_be_written_mid_fit_is_one_line_naming_the_one_kept(trained, tmp_path, capsys,
+                                                                                    monkeypatch):
+    import errno
+
+    from lightning.fabric.plugins.io import torch_io
+
+    saved = []
+    real = torch_io._atomic_save
+
+    def second_fails(checkpoint, filepath):
+        if saved:
+            raise PermissionError(errno.EACCES, "Permission denied", str(filepath))
+        saved.append(filepath)
+        real(checkpoint, filepath)
+
+    monkeypatch.setattr(torch_io, "_atomic_save", second_fails)
+    run = tmp_path / "run"
+    code, lines = run_cli(["fit", *trained["args"], "--model.run_dir", str(run), "--trainer.max_epochs", "2"], capsys)
+    line = error_line(lines)
+    assert code == 2 and not any("Traceback" in x for x in lines), lines
+    folder = Path(saved[0]).parent
+    assert line.startswith(f"error: {folder}: cannot be written (Permission denied at {folder}"), line
+    assert line.endswith(f"kept in the best checkpoint {saved[0]} (once the folder can be written, resume the same "
+                         "fit command with --ckpt_path set to it)"), line
+    assert Path(saved[0]).is_file() and not (run / "adapters").exists()

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from mtl.cli_errors import config_files, explain_parse_error
 from mtl.continual.runner import ContinualConfig, ContinualRunner
 from mtl.data.module import TaskDataModule
-from mtl.errors import MTLConfigError
+from mtl.errors import WRITE_ERRNOS, MTLConfigError, write_failure
 from mtl.lit import AdapterTrainer
 from mtl.preflight import check_single_process, writable_folder
 
@@ -82,4 +82,10 @@ def continual_main(argv: list[str]) -> dict[str, Any]:
 
     runner = ContinualRunner(config, _plain(cfg.model), _plain(cfg.data), make_trainer, settings,
                              seed=cfg.seed_everything)
-    return runner.run()
+    try:
+        return runner.run()
+    except OSError as err:  # a checkpoint or log the Trainer could not write; the runner's own files say so already
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        raise write_failure(Path(err.filename).parent if err.filename else Path(config.run_dir), err,
+                            "the stages saved so far are kept: run the same command again to resume") from None
