@@ -9,8 +9,7 @@ Each client is a thread with one keep-alive `http.client` connection sending one
 request; a run stops after ``--requests`` requests or ``--seconds`` seconds, whichever comes first. Scenarios:
 
 - (a) every request for one task; (b) a uniform mix over the ``--tasks`` tasks (``max_resident`` = task count);
-- no batching: (b) with ``max_batch_size`` 1, one forward per request (served by `OneRequestAPI`, defined here:
-  ``train.py serve --serve.max_batch_size 1`` itself answers every request with a 500, see that class);
+- no batching: (b) on ``train.py serve --serve.max_batch_size 1``, one forward per request;
 - swap per task: (b) on a server whose API (`SwapPerTaskAPI`, defined here; the product code is unchanged) splits
   each gathered batch by task and runs one forward per task, what a one-active-adapter design (peft's
   ``set_adapter``) forces;
@@ -137,17 +136,7 @@ class SwapPerTaskAPI(AdapterServingAPI):
         return out  # type: ignore[return-value]
 
 
-class OneRequestAPI(AdapterServingAPI):
-    """Baseline without dynamic batching (max_batch_size 1): one forward per request. LitServe's unbatched loop hands
-    `predict` one decoded request, not a list, which the product's `predict` does not accept (``train.py serve
-    --serve.max_batch_size 1`` answers every request with a 500); this wraps it in a list of one."""
-
-    def predict(self, request: Any) -> Any:
-        """The product's predict on a batch of one."""
-        return super().predict([request])[0]
-
-
-BASELINES = {"swap": SwapPerTaskAPI, "single": OneRequestAPI}
+BASELINES = {"swap": SwapPerTaskAPI}
 
 
 def free_port() -> int:
@@ -533,7 +522,7 @@ def main() -> None:
             wait_ready(main_server)
             idle_small = worker_rss(main_server)
             servers.append(start_server("no-batching", folder / "small", folder / "nobatch.log", args.threads,
-                                        args.tasks, max_batch_size=1, baseline="single"))
+                                        args.tasks, max_batch_size=1))
             servers.append(start_server("swap-per-task", folder / "small", folder / "swap.log", args.threads,
                                         args.tasks, baseline="swap"))
             for server in servers:

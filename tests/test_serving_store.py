@@ -167,3 +167,9 @@ def test_a_store_that_cannot_be_served_is_one_line(tmp_path, store_dir):
         AdapterStore(two)
     with pytest.raises(MTLConfigError, match="serve.max_resident: got 0"):
         AdapterStore(store_dir, 0)
+
+
+def test_without_dynamic_batching_one_request_is_answered_alone(store_dir, tiny_dir, tmp_path):
+    api = _api(store_dir, tiny_dir, tmp_path)  # LitServe's unbatched loop (max_batch_size 1) hands over one request
+    alone = api.predict(parse_request({"text": TEXTS[0], "task": "t0"}))
+    assert alone == api.predict([parse_request({"text": TEXTS[0], "task": "t0"})])[0] and alone["task"] == "t0"

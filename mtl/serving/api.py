@@ -216,8 +216,10 @@ class AdapterServingAPI(ls.LitAPI):
         return output
 
     @torch.inference_mode()
-    def predict(self, requests: list[Parsed]) -> list[Any]:
+    def predict(self, requests: list[Parsed] | Parsed) -> list[Any] | Any:
         """Route task-less rows, make every needed part resident, run all rows as ONE forward, answer each request."""
+        if isinstance(requests, Parsed):  # max_batch_size 1: LitServe's unbatched loop hands over one request
+            return self.predict([requests])[0]
         entries = self.store.snapshot()
         out: list[Any] = [r.refusal for r in requests]
         for i, r in enumerate(requests):
