@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from mtl import storage
+from mtl import model_files, storage
 from mtl.errors import MTLConfigError
 from mtl.routing import load_router
 from mtl.serving.api import MAX_TEXT_BYTES, MAX_TEXTS, AdapterServingAPI, parse_request
@@ -96,6 +96,14 @@ def test_a_new_export_is_swapped_in_between_batches_and_answers_say_which_versio
     new = api.predict([parse_request({"text": TEXTS[0], "task": "t2"})])[0]
     want = expected(store_model(store_dir, tiny_dir), api.tokenizer, TEXTS[0], "t2", 8)
     assert new["version"] != old["version"] and torch.allclose(_scores(new), want, atol=1e-5)
+
+    assert api.predict([parse_request({"text": TEXTS[0], "task": "t9"})])[0].status_code == 404
+    model = store_model(store_dir, tiny_dir)
+    model.add_task("t9", len(LABELS), labels=LABELS)
+    model_files.save_task(model, "t9", store_dir / "adapters")  # a task trained while the server runs
+    assert api.store.scan() == [f"new task 't9' version "
+                                f"{storage.file_sha256(store_dir / 'adapters/t9/adapter.safetensors')[:12]}"]
+    assert api.predict([parse_request({"text": TEXTS[0], "task": "t9"})])[0]["task"] == "t9"
 
 
 def test_a_broken_export_keeps_the_old_version_and_a_removed_task_goes_after_two_scans(store_dir, tiny_dir, tmp_path):
