@@ -169,6 +169,17 @@ def poison(rel: str, value: float = float("nan"), tensor: str | None = None) -> 
     return run
 
 
+def edit_json(rel: str, edit: Callable[[dict], object]) -> Callable[[Path], None]:
+    """Setup: change a JSON file in place (``edit`` changes the loaded object)."""
+    def run(s: Path) -> None:
+        import json
+
+        data = json.loads((s / rel).read_text())
+        edit(data)
+        (s / rel).write_text(json.dumps(data))
+    return run
+
+
 def steps(*fns: Callable[[Path], None]) -> Callable[[Path], None]:
     """Setup: several steps in order."""
     return lambda s: [f(s) for f in fns] and None
@@ -368,6 +379,12 @@ CASES = [
          lambda s: (s / "tasks/colour.yaml").write_text((s / "tasks/colour.yaml").read_text().replace(
              "max_length: 16", "max_length: 12"))),
     Case("continual-state-corrupt", "continual", RESUME, truncate("crun/state.json")),
+    Case("continual-state-completed-too-big", "continual", RESUME,
+         edit_json("crun/state.json", lambda d: d.update(completed=7))),
+    Case("continual-state-step-outside", "continual", RESUME,
+         edit_json("crun/state.json", lambda d: d["steps"].__setitem__(2, "../run"))),
+    Case("continual-state-fingerprint-missing", "continual", RESUME,
+         edit_json("crun/state.json", lambda d: d["strategy_state"]["fingerprints"].pop("keyword"))),
     Case("compare-run-missing", "continual", ["compare", "crun", "nope"]),
     Case("compare-results-corrupt", "continual", ["compare", "crun"], truncate("crun/results.json")),
 ]

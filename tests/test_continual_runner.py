@@ -470,3 +470,103 @@ def test_a_router_that_cannot_serve_the_model_is_one_line(setup, per_task, tiny_
     code, lines = run_cli(predict_args(tiny_dir, setup, step, tmp_path / "out.jsonl", "--model.router", router), capsys)
     assert code == 2 and len(lines) <= 2 and expected in error_line(lines), lines
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def _edit_state(**changes):
+    """A state.json edit: key -> new value, or a function of the state that edits it in place."""
+    def edit(state, run_dir):
+        for key, value in changes.items():
+            if callable(value):
+                value(state, run_dir)
+            else:
+                state[key] = value
+    return edit
+
+
+def _link_stage_outside(state, run_dir):
+    outside = run_dir.parent / "outside"
+    shutil.move(run_dir / "steps" / "02-colour", outside)
+    (run_dir / "steps" / "02-colour").symlink_to(outside)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (_edit_state(completed=99), "completed: got 99, expected a stage count in 0..3"),
+    (_edit_state(completed="3"), "completed: got '3', expected an integer"),
+    (_edit_state(completed=2), "steps: got ['steps/00-before', "),
+    (_edit_state(x=lambda s, r: s["steps"].__setitem__(1, "../../elsewhere")),
+     "steps[1]: got '../../elsewhere', expected 'steps/01-keyword' inside"),
+    (_edit_state(x=lambda s, r: s["steps"].__setitem__(2, "/etc")), "steps[2]: got '/etc', expected 'steps/02-colour'"),
+    (_edit_state(x=_link_stage_outside), "steps[2]: got 'steps/02-colour', expected 'steps/02-colour' inside"),
+    (_edit_state(x=lambda s, r: shutil.rmtree(r / "steps" / "03-animal" / "adapters")),
+     "steps[3]: got 'steps/03-animal', expected a stage folder holding adapters/"),
+    (_edit_state(order=["animal", "colour", "keyword"]), "order: got ['animal', 'colour', 'keyword'], expected"),
+    (_edit_state(x=lambda s, r: s["after"]["acc"][1].pop()), "after.acc: got ["),
+    (_edit_state(x=lambda s, r: s["before"]["f1"].__setitem__(0, 7)), "before.f1: got ["),
+    (_edit_state(x=lambda s, r: s["strategy_state"]["fingerprints"].pop("colour")),
+     "strategy_state.fingerprints: got ['animal', 'keyword'], expected one entry per trained task"),
+    (_edit_state(x=lambda s, r: s["strategy_state"]["fingerprints"]["keyword"].update(tensors_sha256="abc")),
+     "strategy_state.fingerprints.keyword: got {"),
+    (_edit_state(x=lambda s, r: s["strategy_state"]["fingerprints"]["keyword"].update(stage=2)),
+     "strategy_state.fingerprints.keyword: got {"),
+    (_edit_state(x=lambda s, r: s["test_sizes"].__setitem__(0, s["test_sizes"][0] + 1)), "test_sizes: got ["),
+    (_edit_state(wall_time_s={"before": 1.0, "stages": [1.0]}), "wall_time_s: got {"),
+], ids=["completed-too-big", "completed-a-string", "completed-disagrees-with-steps", "step-path-escapes",
+        "step-path-absolute", "step-folder-is-a-link-out", "step-without-adapters", "order", "after-row-short",
+        "before-score-out-of-range", "fingerprint-missing", "fingerprint-not-a-digest", "fingerprint-stage",
+        "test-sizes", "wall-times"])
+def test_a_state_json_that_disagrees_with_its_run_is_one_line_before_any_work(setup, per_task, tmp_path, capsys,
+                                                                             edit, words):
+    run_dir = tmp_path / "run"
+    shutil.copytree(per_task, run_dir, symlinks=True)
+    file = run_dir / "state.json"
+    state = json.loads(file.read_text())
+    edit(state, run_dir)
+    file.write_text(json.dumps(state))
+    before = tree(tmp_path)
+    code, lines = run(setup, capsys, run_dir)
+    assert code == 2 and len(lines) == 1, lines
+    assert error_line(lines).startswith(f"error: {file}: ") and words in error_line(lines), lines
+    assert tree(tmp_path) == before
+
+
+def _replay_runner(tmp_path, done: int = 1):
+    from mtl.continual.runner import ContinualConfig, ContinualRunner
+
+    config = ContinualConfig(order=ORDER, strategy="replay", run_dir=str(tmp_path / "run"), replay_size=4)
+    runner = ContinualRunner(config, {}, {}, lambda name: None, {})
+    runner.strategy = strategies.build_strategy(config, 0)
+    runner.stages = runner.strategy.stages(ORDER)
+    for name in ["00-before", *(runner._stage_name(i) for i in range(done))]:
+        (tmp_path / "run" / "steps" / name / "adapters").mkdir(parents=True)
+    state = runner._new_state()
+    state.update(completed=done, steps=["steps/00-before", *(f"steps/{runner._stage_name(i)}" for i in range(done))],
+                 after={m: [[0.5] * 3] * done for m in ("acc", "f1")}, before={m: [0.5] * 3 for m in ("acc", "f1")},
+                 test_sizes=[10, 10, 10], wall_time_s={"before": 1.0, "stages": [1.0] * done},
+                 strategy_state={"buffer": [["keyword", 0], ["keyword", 3]], "seen": 40})
+    return runner, state
+
+
+@pytest.mark.parametrize("buffer, seen, words", [
+    ([["keyword", 0], ["keyword", 3]], 40, None),
+    ([["colour", 0]], 40, "strategy_state.buffer[0]: got ['colour', 0], expected [task, row] with a trained task"),
+    ([["keyword", -1]], 40, "strategy_state.buffer[0]: got ['keyword', -1]"),
+    ([["keyword", 1]] * 5, 40, "strategy_state.buffer: got [['keyword', 1], "),
+    ([[["keyword"], 1]], 40, "strategy_state.buffer[0]: got [['keyword'], 1]"),
+    ({"keyword": 1}, 40, "strategy_state.buffer: got {'keyword': 1}, expected a list of at most 4 examples"),
+    ([["keyword", 1]] * 2, 1, "strategy_state.seen: got 1"),
+    ([["keyword", 12]], 40, "strategy_state.buffer[0]: row 12 of keyword, expected a row of its train split (0..11)"),
+])
+def test_a_replay_buffer_in_state_json_is_checked_against_the_run(tmp_path, buffer, seen, words):
+    runner, state = _replay_runner(tmp_path)
+    state["strategy_state"] = {"buffer": buffer, "seen": seen}
+    file = tmp_path / "run" / "state.json"
+    data = type("Data", (), {"split_size": lambda self, task, split: 10 if split == "test" else 12})()
+    if words is None:
+        runner._check_state(file, state)
+        runner._check_state_data(state, data)
+        return
+    with pytest.raises(MTLConfigError) as err:
+        runner._check_state(file, state)
+        runner._check_state_data(state, data)
+    assert str(err.value).startswith(f"{file}: ") and words in str(err.value) and "\n" not in str(err.value)
+

@@ -12,6 +12,7 @@ both written atomically; ``state.json`` is the commit point.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -34,10 +35,17 @@ from mtl.fusion.config import FusionConfig
 from mtl.lit import AdapterTrainer
 from mtl.preflight import writable_folder
 from mtl.routing import EntropyRouter, PrototypeRouter, load_router, routing_report, save_confusion_png
-from mtl.storage import read_json
+from mtl.storage import check_shape, read_json
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
+# the JSON shape of state.json (see mtl.storage.check_shape); its values are checked against the run in _check_state
+STATE_SCHEMA = {"format_version": int, "settings": dict, "strategy": str, "order": [str], "stages": [[str]],
+                "seed": int, "completed": int, "steps": [str], "before": dict, "after": dict, "test_sizes": [int],
+                "wall_time_s": {"before": (int, float), "stages": [(int, float)]}, "strategy_state": dict,
+                "single_task?": dict}
+FINGERPRINT_KEYS = ("tensors_sha256", "probe_logits_sha256")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 RESULTS_FILE = "results.json"
 SCORES = ("acc", "f1")
 ROUTERS = ("prototype", "entropy")
@@ -148,7 +156,10 @@ class ContinualRunner:
         self.settings.update(_json(flatten({"tasks": {n: s.to_dict() for n, s in specs.items()}})))
         writable_folder(self.run_dir, "continual.run_dir")
         state = self._read_state()
-        self._data([], self.order).check_before("fit")  # reads every task's data now: a bad file stops us here
+        data = self._data([], self.order)
+        data.check_before("fit")  # reads every task's data now: a bad file stops us here
+        if state is not None:
+            self._check_state_data(state, data)
         return state
 
     def _read_state(self) -> dict[str, Any] | None:
@@ -161,12 +172,116 @@ class ContinualRunner:
         state = read_json(file, "the state of a continual run")
         if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "settings" not in state:
             raise MTLConfigError(f"{file}: not a continual-run state of format {FORMAT_VERSION}")
+        check_shape(file, state, STATE_SCHEMA)
         saved, now = state["settings"], self.settings
         for key in [*saved, *(k for k in now if k not in saved)]:
             if saved.get(key) != now.get(key):
                 raise MTLConfigError(f"{file}: {key} is {saved.get(key)!r} in the saved run but {now.get(key)!r} in the "
                                      "configuration; resume with the same settings or use another continual.run_dir")
+        self._check_state(file, state)
         return state
+
+    def _check_state(self, file: Path, state: dict[str, Any]) -> None:
+        """Every field of a saved state agrees with this run: a state.json edited by hand, or from another run, is one
+        line naming the key, never a path outside the run folder or an index past the order."""
+        def refuse(key: str, got: Any, expected: str) -> MTLConfigError:
+            return MTLConfigError(f"{file}: {key}: got {got!r:.80}, expected {expected} (the file is written by the "
+                                  "runner: restore it, or start again in another continual.run_dir)")
+
+        n, total = len(self.order), len(self.stages)
+        for key, want in (("strategy", self.config.strategy), ("order", self.order), ("stages", self.stages),
+                          ("seed", self.seed)):
+            if state[key] != want:
+                raise refuse(key, state[key], f"{want!r} (this run's)")
+        done = state["completed"]
+        if not 0 <= done <= total:
+            raise refuse("completed", done, f"a stage count in 0..{total}")
+        names = ["00-before", *(self._stage_name(i) for i in range(done))]
+        if len(state["steps"]) != done + 1:
+            raise refuse("steps", state["steps"], f"{done + 1} stage folders (completed is {done})")
+        root = self.run_dir.resolve()
+        for i, (step, name) in enumerate(zip(state["steps"], names)):
+            folder = (self.run_dir / step).resolve()
+            # the exact name, and no link out of the run folder: state.json never makes the runner read elsewhere
+            if step != f"steps/{name}" or folder != root / "steps" / name:
+                raise refuse(f"steps[{i}]", step, f"'steps/{name}' inside {self.run_dir}")
+            if not (folder / "adapters").is_dir():
+                raise refuse(f"steps[{i}]", step, f"a stage folder holding adapters/ ({folder / 'adapters'} not found)")
+        for key, rows in [(f"before.{m}", [state["before"].get(m)]) for m in SCORES] + \
+                [(f"after.{m}", state["after"].get(m)) for m in SCORES]:
+            if not isinstance(rows, list) or len(rows) != (1 if key.startswith("before") else done):
+                raise refuse(key, rows, f"{'one row' if key.startswith('before') else f'{done} rows'} of scores")
+            for row in rows:
+                if not (isinstance(row, list) and len(row) == n and all(_score(v) for v in row)):
+                    raise refuse(key, row, f"{n} scores in [0, 1], one per task of the order")
+        for key in ("before", "after"):
+            if set(state[key]) != set(SCORES):
+                raise refuse(key, sorted(state[key]), f"the keys {list(SCORES)}")
+        if len(state["test_sizes"]) != n or any(size < 1 for size in state["test_sizes"]):
+            raise refuse("test_sizes", state["test_sizes"], f"{n} test-split sizes >= 1")
+        times = state["wall_time_s"]
+        if len(times["stages"]) != done or any(t < 0 for t in [times["before"], *times["stages"]]):
+            raise refuse("wall_time_s", times, f"{done} stage times >= 0")
+        for task, scores in (state.get("single_task") or {}).items():
+            if task not in self.order or not isinstance(scores, dict) or set(scores) != set(SCORES) \
+                    or not all(_score(v) for v in scores.values()):
+                raise refuse(f"single_task.{task}", scores, f"a task of the order with scores {list(SCORES)} in [0, 1]")
+        self._check_strategy_state(refuse, state["strategy_state"], done)
+
+    def _check_strategy_state(self, refuse: Callable[[str, Any, str], MTLConfigError], saved: dict[str, Any],
+                              done: int) -> None:
+        """``strategy_state`` has the fields this strategy keeps, for the stages completed so far."""
+        fresh = self.strategy.state
+        if set(saved) != set(fresh):
+            raise refuse("strategy_state", sorted(saved), f"the keys {sorted(fresh)} of strategy {self.strategy.name}")
+        trained = {task: stage for stage in range(done) for task in self.stages[stage]}
+        if "routes" in fresh:
+            setups = {t: self.strategy.fusion_setup(self.order, [t]) for t in trained}
+            want_routes = {t: setup.name for t, setup in setups.items() if setup is not None}
+            if saved["routes"] != want_routes:
+                raise refuse("strategy_state.routes", saved["routes"], f"{want_routes!r}")
+        if "fingerprints" in fresh:
+            routes = saved.get("routes", {})
+            want = {**{t: (i, None) for t, i in trained.items()}, **{r: (trained.get(t), t) for t, r in routes.items()}}
+            prints = saved["fingerprints"]
+            if not isinstance(prints, dict) or set(prints) != set(want):
+                raise refuse("strategy_state.fingerprints", sorted(prints) if isinstance(prints, dict) else prints,
+                             f"one entry per trained task and fusion {sorted(want)}")
+            for name, entry in saved["fingerprints"].items():
+                stage, task = want[name]
+                ok = isinstance(entry, dict) and entry.get("stage") == stage and entry.get("task") == task and all(
+                    isinstance(entry.get(k), str) and _SHA256.fullmatch(entry[k]) for k in FINGERPRINT_KEYS) \
+                    and set(entry) <= {"stage", "task", *FINGERPRINT_KEYS}
+                if not ok:
+                    raise refuse(f"strategy_state.fingerprints.{name}", entry,
+                                 f"stage {stage}{f', task {task!r}' if task else ''} and SHA-256 hex digests "
+                                 f"{list(FINGERPRINT_KEYS)}")
+        if "buffer" in fresh:
+            buffer, seen = saved["buffer"], saved["seen"]
+            if not isinstance(buffer, list) or len(buffer) > self.config.replay_size:
+                raise refuse("strategy_state.buffer", buffer, f"a list of at most {self.config.replay_size} examples")
+            if not isinstance(seen, int) or isinstance(seen, bool) or seen < len(buffer):
+                raise refuse("strategy_state.seen", seen, f"the examples offered so far (at least the buffer's "
+                             f"{len(buffer)})")
+            for i, item in enumerate(buffer):
+                if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and item[0] in trained
+                        and isinstance(item[1], int) and not isinstance(item[1], bool) and item[1] >= 0):
+                    raise refuse(f"strategy_state.buffer[{i}]", item, f"[task, row] with a trained task of "
+                                 f"{sorted(trained)} and a row >= 0")
+
+    def _check_state_data(self, state: dict[str, Any], data: TaskDataModule) -> None:
+        """The saved state against the task data, once it is read: test sizes and the replay buffer's rows."""
+        file = self.run_dir / STATE_FILE
+        sizes = [data.split_size(t, "test") for t in self.order]
+        if state["test_sizes"] != sizes:
+            raise MTLConfigError(f"{file}: test_sizes: got {state['test_sizes']}, expected {sizes} (the test splits of "
+                                 "the order now); restore state.json, or start again in another continual.run_dir")
+        for i, (task, row) in enumerate(state["strategy_state"].get("buffer", [])):
+            size = data.split_size(task, "train")
+            if row >= size:
+                raise MTLConfigError(f"{file}: strategy_state.buffer[{i}]: row {row} of {task}, expected a row of its "
+                                     f"train split (0..{size - 1}); restore state.json, or start again in another "
+                                     "continual.run_dir")
 
     # ---- building blocks ----------------------------------------------------------------------------------
     def _data(self, train: list[str], evaluate: list[str], **extra: Any) -> TaskDataModule:
@@ -365,6 +480,10 @@ class ContinualRunner:
                    "routes": self.strategy.routes(), "single_task": state.get("single_task", {})}
         results["metrics"] = {m: run_metrics(results, m) for m in SCORES}
         return results
+
+
+def _score(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
 
 
 def _json(data: dict[str, Any]) -> dict[str, Any]:

@@ -320,6 +320,10 @@ class TaskDataModule(L.LightningDataModule):
             self._data[name] = self._tokenised(self.effective_spec(name))
         return self._data[name]
 
+    def split_size(self, name: str, split: str) -> int:
+        """Examples in a task's split, with the caps applied (reads the task's data once, tokenises nothing)."""
+        return len(self._raw_dataset(name)[split])
+
     def _raw_dataset(self, name: str) -> datasets.DatasetDict:
         """The task's untokenised splits with the caps applied (read once)."""
         if name not in self._raw:
