@@ -180,6 +180,17 @@ def edit_json(rel: str, edit: Callable[[dict], object]) -> Callable[[Path], None
     return run
 
 
+def nudge(rel: str) -> Callable[[Path], None]:
+    """Setup: change one adapter weight of a safetensors file a little (still finite, still a valid file)."""
+    def run(s: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(s / rel))
+        tensors[sorted(k for k in tensors if not k.startswith("head"))[0]].view(-1)[0] += 0.5
+        save_file(tensors, str(s / rel))
+    return run
+
+
 def steps(*fns: Callable[[Path], None]) -> Callable[[Path], None]:
     """Setup: several steps in order."""
     return lambda s: [f(s) for f in fns] and None
@@ -385,6 +396,8 @@ CASES = [
          edit_json("crun/state.json", lambda d: d["steps"].__setitem__(2, "../run"))),
     Case("continual-state-fingerprint-missing", "continual", RESUME,
          edit_json("crun/state.json", lambda d: d["strategy_state"]["fingerprints"].pop("keyword"))),
+    Case("continual-final-stage-changed", "continual", RESUME,
+         nudge("crun/steps/02-colour/adapters/keyword/adapter.safetensors")),
     Case("compare-run-missing", "continual", ["compare", "crun", "nope"]),
     Case("compare-results-corrupt", "continual", ["compare", "crun"], truncate("crun/results.json")),
 ]

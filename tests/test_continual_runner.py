@@ -570,3 +570,49 @@ def test_a_replay_buffer_in_state_json_is_checked_against_the_run(tmp_path, buff
         runner._check_state_data(state, data)
     assert str(err.value).startswith(f"{file}: ") and words in str(err.value) and "\n" not in str(err.value)
 
+
+def _nudge(file: Path) -> None:
+    """Change one weight of a saved adapter a little (still finite, still a valid file)."""
+    from safetensors.torch import load_file, save_file
+
+    values = load_file(str(file))
+    name = sorted(k for k in values if not k.startswith("head"))[0]
+    values[name].view(-1)[0] += 0.5
+    save_file(values, str(file))
+
+
+def test_a_finished_run_whose_final_stage_changed_is_one_line_naming_task_file_and_fingerprints(setup, per_task,
+                                                                                                 tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(per_task, run_dir)
+    file = run_dir / "steps" / "03-animal" / "adapters" / "keyword" / storage.ADAPTER_WEIGHTS
+    _nudge(file)
+    before = tree(tmp_path)
+    code, lines = run(setup, capsys, run_dir)
+    assert code == 2 and not any("Traceback" in line for line in lines), lines
+    line = error_line(lines)
+    assert line.startswith(f"error: {file}: task keyword changed after it was trained at stage 01-keyword "
+                           "(tensors_sha256 "), line
+    assert "probe_logits_sha256" in line and "when trained" in line and "now" in line
+    assert f"restore {run_dir / 'steps' / '03-animal'} as this run wrote it, or start again in a new " \
+           "continual.run_dir" in line
+    assert tree(tmp_path) == before  # results.json and the report are not rewritten
+
+
+def test_a_resumed_run_whose_last_stage_changed_is_refused_before_training(setup, per_task, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(per_task, run_dir)
+    shutil.rmtree(run_dir / "steps" / "03-animal")
+    (run_dir / "results.json").unlink()
+    state = json.loads((run_dir / "state.json").read_text())  # as the run left it after stage 2 of 3
+    state.update(completed=2, steps=state["steps"][:3], after={m: rows[:2] for m, rows in state["after"].items()},
+                 wall_time_s={"before": state["wall_time_s"]["before"], "stages": state["wall_time_s"]["stages"][:2]})
+    state["strategy_state"]["fingerprints"].pop("animal")
+    (run_dir / "state.json").write_text(json.dumps(state))
+    file = run_dir / "steps" / "02-colour" / "adapters" / "keyword" / storage.ADAPTER_WEIGHTS
+    _nudge(file)
+    before = tree(tmp_path)
+    code, lines = run(setup, capsys, run_dir)
+    assert code == 2 and error_line(lines).startswith(
+        f"error: {file}: task keyword changed after it was trained at stage 01-keyword (tensors_sha256 "), lines
+    assert tree(tmp_path) == before  # no stage 3 folder, no log folder

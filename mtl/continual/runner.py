@@ -27,7 +27,7 @@ from mtl.assembly import FusionSetup
 from mtl.atomic import write_dir_atomic, write_json_atomic
 from mtl.backbone import DEFAULT_BACKBONE
 from mtl.continual.report import duration, run_metrics, write_report
-from mtl.continual.strategies import STRATEGIES, build_strategy
+from mtl.continual.strategies import STRATEGIES, build_strategy, tensors_sha256
 from mtl.data.module import TaskDataModule
 from mtl.data.spec import load_task_specs
 from mtl.errors import MTLConfigError
@@ -35,7 +35,7 @@ from mtl.fusion.config import FusionConfig
 from mtl.lit import AdapterTrainer
 from mtl.preflight import writable_folder
 from mtl.routing import EntropyRouter, PrototypeRouter, load_router, routing_report, save_confusion_png
-from mtl.storage import check_shape, read_json
+from mtl.storage import ADAPTER_WEIGHTS, FUSION_WEIGHTS, check_shape, read_json
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
@@ -376,6 +376,7 @@ class ContinualRunner:
         L.seed_everything(self.seed + index, verbose=False)
         previous = self.run_dir / state["steps"][-1]
         module = self._module(tasks, previous)
+        self._check_unchanged(previous, module)
         self.strategy.load(previous)
         extra = self.strategy.stage_data(tasks)
         train = extra.pop("tasks", tasks)
@@ -448,6 +449,11 @@ class ContinualRunner:
         module, data = self._module([], final), self._data([], self.order)
         self.strategy.load(final)
         check = self.strategy.verify(module, data)
+        if check is not None and not check["verified"]:  # before anything is written: the old results stay
+            changed = {name: {k: (self.strategy.state["fingerprints"][name][k], now[k]) for k in FINGERPRINT_KEYS
+                              if now[k] != self.strategy.state["fingerprints"][name][k]}
+                       for name, now in check["tasks"].items() if not now["unchanged"]}
+            raise self._changed_error(final, changed)
         stored = self.strategy.stored_bytes(module, data)
         routing = {}
         if self.strategy.routes():  # routers answer through each task's own adapter, not through its fusion
@@ -459,12 +465,37 @@ class ContinualRunner:
         paths = write_report(results, self.run_dir)
         acc = results["metrics"]["acc"]
         print(f"continual: ACC {acc['acc']:.3f}" + (f", BWT {acc['bwt']:+.3f}" if acc.get("bwt") is not None else "")
-              + (f", zero forgetting {'verified' if check['verified'] else 'FAILED'}" if check else "")
+              + (", zero forgetting verified" if check else "")
               + f"; wrote {self.run_dir / RESULTS_FILE}, " + ", ".join(str(p) for p in paths))
-        if check is not None and not check["verified"]:
-            changed = [t for t, v in check["tasks"].items() if not v["unchanged"]]
-            raise RuntimeError(f"per_task forgetting check failed: {changed} changed after they were trained")
         return results
+
+    def _check_unchanged(self, folder: Path, module: AdapterTrainer) -> None:
+        """Before a stage trains: every task and fusion trained so far loaded from ``folder`` with the tensors it had
+        when it was trained (a stage folder changed on disk is found before the work, not at the end)."""
+        saved = self.strategy.state.get("fingerprints") or {}
+        changed = {}
+        for name, entry in saved.items():
+            now = tensors_sha256(module, name)
+            if now != entry["tensors_sha256"]:
+                changed[name] = {"tensors_sha256": (entry["tensors_sha256"], now)}
+        if changed:
+            raise self._changed_error(folder, changed)
+
+    def _changed_error(self, folder: Path, changed: dict[str, dict[str, tuple[str, str]]]) -> MTLConfigError:
+        """One line for tasks (or fusions) whose fingerprints differ from those recorded when they were trained."""
+        if not changed:
+            return MTLConfigError(f"{self.run_dir / STATE_FILE}: strategy_state.fingerprints: no task recorded, "
+                                  "expected one per trained task; restore state.json or start a new continual.run_dir")
+        name, diffs = next(iter(changed.items()))
+        fusion = name in self.strategy.routes().values()
+        file = folder / ("fusions" if fusion else "adapters") / name / (FUSION_WEIGHTS if fusion else ADAPTER_WEIGHTS)
+        stage = self.strategy.state["fingerprints"][name]["stage"]
+        what = "; ".join(f"{key} {was[:12]}... when trained, {now[:12]}... now" for key, (was, now) in diffs.items())
+        also = f" (also changed: {', '.join(list(changed)[1:])})" if len(changed) > 1 else ""
+        return MTLConfigError(
+            f"{file}: {'fusion' if fusion else 'task'} {name} changed after it was trained at stage "
+            f"{self._stage_name(stage)} ({what}){also}; zero forgetting cannot hold: restore {folder} as this run "
+            f"wrote it, or start again in a new continual.run_dir")
 
     def results(self, state: dict[str, Any], check: dict[str, Any] | None, stored: dict[str, int],
                 routing: dict[str, Any]) -> dict[str, Any]:
