@@ -343,10 +343,10 @@ CASES = [
     Case("predict-file-binary", "files", PREDICT, write_bytes("texts.txt", b"\xff\xfe\x00bad" * 10)),
     Case("predict-file-lone-surrogate", "files", PREDICT[:-3] + ["texts.jsonl"] + PREDICT[-2:],
          write("texts.jsonl", '{"text": "fine"}\n{"text": "half a pair \\ud800 here"}\n')),
-    Case("task-text-lone-surrogate", "early", FIT + ["--data.tasks", "[half]"], steps(
-        write("tasks/half.jsonl", "".join(f'{{"text": "w {i}{chr(92) + "udc00" if i == 5 else ""}", '
+    Case("task-text-lone-surrogate", "early", FIT + ["--data.tasks", "[lonely]"], steps(
+        write("tasks/lonely.jsonl", "".join(f'{{"text": "w {i}{chr(92) + "udc00" if i == 5 else ""}", '
                                           f'"label": "{"bad" if i % 2 else "good"}"}}\n' for i in range(40))),
-        write("tasks/half.yaml", "source: {type: files, train: half.jsonl}\ntext_fields: [text]\n"
+        write("tasks/lonely.yaml", "source: {type: files, train: lonely.jsonl}\ntext_fields: [text]\n"
                                  "label_field: label\nlabels: [bad, good]\nmax_length: 16\n"))),
     Case("ckpt-missing", "files", TEST[:-1] + ["nope.ckpt"]),
     Case("ckpt-is-pickle", "files", TEST, write_bytes(CKPT, pickle.dumps({"state_dict": {}}))),
