@@ -144,6 +144,7 @@ def test_texts_without_a_task_go_where_the_store_router_sends_them(server, refer
     (json.dumps({"texts": ["a"] * 10_000}).encode(), 400, "texts: 10000 texts, expected at most 256 per request"),
     (json.dumps({"text": "a" * 1_100_000}).encode(), 413, "text: 1,100,000 bytes, expected at most 1,048,576"),
     (json.dumps({"text": "a" * 9_000_000}).encode(), 413, "request body over 8 MB"),
+    (b'{"text": "half a pair \\ud800", "task": "t0"}', 400, "text: holds a lone surrogate U+D800 at character 13"),
 ])
 def test_a_bad_request_gets_its_status_and_one_line_and_the_worker_lives_on(server, raw, status, message):
     base, _, _ = server

@@ -148,6 +148,7 @@ def test_the_store_router_answers_task_less_texts_as_routing_then_forward_would(
     ({"text": "é" * (MAX_TEXT_BYTES // 2 + 1)}, 413, f"text: {MAX_TEXT_BYTES + 2:,} bytes, expected at most"),
     ({"text": "a", "task": 3}, 400, "task: got '3', expected a task name (a string)"),
     ({"text": "a", "label": "x"}, 400, "unknown key(s) ['label'], expected 'text' or 'texts', and 'task'"),
+    ({"texts": ["ok", "bad \ud800 half"]}, 400, "texts[1]: holds a lone surrogate U+D800 at character 5"),
 ])
 def test_each_request_mistake_is_its_own_one_line_answer(request_body, status, message):
     refusal = parse_request(request_body).refusal

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 
 from mtl.atomic import write_json_atomic
 from mtl.backbone import load_tokenizer
+from mtl.data.predict_input import check_encodable
 from mtl.errors import MTLConfigError
 from mtl.model import MTLModel
 from mtl.routing import EntropyRouter, PrototypeRouter, load_router, mean_features
@@ -116,6 +117,10 @@ def parse_request(request: Any) -> Parsed:
         where = f"texts[{i}]" if many else "text"
         if not isinstance(text, str) or not text.strip():
             return Parsed(refusal=error(400, f"{where}: got {str(text)[:40]!r}, expected a non-empty string"))
+        try:
+            check_encodable(text, where)
+        except MTLConfigError as err:  # a lone surrogate (valid JSON) would fail the tokenizer for the whole batch
+            return Parsed(refusal=error(400, str(err)))
         if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
             return Parsed(refusal=error(413, f"{where}: {len(text.encode('utf-8')):,} bytes, expected at most "
                                              f"{MAX_TEXT_BYTES:,} (1 MB)"))
