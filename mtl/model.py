@@ -42,6 +42,9 @@ Group = tuple[Target, slice]
 def _check_name(value: str, what: str) -> None:
     if not _NAME.match(value or ""):
         raise MTLConfigError(f"{what} '{value}' is invalid, expected letters, digits, '_' or '-'")
+    if hasattr(nn.ModuleDict(), value):  # names key ModuleDicts, which refuse a key that is one of their attributes
+        raise MTLConfigError(f"{what} '{value}' is reserved (a method of torch's nn.Module, like 'half' or 'train'), "
+                             "expected another name")
 
 
 class MTLModel(nn.Module):

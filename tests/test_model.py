@@ -218,3 +218,12 @@ def test_library_layers_import_without_lightning():
     code = ("import sys, mtl, mtl.model, mtl.storage, mtl.atomic, mtl.fusion.report, mtl.prefix_cache, mtl.data.spec, mtl.data.sources; "
             "sys.exit(any(m.startswith('lightning') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("name", ["half", "train", "cuda", "to"])
+def test_a_task_named_like_a_module_method_is_one_line(name):
+    model = MTLModel(tiny_backbone("bert"))
+    with pytest.raises(MTLConfigError, match=f"task name '{name}' is reserved"):
+        model.add_task(name, 2)
+    assert model.tasks == [] and model.adapter_configs == {}
+    model.add_task("halfway", 2)  # only exact attribute names are reserved
