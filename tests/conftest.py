@@ -11,7 +11,9 @@ import torch
 from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel, ElectraConfig, ElectraModel,
                           RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel)
 
+from mtl import model_files
 from mtl.backbone import load_tokenizer
+from mtl.model import MTLModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FAMILIES = ["bert", "roberta", "xlm-roberta", "distilbert", "electra"]
@@ -88,3 +90,18 @@ def task_dir(tmp_path_factory) -> Path:
     keyword_task(path, "keyword", ["bad", "good"])
     keyword_task(path, "colour", ["red", "blue", "pink"], rows=180, seed=1)
     return path
+
+
+def export_random_tasks(backbone: Path, run: Path) -> MTLModel:
+    """Export 'keyword' (bad/good) and 'colour' (red/blue/pink) with random adapters and heads under ``run/adapters``
+    (so predictions differ per text); returns the model."""
+    model = MTLModel(str(backbone))
+    model.add_task("keyword", 2, labels=["bad", "good"])
+    model.add_task("colour", 3, labels=["red", "blue", "pink"])
+    with torch.no_grad():
+        for task in model.tasks:
+            for p in model.task_parameters(task).values():
+                p.normal_(0, 0.2)
+    for task in model.tasks:
+        model_files.save_task(model, task, run / "adapters")
+    return model

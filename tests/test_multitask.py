@@ -16,6 +16,7 @@ from mtl.errors import MTLConfigError
 from mtl.lit import AdapterTrainer
 from mtl.model import MTLModel
 from mtl.predict import PredictionWriter
+from tests.conftest import export_random_tasks
 
 
 def _trainer(epochs: int = 2, **kwargs) -> L.Trainer:
@@ -101,15 +102,7 @@ def test_add_task_wrong_combinations_fail_in_one_line(tiny_dir, task_dir, tmp_pa
 
 def test_predict_file_with_every_task_in_one_forward(tiny_dir, task_dir, tmp_path):
     run = tmp_path / "run"
-    model = MTLModel(str(tiny_dir))
-    model.add_task("keyword", 2, labels=["bad", "good"])
-    model.add_task("colour", 3, labels=["red", "blue", "pink"])
-    with torch.no_grad():
-        for task in model.tasks:
-            for p in model.task_parameters(task).values():
-                p.normal_(0, 0.2)
-    for task in model.tasks:
-        model_files.save_task(model, task, run / "adapters")
+    model = export_random_tasks(tiny_dir, run)
     texts = tmp_path / "in.txt"
     texts.write_text("alpha good river\n\nred stone cloud\nbeta bad\n")
     module = AdapterTrainer([], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run), load_from=str(run))

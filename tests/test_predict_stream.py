@@ -12,13 +12,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mtl import model_files
 from mtl.data.module import TaskCollator, TaskDataModule
 from mtl.data.predict_input import MODEL_INPUTS, TextStream, iter_predict_texts
 from mtl.errors import MTLConfigError
 from mtl.lit import AdapterTrainer
-from mtl.model import MTLModel
 from mtl.predict import FIELDS, PredictionWriter
+from tests.conftest import export_random_tasks
 
 TEXTS = ["alpha good river", "red stone, \"cloud\"", "beta bad", "café ünïcode pink", "gamma delta seven",
          "blue table", "good good good", "x", "stone river green", "the last one"]
@@ -28,16 +27,8 @@ TEXTS = ["alpha good river", "red stone, \"cloud\"", "beta bad", "café ünïcod
 def run(tiny_dir, tmp_path_factory) -> Path:
     """An exported run with two tasks whose adapters and heads are random (so rows differ per text)."""
     run = tmp_path_factory.mktemp("run")
-    model = MTLModel(str(tiny_dir))
-    model.add_task("keyword", 2, labels=["bad", "good"])
-    model.add_task("colour", 3, labels=["red", "blue", "pink"])
     torch.manual_seed(0)
-    with torch.no_grad():
-        for task in model.tasks:
-            for p in model.task_parameters(task).values():
-                p.normal_(0, 0.2)
-    for task in model.tasks:
-        model_files.save_task(model, task, run / "adapters")
+    export_random_tasks(tiny_dir, run)
     return run
 
 
