@@ -257,7 +257,9 @@ class MTLModel(nn.Module):
         wanted = {part for name in names for part in self.records[name].parts} | set(parts)
         frozen = sorted(p for p in wanted if self.states[p].frozen)
         if frozen:
-            raise MTLConfigError(f"{', '.join(f'{k} {n!r}' for k, n in frozen)} frozen for good, cannot be trained again")
+            raise MTLConfigError(f"{', '.join(f'{k} {n!r}' for k, n in frozen)} frozen for good, cannot be trained again "
+                                 "(loaded or finished parts never change; to retrain, train it into a new run folder "
+                                 "without loading it, or under another task name)")
         for part in self.states:
             for p in self.part_parameters(part).values():
                 p.requires_grad_(part in wanted)
