@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from mtl import model_files, storage
 from mtl.errors import MTLConfigError
@@ -113,8 +114,14 @@ def test_a_broken_export_keeps_the_old_version_and_a_removed_task_goes_after_two
     weights.write_bytes(weights.read_bytes()[:-100])  # a half-copied file, written in place (not atomically)
     changes = api.store.scan()
     assert len(changes) == 1 and changes[0].startswith(f"kept version {old['version']} of 't1': {weights}: ")
-    assert "truncated or half-written" in changes[0]
+    assert "not a readable safetensors file" in changes[0]
     assert api.store.scan() == []  # reported once
+    assert api.predict([parse_request({"text": TEXTS[0], "task": "t1"})])[0] == old
+    tensors = storage.read_tensors(store_dir / "adapters" / "t0" / storage.ADAPTER_WEIGHTS)
+    tensors["head.out.bias"][0] = float("nan")  # a complete file whose values loading refuses
+    save_file(tensors, str(weights))
+    changes = api.store.scan()
+    assert len(changes) == 1 and changes[0].startswith(f"kept version {old['version']} of 't1'") and "head.out.bias" in changes[0]
     assert api.predict([parse_request({"text": TEXTS[0], "task": "t1"})])[0] == old
     shutil.rmtree(store_dir / "adapters" / "t3")
     assert api.store.scan() == [] and "t3" in api.store.snapshot()  # a moment's absence is an overwrite in flight

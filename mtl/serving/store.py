@@ -11,10 +11,7 @@ export is swapped in between two batches and every answer comes from one version
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import struct
 import sys
 import threading
 from collections import OrderedDict
@@ -74,19 +71,6 @@ def _stamp_or_none(folder: Path) -> Stamp:
         return 0
 
 
-def check_safetensors_bytes(file: Path, data: bytes) -> None:
-    """The bytes hold a complete safetensors file: header readable and every tensor inside the file (a half-copied
-    or truncated export fails here, before it is ever loaded)."""
-    try:
-        (length,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + length])
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except Exception as err:  # noqa: BLE001 - any malformed header is the same one-line error
-        raise MTLConfigError(f"{file}: not a readable safetensors file ({type(err).__name__})") from None
-    if len(data) != 8 + length + end:
-        raise MTLConfigError(f"{file}: {len(data)} bytes, expected {8 + length + end} (truncated or half-written)")
-
-
 def _part_folders(root: Path) -> Iterable[tuple[str, Path]]:
     """(kind, folder) of every completed export under ``root``; hidden names are temporaries of writes in flight."""
     runs = [root] if (root / "adapters").is_dir() else sorted(
@@ -112,12 +96,12 @@ def read_entry(kind: str, folder: Path, previous: StoreEntry | None = None) -> S
     if previous is not None and previous.stamp == stamp and previous.folder == str(folder):
         return previous
     data = storage.read_config(folder, config_name, schema)
-    raw = weights.read_bytes()
-    check_safetensors_bytes(weights, raw)
+    # the same read and checks as loading (a truncated file, foreign bytes, NaN or inf): what the index accepts loads
+    sha, _ = storage.read_tensors_with_sha256(weights)
     spec = data.get("task_spec") or {}
     return StoreEntry(
         name=data["task"] if kind == "task" else data["fusion"], kind=kind, folder=str(folder),
-        sha256=hashlib.sha256(raw).digest(), stamp=stamp,
+        sha256=bytes.fromhex(sha), stamp=stamp,
         labels=_SHARED.setdefault(labels, labels) if (labels := tuple(map(sys.intern, data.get("labels") or ()))) else None,
         adapter=sys.intern(str(data["adapter"].get("type", "custom"))) if kind == "task" else "fusion",
         fused=tuple(Path(a["file"]).parts[1] for a in data["adapters"]) if kind == "fusion" else (),
