@@ -7,6 +7,7 @@ import pytest
 from mtl.continual.metrics import (AccuracyMatrix, accuracy, all_metrics, average_incremental_accuracy,
                                    backward_transfer, forgetting, forgetting_per_task, forward_transfer, intransigence,
                                    single_task_transfer, weighted_accuracy)
+from mtl.errors import MTLConfigError
 
 # R[i][j]: task j after training task i; ties (R[1][1] == R[3][1], R[0][0] == R[2][0]) and negative transfer (b[1] >
 # R[0][1]) on purpose; unequal test sizes
@@ -77,3 +78,18 @@ def test_all_metrics_names_every_metric_its_inputs_define():
 def test_malformed_matrices_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AccuracyMatrix(**kwargs)
+
+
+@pytest.mark.parametrize("after, before, where", [
+    # off the diagonal: max-based forgetting's max() over column 0 would have skipped it (max(0.5, nan) == 0.5)
+    (((0.5, 0.0, 0.0), (float("nan"), 0.5, 0.0), (0.25, 0.5, 0.5)), None, "R[1][0] (task a after training b) is nan"),
+    (((0.5, 0.0, 0.0), (0.75, 0.5, 0.0), (0.25, 0.5, float("-inf"))), None,
+     "R[2][2] (task c after training c) is -inf"),
+    (((0.5, 0.0, 0.0), (0.75, 0.5, 0.0), (0.25, 0.5, 0.5)), (0.25, float("inf"), 0.25),
+     "b[1] (task b before training) is inf"),
+])
+def test_a_non_finite_score_is_one_line_naming_the_run_row_and_column(after, before, where):
+    with pytest.raises(MTLConfigError) as caught:
+        AccuracyMatrix(("a", "b", "c"), after, before, source="runs/broken")
+    message = str(caught.value)
+    assert message.startswith(f"runs/broken: {where}, expected a finite score") and "\n" not in message

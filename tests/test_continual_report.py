@@ -9,7 +9,7 @@ import os
 import pytest
 
 from mtl.continual.report import (accuracy_matrix, compare_main, comparison, comparison_markdown, markdown_report,
-                                  read_results, save_comparison_plot, save_heatmap, write_report)
+                                  read_results, run_metrics, save_comparison_plot, save_heatmap, write_report)
 from mtl.errors import MTLConfigError
 
 PNG = b"\x89PNG"
@@ -235,3 +235,29 @@ def test_stored_bytes_show_in_the_report_and_the_comparison():
     row = comparison(runs)[0]
     assert row["stored_bytes"] == 18_492
     assert "| 18.1 KB |" in comparison_markdown([row])
+
+
+@pytest.mark.parametrize("metric, row, column, value, key", [
+    ("acc", 1, 0, float("nan"), "scores.acc.after[1][0] (task c) is nan"),  # off the diagonal, where max() dropped it
+    ("f1", None, 2, float("inf"), "scores.f1.before[2] (task b) is inf"),
+])
+def test_compare_refuses_a_non_finite_score_naming_the_file_row_and_column(tmp_path, metric, row, column, value, key):
+    content = copy.deepcopy(SHARED)
+    scores = content["scores"][metric]
+    (scores["after"][row] if row is not None else scores["before"])[column] = value
+    folder = save(tmp_path / "broken", content)  # json.dumps writes NaN and Infinity, as other tools' writers may
+    with pytest.raises(MTLConfigError) as caught:
+        compare_main([str(save(tmp_path / "good", PER_TASK)), str(folder)])
+    assert str(caught.value) == f"{folder / 'results.json'}: {key}, expected a finite score"
+
+
+def test_metrics_of_a_run_in_memory_refuse_a_non_finite_score_naming_the_run():
+    content = copy.deepcopy(SHARED)
+    content["scores"]["acc"]["after"][2][1] = float("nan")
+    with pytest.raises(MTLConfigError, match=r"^runs/shared: scores\.acc: R\[2\]\[1\] \(task a after training b\) "
+                                             r"is nan, expected a finite score"):
+        run_metrics(content)
+    joint = copy.deepcopy(JOINT)
+    joint["scores"]["acc"]["after"][0][0] = float("inf")
+    with pytest.raises(MTLConfigError, match=r"^runs/joint: scores\.acc\.after\[-1\] \(the final row.*is inf"):
+        run_metrics(joint)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mtl.errors import MTLConfigError
+
 
 def _mean(values: Sequence[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
@@ -20,12 +22,16 @@ def _mean(values: Sequence[float]) -> float | None:
 
 @dataclass(frozen=True)
 class AccuracyMatrix:
-    """R (T x T) for tasks in training order, b (before training) and each task's test size."""
+    """R (T x T) for tasks in training order, b (before training) and each task's test size.
+
+    ``source`` names where the scores come from (a run folder or file) in the error for a non-finite score.
+    """
 
     tasks: tuple[str, ...]
     after: tuple[tuple[float, ...], ...]
     before: tuple[float, ...] | None = None
     test_sizes: tuple[int, ...] | None = None
+    source: str = "accuracy matrix"
 
     def __post_init__(self) -> None:
         size = len(self.tasks)
@@ -36,6 +42,16 @@ class AccuracyMatrix:
         for name, vector in (("before", self.before), ("test_sizes", self.test_sizes)):
             if vector is not None and len(vector) != size:
                 raise ValueError(f"{name} must hold {size} values, one per task")
+        # every metric reads R and b through this class: a NaN here would otherwise vanish inside max() or turn a
+        # mean into nan, and a broken matrix would print as a confident forgetting or transfer figure
+        cells = [(f"R[{i}][{j}] (task {self.tasks[j]} after training {self.tasks[i]})", value)
+                 for i, row in enumerate(self.after) for j, value in enumerate(row)]
+        cells += [(f"b[{j}] (task {self.tasks[j]} before training)", value)
+                  for j, value in enumerate(self.before or ())]
+        for where, value in cells:
+            if not math.isfinite(value):
+                raise MTLConfigError(f"{self.source}: {where} is {value}, expected a finite score; no metric is "
+                                     "computed from a matrix with a failed evaluation in it")
 
     @property
     def size(self) -> int:

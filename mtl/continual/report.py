@@ -7,6 +7,7 @@ scores with `mtl.continual.metrics`, so a report and a comparison always agree w
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _vector_problem(value: Any, size: int, where: str) -> str | None:
+def _vector_problem(value: Any, size: int, where: str, order: list[str]) -> str | None:
     if isinstance(value, list) and len(value) == size and all(_is_number(v) for v in value):
-        return None
+        # JSON readers take NaN and Infinity: a failed evaluation must not become a confident metric
+        bad = next((j for j, v in enumerate(value) if not math.isfinite(v)), None)
+        if bad is None:
+            return None
+        return f"{where}[{bad}] (task {order[bad]}) is {value[bad]}, expected a finite score"
     got = (f"{len(value)} values" if len(value) != size else "a value that is not a number") \
         if isinstance(value, list) else f"a {type(value).__name__}"
     return f"{where} must hold {size} numbers, one per task in 'order' (got {got})"
@@ -73,7 +78,7 @@ def _problem(data: Any) -> str | None:
             return f"scores.{key}.after has {len(entry['after'])} rows, expected {len(stages)} (one per stage)"
         vectors = [(f"scores.{key}.before", entry["before"])]
         vectors += [(f"scores.{key}.after[{i}]", row) for i, row in enumerate(entry["after"])]
-        problem = next(filter(None, (_vector_problem(v, len(order), where) for where, v in vectors)), None)
+        problem = next(filter(None, (_vector_problem(v, len(order), where, order) for where, v in vectors)), None)
         if problem:
             return problem
     if not isinstance(data["metrics"], dict):
@@ -114,7 +119,12 @@ def accuracy_matrix(results: dict, metric: str = "acc") -> AccuracyMatrix | None
         return None
     scores = results["scores"][metric]
     return AccuracyMatrix(tuple(results["order"]), tuple(tuple(row) for row in scores["after"]),
-                          tuple(scores["before"]), tuple(results["test_sizes"]))
+                          tuple(scores["before"]), tuple(results["test_sizes"]),
+                          source=f"{_run_name(results)}: scores.{metric}")
+
+
+def _run_name(results: dict) -> str:
+    return results["run_dir"] or f"{results['strategy']} run ({' → '.join(results['order'])})"
 
 
 def run_metrics(results: dict, metric: str = "acc", joint: list[float] | None = None,
@@ -125,7 +135,8 @@ def run_metrics(results: dict, metric: str = "acc", joint: list[float] | None = 
         return all_metrics(r, joint, single)
     # accuracy and weighted_accuracy read only the final row: repeated T times it is the T x T matrix they expect
     final = tuple(results["scores"][metric]["after"][-1])
-    r = AccuracyMatrix(tuple(results["order"]), (final,) * len(final), test_sizes=tuple(results["test_sizes"]))
+    r = AccuracyMatrix(tuple(results["order"]), (final,) * len(final), test_sizes=tuple(results["test_sizes"]),
+                       source=f"{_run_name(results)}: scores.{metric}.after[-1] (the final row, as every row of R)")
     return {"acc": accuracy(r), "acc_weighted": weighted_accuracy(r)}
 
 
