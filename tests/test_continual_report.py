@@ -10,7 +10,9 @@ import pytest
 
 from mtl.continual.report import (accuracy_matrix, compare_main, comparison, comparison_markdown, markdown_report,
                                   read_results, run_metrics, save_comparison_plot, save_heatmap, write_report)
+from mtl.continual.report import _comparison_figure
 from mtl.errors import MTLConfigError
+from mtl.figures import pyplot
 
 PNG = b"\x89PNG"
 
@@ -71,7 +73,9 @@ def test_markdown_report_shows_both_matrices_and_recomputed_metrics():
     assert table_line(text, "forgetting (first vs last)") == "| forgetting (first vs last) | 0.375 | 0.188 |"
     assert table_line(text, "forgetting (max-based)") == "| forgetting (max-based) | 0.500 | 0.250 |"
     assert table_line(text, "ACC (test-size weighted)").startswith("| ACC (test-size weighted) | 0.562 |")
-    assert "divides by T-1" in text and "99" not in text
+    assert "99" not in text
+    # the GEM code's other convention, for BWT and for FWT: here FWT is -0.125, there 2/3 of it
+    assert "the GEM code divides both BWT and FWT by T" in text and "(T-1)/T" in text
     assert "| after c | 41.0 s |" in text and "| total | 2 min 05 s |" in text
     assert "Zero forgetting" not in text  # null: the strategy does not claim it
 
@@ -147,6 +151,7 @@ def test_comparison_markdown_formatting_and_footnotes():
     single = next(line for line in text.splitlines() if line.startswith("- Single-task transfer"))
     assert "run `per_task` for `per_task`, `shared`" in single
     assert "Avalanche" in text and "Chaudhry et al. 2018" in text and "Lopez-Paz & Ranzato" in text
+    assert "the GEM code divides both BWT and FWT by T" in text
 
 
 def test_write_report_writes_exactly_the_report_files(tmp_path):
@@ -159,6 +164,46 @@ def test_write_report_writes_exactly_the_report_files(tmp_path):
     save_comparison_plot(comparison(comparison_runs()), tmp_path / "comparison.png")  # None values left out
     assert (tmp_path / "joint.png").read_bytes().startswith(PNG)
     assert (tmp_path / "comparison.png").read_bytes().startswith(PNG)
+
+
+def bar_labels(ax):
+    """The values written on an axis's bars, in drawing order."""
+    return [text.get_text() for text in ax.texts]
+
+
+def test_comparison_plot_puts_levels_and_differences_in_two_labelled_panels():
+    fig = _comparison_figure(comparison([PER_TASK, SHARED]))
+    try:
+        levels, differences = fig.axes
+        assert (levels.get_title(), differences.get_title()) == ("accuracy", "transfer and forgetting")
+        assert [t.get_text().split("\n")[0] for t in levels.get_xticklabels()] == ["ACC", "avg incr. ACC"]
+        # no joint run: intransigence is defined for no run and gets no empty group
+        assert [t.get_text() for t in differences.get_xticklabels()] == [
+            "BWT\n(higher is better)", "FWT\n(higher is better)", "forgetting\n(lower is better)",
+            "forgetting (max)\n(lower is better)"]
+        # per_task's bars then shared's, each in metric order; per_task: ACC (0.5 + 0.75 + 1) / 3, average incremental
+        # ACC (0.5 + 0.625 + 0.75) / 3, no forgetting, FWT ((0.25 - 0.25) + (0.25 - 0.25)) / 2; shared: as in its report
+        assert bar_labels(levels) == ["0.750", "0.625", "0.583", "0.736"]
+        assert bar_labels(differences) == ["+0.000", "+0.000", "0.000", "0.000", "-0.375", "-0.125", "0.375", "0.500"]
+        assert levels.get_ylim() == (0.0, 1.1) and differences.get_ylim()[0] < -0.375 < 0.5 < differences.get_ylim()[1]
+        assert fig.get_supxlabel() == ""  # every run defines every plotted metric: nothing to explain
+    finally:
+        pyplot().close(fig)
+
+
+def test_comparison_plot_explains_missing_bars_and_drops_an_empty_panel():
+    fig = _comparison_figure(comparison(comparison_runs()))
+    try:
+        assert len(fig.axes[1].get_xticklabels()) == 5  # intransigence is there: joint runs cover per_task and shared
+        assert fig.get_supxlabel().startswith("no bar: the metric is not defined for that run")
+    finally:
+        pyplot().close(fig)
+    fig = _comparison_figure(comparison([JOINT]))
+    try:
+        (levels,) = fig.axes  # a joint run has ACC only: no differences panel at all
+        assert bar_labels(levels) == ["0.667"]
+    finally:
+        pyplot().close(fig)
 
 
 def test_compare_main_prints_and_writes(tmp_path, capsys):

@@ -84,13 +84,16 @@ def average_incremental_accuracy(r: AccuracyMatrix) -> float:
 def backward_transfer(r: AccuracyMatrix) -> float | None:
     """BWT = mean over j < T-1 of R[T-1, j] - R[j, j] (Lopez-Paz & Ranzato 2017, the paper's formula).
 
-    The GEM authors' released code divides the same sum by T instead of T - 1; this follows the paper.
+    The GEM authors' released code divides the same sum by T instead of T - 1 (and FWT's too); this follows the paper.
     """
     return _mean([r.final[j] - r.after[j][j] for j in range(r.size - 1)])
 
 
 def forward_transfer(r: AccuracyMatrix) -> float | None:
-    """FWT = mean over j >= 1 of R[j-1, j] - b[j] (Lopez-Paz & Ranzato 2017): what earlier tasks give an unseen one."""
+    """FWT = mean over j >= 1 of R[j-1, j] - b[j] (Lopez-Paz & Ranzato 2017): what earlier tasks give an unseen one.
+
+    As for BWT, the GEM authors' released code divides the same T-1 terms by T instead of T - 1; this follows the paper.
+    """
     if r.before is None:
         raise ValueError("forward transfer needs the scores before training (before)")
     return _mean([r.after[j - 1][j] - r.before[j] for j in range(1, r.size)])
