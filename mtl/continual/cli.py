@@ -29,6 +29,13 @@ RUNNER_MODEL_KEYS = {"tasks", "tasks_dir", "run_dir", "overwrite", "export", "ad
                      "eval_tasks", "fusion", "continue_training", "eval_routes"}
 RUNNER_DATA_KEYS = {"tasks", "backbone", "tasks_dir", "eval_tasks", "predict_split", "predict_file",
                     "predict_text_field", "predict_max_length", "train_subsets", "task_weights"}
+# what to set instead of a runner key, by "section.key" or by key in either section (the rest, such as load_from or
+# export, are the runner's own per stage and have no counterpart)
+INSTEAD = {"tasks_dir": "; set continual.tasks_dir instead",
+           "model.run_dir": "; set continual.run_dir instead",
+           "data.backbone": "; set model.backbone instead (the data is tokenized for the model's backbone)",
+           "model.fusion": "; set continual.fusion instead (with continual.strategy fusion)",
+           "model.adapter_sharing": "; continual.strategy decides it (shared: one adapter for every task)"}
 
 
 def build_parser() -> LightningArgumentParser:
@@ -58,10 +65,12 @@ def continual_main(argv: list[str]) -> dict[str, Any]:
     except ArgumentError as err:
         keys = sorted({a.dest for a in parser._actions})
         message = explain_parse_error(str(err), keys, config_files(argv))
-        key = re.match(r"(?:\S+: )?-*((model|data)\.(\w+)): unknown", message)
-        if key and key.group(3) in (RUNNER_MODEL_KEYS if key.group(2) == "model" else RUNNER_DATA_KEYS):
-            message = (f"{message.split(': unknown')[0]}: set by the continual runner for each stage, not in a "
-                       "continual config (the tasks come from continual.order)")
+        # a mapping value (model.fusion: {type: ...}) is reported at its first nested key: name the runner key itself
+        key = re.match(r"((?:\S+: )?-*((model|data)\.(\w+)))[\w.]*: unknown", message)
+        if key and key.group(4) in (RUNNER_MODEL_KEYS if key.group(3) == "model" else RUNNER_DATA_KEYS):
+            instead = INSTEAD.get(key.group(2), INSTEAD.get(key.group(4), " (the tasks come from continual.order)"))
+            message = (f"{key.group(1)}: set by the continual runner for each stage, not in a continual config"
+                       f"{instead}")
         raise MTLConfigError(message) from None
     settings = yaml.safe_load(parser.dump(cfg, skip_none=False))
     settings.pop("config", None)
