@@ -25,8 +25,8 @@ from transformers import PreTrainedModel
 from mtl import model_files
 from mtl.adapters.bottleneck import BottleneckAdapter
 from mtl.adapters.config import AdapterConfig, as_adapter_config
-from mtl.adapters.inject import AdapterSlot, Observer, Routing, RoutingContext, Target, inject_slots, repeat_rows
-from mtl.arch import attention_mask_4d, embed, layer_list
+from mtl.adapters.inject import AdapterSlot, Observer, Routing, RoutingContext, Target, inject_slots
+from mtl.arch import LayerInputs, arch_spec, layer_list, repeat_rows
 from mtl.backbone import DEFAULT_BACKBONE, load_backbone
 from mtl.errors import MTLConfigError
 from mtl.fusion.config import FusionConfig, as_fusion_config
@@ -65,6 +65,7 @@ class MTLModel(nn.Module):
         self.chunk_rows = chunk_rows  # replicated multi-task rows per pack above the shared layers (None: all)
         self.fast_fusion = fast_fusion  # the exact fast fusion path (False: per-adapter keys and values)
         self.context = RoutingContext()
+        self.__dict__["loop"] = arch_spec(backbone).loop  # how this family's layers are called (mtl.arch)
         self.__dict__["slots"] = inject_slots(backbone, self.context)  # they live inside self.backbone
         self.heads = nn.ModuleDict()
         self.records: dict[str, TaskRecord] = {}
@@ -432,28 +433,29 @@ class MTLModel(nn.Module):
         """
         drops = drops or {}
         base = routing or Routing(temperatures=self.fusion_temperatures(None), fast_fusion=self.fast_fusion)
-        hidden = embed(self.backbone, input_ids, token_type_ids) if prefix is None else prefix
-        mask = attention_mask_4d(self.backbone, hidden, attention_mask)
+        hidden = self.loop.embed(self.backbone, input_ids, token_type_ids, attention_mask) if prefix is None else prefix
+        inputs = self.loop.inputs(self.backbone, hidden, attention_mask)
         targets = [t for t, _ in groups]
         start = self.first_adapter_layer(targets, drops)
         if start < prefix_layers:
             raise ValueError(f"an adapter is active in layer {start}, inside the {prefix_layers} precomputed layers")
-        hidden = self.run_layers(hidden, mask, [], prefix_layers, start)
+        hidden = self.run_layers(hidden, inputs, [], prefix_layers, start)
         if copies == 1:
-            return self.run_layers(hidden, mask, groups, start, self.num_layers, drops, base=base)
+            hidden = self.run_layers(hidden, inputs, groups, start, self.num_layers, drops, base=base)
+            return self.loop.finish(self.backbone, hidden)
         rows = hidden.shape[0]
         replicated = start < self.num_layers and all(s.can_replicate for s in self.slots[start].values())
         if replicated:
-            hidden = self.run_layers(hidden, mask, groups, start, start + 1, drops, replicate=copies, base=base)
+            hidden = self.run_layers(hidden, inputs, groups, start, start + 1, drops, replicate=copies, base=base)
             start += 1
         outputs, done = [], 0
         for pack in self._packs(targets, rows):
             pack_hidden = hidden[done * rows:(done + len(pack)) * rows] if replicated else repeat_rows(hidden, len(pack))
             pack_groups = [(t, slice(i * rows, (i + 1) * rows)) for i, t in enumerate(pack)]
-            outputs.append(self.run_layers(pack_hidden, repeat_rows(mask, len(pack)), pack_groups, start,
+            outputs.append(self.run_layers(pack_hidden, inputs.repeat(len(pack)), pack_groups, start,
                                            self.num_layers, drops, base=base))
             done += len(pack)
-        return torch.cat(outputs, dim=0)
+        return self.loop.finish(self.backbone, torch.cat(outputs, dim=0))
 
     @torch.no_grad()
     def prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -462,13 +464,12 @@ class MTLModel(nn.Module):
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            hidden = embed(self.backbone, input_ids, token_type_ids)
-            mask = attention_mask_4d(self.backbone, hidden, attention_mask)
-            return self.run_layers(hidden, mask, [], 0, layers)
+            hidden = self.loop.embed(self.backbone, input_ids, token_type_ids, attention_mask)
+            return self.run_layers(hidden, self.loop.inputs(self.backbone, hidden, attention_mask), [], 0, layers)
         finally:
             self.backbone.train(was_training)
 
-    def run_layers(self, hidden: torch.Tensor, mask: torch.Tensor | None, groups: list[Group], first: int, last: int,
+    def run_layers(self, hidden: torch.Tensor, inputs: LayerInputs, groups: list[Group], first: int, last: int,
                    drops: dict[str, int] | None = None, replicate: int = 1, base: Routing | None = None) -> torch.Tensor:
         """Run layers ``first .. last-1``; a target is skipped in the layers below its drop depth.
 
@@ -484,7 +485,7 @@ class MTLModel(nn.Module):
                 at = next(p for p, s in self.slots[index].items() if any(s.has(t) for t, _ in routed))
             routing = dataclasses.replace(base, groups=routed, replicate=copies, replicate_at=at)
             with self.context.use(routing):
-                hidden = layers[index](hidden, mask)
+                hidden = self.loop.call(self.backbone, index, layers[index], hidden, inputs)
         return hidden
 
     def _packs(self, targets: list[Target], rows: int) -> list[list[Target]]:

@@ -8,20 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel, ElectraConfig, ElectraModel,
-                          RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel)
+from transformers import (BertConfig, BertModel, DebertaV2Config, DebertaV2Model, DistilBertConfig, DistilBertModel,
+                          ElectraConfig, ElectraModel, ModernBertConfig, ModernBertModel, RobertaConfig, RobertaModel,
+                          XLMRobertaConfig, XLMRobertaModel)
 
 from mtl import model_files
 from mtl.backbone import load_tokenizer
 from mtl.model import MTLModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-FAMILIES = ["bert", "roberta", "xlm-roberta", "distilbert", "electra"]
+FAMILIES = ["bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta-v2", "modernbert"]
 SIZE = dict(vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 
 
-def tiny_backbone(family: str = "bert", seed: int = 0) -> torch.nn.Module:
-    """A 2-layer, hidden-64 random encoder of the given family."""
+def tiny_backbone(family: str = "bert", seed: int = 0, conv: int = 0) -> torch.nn.Module:
+    """A 2-layer (ModernBERT: 3, global / local / global), hidden-64 random encoder of the given family; ``conv``:
+    DeBERTa's convolution kernel after layer 0 (0: none, as in DeBERTa-v3)."""
     torch.manual_seed(seed)
     if family == "bert":
         model = BertModel(BertConfig(**SIZE), add_pooling_layer=False)
@@ -33,6 +35,15 @@ def tiny_backbone(family: str = "bert", seed: int = 0) -> torch.nn.Module:
         model = DistilBertModel(DistilBertConfig(vocab_size=260, dim=64, n_layers=2, n_heads=2, hidden_dim=128))
     elif family == "electra":
         model = ElectraModel(ElectraConfig(**SIZE, embedding_size=32))
+    elif family == "deberta-v2":  # DeBERTa-v3's settings: relative attention in buckets, no absolute positions
+        model = DebertaV2Model(DebertaV2Config(
+            **SIZE, relative_attention=True, position_buckets=8, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+            norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False, type_vocab_size=0,
+            conv_kernel_size=conv))
+    elif family == "modernbert":  # window 4: the tiny batches' 9 tokens reach past it in the local layers
+        model = ModernBertModel(ModernBertConfig(
+            **{**SIZE, "num_hidden_layers": 3}, global_attn_every_n_layers=2, local_attention=4, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2))
     else:
         raise ValueError(family)
     return model.eval()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from mtl.adapters.bottleneck import factored_outputs, grouped_outputs
-from mtl.arch import SubLayer, arch_spec, layer_list
+from mtl.arch import SubLayer, arch_spec, layer_list, repeat_rows
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,11 @@ class AdapterSlot(nn.Module):
         self.fusions = nn.ModuleDict()
         # plain attributes, not submodules: the LayerNorm already belongs to the layer, the context to the model
         self.__dict__["context"] = context
-        self.__dict__["layer_norm"] = base.LayerNorm if sublayer.style == "output" else layer.get_submodule(sublayer.layer_norm)
+        if sublayer.style == "output":
+            norm = base.LayerNorm
+        else:  # a pre-norm block has no norm after its MLP: an original_ln_before adapter reads h + x there
+            norm = layer.get_submodule(sublayer.layer_norm) if sublayer.layer_norm else nn.Identity()
+        self.__dict__["layer_norm"] = norm
 
     @property
     def can_replicate(self) -> bool:
@@ -182,13 +186,6 @@ class AdapterSlot(nn.Module):
         if isinstance(out, tuple):
             return (self.adapt(out[0], x)[0],) + tuple(out[1:])
         return self.adapt(out, x)[0]
-
-
-def repeat_rows(tensor: torch.Tensor | None, copies: int) -> torch.Tensor | None:
-    """Stack ``copies`` copies of a batch along the row dimension (None stays None)."""
-    if tensor is None:
-        return None
-    return tensor.repeat(copies, *([1] * (tensor.dim() - 1)))
 
 
 def inject_slots(backbone: nn.Module, context: RoutingContext) -> list[dict[str, AdapterSlot]]:

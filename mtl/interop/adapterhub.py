@@ -38,10 +38,13 @@ HEAD_CONFIG, HEAD_WEIGHTS, LEGACY_HEAD_WEIGHTS = "head_config.json", "model_head
 FORMAT_VERSION = "adapters.1.3.0"  # the release these files were checked against; any "version" stops legacy renames
 # where AdapterHub keeps a layer's adapters, relative to the layer of mtl.arch's layer list: (attention, FFN)
 _BERT_LIKE = ("attention.output", "output")
+# layer attributes for DistilBERT and for ModernBERT (AdapterHub's plugin interface hooks adapters onto each layer)
+_ON_LAYER = ("attention_adapters", "output_adapters")
 LOCATIONS = {"bert": _BERT_LIKE, "roberta": _BERT_LIKE, "xlm-roberta": _BERT_LIKE, "electra": _BERT_LIKE,
-             "distilbert": ("attention_adapters", "output_adapters")}
+             "deberta-v2": _BERT_LIKE, "distilbert": _ON_LAYER, "modernbert": _ON_LAYER}
 MODEL_CLASSES = {"bert": "BertAdapterModel", "roberta": "RobertaAdapterModel", "xlm-roberta": "XLMRobertaAdapterModel",
-                 "electra": "ElectraAdapterModel", "distilbert": "DistilBertAdapterModel"}
+                 "electra": "ElectraAdapterModel", "deberta-v2": "DebertaV2AdapterModel",
+                 "distilbert": "DistilBertAdapterModel", "modernbert": "ModernBertModel"}
 # adapter-transformers 2.x tensor names and unversioned activation names, renamed as AdapterHub's own loader does
 _LEGACY_NAMES = ("attention_text_task_adapters", "attention_text_lang_adapters", "layer_text_task_adapters",
                  "layer_text_lang_adapters")

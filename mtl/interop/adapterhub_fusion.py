@@ -60,7 +60,7 @@ REG_WEIGHT = 0.01  # hard-coded in AdapterHub's get_fusion_regularization_loss
 # base_model_prefix of AdapterHub's <Family>AdapterModel: its load_adapter_fusion matches tensor names against the
 # whole model (unlike load_adapter), so an export without this prefix would load nothing into a flex-head model
 PREFIXES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "electra": "electra",
-            "distilbert": "distilbert"}
+            "deberta-v2": "deberta", "distilbert": "distilbert", "modernbert": "model"}
 
 
 def fusion_config_from_adapterhub(cfg: Any, source: str | Path) -> FusionConfig:
