@@ -431,6 +431,10 @@ class MTLModel(nn.Module):
         Layers above run on packs of at most ``chunk_rows`` rows (whole groups), since very large batches run
         slower per row on CPUs than moderate ones. ``routing`` carries the per-call settings (temperatures...).
         """
+        if isinstance(groups, (str, Target)) or not all(
+                isinstance(g, tuple) and len(g) == 2 and isinstance(g[0], (Target, type(None))) for g in groups):
+            raise TypeError(f"encode: groups must be a list of (Target, slice) pairs (see MTLModel.target), got "
+                            f"{groups!r:.80}; for a task's logits call the model with tasks=")
         drops = drops or {}
         base = routing or Routing(temperatures=self.fusion_temperatures(None), fast_fusion=self.fast_fusion)
         hidden = self.loop.embed(self.backbone, input_ids, token_type_ids, attention_mask) if prefix is None else prefix

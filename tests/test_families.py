@@ -14,6 +14,7 @@ from transformers import AutoConfig
 
 from mtl import model_files
 from mtl.adapters.config import AdapterConfig
+from mtl.adapters.inject import Target
 from mtl.arch import ARCHS, layer_list
 from mtl.errors import MTLConfigError
 from mtl.model import MTLModel
@@ -212,3 +213,12 @@ def test_fit_predict_and_load_from_a_local_folder_of_the_family(family_dir, task
     main(["predict", *common, "--ckpt_path", str(next(run.rglob("*.ckpt")))])
     loaded = MTLModel.from_pretrained(run, backbone=str(family_dir))
     assert loaded.backbone.config.model_type == AutoConfig.from_pretrained(family_dir).model_type
+
+
+@pytest.mark.parametrize("groups", ["a", [("a", slice(None))], [Target("a")]])
+def test_encode_given_a_task_name_instead_of_route_targets_says_what_it_takes(groups):
+    model = _model("bert", tasks=("a",))
+    batch = tiny_batch()
+    with pytest.raises(TypeError, match=r"\(Target, slice\) pairs"):
+        model.encode(batch["input_ids"], batch["attention_mask"], None, groups)
+    model.encode(batch["input_ids"], batch["attention_mask"], None, [(model.target("a"), slice(None))])
