@@ -291,13 +291,21 @@ def load_adapterhub(model: MTLModel, folder: str | Path, task: str | None = None
     return task
 
 
+class HeadNotUsable(MTLConfigError):
+    """A folder's head is missing or does not map onto mtl's; ``problem`` (which one) lets a CLI give its own advice."""
+
+    def __init__(self, problem: str, message: str) -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
 def resolve_head(model: MTLModel, folder: Path, num_labels: int | None, labels: Sequence[str] | None,
                  what: str) -> dict[str, Any]:
     """The folder's head as add_task arguments + tensors, or a fresh head when ``num_labels`` asks for one."""
     head = _read_head(folder, model.hidden_size, model.backbone.config)
     if isinstance(head, str):
         if num_labels is None:
-            raise MTLConfigError(f"{head}; pass num_labels to import the {what} with a fresh head")
+            raise HeadNotUsable(head, f"{head}; pass num_labels to import the {what} with a fresh head")
         warn(f"{head}; importing the {what} with a fresh {num_labels}-label classification head")
         head = {"num_outputs": num_labels, "labels": None, "tensors": {}, "problem": "classification",
                 "dropout": _head_dropout(model.backbone.config)}

@@ -1,7 +1,7 @@
 """``train.py import-adapterhub``: convert AdapterHub folders into an mtl run folder, so the rest of mtl keeps one
 loading path (``--model.load_from``).
 
-    train.py import-adapterhub FOLDER [FOLDER ...] --backbone NAME --run_dir DIR [--task NAME]
+    train.py import-adapterhub FOLDER [FOLDER ...] --backbone NAME --run_dir DIR [--task NAME] [--num_labels N]
 
 Each FOLDER is an AdapterHub ``save_adapter`` folder (AdapterHub's ``adapter_config.json``: a ``config`` object and a
 ``name``, no ``format_version``), a ``save_adapter_fusion`` folder (``adapter_fusion_config.json``), or a folder whose
@@ -9,18 +9,24 @@ subfolders are such folders (``save_all_adapters`` / ``save_all_adapter_fusions`
 first, then fusions over them; everything is read and checked before anything is written, then each part is exported
 as mtl's own ``DIR/adapters/<task>/`` or ``DIR/fusions/<name>/``. A DIR that already holds an mtl run is loaded first
 (same backbone), so a fusion can be converted after its adapters, or beside tasks trained in mtl.
+
+A folder saved without its head (or with a head that does not map onto mtl's) needs ``--num_labels N``: the part is
+imported with a fresh, untrained N-label classification head, as ``load_adapterhub(..., num_labels=N)`` does in Python.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mtl import model_files
 from mtl import storage
 from mtl.errors import MTLConfigError
 from mtl.interop import adapterhub, adapterhub_fusion
+
+if TYPE_CHECKING:
+    from mtl.model import MTLModel
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,6 +82,25 @@ def find_folders(folders: list[str]) -> list[tuple[Path, str, str]]:
     return found
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}, expected a positive integer (the number of labels)")
+    return value
+
+
+def has_usable_head(model: MTLModel, folder: Path, kind: str) -> bool:
+    """Whether the folder holds a head mtl can load (else --num_labels gave the part a fresh one)."""
+    try:
+        adapterhub.resolve_head(model, folder, None, None, kind)
+    except adapterhub.HeadNotUsable:
+        return False
+    return True
+
+
 def import_main(argv: list[str]) -> list[str]:
     """Parse ``argv`` (after ``import-adapterhub``), convert, export; returns the imported task and fusion names."""
     from mtl.model import MTLModel
@@ -88,6 +113,9 @@ def import_main(argv: list[str]) -> list[str]:
     parser.add_argument("--run_dir", required=True, help="the mtl run folder to write (or add to)")
     parser.add_argument("--task", help="the mtl name of the one adapter or fusion imported (default: AdapterHub's "
                                        "name, a fusion's with ',' as '_')")
+    parser.add_argument("--num_labels", type=_positive_int, metavar="N",
+                        help="a folder without a head mtl can load gets a fresh, untrained N-label classification "
+                             "head (one with a head must have N labels)")
     try:
         args = parser.parse_args(argv)
     except argparse.ArgumentError as err:
@@ -102,18 +130,21 @@ def import_main(argv: list[str]) -> list[str]:
     model = MTLModel(args.backbone)
     if (run / "adapters").is_dir():
         model_files.load_run(model, run, same_backbone=True)
-    names = []
+    names, fresh = [], []
     for folder, kind, name in sorted(found, key=lambda f: f[1] == "fusion"):  # a fusion needs its adapters
         task = args.task or (name.replace(",", "_") if kind == "fusion" else name)
         if task in model.tasks:
             where = f"{run} already has it" if task not in names else "another folder given imports it too"
             raise MTLConfigError(f"{folder}: task '{task}' exists ({where}); convert it with --task NEWNAME")
-        if not (folder / adapterhub.HEAD_CONFIG).is_file():  # a fresh head here would be loaded frozen, untrained
-            raise MTLConfigError(f"{folder}: no {adapterhub.HEAD_CONFIG} (saved without its head); save it with "
-                                 "with_head=True, or import in Python with num_labels for a fresh head")
         try:
             load = adapterhub_fusion.load_adapterhub_fusion if kind == "fusion" else adapterhub.load_adapterhub
-            names.append(load(model, folder, task))
+            names.append(load(model, folder, task, num_labels=args.num_labels))
+            if args.num_labels is not None and not has_usable_head(model, folder, kind):
+                fresh.append(task)
+        except adapterhub.HeadNotUsable as err:  # raised without num_labels only: the advice names the CLI's option
+            saved = " (saved without its head)" if not (folder / adapterhub.HEAD_CONFIG).is_file() else ""
+            raise MTLConfigError(f"{err.problem}{saved}; pass --num_labels N to import the {kind} with a fresh, "
+                                 "untrained N-label classification head") from None
         except MTLConfigError as err:  # name the folder when the model's own check did not
             raise MTLConfigError(str(err) if str(folder) in str(err) else f"{folder}: {err}") from None
     targets = [run / ("fusions" if model.target(n).is_fusion else "adapters") / n for n in names]
@@ -127,5 +158,11 @@ def import_main(argv: list[str]) -> list[str]:
         else:
             model_files.save_task(model, name, run / "adapters")
         print(f"{'fusion' if model.target(name).is_fusion else 'task'} '{name}' -> {target}")
-    print(f"use it with: train.py predict --model.backbone {args.backbone} --model.load_from {run} ...")
+    if fresh:  # predicting through an untrained head would answer at random
+        heads = f"the head of {fresh[0]} is" if len(fresh) == 1 else f"the heads of {', '.join(fresh)} are"
+        print(f"{heads} fresh and untrained; train first with: train.py fit --model.backbone {args.backbone} "
+              f"--model.load_from {run} --model.run_dir {run} --model.overwrite true --model.continue_training true "
+              f"--data.tasks [{','.join(fresh)}] --data.tasks_dir DIR ...")
+    else:
+        print(f"use it with: train.py predict --model.backbone {args.backbone} --model.load_from {run} ...")
     return names
