@@ -398,8 +398,10 @@ def test_datamodule_batches_and_cache(tmp_path, tokenizer, monkeypatch):
 
     cached = TaskDataModule(["cls"], tasks_dir=str(tmp_path), cache_dir=str(cache))
     assert cached.task_datasets["cls"]["train"].cache_files == dm.task_datasets["cls"]["train"].cache_files
-    one = cached.train_dataloader()
-    assert not isinstance(one.batch_sampler, TaskBatchSampler) and len(one) == math.ceil(96 / 32)
+    one = cached.train_dataloader()  # one task in one process: still the sampler, which groups by length
+    assert isinstance(one.batch_sampler, TaskBatchSampler) and len(one) == math.ceil(96 / 32)
+    plain = TaskDataModule(["cls"], tasks_dir=str(tmp_path), cache_dir=str(cache), group_by_length=False)
+    assert not isinstance(plain.train_dataloader().batch_sampler, TaskBatchSampler)
     write_task(tmp_path, "cls", max_length=16)  # a changed spec must not reuse the old cache
     changed = TaskDataModule(["cls"], tasks_dir=str(tmp_path), cache_dir=str(cache))
     assert changed.task_datasets["cls"]["train"].cache_files != dm.task_datasets["cls"]["train"].cache_files

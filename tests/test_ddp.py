@@ -362,10 +362,14 @@ def joint(tiny_dir, task_dir, tmp_path_factory) -> dict:
 def test_ddp_joint_fit_shards_batches_syncs_metrics_and_exports_once(joint, tiny_dir, task_dir):
     recs = records(joint["root"], "joint")
     steps = check_training_shares(recs, {"keyword": JOINT_TRAIN, "colour": JOINT_TRAIN})
-    # the steps are exactly the 1-process sampler's batches of 8 (same seed, same epochs), dealt out over the ranks
+    # the steps are exactly the 1-process sampler's batches of 8 (same seed, same epochs, grouped by the same token
+    # lengths), dealt out over the ranks
+    dm = _data(tiny_dir, task_dir, joint["root"] / "cache", tasks=("keyword", "colour"), max_train_examples=JOINT_TRAIN,
+               max_eval_examples=JOINT_EVAL)
+    lengths = [dm.token_lengths(task, "train") for task in ("keyword", "colour")]
     expected = []
     for epoch in (0, 1):
-        sampler = TaskBatchSampler([JOINT_TRAIN, JOINT_TRAIN], 8, seed=0)
+        sampler = TaskBatchSampler([JOINT_TRAIN, JOINT_TRAIN], 8, seed=0, lengths=lengths)
         sampler.set_epoch(epoch)
         expected += [sorted(b) for b in sampler]
     offsets = {"keyword": 0, "colour": JOINT_TRAIN}

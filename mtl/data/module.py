@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 import datasets
 import lightning as L
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from transformers import DataCollatorWithPadding
@@ -17,7 +18,7 @@ from transformers import DataCollatorWithPadding
 from mtl.arch import max_tokens
 from mtl.backbone import load_backbone_config, load_tokenizer
 from mtl.data.predict_input import MODEL_INPUTS, TextStream, check_predict_file_name, count_predict_examples
-from mtl.data.sampling import TaskBatchSampler, shard_rows, task_probabilities
+from mtl.data.sampling import GROUP_BATCHES, TaskBatchSampler, shard_rows, sorted_by_length, task_probabilities
 from mtl.data.sources import SPLITS, load_task_dataset
 from mtl.data.spec import TaskSpec, load_task_specs
 from mtl.errors import MTLConfigError
@@ -57,7 +58,7 @@ class TaskCollator:
 
 class _TaskView(Dataset):
     """A tokenised split whose items also carry their task name and row index; with ``texts``, also the text;
-    with ``rows``, only those rows of the split (one process's shard under DDP)."""
+    with ``rows``, only those rows of the split, in that order (one process's shard under DDP, longest first)."""
 
     def __init__(self, data: datasets.Dataset, task: str, texts: list[str] | None = None,
                  rows: list[int] | None = None) -> None:
@@ -114,6 +115,13 @@ class TaskDataModule(L.LightningDataModule):
     row is evaluated exactly once (the per-task torchmetrics add up the ranks' states).
     ``predict`` loaders are not sharded.
 
+    Lengths: with ``group_by_length``, training batches hold examples of similar length (see
+    ``TaskBatchSampler``), one task in one process too. Validation and test loaders always run
+    their rows longest first: each batch carries its rows' ``labels`` (and ``index``), so metrics
+    do not depend on the order, and less padding costs nothing. ``predict`` loaders keep the
+    split's order, so the written predictions follow the rows. Lengths are read from the
+    tokenised (cached) splits, never by tokenising again.
+
     Prediction: without ``predict_file``, one loader per task (``tasks + eval_tasks``) over
     ``predict_split``, batches as above plus ``index`` (LongTensor, the rows' positions in the
     split) and ``text`` (list of the first text field, raw). With ``predict_file``, one loader
@@ -149,6 +157,9 @@ class TaskDataModule(L.LightningDataModule):
             buffer of an earlier task).
         task_weights: task -> relative probability of drawing that task for a training batch, replacing
             ``sampling`` (every task of ``tasks`` needs one).
+        group_by_length: Training batches of examples of similar length (less padding): each run of
+            ``group_batches`` shuffled batches is sorted by length and cut again, then the batches are shuffled.
+        group_batches: Batches per length group (megabatch) with ``group_by_length``.
     """
 
     def __init__(
@@ -172,6 +183,8 @@ class TaskDataModule(L.LightningDataModule):
         predict_max_length: int | None = None,
         train_subsets: dict[str, list[int]] | None = None,
         task_weights: dict[str, float] | None = None,
+        group_by_length: bool = True,
+        group_batches: int = GROUP_BATCHES,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -183,6 +196,8 @@ class TaskDataModule(L.LightningDataModule):
         for key, cap in (("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
             if cap is not None and cap < 1:
                 raise MTLConfigError(f"data.{key}: got {cap!r}, expected a positive int (or null: the spec's own cap)")
+        if group_batches < 1:
+            raise MTLConfigError(f"data.group_batches: got {group_batches!r}, expected an int >= 1")
         if predict_split not in SPLITS:
             raise MTLConfigError(f"data.predict_split: got {predict_split!r}, expected one of {list(SPLITS)}")
         if predict_max_length is not None and predict_max_length < 2:
@@ -208,6 +223,7 @@ class TaskDataModule(L.LightningDataModule):
         self.backbone, self.tasks_dir, self.seed = backbone, tasks_dir, seed
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.sampling, self.temperature = sampling, temperature
+        self.group_by_length, self.group_batches = group_by_length, group_batches
         self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
         self.predict_split, self.predict_file = predict_split, predict_file
         self.predict_text_field, self.predict_max_length = predict_text_field, predict_max_length
@@ -216,6 +232,7 @@ class TaskDataModule(L.LightningDataModule):
         self._predict_file_checked = False
         self._data: dict[str, datasets.DatasetDict] = {}
         self._raw: dict[str, datasets.DatasetDict] = {}  # untokenised splits: read once (preflight), tokenised later
+        self._lengths: dict[tuple[str, str], list[int]] = {}
         self._tokenizer: Any = None
 
     def _check_lengths(self) -> None:
@@ -358,6 +375,15 @@ class TaskDataModule(L.LightningDataModule):
             )
         return datasets.DatasetDict(out)
 
+    def token_lengths(self, name: str, split: str) -> list[int]:
+        """Tokens of each row of a task's tokenised split (what the collator pads to), read once from the cache."""
+        key = (name, split)
+        if key not in self._lengths:
+            # list lengths from the Arrow offsets of the cached column: no tokenising, no Python lists of ids
+            column = self._dataset(name)[split].with_format("arrow")["input_ids"]
+            self._lengths[key] = pc.list_value_length(column).to_pylist()
+        return self._lengths[key]
+
     def _collator(self) -> TaskCollator:
         return TaskCollator(self.tokenizer, {n: s.problem for n, s in self._specs.items()})
 
@@ -392,7 +418,7 @@ class TaskDataModule(L.LightningDataModule):
         views = [_TaskView(self._train_split(n), n) for n in self._train_names]
         common = dict(collate_fn=self._collator(), num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         rank, world_size = self._rank()
-        if len(views) == 1 and world_size == 1:
+        if len(views) == 1 and world_size == 1 and not self.group_by_length:
             generator = torch.Generator().manual_seed(self.seed)
             return DataLoader(views[0], batch_size=self.batch_size, shuffle=True, generator=generator, **common)
         self._check_distributed()
@@ -401,7 +427,9 @@ class TaskDataModule(L.LightningDataModule):
             refuse_on_every_rank(self._trainer_or_none(), MTLConfigError(
                 f"data.tasks: {few[0]} has {few[1]} training example(s), fewer than the {world_size} processes "
                 "(trainer world size); expected at least one per process"))
-        # one task under DDP too: the plain shuffled loader would give every rank the same examples
+        # one task under DDP (or grouped by length) too: the plain shuffled loader would give every rank the same
+        # examples (and cannot group)
+        lengths = [self._train_lengths(n) for n in self._train_names] if self.group_by_length else None
         sampler = TaskBatchSampler(
             [len(v) for v in views],
             self.batch_size,
@@ -412,6 +440,8 @@ class TaskDataModule(L.LightningDataModule):
             world_size=world_size,
             epoch_fn=self._current_epoch,
             probabilities=None if self.task_weights is None else [self.task_weights[n] for n in self._train_names],
+            lengths=lengths,
+            group_batches=self.group_batches,
         )
         return DataLoader(ConcatDataset(views), batch_sampler=sampler, **common)
 
@@ -425,8 +455,16 @@ class TaskDataModule(L.LightningDataModule):
             raise MTLConfigError(f"data.train_subsets: {name}: rows must be within 0..{len(data) - 1} and not empty")
         return data.select(rows)
 
-    def _eval_loaders(self, split: str, with_text: bool = False, shard: bool = False) -> list[DataLoader]:
-        """One loader per task over ``split``; with ``shard`` under several processes, this rank's rows only."""
+    def _train_lengths(self, name: str) -> list[int]:
+        """Tokens of each row of `_train_split` (the ``train_subsets`` rows where given)."""
+        lengths = self.token_lengths(name, "train")
+        rows = self.train_subsets.get(name)
+        return lengths if rows is None else [lengths[r] for r in rows]
+
+    def _eval_loaders(self, split: str, with_text: bool = False, shard: bool = False,
+                      by_length: bool = False) -> list[DataLoader]:
+        """One loader per task over ``split``; with ``shard`` under several processes, this rank's rows only; with
+        ``by_length``, the rows longest first."""
         if not self._specs:
             raise MTLConfigError(
                 f"data.tasks and data.eval_tasks: empty, nothing to read the {split} split of; "
@@ -447,7 +485,11 @@ class TaskDataModule(L.LightningDataModule):
                     "processes (trainer world size); expected at least one per process (raise data.max_eval_examples "
                     "or run on fewer devices)"))
             texts = list(self._raw[name][split][self._specs[name].text_fields[0]]) if with_text else None
-            view = _TaskView(data, name, texts, shard_rows(len(data), rank, world_size) if shard else None)
+            rows = shard_rows(len(data), rank, world_size) if shard else None
+            if by_length:
+                # longest first: the largest batch runs first (in the sanity check), so lack of memory shows at once
+                rows = sorted_by_length(range(len(data)) if rows is None else rows, self.token_lengths(name, split))
+            view = _TaskView(data, name, texts, rows)
             loaders.append(DataLoader(view, batch_size=self.eval_batch_size, collate_fn=collate,
                                       num_workers=self.num_workers))
         return loaders
@@ -458,16 +500,19 @@ class TaskDataModule(L.LightningDataModule):
         return self._collator()([view[i] for i in range(min(rows, len(view)))])
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One validation loader per task, in the order of ``tasks + eval_tasks`` (this rank's rows under DDP)."""
-        return self._eval_loaders("validation", shard=True)
+        """One validation loader per task, in the order of ``tasks + eval_tasks`` (this rank's rows under DDP, longest
+        first)."""
+        return self._eval_loaders("validation", shard=True, by_length=True)
 
     def test_dataloader(self) -> list[DataLoader]:
-        """One test loader per task, in the order of ``tasks + eval_tasks`` (this rank's rows under DDP)."""
-        return self._eval_loaders("test", shard=True)
+        """One test loader per task, in the order of ``tasks + eval_tasks`` (this rank's rows under DDP, longest
+        first)."""
+        return self._eval_loaders("test", shard=True, by_length=True)
 
     def full_eval_loaders(self, split: str) -> list[DataLoader]:
-        """One loader per task over every row of ``split``, also under DDP (for a report that one process writes)."""
-        return self._eval_loaders(split)
+        """One loader per task over every row of ``split``, longest first, also under DDP (for a report that one
+        process writes)."""
+        return self._eval_loaders(split, by_length=True)
 
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader over ``predict_file`` if set, else one per task over ``predict_split`` (see the class docstring)."""

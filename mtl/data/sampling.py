@@ -1,4 +1,4 @@
-"""Multi-task batch sampling: every batch holds the examples of one task.
+"""Multi-task batch sampling: every batch holds the examples of one task, optionally grouped by length.
 
 Pure Python + torch's ``Sampler`` base class; no Lightning.
 """
@@ -14,6 +14,10 @@ from torch.utils.data import Sampler
 from mtl.errors import MTLConfigError
 
 STRATEGIES = ("proportional", "temperature", "uniform", "round_robin")
+# Batches per length group (megabatch) when grouping by length. Padding falls fast as a group grows and is near its
+# floor by ~50 batches on the example tasks (benchmarks/RESULTS.md, "Padding (group by length)"); a larger group only
+# makes batches more alike from epoch to epoch (a group as large as the pass sorts the whole pass).
+GROUP_BATCHES = 50
 
 
 def task_probabilities(sizes: Sequence[int], strategy: str = "proportional", temperature: float = 2.0) -> list[float]:
@@ -62,6 +66,15 @@ class TaskBatchSampler(Sampler[list[int]]):
     the 1-process run's). Every rank yields the same number of batches. Use the Trainer with
     ``use_distributed_sampler=False``.
 
+    Grouping by length (``lengths``: each task's example lengths in tokens): each pass's global
+    batches are cut as above, then every run of ``group_batches`` consecutive batches (a
+    megabatch) is sorted longest first and cut again into batches of the same sizes, and the
+    pass's batches are shuffled (see `group_by_length`). A batch then holds examples of similar
+    length, so it is padded less, while which examples share a megabatch, and the order of the
+    batches, stay random. Everything above holds unchanged: the same examples per pass, the same
+    batch sizes and count, the same dealing out across ranks (each rank's share of a sorted global
+    batch is as short as the others').
+
     Lightning does not call ``set_epoch`` on a batch sampler; pass ``epoch_fn`` (read when an
     epoch's iteration starts) or call ``set_epoch`` yourself. Randomness depends only on
     ``(seed, epoch)``, so runs are reproducible.
@@ -79,9 +92,12 @@ class TaskBatchSampler(Sampler[list[int]]):
         drop_last: bool = False,
         epoch_fn: Callable[[], int] | None = None,
         probabilities: Sequence[float] | None = None,
+        lengths: Sequence[Sequence[int]] | None = None,
+        group_batches: int = GROUP_BATCHES,
     ) -> None:
         """See the class docstring; ``sizes`` are the task datasets' lengths in concatenation order;
-        ``probabilities`` (one per task) replace the strategy's when given."""
+        ``probabilities`` (one per task) replace the strategy's when given; ``lengths`` (one list per
+        task, one token count per example) turn on grouping by length, ``group_batches`` per megabatch."""
         self.sizes = [int(n) for n in sizes]
         self.probs = task_probabilities(self.sizes, strategy, temperature)
         if probabilities is not None:
@@ -96,6 +112,18 @@ class TaskBatchSampler(Sampler[list[int]]):
         small = [i for i, n in enumerate(self.sizes) if 0 < n < need]
         if small:
             raise ValueError(f"task #{small[0]} has {self.sizes[small[0]]} examples, fewer than {need} (one per rank{', a full batch with drop_last' if drop_last else ''})")
+        if group_batches < 1:
+            raise ValueError(f"group_batches={group_batches}: expected an int >= 1")
+        if lengths is not None:
+            lengths = [list(task_lengths) for task_lengths in lengths]
+            if len(lengths) != len(self.sizes):
+                raise ValueError(f"lengths: got lengths for {len(lengths)} tasks, expected one per example of sizes "
+                                 f"{self.sizes}")
+            for i, (task_lengths, n) in enumerate(zip(lengths, self.sizes)):
+                if len(task_lengths) != n:
+                    raise ValueError(f"lengths: got {len(task_lengths)} lengths for task #{i}, expected one per "
+                                     f"example of sizes {self.sizes}")
+        self.lengths, self.group_batches = lengths, group_batches
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.batch_size, self.strategy, self.seed = batch_size, strategy, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
@@ -138,7 +166,12 @@ class TaskBatchSampler(Sampler[list[int]]):
         for pass_no in range(10**12):
             perm = list(range(n))
             random.Random(f"{self.seed}:{self.epoch}:{task}:{pass_no}").shuffle(perm)
-            for chunk in pass_chunks(perm, step, self.world_size, self.drop_last):
+            chunks = pass_chunks(perm, step, self.world_size, self.drop_last)
+            if self.lengths is not None:
+                # its own Random: the permutation's draws stay what they were, so the pass keeps its examples
+                order = random.Random(f"{self.seed}:{self.epoch}:{task}:{pass_no}:order")
+                chunks = group_by_length(chunks, self.lengths[task], self.group_batches, order)
+            for chunk in chunks:
                 yield [self.offsets[task] + i for i in chunk[self.rank :: self.world_size]]
 
 
@@ -157,6 +190,40 @@ def pass_chunks(perm: list[int], step: int, world_size: int, drop_last: bool = F
             last = chunks.pop()
             chunks[-1] = chunks[-1] + last
     return chunks
+
+
+def group_by_length(chunks: list[list[int]], lengths: Sequence[int], group_batches: int,
+                    rng: random.Random) -> list[list[int]]:
+    """The same examples in batches of the same sizes, each of similar lengths, in a shuffled order.
+
+    Every run of ``group_batches`` consecutive ``chunks`` (a megabatch) is sorted by ``lengths``,
+    longest first, and cut again into batches of its chunks' sizes; then ``rng`` shuffles the
+    batches. The chunks come from a random permutation, so which examples meet in a megabatch
+    is random; equal lengths keep that random order (the sort is stable).
+    """
+    grouped = []
+    for start in range(0, len(chunks), group_batches):
+        group = chunks[start : start + group_batches]
+        rows = sorted((i for chunk in group for i in chunk), key=lengths.__getitem__, reverse=True)
+        at = 0
+        for chunk in group:
+            grouped.append(rows[at : at + len(chunk)])
+            at += len(chunk)
+    # sorted megabatches in a row would run every epoch from long to short batches; shuffling spreads them out
+    rng.shuffle(grouped)
+    return grouped
+
+
+def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
+    """Pad tokens / all tokens when each batch is padded to its longest example (as the collator pads)."""
+    real = sum(lengths[i] for batch in batches for i in batch)
+    padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches if batch)
+    return (padded - real) / padded if padded else 0.0
+
+
+def sorted_by_length(rows: Sequence[int], lengths: Sequence[int]) -> list[int]:
+    """``rows`` longest first, equal lengths in their given order: evaluation batches padded little."""
+    return sorted(rows, key=lambda row: lengths[row], reverse=True)
 
 
 def shard_rows(size: int, rank: int, world_size: int) -> list[int]:
