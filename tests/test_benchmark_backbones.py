@@ -19,13 +19,16 @@ EXPECTED = {"bert-base": ("bert", 12, 768), "deberta-v3-base": ("deberta-v2", 12
 
 @pytest.fixture()
 def bench(monkeypatch):
-    """The benchmarks folder first on sys.path, as when a script there runs; its modules imported afresh."""
+    """The benchmarks folder first on sys.path, as when a script there runs; its modules imported afresh; torch's
+    thread count (the scripts set it) restored afterwards."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     for name in ("backbones", "train_throughput", "multitask_inference"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     import backbones
 
-    return backbones
+    threads = torch.get_num_threads()
+    yield backbones
+    torch.set_num_threads(threads)
 
 
 def tiny_shape(bench, name: str, tmp_path: Path) -> Path:
