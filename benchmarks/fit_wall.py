@@ -226,6 +226,13 @@ def logged_test_scores(run_dir: Path, task: str) -> dict[str, float]:
     return scores
 
 
+def summary_test_scores(output: str, task: str) -> dict[str, float]:
+    """Test scores from fit's summary line (``... test (best checkpoint, 5 s): TASK acc 0.981 f1 0.982; ...``), for a
+    fit that tests without logging them; empty when there is none."""
+    match = re.search(rf"test \([^)]*\): (?:[^;]*?, )?{re.escape(task)} acc ([0-9.]+) f1 ([0-9.]+)", output)
+    return {"acc": float(match[1]), "f1": float(match[2])} if match else {}
+
+
 def log_tail(log: Path, lines: int = 15) -> str:
     return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
@@ -262,12 +269,12 @@ def run_mtl(task: str, data_dir: Path, variant: str, args_text: str, run_dir: Pa
         return row
     record = json.loads(fit_phases.read_text())
     split = phases(record, launch, wall)
-    precision = re.search(r"^precision: (\S+)", (log_dir / f"{run_dir.name}.fit.log").read_text(errors="replace"),
-                          re.M)
+    output = (log_dir / f"{run_dir.name}.fit.log").read_text(errors="replace")
+    precision = re.search(r"^precision: (\S+)", output, re.M)
     row["precision"] = precision[1] if precision else None
-    scores = logged_test_scores(run_dir, task)
-    row["tested_in_fit"] = bool(scores)
-    if not scores:
+    scores = logged_test_scores(run_dir, task) or summary_test_scores(output, task)
+    row["tested_in_fit"] = bool(scores) or any(name == "test_start" for name, _ in record.get("events", []))
+    if not row["tested_in_fit"]:
         best = record.get("best_model_path") or ""
         if not best or not Path(best).is_file():
             row["error"] = f"fit kept no best checkpoint to test ({best!r})"
@@ -285,6 +292,8 @@ def run_mtl(task: str, data_dir: Path, variant: str, args_text: str, run_dir: Pa
         split = {k: split[k] + more[k] for k in split}
         scores = logged_test_scores(run_dir, task)
     row["phases"] = split
+    if not scores:
+        row["error"] = f"no test/{task}/acc and f1 in the run's metrics.csv or the output; logs in {log_dir}"
     row["test_acc"], row["test_f1"] = scores.get("acc"), scores.get("f1")
     return row
 

@@ -120,6 +120,15 @@ def test_parse_variants_and_sizes(bench):
         bench.parse_sizes(None, ["unknown_task"], False)
 
 
+def test_summary_line_scores(bench):
+    line = ("fit: 3 epochs, 96 steps in 2 min 01 s; best val/avg/acc 0.962 (run/best.ckpt); test (best checkpoint, 5 s): "
+            "bbc_news acc 0.981 f1 0.982; exported bbc_news -> run/adapters/bbc_news")
+    assert bench.summary_test_scores(line, "bbc_news") == {"acc": 0.981, "f1": 0.982}
+    assert bench.summary_test_scores(line.replace("bbc_news acc", "a acc 0.5 f1 0.4, bbc_news acc"), "bbc_news") == {
+        "acc": 0.981, "f1": 0.982}
+    assert bench.summary_test_scores("fit: 1 epoch; exported x -> y", "bbc_news") == {}
+
+
 def test_phases_split_one_processs_record(bench):
     from fit_phases import phases
 
