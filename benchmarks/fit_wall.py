@@ -46,8 +46,9 @@ AdapterHub's own training loop, on the same texts and the same budget, each run 
 Default variants: ``default`` (no extra arguments: what a user gets, e.g. bf16 autocast on a CPU with AVX512-BF16),
 ``fp32`` (``--trainer.precision 32-true``: the peer's precision) and ``peer-like`` (fp32, backbone dropout on, plain
 shuffled batches: the peer's arithmetic choices, so the rest is the frameworks' own cost). Default peer variant:
-``default`` (backbone dropout on, as AdapterHub users run it); ``--peer-variant nodrop=--no-backbone-dropout`` adds
-mtl's default dropout setting.
+``default`` (backbone dropout on, as AdapterHub users run it); ``--peer-variant default= --peer-variant
+nodrop=--no-backbone-dropout`` adds mtl's default dropout setting (a given --variant / --peer-variant list replaces
+that side's defaults).
 """
 
 from __future__ import annotations
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-runs", action="store_true", help="keep every run folder (checkpoints, exports)")
     parser.add_argument("--out", type=Path, default=None, help="raw rows, JSON (default: WORK/fit_wall.json)")
     parser.add_argument("--smoke", action="store_true", help="64 / 32 / 32 examples, 1 epoch, 1 round: plumbing only")
-    opts = parser.parse_args(argv)
+    opts = parser.parse_args(_glue(sys.argv[1:] if argv is None else list(argv)))
     opts.rounds = opts.rounds or (1 if opts.smoke else 3)
     opts.epochs = opts.epochs or (1 if opts.smoke else 3)
     variants = parse_variants(opts.variant, {"default": ""} if opts.smoke else VARIANTS, "--variant")
@@ -472,6 +473,20 @@ def main(argv: list[str] | None = None) -> int:
         print("\n\n".join(tables))
     print(f"\nraw rows: {opts.out}; logs: {work / 'logs'}")
     return 1 if any(r.get("error") for r in rows) else 0
+
+
+def _glue(argv: list[str]) -> list[str]:
+    """``--mtl-args VALUE`` -> ``--mtl-args=VALUE`` (likewise --variant, --peer-variant), so that a value that starts
+    with ``--`` and has no space (``--mtl-args --data.group_by_length=false``) is not taken for an option."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in ("--mtl-args", "--variant", "--peer-variant") and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def settings(opts: Any, variants: dict, peer_variants: dict, sizes: dict, work: Path) -> dict[str, Any]:

@@ -113,6 +113,8 @@ def test_parse_variants_and_sizes(bench):
     for bad in (["noequals"], ["a=x", "a=y"], ["bad name=x"]):
         with pytest.raises(SystemExit):
             bench.parse_variants(bad, {}, "--variant")
+    assert bench._glue(["--mtl-args", "--data.group_by_length=false", "--variant", "a=--x", "--smoke"]) == [
+        "--mtl-args=--data.group_by_length=false", "--variant=a=--x", "--smoke"]
     assert bench.parse_sizes(["bbc_news=10/5/5"], ["bbc_news", "language_id"], False) == {
         "bbc_news": (10, 5, 5), "language_id": (2000, 500, 585)}
     assert bench.parse_sizes(None, ["x"], True) == {"x": (64, 32, 32)}
@@ -121,8 +123,8 @@ def test_parse_variants_and_sizes(bench):
 
 
 def test_summary_line_scores(bench):
-    line = ("fit: 3 epochs, 96 steps in 2 min 01 s; best val/avg/acc 0.962 (run/best.ckpt); test (best checkpoint, 5 s): "
-            "bbc_news acc 0.981 f1 0.982; exported bbc_news -> run/adapters/bbc_news")
+    line = ("fit: 3 epochs, 96 steps in 2 min 01 s; best val/avg/acc 0.962 (run/best.ckpt); "
+            "test (best checkpoint, 5 s): bbc_news acc 0.981 f1 0.982; exported bbc_news -> run/adapters/bbc_news")
     assert bench.summary_test_scores(line, "bbc_news") == {"acc": 0.981, "f1": 0.982}
     assert bench.summary_test_scores(line.replace("bbc_news acc", "a acc 0.5 f1 0.4, bbc_news acc"), "bbc_news") == {
         "acc": 0.981, "f1": 0.982}
