@@ -21,8 +21,8 @@ AdapterHub's own training loop, on the same texts and the same budget, each run 
 2. Runs. Per task, ``--rounds`` rounds; each round runs every system once, each in a fresh process, in an order
    rotated by one every round:
    - mtl, once per ``--variant``: ``python benchmarks/fit_phases.py fit --config configs/quickstart.yaml`` with the
-     task, its tasks_dir, batch 32, ``--epochs``, lr 1e-3, warm-up 0.1, seed 0, a fresh run folder and a fresh
-     tokenisation cache (``--mtl-warm-cache`` shares one per task and variant instead), plus the variant's
+     task, its tasks_dir, batch 32, ``--epochs``, lr 1e-3, warm-up 0.1, seed = the round number (the peer too, so
+     the rounds give the seed spread), a fresh run folder and a fresh tokenisation cache (``--mtl-warm-cache`` shares one per task and variant instead), plus the variant's
      arguments and ``--mtl-args``. ``benchmarks/fit_phases.py`` is ``train.py`` plus phase timestamps (a Lightning
      callback and wrapped data / checkpoint / export calls; mtl's files are not touched). If the fit's metrics hold
      no test scores (a ``train.py fit`` that does not test its best checkpoint itself), a second process runs
@@ -248,14 +248,14 @@ def mtl_has_test_after_fit() -> bool:
 
 
 def run_mtl(task: str, data_dir: Path, variant: str, args_text: str, run_dir: Path, log_dir: Path, opts: Any,
-            cache_dir: Path) -> dict[str, Any]:
+            cache_dir: Path, seed: int = 0) -> dict[str, Any]:
     """One mtl fit (+ its test) in fresh processes: a row with wall time, phases and test scores."""
     from fit_phases import phases
 
     common = ["--config", CONFIG, "--data.tasks", f"[{task}]", "--data.tasks_dir", str(data_dir),
               "--model.run_dir", str(run_dir), "--data.cache_dir", str(cache_dir),
               "--data.batch_size", str(opts.batch), "--trainer.max_epochs", str(opts.epochs), "--model.lr", "0.001",
-              "--model.warmup_ratio", "0.1", "--seed_everything", "0", "--trainer.callbacks+=fit_phases.PhaseTimer",
+              "--model.warmup_ratio", "0.1", "--seed_everything", str(seed), "--trainer.callbacks+=fit_phases.PhaseTimer",
               *shlex.split(args_text), *shlex.split(opts.mtl_args or "")]
     fit_cmd = [sys.executable, str(WRAPPER), "fit", *common]
     if opts.mtl_separate_test and opts.test_after_fit_option:
@@ -300,11 +300,11 @@ def run_mtl(task: str, data_dir: Path, variant: str, args_text: str, run_dir: Pa
 
 
 def run_peer(task: str, data_dir: Path, variant: str, args_text: str, run_dir: Path, log_dir: Path,
-             opts: Any) -> dict[str, Any]:
+             opts: Any, seed: int = 0) -> dict[str, Any]:
     """One AdapterHub fit in a fresh process: a row with wall time, phases and test scores."""
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--data", str(data_dir), "--out-dir", str(run_dir / "adapter"),
            "--epochs", str(opts.epochs), "--batch", str(opts.batch), "--threads", str(opts.threads or 2),
-           *shlex.split(args_text)]
+           "--seed", str(seed), *shlex.split(args_text)]
     row: dict[str, Any] = {"task": task, "system": PEER, "variant": variant, "args": args_text,
                            "command": shlex.join(cmd), "processes": 1}
     log = log_dir / f"{run_dir.name}.log"
@@ -449,10 +449,10 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir.mkdir(parents=True)
                 log_dir = work / "logs" / task
                 if system == PEER:
-                    row = run_peer(task, data_dir, variant, args_text, run_dir, log_dir, opts)
+                    row = run_peer(task, data_dir, variant, args_text, run_dir, log_dir, opts, seed=rnd)
                 else:
                     cache = (work / "cache" / task / variant) if opts.mtl_warm_cache else (run_dir / "cache")
-                    row = run_mtl(task, data_dir, variant, args_text, run_dir, log_dir, opts, cache)
+                    row = run_mtl(task, data_dir, variant, args_text, run_dir, log_dir, opts, cache, seed=rnd)
                 row["round"] = rnd
                 rows.append(row)
                 status = row.get("error") or (f"{row['wall_s']:.1f} s, test acc {row['test_acc']:.3f} "
