@@ -22,7 +22,7 @@ def bench(monkeypatch):
     """The benchmarks folder first on sys.path, as when a script there runs; its modules imported afresh; torch's
     thread count (the scripts set it) restored afterwards."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    for name in ("backbones", "train_throughput", "multitask_inference"):
+    for name in ("backbones", "train_throughput", "multitask_inference", "base_size"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     import backbones
 
@@ -181,3 +181,107 @@ def test_both_scripts_on_the_newer_families(bench, tmp_path, capsys, name):
                               "--repeats", "1", "--threads", "1"])
     out = capsys.readouterr().out
     assert f"Backbone: random {model_type} '{name}-tiny'" in out and "8 tasks, k=0 of L=2: one forward" in out
+
+
+def _fake_train(name: str, samples_s: float, rss: float, layers: int = 12, k: int = 0, forward_s: float = 1.0,
+                backward_s: float = 1.4, trainable: int = 1000) -> dict:
+    """A row as ``train_throughput.py --one NAME`` prints it."""
+    return {"name": name, "trainable": trainable, "step_s": 8 / samples_s, "forward_s": forward_s,
+            "backward_s": backward_s, "samples_s": samples_s, "peak_rss_mb": rss, "layers": layers, "k": k,
+            "backbone": "random bert 'bert-base' (seed 0; mirrors x): 12 layers"}
+
+
+def _fake_multitask(k: int, ratio: float, limit: float, layers: int = 12) -> dict:
+    return {"n": 8, "k": k, "layers": layers, "ratio": ratio, "one_rows_s": 8.0 * ratio, "sep_rows_s": 8.0,
+            "limit": limit, "line": "..."}
+
+
+def test_base_size_tables_on_fake_rows(bench):
+    """benchmarks/base_size.py: the ratios and both tables from fake rows (no subprocess): Pfeiffer is the median of
+    its rounds, its RSS and forward/backward split come from the median round, AdapterDrop sits beside its limit,
+    AdapterHub's median beside mtl's, and failed or missing rows print as '-' with a note."""
+    import base_size
+
+    bert = {"shape": "bert-base", "spec": "bert-base", "wall_s": 600.0,
+            "full": _fake_train("full fine-tuning", 2.0, 2000.0, trainable=109_486_085),
+            "pfeiffer": [_fake_train("pfeiffer", 3.0, 900.0, forward_s=9.0),
+                         _fake_train("pfeiffer", 4.0, 1100.0, forward_s=9.0),
+                         _fake_train("pfeiffer", 3.5, 1000.0, trainable=1_489_925)],
+            "adapterdrop": _fake_train("pfeiffer + AdapterDrop k=L/2", 4.2, 950.0, k=6),
+            "multitask": {"lines": [_fake_multitask(6, 1.6, 1.85), _fake_multitask(0, 0.98, 1.0)],
+                          "peak_rss_mb": 800.0},
+            "peer": {"check": {"row": "sanity check", "status": "OK", "note": None},
+                     "rounds": [{"row": "train pfeiffer k=0", "value": v, "trainable": 1_489_925,
+                                 "backbone": "BertAdapterModel.from_config: ...", "note": None}
+                                for v in (3.0, 2.8, 3.2)]}}
+    d = base_size.derive(bert)
+    assert d["pf_samples_s"] == 3.5 and d["pf_rss_mb"] == 1000.0 and d["pf_vs_full"] == pytest.approx(1.75)
+    assert d["ad_limit"] == pytest.approx(2.4 / 1.7)  # L(f+b)/(Lf+(L-k)b), f=1.0, b=1.4 of the median round
+    assert d["ad_ratio"] == pytest.approx(1.2) and d["mtl_vs_peer"] == pytest.approx(3.5 / 3.0)
+    modern = {"shape": "modernbert-base", "spec": "modernbert-base",
+              "full": {"error": "exit 1: RuntimeError: boom"},
+              "pfeiffer": [_fake_train("pfeiffer", 5.0, 700.0, layers=22)],
+              "adapterdrop": _fake_train("pfeiffer + AdapterDrop k=L/2", 6.0, 650.0, layers=22, k=11),
+              "multitask": {"error": "exit 1: x"},
+              "peer": {"check": {"row": "sanity check", "status": "OK", "note": "adapters.init added a bias"},
+                       "rounds": [{"row": "train pfeiffer k=0", "value": 4.0, "note": "adapters.init added a bias"}]}}
+    deberta = {"shape": "deberta-v3-base", "spec": "deberta-v3-base", "peer": None,
+               "full": _fake_train("full fine-tuning", 1.0, 3000.0),
+               "pfeiffer": [_fake_train("pfeiffer", 2.0, 1500.0)],
+               "adapterdrop": _fake_train("pfeiffer + AdapterDrop k=L/2", 2.5, 1400.0, k=6),
+               "multitask": {"lines": [_fake_multitask(0, 1.0, 1.0), _fake_multitask(6, 1.5, 1.85)]}}
+    table = base_size.summary_table([bert, modern, deberta])
+    lines = table.splitlines()
+    assert lines[0].startswith("| shape | Pfeiffer samples/s | vs full FT | peak RSS Pfeiffer / full (MB) |")
+    assert lines[0].endswith("| AdapterHub Pfeiffer samples/s | mtl / AdapterHub |")
+    assert all(line.count("|") == lines[0].count("|") for line in lines[:5])
+    assert lines[2] == ("| bert-base | 3.50 | 1.75x | 1000 / 2000 (0.50x) | k=6: 1.20x of limit 1.41x (85%) "
+                        "| 0.98x (limit 1.00x, 98%) | 1.60x (limit 1.85x, 86%) | 3.00 | 1.17x |")
+    assert lines[3] == ("| modernbert-base | 5.00 | - | 700 / - | k=11: 1.20x of limit 1.41x (85%) | - | - "
+                        "| 4.00 [1] | 1.25x |")
+    assert lines[4].startswith("| deberta-v3-base | 2.00 | 2.00x |") and lines[4].endswith("| not run | - |")
+    assert "[1] modernbert-base: adapters.init added a bias." in table
+    assert "modernbert-base: 2 mtl measurement(s) failed" in table
+    settings = {"steps": 3, "batch": 8, "seq": 128, "threads": 2, "infer_batch": 4, "repeats": 3, "peer_rounds": 3}
+    shape = base_size.shape_table(bert, settings)
+    assert shape.startswith("### bert-base\n\nBackbone: random bert 'bert-base'")
+    assert "| Pfeiffer vs full fine-tuning, training samples/s (Pfeiffer: median of 3) | 3.50 | 2.00 | 1.75x |" in shape
+    assert "| peak RSS (MB), Pfeiffer vs full fine-tuning | 1000 | 2000 | 0.50x | - | - |" in shape
+    assert ("| AdapterDrop k=6 of L=12 vs Pfeiffer k=0, training samples/s | 4.20 | 3.50 | 1.20x | 1.41x | 85% |"
+            in shape)
+    rows = [line for line in shape.splitlines() if line.startswith("| one 8-task forward")]
+    assert [r.split(",")[1].strip().split(" ")[0] for r in rows] == ["k=0", "k=6"]  # k=0 first
+    assert "| 1.60x | 1.85x | 86% |" in rows[1]
+    assert ("| mtl Pfeiffer vs AdapterHub `train pfeiffer k=0`, training samples/s (medians of 3 alternating rounds) "
+            "| 3.50 | 3.00 | 1.17x | - | - |") in shape
+    assert "Pfeiffer rounds (samples/s): mtl 3.00, 4.00, 3.50; AdapterHub 3.00, 2.80, 3.20." in shape
+    assert "zero-adapter sanity check OK" in shape and "Wall time for this shape: 10.0 min." in shape
+    broken = base_size.shape_table(modern, settings)
+    assert "FAILED full fine-tuning: exit 1: RuntimeError: boom" in broken
+    assert "FAILED multitask_inference: exit 1: x" in broken
+    assert "AdapterHub note: adapters.init added a bias." in broken
+    assert "| one 8-task forward vs 8 separate forwards | - | - | - | - | - |" in broken
+
+
+def test_base_size_reads_what_the_scripts_print(bench, tmp_path, capsys):
+    """The driver parses train_throughput's --one row and multitask_inference's summary lines (both run in-process
+    here on a tiny BERT, as the driver's subprocesses would print them)."""
+    import base_size
+    import multitask_inference
+    import train_throughput
+
+    shape = tiny_shape(bench, "bert-base", tmp_path)
+    common = ["--backbone-config", str(shape), "--seq", "16", "--threads", "1"]
+    rows = {}
+    for name in ("full fine-tuning", "pfeiffer", "pfeiffer + AdapterDrop k=L/2"):
+        train_throughput.main([*common, "--steps", "1", "--batch", "2", "--one", name])
+        rows[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    multitask_inference.main([*common, "--tasks", "8", "--batch", "2", "--repeats", "1"])
+    parsed = base_size.parse_multitask(capsys.readouterr().out)
+    assert [(line["n"], line["k"], line["layers"]) for line in parsed["lines"]] == [(8, 0, 2), (8, 1, 2)]
+    assert parsed["peak_rss_mb"] > 0 and all(line["limit"] > 0 for line in parsed["lines"])
+    result = {"shape": "bert-base-tiny", "full": rows["full fine-tuning"], "pfeiffer": [rows["pfeiffer"]],
+              "adapterdrop": rows["pfeiffer + AdapterDrop k=L/2"], "multitask": parsed, "peer": None}
+    d = base_size.derive(result)
+    assert d["errors"] == [] and d["ad_k"] == 1 and "ad_of_limit" in d and d["mt"]["high"]["k"] == 1
+    assert "| bert-base-tiny |" in base_size.summary_table([result])
