@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+import time
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,15 @@ from jsonargparse import set_parsing_settings  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 from mtl.cli_errors import check_config_file, config_files, explain_parse_error, user_mistake  # noqa: E402
+from mtl.console import QUIET_TRAINER_DEFAULTS, fit_summary, quiet_lightning  # noqa: E402
 from mtl.data.module import TaskDataModule  # noqa: E402
 from mtl.errors import WRITE_ERRNOS, MTLConfigError, write_failure  # noqa: E402
 from mtl.lit import AdapterTrainer  # noqa: E402
 from mtl.preflight import preflight  # noqa: E402
+
+# Trainer options mtl sets differently from Lightning (a config or the command line still wins); the task batch
+# sampler shards by rank itself, so Lightning must not wrap it
+TRAINER_DEFAULTS = {"use_distributed_sampler": False, **QUIET_TRAINER_DEFAULTS}
 
 
 class MTLCLI(LightningCLI):
@@ -46,6 +52,26 @@ class MTLCLI(LightningCLI):
             preflight(self.subcommand, self.model, self.datamodule, self._get(self.config_init, "trainer", {}),
                       self.config[self.subcommand].get("ckpt_path"))
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """Start the clock of fit's summary line."""
+        self._fit_started = time.monotonic()
+
+    def after_fit(self) -> None:
+        """Test the best checkpoint in this process (``model.test_after_fit``), then print fit's one summary line."""
+        trainer, model = self.trainer, self.model
+        fit_seconds = time.monotonic() - self._fit_started
+        test_metrics, tested, test_seconds = None, "", 0.0
+        if model.hparams.test_after_fit and not trainer.interrupted:
+            start = time.monotonic()
+            # the best checkpoint's trainable tensors, as `test --ckpt_path` loads them (already so when fit exported)
+            best = model.restore_best()
+            tested = "best checkpoint" if best else "last weights: no checkpoint was kept"
+            trainer.test(model, datamodule=self.datamodule, verbose=False)
+            test_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+            test_seconds = time.monotonic() - start
+        if trainer.is_global_zero:
+            print(fit_summary(trainer, model.exported, fit_seconds, test_metrics, test_seconds, tested))
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; an output that cannot be written mid-run (a checkpoint, a log, an export) is one line naming the
@@ -76,6 +102,7 @@ def main(args: list[str] | None = None) -> None:
     (AdapterHub folders into an mtl run folder, `mtl.interop.adapterhub_cli`) and ``serve`` (`mtl.serving`)."""
     # resolve ${...} after all sources are merged, so command-line overrides reach interpolated values
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    quiet_lightning()
     argv = list(sys.argv[1:] if args is None else args)
     try:
         for file in config_files(argv):
@@ -106,9 +133,7 @@ def main(args: list[str] | None = None) -> None:
             import_main(argv[1:])
             return
         MTLCLI(AdapterTrainer, TaskDataModule, parser_kwargs={"parser_mode": "omegaconf+"},
-               save_config_kwargs={"overwrite": True}, args=args,
-               # the task batch sampler shards by rank itself; Lightning must not wrap it
-               trainer_defaults={"use_distributed_sampler": False})
+               save_config_kwargs={"overwrite": True}, args=args, trainer_defaults=TRAINER_DEFAULTS)
     except Exception as err:  # noqa: BLE001 - user mistakes become one line; anything else keeps its traceback
         mistake = user_mistake(err)
         if mistake is None:

@@ -75,6 +75,8 @@ class AdapterTrainer(L.LightningModule):
         cache_dtype: float32, or bfloat16 / float16 to halve the cache (see benchmarks/RESULTS.md for accuracy).
         prefix_cache_dir: folder for the on-disk part (default ``<run_dir>/prefix_cache``); reused by later runs with
             the same backbone, depth, tokenizer and data.
+        test_after_fit: ``train.py fit`` ends by testing the best checkpoint on every task's test split, in the
+            same process (backbone loaded and data tokenised once); false skips it.
     """
 
     def __init__(self, tasks: list[str], backbone: str = DEFAULT_BACKBONE, adapter: AdapterConfig | dict | None = None,
@@ -86,7 +88,7 @@ class AdapterTrainer(L.LightningModule):
                  continue_training: bool = False, eval_routes: dict[str, str] | None = None,
                  router: str | None = None, drop_seed: int = 0,
                  cache_frozen_prefix: bool = False, cache_memory_mb: float = 2048, cache_dtype: str = "float32",
-                 prefix_cache_dir: str | None = None) -> None:
+                 prefix_cache_dir: str | None = None, test_after_fit: bool = True) -> None:
         super().__init__()
         adapter = as_adapter_config(adapter) if adapter is not None else AdapterConfig()
         fusion = as_fusion_setup(fusion)
@@ -105,6 +107,7 @@ class AdapterTrainer(L.LightningModule):
         self.router = self._load_router(router)
         self._drop_rng: random.Random | None = None
         self.prefix_cache: PrefixCache | None = None
+        self.exported: dict[str, Path] = {}  # task -> folder written when fit ended (rank 0)
         # a continual-learning strategy's regulariser (EWC and the like): loss += extra_loss(self, batch)
         self.extra_loss: Callable[[AdapterTrainer, dict[str, Any]], torch.Tensor | None] | None = None
         self.val_metrics = self._metrics("val")
@@ -383,6 +386,8 @@ class AdapterTrainer(L.LightningModule):
             print(self.model.parameter_table())
 
     def on_fit_end(self) -> None:
+        """Export every trained task from the best checkpoint (into ``exported``; train.py prints it at the end)."""
+        self.exported = {}
         if not self.hparams.export:
             return
         self.restore_best()  # on every rank, so that all processes end fit with the exported weights
@@ -395,7 +400,7 @@ class AdapterTrainer(L.LightningModule):
                     self._report_attention(task, path)
                 else:
                     path = model_files.save_task(self.model, task, target.parent, overwrite=self.hparams.overwrite)
-                print(f"exported {task} -> {path}")
+                self.exported[task] = path
         except MTLWriteError as err:  # the training is not lost: say where its weights are
             raise MTLWriteError(f"{err}; {self.kept_weights()}") from None
 
@@ -413,13 +418,14 @@ class AdapterTrainer(L.LightningModule):
                     "resume the same fit command with --ckpt_path set to it)")
         return "no checkpoint holds the trained weights (checkpointing was off or none was written yet)"
 
-    def restore_best(self) -> None:
-        """Load the trainable tensors of the best checkpoint the Trainer's checkpoint callback kept, if any."""
+    def restore_best(self) -> str:
+        """Load the trainable tensors of the best checkpoint the Trainer's checkpoint callback kept, if any; returns
+        its path ('' when there is none and the weights stay as they are)."""
         best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
         if best and Path(best).is_file():
             self.load_trainable(best)
-            if self.trainer.is_global_zero:
-                print(f"restored the best checkpoint: {best}")
+            return best
+        return ""
 
     def _report_attention(self, fusion: str, folder: Path) -> None:
         """Mean fusion attention per layer and adapter on the validation set: a table here, a heatmap in ``folder``."""

@@ -330,9 +330,12 @@ def check_metrics(recs: list[dict], run: Path, tiny_dir, task_dir, root: Path, n
 
 
 def exported_once(out: str, tasks: list[str]) -> None:
-    """Rank 0 alone exported each task (both ranks' output is in ``out``)."""
-    lines = [line for line in out.splitlines() if line.startswith("exported ")]
-    assert sorted(line.split()[1] for line in lines) == sorted(tasks), lines
+    """Rank 0 alone printed fit's summary line, after testing, and it names each exported task once (both ranks'
+    output is in ``out``)."""
+    lines = [line for line in out.splitlines() if line.startswith("fit: ")]
+    assert len(lines) == 1 and "; test (best checkpoint, " in lines[0], lines
+    exports = lines[0].split("; exported ", 1)[1].split(", ")
+    assert sorted(item.split(" -> ")[0] for item in exports) == sorted(tasks), lines
 
 
 def no_temporaries(folder: Path) -> None:

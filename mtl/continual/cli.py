@@ -18,6 +18,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
 from mtl.cli_errors import config_files, explain_parse_error
+from mtl.console import QUIET_TRAINER_DEFAULTS
 from mtl.continual.runner import ContinualConfig, ContinualRunner
 from mtl.data.module import TaskDataModule
 from mtl.errors import WRITE_ERRNOS, MTLConfigError, write_failure
@@ -48,6 +49,7 @@ def build_parser() -> LightningArgumentParser:
     parser.add_class_arguments(AdapterTrainer, "model", skip=RUNNER_MODEL_KEYS, instantiate=False)
     parser.add_class_arguments(TaskDataModule, "data", skip=RUNNER_DATA_KEYS, instantiate=False)
     parser.add_lightning_class_args(Trainer, "trainer")
+    parser.set_defaults({f"trainer.{key}": value for key, value in QUIET_TRAINER_DEFAULTS.items()})
     return parser
 
 

@@ -54,7 +54,7 @@ OWN_ADAPTER = "-adapter"  # suffix of the folder holding a fusion stage's own ad
 RESUME_MAY_CHANGE = ("continual.run_dir", "data.num_workers", "data.cache_dir", "data.eval_batch_size",
                      "model.prefix_cache_dir", "model.cache_memory_mb", "trainer.enable_progress_bar",
                      "trainer.enable_model_summary", "trainer.logger", "trainer.log_every_n_steps",
-                     "trainer.default_root_dir")
+                     "trainer.default_root_dir", "model.test_after_fit")
 
 
 @dataclass

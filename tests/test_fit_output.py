@@ -1,0 +1,160 @@
+"""A whole ``train.py fit`` as a user sees it, on a tiny backbone (seconds): what it prints, and the test of the best
+checkpoint at its end; a continual run's output."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import ModelSummary
+from safetensors.torch import load_file
+
+from mtl import storage
+from mtl.cli import MTLCLI, TRAINER_DEFAULTS, main
+from mtl.console import CHATTER, DropMessages, duration, quiet_lightning
+from mtl.data.module import TaskDataModule
+from mtl.lit import AdapterTrainer
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+# what Lightning printed on every fit before; none of it may come back
+NOISE = ["GPU available", "TPU available", "litlogger", "Tip:", "LeafSpec", "log_every_n_steps", "Total FLOPs",
+         "Trainable params", "Non-trainable params", "Seed set to", "to estimate number of stepping batches",
+         "`Trainer.fit` stopped", "Automatic Mixed Precision", "restored the best checkpoint"]
+SUMMARY = re.compile(r"^fit: 2 epochs, \d+ steps in \d+ s; best val/avg/acc 0\.\d{3} \((?P<ckpt>\S+/best\.ckpt)\); "
+                     r"test \(best checkpoint, \d+ s\): keyword acc 0\.\d{3} f1 0\.\d{3}; "
+                     r"exported keyword -> (?P<export>\S+/adapters/keyword)$")
+
+
+def quickstart(tiny_dir: Path, task_dir: Path, root: Path, *extra: str) -> list[str]:
+    """``configs/quickstart.yaml`` on the tiny backbone and the keyword task, into ``root/run``."""
+    return ["--config", str(QUICKSTART), "--model.backbone", str(tiny_dir), "--data.tasks", "[keyword]",
+            "--data.tasks_dir", str(task_dir), "--data.cache_dir", str(root / "cache"), "--model.run_dir",
+            str(root / "run"), "--trainer.max_epochs", "2", "--data.batch_size", "16", *extra]
+
+
+def logged(run: Path, version: int = 0) -> dict[str, float]:
+    """The last value of every test/ column of ``version``'s metrics.csv."""
+    rows = list(csv.DictReader((run / "lightning" / "logs" / f"version_{version}" / "metrics.csv").open()))
+    return {k: float(row[k]) for row in rows for k in row if k.startswith("test/") and row[k]}
+
+
+def best_weights(tiny_dir: Path, task_dir: Path, ckpt: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The keyword task's parameters (export names, float32) after loading ``ckpt`` into a fresh quickstart module."""
+    module = AdapterTrainer(["keyword"], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(tmp_path / "x"),
+                            adapter={"type": "pfeiffer", "reduction_factor": 16})
+    module.load_trainable(ckpt)
+    return {k: v.detach() for k, v in module.model.task_parameters("keyword").items()}
+
+
+def assert_export_is(weights: dict[str, torch.Tensor], run: Path) -> None:
+    """``run``'s exported keyword adapter and head hold exactly ``weights``, in float32."""
+    exported = load_file(run / "adapters" / "keyword" / storage.ADAPTER_WEIGHTS)
+    assert exported.keys() == weights.keys() and {t.dtype for t in exported.values()} == {torch.float32}
+    assert all(torch.equal(exported[k], weights[k]) for k in weights)
+
+
+def cli_for(tiny_dir: Path, task_dir: Path, tmp_path: Path, *extra: str) -> MTLCLI:
+    """train.py's CLI on the keyword task, parsed and instantiated (Trainer included) but not run."""
+    return MTLCLI(AdapterTrainer, TaskDataModule, run=False, trainer_defaults=TRAINER_DEFAULTS,
+                  args=["--model.backbone", str(tiny_dir), "--data.tasks", "[keyword]", "--data.tasks_dir",
+                        str(task_dir), "--data.cache_dir", str(tmp_path / "cache"), "--trainer.logger", "false",
+                        "--trainer.default_root_dir", str(tmp_path), *extra])
+
+
+# ---- 1. what a fit prints ------------------------------------------------------------------------------------------
+def test_quickstart_fit_prints_the_table_and_one_summary_line(tiny_dir, task_dir, tmp_path, capfd, recwarn):
+    main(["fit", *quickstart(tiny_dir, task_dir, tmp_path)])
+    out, err = capfd.readouterr()
+    text = out + err
+    assert [n for n in NOISE if n in text] == []
+    # Lightning's warnings go through pytest's recorder here, not stderr: the two filtered ones never came
+    assert [str(w.message)[:80] for w in recwarn if "LeafSpec" in str(w.message) or "logging interval" in
+            str(w.message)] == []
+    lines = [line.strip() for line in out.splitlines()]
+    assert "backbone (frozen): " in out and re.search(r"^adapter\s+keyword\s+\d+\s+2\s+trainable", out, re.M)
+    summary = [line for line in lines if line.startswith("fit: ")]
+    assert len(summary) == 1 and SUMMARY.match(summary[0]), summary
+    found = SUMMARY.match(summary[0])
+    assert Path(found["ckpt"]).is_file() and Path(found["export"]) == tmp_path / "run" / "adapters" / "keyword"
+    assert lines.index(summary[0]) > max(i for i, line in enumerate(lines) if line.startswith("backbone (frozen)"))
+
+
+def test_a_real_warning_and_other_lightning_lines_still_show(recwarn):
+    quiet_lightning()
+    quiet_lightning()  # twice adds nothing
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    assert sum(isinstance(f, DropMessages) for f in rank_zero.filters) == 1
+
+    def shown(logger: logging.Logger, message: str) -> bool:
+        return logger.filter(logger.makeRecord(logger.name, logging.INFO, __file__, 1, message, (), None)) is not False
+
+    assert not shown(rank_zero, "GPU available: False, used: False")
+    assert not shown(rank_zero, "`Trainer.fit` stopped: `max_epochs=3` reached.")
+    assert shown(rank_zero, "`Trainer.fit` stopped: `max_steps=10` reached.")  # an early stop says why
+    assert shown(rank_zero, "Restoring states from the checkpoint path at x.ckpt")
+    assert not shown(logging.getLogger("lightning.fabric.utilities.seed"), "[rank: 1] Seed set to 7")
+    assert all(name.startswith("lightning.") for name in CHATTER)
+    warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, elsewhere", FutureWarning)  # not Lightning's
+    warnings.warn("The number of training batches (3) is smaller than nothing", UserWarning)
+    assert len(recwarn) == 2
+
+
+def test_lightning_model_summary_is_off_and_the_loss_logged_every_10_steps(tiny_dir, task_dir, tmp_path):
+    trainer = cli_for(tiny_dir, task_dir, tmp_path).trainer
+    assert not [c for c in trainer.callbacks if isinstance(c, ModelSummary)] and trainer.log_every_n_steps == 10
+    asked = cli_for(tiny_dir, task_dir, tmp_path, "--trainer.enable_model_summary", "true",
+                    "--trainer.log_every_n_steps", "50").trainer
+    assert [c for c in asked.callbacks if isinstance(c, ModelSummary)] and asked.log_every_n_steps == 50
+
+
+def test_duration_reads_as_minutes_and_seconds():
+    assert (duration(4.4), duration(59.6), duration(161)) == ("4 s", "1 min 00 s", "2 min 41 s")
+
+
+# ---- 2. fit ends by testing its best checkpoint ---------------------------------------------------------------------
+def test_the_test_after_fit_equals_a_separate_test_of_the_best_checkpoint(tiny_dir, task_dir, tmp_path, capfd):
+    args = quickstart(tiny_dir, task_dir, tmp_path, "--trainer.enable_progress_bar", "false")
+    main(["fit", *args])
+    after_fit = logged(tmp_path / "run", 0)
+    best = next((tmp_path / "run").rglob("best.ckpt"))
+    assert set(after_fit) == {"test/keyword/acc", "test/keyword/f1", "test/keyword/loss", "test/avg/acc", "test/avg/f1"}
+    main(["test", *args, "--ckpt_path", str(best)])
+    assert logged(tmp_path / "run", 1) == after_fit  # the same numbers, exactly
+    summary = next(line for line in capfd.readouterr().out.splitlines() if line.startswith("fit: "))
+    assert f"keyword acc {after_fit['test/keyword/acc']:.3f} f1 {after_fit['test/keyword/f1']:.3f}" in summary
+    # the export is the best checkpoint's weights, as before
+    assert_export_is(best_weights(tiny_dir, task_dir, best, tmp_path), tmp_path / "run")
+
+
+def test_test_after_fit_false_skips_the_test_and_exports_the_same_bytes(tiny_dir, task_dir, tmp_path, capfd):
+    files = {}
+    for flag in ("true", "false"):
+        root = tmp_path / flag
+        main(["fit", *quickstart(tiny_dir, task_dir, root, "--trainer.enable_progress_bar", "false",
+                                 "--model.test_after_fit", flag)])
+        files[flag] = {p.name: p.read_bytes() for p in (root / "run" / "adapters" / "keyword").iterdir()}
+        summary = next(line for line in capfd.readouterr().out.splitlines() if line.startswith("fit: "))
+        assert ("; test (best checkpoint" in summary) == (flag == "true")
+        assert bool(logged(root / "run")) == (flag == "true")
+    assert files["true"] == files["false"]
+
+
+# ---- 3. the continual runner -------------------------------------------------------------------------------------
+def test_a_continual_run_prints_no_lightning_chatter(tiny_dir, task_dir, tmp_path, capfd, recwarn):
+    run = tmp_path / "run"
+    (tmp_path / "c.yaml").write_text(f"""
+continual: {{order: [keyword, colour], strategy: per_task, run_dir: {run}, tasks_dir: {task_dir}, routers: []}}
+model: {{backbone: {tiny_dir}, lr: 1.0e-2}}
+data: {{batch_size: 16, cache_dir: {tmp_path / 'cache'}, max_train_examples: 32}}
+trainer: {{max_epochs: 1, logger: false, enable_checkpointing: false, enable_progress_bar: false}}
+""")
+    main(["continual", "--config", str(tmp_path / "c.yaml")])
+    out, err = capfd.readouterr()
+    assert [n for n in NOISE if n in out + err] == []
+    assert [str(w.message)[:80] for w in recwarn if "LeafSpec" in str(w.message)] == []
+    assert out.count("backbone (frozen): ") == 2  # mtl's table, once per stage
