@@ -15,12 +15,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from jsonargparse import set_parsing_settings  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
 from mtl.cli_errors import check_config_file, config_files, explain_parse_error, user_mistake  # noqa: E402
 from mtl.console import QUIET_TRAINER_DEFAULTS, fit_summary, quiet_lightning  # noqa: E402
 from mtl.data.module import TaskDataModule  # noqa: E402
 from mtl.errors import WRITE_ERRNOS, MTLConfigError, write_failure  # noqa: E402
 from mtl.lit import AdapterTrainer  # noqa: E402
+from mtl.precision import resolve_precision  # noqa: E402
 from mtl.preflight import preflight  # noqa: E402
 
 # Trainer options mtl sets differently from Lightning (a config or the command line still wins); the task batch
@@ -47,11 +49,15 @@ class MTLCLI(LightningCLI):
         return
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        """Run the checks of `mtl.preflight` first: a mistake found here leaves nothing written."""
+        """Run the checks of `mtl.preflight` first (a mistake found here leaves nothing written), then build the
+        Trainer with the precision `mtl.precision` picks when ``trainer.precision`` is unset."""
+        trainer_config = self._get(self.config_init, "trainer", {})
         if self.subcommand is not None:
-            preflight(self.subcommand, self.model, self.datamodule, self._get(self.config_init, "trainer", {}),
+            preflight(self.subcommand, self.model, self.datamodule, trainer_config,
                       self.config[self.subcommand].get("ckpt_path"))
-        return super().instantiate_trainer(**kwargs)
+        precision, line = resolve_precision(trainer_config)
+        rank_zero_only(print)(line)  # once, not once per DDP process
+        return super().instantiate_trainer(**{"precision": precision, **kwargs})
 
     def before_fit(self) -> None:
         """Start the clock of fit's summary line."""

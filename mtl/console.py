@@ -18,6 +18,7 @@ CHATTER = {
     "lightning.pytorch.utilities.rank_zero": (
         r"^GPU available: ", r"^TPU available: ", r"^HPU available: ",  # the precision line names the device
         r"^💡 Tip: .*litlogger",  # an advertisement for a cloud logger
+        r"^Using (16bit|bfloat16) Automatic Mixed Precision \(AMP\)$",  # said by mtl's precision line
         r"^Loading `train_dataloader` to estimate number of stepping batches\.$",
         r"^`Trainer\.fit` stopped: `max_epochs=\d+` reached\.$",  # fit's summary line counts the epochs
     ),

@@ -158,9 +158,14 @@ class AdapterTrainer(L.LightningModule):
         route = self.routes[batch["task"]]
         part = (batch["task"], split)
         if self.prefix_cache is not None and part in self.prefix_cache.sizes and "index" in batch:
-            return self.prefix_cache.forward(self.model, part, batch, route)
-        return self.model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"), tasks=route,
-                          drop_first=drop_first, fusion_step=self.global_step if self.training else None)[route]
+            logits = self.prefix_cache.forward(self.model, part, batch, route)
+        else:
+            logits = self.model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"),
+                                tasks=route, drop_first=drop_first,
+                                fusion_step=self.global_step if self.training else None)[route]
+        # under bf16 precision the logits come out in bf16: the loss, metrics and scores are computed in float32
+        # (a regression target would otherwise be rounded to bf16 to match them)
+        return logits.float()
 
     def robust_drop_depth(self, task: str) -> int | None:
         """For robust AdapterDrop: this training batch's adapter-free first layers, n ~ U[0, L-1] (seeded)."""
@@ -258,7 +263,7 @@ class AdapterTrainer(L.LightningModule):
         if batch["task"] is None and self.router is not None:
             rows = []
             for task, logits, i, text in zip(*self.router.routed_logits(self.model, *inputs), index, texts):
-                pred, score = self.model.heads[task].predict(logits.unsqueeze(0))
+                pred, score = self.model.heads[task].predict(logits.unsqueeze(0).float())
                 labels = self.model.records[task].labels
                 rows.append({"task": task, "index": i, "label": labels[int(pred)] if labels else int(pred),
                              "score": float(score), "text": text})
@@ -269,7 +274,7 @@ class AdapterTrainer(L.LightningModule):
         for task in tasks:
             head = self.model.heads[task]
             labels = self.model.records[task].labels
-            pred, score = head.predict(logits[task])
+            pred, score = head.predict(logits[task].float())  # float32 scores under bf16 precision too
             for i, text, p, s in zip(index, texts, pred.tolist(), score.tolist()):
                 label = labels[p] if head.problem == "classification" and labels else p
                 rows.append({"task": task, "index": i, "label": label, "score": s, "text": text})
@@ -391,6 +396,10 @@ class AdapterTrainer(L.LightningModule):
         if not self.hparams.export:
             return
         self.restore_best()  # on every rank, so that all processes end fit with the exported weights
+        if any(p.dtype != torch.float32 for p in self.model.parameters() if p.requires_grad):
+            # trainer.precision bf16-true / 16-true cast the whole module; exports are float32 whatever the training
+            # precision (upcasting is exact), and the module is usable in float32 after fit
+            self.model.float()
         if not self.trainer.is_global_zero:
             return  # one process writes the files
         try:

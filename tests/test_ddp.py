@@ -246,7 +246,9 @@ def common_args(tiny_dir, task_dir, root: Path, name: str, tasks: list[str]) -> 
             "--model.run_dir", str(root / name), "--trainer.default_root_dir", str(root / f"{name}-lightning"),
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--model.adapter.reduction_factor", "4",
-            "--model.head_dropout", "0", "--model.lr", "0.01", "--data.batch_size", "4", "--data.eval_batch_size", "4"]
+            "--model.head_dropout", "0", "--model.lr", "0.01", "--data.batch_size", "4", "--data.eval_batch_size", "4",
+            # compared with float32 computations in one process, to float rounding: no bf16 autocast
+            "--trainer.precision", "32-true"]
 
 
 def records(root: Path, name: str) -> list[dict]:

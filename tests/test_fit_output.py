@@ -4,15 +4,18 @@ checkpoint at its end; a continual run's output."""
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import re
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelSummary
 from safetensors.torch import load_file
 
+from mtl import precision as precision_module
 from mtl import storage
 from mtl.cli import MTLCLI, TRAINER_DEFAULTS, main
 from mtl.console import CHATTER, DropMessages, duration, quiet_lightning
@@ -66,8 +69,16 @@ def cli_for(tiny_dir: Path, task_dir: Path, tmp_path: Path, *extra: str) -> MTLC
                         "--trainer.default_root_dir", str(tmp_path), *extra])
 
 
+@pytest.fixture
+def native_bf16_cpu(monkeypatch):
+    """A CPU that computes bf16 natively, whatever this machine is (bf16 is only emulated, slower, elsewhere)."""
+    monkeypatch.setattr(precision_module, "cpu_features", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 # ---- 1. what a fit prints ------------------------------------------------------------------------------------------
-def test_quickstart_fit_prints_the_table_and_one_summary_line(tiny_dir, task_dir, tmp_path, capfd, recwarn):
+def test_quickstart_fit_prints_the_table_the_precision_and_one_summary_line(tiny_dir, task_dir, tmp_path, capfd,
+                                                                           recwarn, native_bf16_cpu):
     main(["fit", *quickstart(tiny_dir, task_dir, tmp_path)])
     out, err = capfd.readouterr()
     text = out + err
@@ -76,6 +87,7 @@ def test_quickstart_fit_prints_the_table_and_one_summary_line(tiny_dir, task_dir
     assert [str(w.message)[:80] for w in recwarn if "LeafSpec" in str(w.message) or "logging interval" in
             str(w.message)] == []
     lines = [line.strip() for line in out.splitlines()]
+    assert lines.count("precision: bf16-mixed (CPU has AVX512-BF16; set trainer.precision to choose)") == 1
     assert "backbone (frozen): " in out and re.search(r"^adapter\s+keyword\s+\d+\s+2\s+trainable", out, re.M)
     summary = [line for line in lines if line.startswith("fit: ")]
     assert len(summary) == 1 and SUMMARY.match(summary[0]), summary
@@ -145,7 +157,8 @@ def test_test_after_fit_false_skips_the_test_and_exports_the_same_bytes(tiny_dir
 
 
 # ---- 3. the continual runner -------------------------------------------------------------------------------------
-def test_a_continual_run_prints_no_lightning_chatter(tiny_dir, task_dir, tmp_path, capfd, recwarn):
+def test_a_continual_run_prints_the_precision_once_and_no_lightning_chatter(tiny_dir, task_dir, tmp_path, capfd,
+                                                                            recwarn, native_bf16_cpu, monkeypatch):
     run = tmp_path / "run"
     (tmp_path / "c.yaml").write_text(f"""
 continual: {{order: [keyword, colour], strategy: per_task, run_dir: {run}, tasks_dir: {task_dir}, routers: []}}
@@ -157,4 +170,19 @@ trainer: {{max_epochs: 1, logger: false, enable_checkpointing: false, enable_pro
     out, err = capfd.readouterr()
     assert [n for n in NOISE if n in out + err] == []
     assert [str(w.message)[:80] for w in recwarn if "LeafSpec" in str(w.message)] == []
+    assert out.count("precision: bf16-mixed (CPU has AVX512-BF16") == 1 and out.count("precision: ") == 1
     assert out.count("backbone (frozen): ") == 2  # mtl's table, once per stage
+    # the precision every stage trained in is recorded, so a resume on other hardware cannot change it silently
+    assert json.loads((run / "results.json").read_text())["config"]["trainer.precision"] == "bf16-mixed"
+    monkeypatch.setattr(precision_module, "cpu_features", lambda: {"avx2"})
+    with pytest.raises(SystemExit) as done:
+        main(["continual", "--config", str(tmp_path / "c.yaml")])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and err[-1].startswith("error: ")
+    assert "trainer.precision is 'bf16-mixed' in the saved run but '32-true' in the configuration" in err[-1]
+    main(["continual", "--config", str(tmp_path / "c.yaml"), "--trainer.precision", "bf16-mixed"])  # as it ran
+    # a run saved before the precision was resolved: unset meant fp32
+    state = json.loads((run / "state.json").read_text())
+    state["settings"]["trainer.precision"] = None
+    (run / "state.json").write_text(json.dumps(state))
+    main(["continual", "--config", str(tmp_path / "c.yaml")])  # this CPU now picks 32-true: the same

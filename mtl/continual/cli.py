@@ -23,6 +23,7 @@ from mtl.continual.runner import ContinualConfig, ContinualRunner
 from mtl.data.module import TaskDataModule
 from mtl.errors import WRITE_ERRNOS, MTLConfigError, write_failure
 from mtl.lit import AdapterTrainer
+from mtl.precision import resolve_precision
 from mtl.preflight import check_single_process, writable_folder
 
 # set per stage by the runner (or by the strategy: adapter_sharing)
@@ -81,10 +82,15 @@ def continual_main(argv: list[str]) -> dict[str, Any]:
     check_single_process(trainer_config, "train.py continual")  # before anything is written or launched
     if trainer_config.get("default_root_dir"):
         writable_folder(trainer_config["default_root_dir"], "trainer.default_root_dir")
+    precision, line = resolve_precision(trainer_config)  # once for every stage
+    print(line)
+    # the precision the stages train in, not 'unset': a run resumed on other hardware must not change it silently
+    settings["trainer"]["precision"] = precision
 
     def make_trainer(stage: str) -> Trainer:
         # instantiated again for every stage: fresh callbacks and logger (they keep state between fits)
         kwargs = dict(vars(parser.instantiate_classes(cfg).trainer))
+        kwargs["precision"] = precision
         root = Path(kwargs.pop("default_root_dir", None) or Path(config.run_dir) / "lightning")
         kwargs.setdefault("use_distributed_sampler", False)  # the task batch sampler shards by rank itself
         if kwargs.get("devices", "auto") == "auto":  # 'auto' takes every GPU (DDP); the runner is one process

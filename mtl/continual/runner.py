@@ -174,6 +174,9 @@ class ContinualRunner:
             raise MTLConfigError(f"{file}: not a continual-run state of format {FORMAT_VERSION}")
         check_shape(file, state, STATE_SCHEMA)
         saved, now = state["settings"], self.settings
+        if "trainer.precision" in saved and saved["trainer.precision"] is None:
+            # written before an unset precision was resolved per machine: unset then meant fp32
+            saved = {**saved, "trainer.precision": "32-true"}
         for key in [*saved, *(k for k in now if k not in saved)]:
             if saved.get(key) != now.get(key):
                 raise MTLConfigError(f"{file}: {key} is {saved.get(key)!r} in the saved run but {now.get(key)!r} in the "

@@ -1,0 +1,80 @@
+"""The precision an unset ``trainer.precision`` resolves to: bf16 autocast where the hardware computes bf16 natively.
+
+On such hardware bf16 autocast trained the quickstart faster with the same accuracy (``benchmarks/RESULTS.md``);
+elsewhere bf16 is emulated, which is slower than fp32, so fp32 stays.
+Parameters stay float32 under ``bf16-mixed`` (only the matmuls run in bf16), so exports are float32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# CPU features that execute bf16 dot products in hardware (AMX first: the faster one where both exist)
+CPU_BF16_FEATURES = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
+
+
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags, as torch's cpuinfo reports them (``cpuinfo``'s flags where torch cannot say)."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is not None:
+        return {name for name, value in capabilities().items() if value is True}
+    if not cpuinfo.is_file():
+        return set()
+    return {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for flag in line.split()}
+
+
+def cuda_bf16_device() -> str | None:
+    """'<name>, compute capability X.Y' of the current CUDA device if it computes bf16 natively (>= 8.0), else None."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    # is_bf16_supported() alone also says yes where bf16 is only emulated (slower than fp32)
+    if major < 8 or not torch.cuda.is_bf16_supported(including_emulation=False):
+        return None
+    return f"{torch.cuda.get_device_name()}, compute capability {major}.{minor}"
+
+
+def accelerator_kind(accelerator: Any) -> str:
+    """``cuda``, ``cpu`` or ``other`` for a ``trainer.accelerator`` value (a name, ``auto`` or an Accelerator)."""
+    if accelerator is not None and not isinstance(accelerator, str):  # an Accelerator instance from a class_path
+        accelerator = type(accelerator).__name__.removesuffix("Accelerator")
+    name = (accelerator or "auto").lower()
+    if name == "auto":  # Lightning's own order: a CUDA GPU when there is one, else MPS, else the CPU
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "other" if mps is not None and mps.is_available() else "cpu"
+    if name in ("gpu", "cuda") or name.startswith("cuda"):
+        return "cuda" if torch.cuda.is_available() else "other"
+    return "cpu" if name.startswith("cpu") else "other"
+
+
+def auto_precision(accelerator: Any = "auto") -> tuple[str, str]:
+    """(precision, reason) for an unset ``trainer.precision``: ``bf16-mixed`` where ``accelerator`` computes bf16
+    natively (CPU with AMX-BF16 or AVX512-BF16, CUDA compute capability >= 8.0), ``32-true`` elsewhere."""
+    kind = accelerator_kind(accelerator)
+    if kind == "cuda":
+        device = cuda_bf16_device()
+        if device:
+            return "bf16-mixed", f"GPU {device}"
+        return "32-true", "GPU without native bf16 (compute capability < 8.0)"
+    if kind == "cpu":
+        features = cpu_features()
+        native = next((label for flag, label in CPU_BF16_FEATURES if flag in features), None)
+        if native:
+            return "bf16-mixed", f"CPU has {native}"
+        return "32-true", "CPU without AVX512-BF16 or AMX-BF16"
+    return "32-true", f"no bf16 rule for accelerator {accelerator}"
+
+
+def resolve_precision(trainer_config: dict[str, Any]) -> tuple[str | int, str]:
+    """(precision, the line to print) for a trainer configuration: the user's ``precision`` when set, else
+    `auto_precision` for its accelerator."""
+    chosen = trainer_config.get("precision")
+    if chosen is not None:
+        return chosen, f"precision: {chosen} (trainer.precision)"
+    precision, reason = auto_precision(trainer_config.get("accelerator", "auto"))
+    return precision, f"precision: {precision} ({reason}; set trainer.precision to choose)"
