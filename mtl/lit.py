@@ -389,6 +389,28 @@ class AdapterTrainer(L.LightningModule):
         self.check_before("fit")
         if self.trainer.is_global_zero:
             print(self.model.parameter_table())
+            hint = self.adapterdrop_hint()
+            if hint:
+                print(hint)
+
+    def adapterdrop_hint(self) -> str | None:
+        """One line naming AdapterDrop + the frozen-prefix cache when this fit would gain from it (never turned on
+        silently: it costs a little accuracy), or None."""
+        trainer, model = self.trainer, self.model
+        if self.hparams.cache_frozen_prefix or model.backbone_dropout or trainer.world_size > 1:
+            return None
+        if (trainer.max_epochs or 0) < 2 or model.num_layers < 4:  # the cache fills in epoch 1, pays from epoch 2
+            return None
+        targets = [model.records[t].target for t in model.trainable_tasks()]
+        if not targets or any(t.is_fusion for t in targets):
+            return None
+        configs = [model.adapter_configs[t.name] for t in targets]
+        if any(c.drop_first or c.robust_drop or c.leave_out for c in configs):
+            return None
+        k = model.num_layers // 2
+        return (f"hint: model.adapter.drop_first: {k} with model.cache_frozen_prefix: true runs layers 1-{k} once per "
+                "example instead of every epoch (the quickstart's fit: 1.6x faster, 2 of 212 test articles lost; "
+                "README: AdapterDrop)")
 
     def on_fit_end(self) -> None:
         """Export every trained task from the best checkpoint (into ``exported``; train.py prints it at the end)."""

@@ -186,3 +186,34 @@ trainer: {{max_epochs: 1, logger: false, enable_checkpointing: false, enable_pro
     state["settings"]["trainer.precision"] = None
     (run / "state.json").write_text(json.dumps(state))
     main(["continual", "--config", str(tmp_path / "c.yaml")])  # this CPU now picks 32-true: the same
+
+
+def test_the_adapterdrop_hint_shows_only_where_a_fit_would_gain_from_it(tiny_dir, task_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import BertConfig, BertModel
+
+    from mtl.adapters.config import AdapterConfig
+    from mtl.model import MTLModel
+
+    module = cli_for(tiny_dir, task_dir, tmp_path).model
+
+    def hint(adapter: AdapterConfig, epochs: int = 3, layers: int = 4, **state) -> str | None:
+        torch.manual_seed(0)
+        backbone = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers,
+                                        num_attention_heads=2, intermediate_size=64), add_pooling_layer=False)
+        module.model = MTLModel(backbone, backbone_dropout=state.pop("backbone_dropout", False))
+        module.model.add_task("keyword", 2, adapter)
+        module.hparams.cache_frozen_prefix = state.pop("cache", False)
+        module._trainer = SimpleNamespace(max_epochs=epochs, world_size=state.pop("world_size", 1))
+        return module.adapterdrop_hint()
+
+    line = hint(AdapterConfig())
+    assert line.startswith("hint: model.adapter.drop_first: 2 with model.cache_frozen_prefix: true runs layers 1-2 ")
+    assert "\n" not in line
+    # already dropping or caching, one epoch (the cache would only fill), backbone dropout, DDP, a 2-layer model
+    for adapter, kwargs in [(AdapterConfig(drop_first=1), {}), (AdapterConfig(robust_drop=True), {}),
+                            (AdapterConfig(), {"cache": True}), (AdapterConfig(), {"epochs": 1}),
+                            (AdapterConfig(), {"backbone_dropout": True}), (AdapterConfig(), {"world_size": 2}),
+                            (AdapterConfig(), {"layers": 2})]:
+        assert hint(adapter, **kwargs) is None, (adapter, kwargs)
