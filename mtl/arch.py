@@ -178,11 +178,7 @@ ARCHS: dict[str, ArchSpec] = {
 
 def arch_spec(backbone: nn.Module) -> ArchSpec:
     """The table entry for a loaded backbone, or a one-line error naming the supported families."""
-    return family_spec(backbone.config.model_type)
-
-
-def family_spec(model_type: str) -> ArchSpec:
-    """The table entry for a ``model_type``, or a one-line error naming the supported families."""
+    model_type = backbone.config.model_type
     if model_type not in ARCHS:
         raise MTLConfigError(f"backbone model_type '{model_type}' is not supported, expected one of {sorted(ARCHS)}")
     return ARCHS[model_type]
