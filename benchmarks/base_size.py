@@ -77,14 +77,22 @@ def run_process(cmd: list[str]) -> tuple[str | None, str]:
     return done.stdout, ""
 
 
-def json_row(cmd: list[str]) -> dict:
-    """The last stdout line of ``cmd`` as JSON, or {"error": ...}; the process's wall time as ``wall_s``."""
+def timed_process(cmd: list[str]) -> tuple[str | None, float, dict | None]:
+    """(stdout, wall s, None), or (None, wall s, the failure's row {"error", "cmd", "wall_s"}, logged)."""
     start = time.perf_counter()
     out, err = run_process(cmd)
     wall = time.perf_counter() - start
     if out is None:
         log(f"    FAILED: {err}")
-        return {"error": err, "cmd": cmd, "wall_s": wall}
+        return None, wall, {"error": err, "cmd": cmd, "wall_s": wall}
+    return out, wall, None
+
+
+def json_row(cmd: list[str]) -> dict:
+    """The last stdout line of ``cmd`` as JSON, or {"error": ...}; the process's wall time as ``wall_s``."""
+    out, wall, failed = timed_process(cmd)
+    if failed:
+        return failed
     try:
         return {**json.loads(out.strip().splitlines()[-1]), "wall_s": wall}
     except (ValueError, IndexError):
@@ -136,12 +144,9 @@ def multitask(spec: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(MULTITASK), "--backbone-config", spec, "--tasks", str(TASKS), "--batch",
            str(args.infer_batch), "--seq", str(args.seq), "--repeats", str(args.repeats), "--threads",
            str(args.threads), "--seed", str(args.seed)]
-    start = time.perf_counter()
-    out, err = run_process(cmd)
-    wall = time.perf_counter() - start
-    if out is None:
-        log(f"    FAILED: {err}")
-        return {"error": err, "cmd": cmd, "wall_s": wall}
+    out, wall, failed = timed_process(cmd)
+    if failed:
+        return failed
     parsed = parse_multitask(out)
     for line in parsed.get("lines", []):
         log(f"    mtl {line['line']}")
