@@ -93,7 +93,8 @@ def check_correctness(folder: Path, steps: int, device: str = "cuda", shape: dic
     cpu = MTLModel.from_pretrained(folder / "run", backbone=str(folder / "backbone"))
     batch = val[0]
     module.model.eval()
-    with torch.no_grad():
+    # the fit may have switched the kernel (model.attention auto: eager under bf16 on the CPU); compare like with like
+    with torch.no_grad(), module.model.loaded_attention():
         want = module.model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), tasks="kw")["kw"].cpu()
         got = cpu(batch["input_ids"], batch["attention_mask"], tasks="kw")["kw"]
     worst = (want - got).abs().max().item()

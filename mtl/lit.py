@@ -24,6 +24,7 @@ from mtl.data.spec import load_task_specs
 from mtl.errors import MTLConfigError, MTLWriteError
 from mtl.fusion.report import attention_report
 from mtl.metrics import build_metrics
+from mtl.precision import attention_kernel, check_attention
 from mtl.preflight import writable_folder
 from mtl.prefix_cache import DTYPES, PrefixCache
 from mtl.routing import ROUTER_CONFIG, EntropyRouter, Router, load_router
@@ -77,6 +78,8 @@ class AdapterTrainer(L.LightningModule):
             the same backbone, depth, tokenizer and data.
         test_after_fit: ``train.py fit`` ends by testing the best checkpoint on every task's test split, in the
             same process (backbone loaded and data tokenised once); false skips it.
+        attention: the backbone's attention kernel: ``auto`` (eager under bf16 on the CPU, where it trains faster
+            than SDPA; the backbone's own elsewhere), ``sdpa`` or ``eager``. Numerics differ only by rounding.
     """
 
     def __init__(self, tasks: list[str], backbone: str = DEFAULT_BACKBONE, adapter: AdapterConfig | dict | None = None,
@@ -88,8 +91,9 @@ class AdapterTrainer(L.LightningModule):
                  continue_training: bool = False, eval_routes: dict[str, str] | None = None,
                  router: str | None = None, drop_seed: int = 0,
                  cache_frozen_prefix: bool = False, cache_memory_mb: float = 2048, cache_dtype: str = "float32",
-                 prefix_cache_dir: str | None = None, test_after_fit: bool = True) -> None:
+                 prefix_cache_dir: str | None = None, test_after_fit: bool = True, attention: str = "auto") -> None:
         super().__init__()
+        check_attention(attention)
         adapter = as_adapter_config(adapter) if adapter is not None else AdapterConfig()
         fusion = as_fusion_setup(fusion)
         # hparams hold plain types only, so checkpoints load with torch.load(weights_only=True)
@@ -104,6 +108,7 @@ class AdapterTrainer(L.LightningModule):
                          eval_tasks=[s for n, s in eval_specs.items() if n not in train_specs], fusion=fusion,
                          continue_training=continue_training, eval_routes=eval_routes)
         self.model, self.specs, self.routes = built.model, built.specs, built.routes
+        check_attention(attention, self.model.backbone)
         self.router = self._load_router(router)
         self._drop_rng: random.Random | None = None
         self.prefix_cache: PrefixCache | None = None
@@ -301,6 +306,7 @@ class AdapterTrainer(L.LightningModule):
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        self._choose_attention(stage)
         if stage == "fit":
             self._setup_distributed()
         if stage == "fit" and self.hparams.cache_frozen_prefix and self.prefix_cache is None:
@@ -311,6 +317,18 @@ class AdapterTrainer(L.LightningModule):
             self.prefix_cache = PrefixCache.for_training(
                 self.model, datasets, len(data.tokenizer), self.hparams.cache_dtype, self.hparams.cache_memory_mb,
                 self.hparams.prefix_cache_dir or self.run_dir / "prefix_cache")
+
+    def _choose_attention(self, stage: str) -> None:
+        """Switch the backbone to the attention kernel `attention_kernel` picks for this trainer (said once on fit)."""
+        trainer, backbone = self.trainer, self.model.backbone
+        kernel = attention_kernel(self.hparams.attention, trainer.precision, trainer.strategy.root_device.type,
+                                  backbone)
+        if kernel == backbone.config._attn_implementation:
+            return
+        backbone.set_attn_implementation(kernel)
+        if stage == "fit" and trainer.is_global_zero and self.hparams.attention == "auto":
+            print(f"attention: {kernel} (faster under {trainer.precision} on this device; set model.attention "
+                  "to choose)")
 
     @staticmethod
     def _cache_refusal(processes: int) -> MTLConfigError:

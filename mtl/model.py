@@ -61,6 +61,7 @@ class MTLModel(nn.Module):
             for p in backbone.parameters():
                 p.requires_grad_(False)
         self.backbone = backbone
+        self.loaded_kernel = backbone.config._attn_implementation  # training may switch it (model.attention)
         self.backbone_dropout = backbone_dropout
         self.chunk_rows = chunk_rows  # replicated multi-task rows per pack above the shared layers (None: all)
         self.fast_fusion = fast_fusion  # the exact fast fusion path (False: per-adapter keys and values)
@@ -328,6 +329,20 @@ class MTLModel(nn.Module):
             yield
         finally:
             self.train(was_training)
+
+    @contextmanager
+    def loaded_attention(self) -> Iterator[None]:
+        """The backbone's attention kernel as loaded for the block, then the current one again: for numbers that must
+        repeat bit for bit whichever kernel a fit picked (the kernels differ by rounding)."""
+        config = self.backbone.config
+        current = config._attn_implementation
+        if current != self.loaded_kernel:
+            self.backbone.set_attn_implementation(self.loaded_kernel)
+        try:
+            yield
+        finally:
+            if config._attn_implementation != current:
+                self.backbone.set_attn_implementation(current)
 
     # ---- planning ------------------------------------------------------------------------------
     def _check_tasks(self, names: Sequence[str], routable: bool = False) -> None:

@@ -3,6 +3,7 @@
 On such hardware bf16 autocast trained the quickstart faster with the same accuracy (``benchmarks/RESULTS.md``);
 elsewhere bf16 is emulated, which is slower than fp32, so fp32 stays.
 Parameters stay float32 under ``bf16-mixed`` (only the matmuls run in bf16), so exports are float32.
+The attention kernel follows the precision (`attention_kernel`): under bf16 on the CPU the plain kernel trains faster.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mtl.errors import MTLConfigError
 
 # CPU features that execute bf16 dot products in hardware (AMX first: the faster one where both exist)
 CPU_BF16_FEATURES = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
@@ -78,3 +81,29 @@ def resolve_precision(trainer_config: dict[str, Any]) -> tuple[str | int, str]:
         return chosen, f"precision: {chosen} (trainer.precision)"
     precision, reason = auto_precision(trainer_config.get("accelerator", "auto"))
     return precision, f"precision: {precision} ({reason}; set trainer.precision to choose)"
+
+
+# model.attention values; "auto" follows `attention_kernel`
+ATTENTION_CHOICES = ("auto", "sdpa", "eager")
+
+
+def check_attention(value: str, backbone: Any = None) -> None:
+    """Refuse a ``model.attention`` that is not a choice, or ``sdpa`` for a backbone whose family has no SDPA kernel."""
+    if value not in ATTENTION_CHOICES:
+        raise MTLConfigError(f"model.attention: got {value!r}, expected one of {', '.join(ATTENTION_CHOICES)}")
+    if value == "sdpa" and backbone is not None and not getattr(backbone, "_supports_sdpa", False):
+        raise MTLConfigError(f"model.attention: sdpa, but the {backbone.config.model_type} backbone has no SDPA "
+                             "kernel in transformers; expected auto or eager")
+
+
+def attention_kernel(requested: str, precision: str | int, device_type: str, backbone: Any) -> str:
+    """The attention implementation ``backbone`` should run: ``requested`` unless ``auto``; ``auto`` picks eager
+    (matmul, softmax, matmul) under bf16 on the CPU and keeps the backbone's own kernel elsewhere."""
+    if requested != "auto":
+        return requested
+    current = backbone.config._attn_implementation
+    # on the CPU, SDPA's bf16 backward is slower than autograd through the plain ops (1.34x per MiniLM train step,
+    # 1.1x at base size; fp32 and inference even: benchmarks/attention.py); CUDA keeps its fused kernels
+    if device_type == "cpu" and str(precision).startswith("bf16") and current == "sdpa":
+        return "eager"
+    return current

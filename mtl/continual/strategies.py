@@ -308,13 +308,13 @@ def tensors_sha256(module: AdapterTrainer, task: str) -> str:
 def fingerprint(module: AdapterTrainer, data: TaskDataModule, task: str, probe_size: int,
                 route: str | None = None) -> dict[str, str]:
     """SHA-256 of the tensors of ``route`` (default: the task itself; or a fusion answering it) and of its logits on
-    the task's probe batch (plain forward, eval mode)."""
+    the task's probe batch (plain forward, eval mode, the backbone's attention kernel as loaded)."""
     route = route or task
     batch = data.first_examples(task, "test", probe_size)
     model = module.model
     device = next(model.parameters()).device
     inputs = [batch.get(k) for k in ("input_ids", "attention_mask", "token_type_ids")]
-    with model.eval_mode():
+    with model.eval_mode(), model.loaded_attention():
         logits = model(*[x.to(device) if x is not None else None for x in inputs], tasks=[route])[route]
     raw = logits.float().cpu().contiguous().numpy().tobytes()
     return {"tensors_sha256": tensors_sha256(module, route), "probe_logits_sha256": hashlib.sha256(raw).hexdigest()}
