@@ -80,6 +80,9 @@ class AdapterTrainer(L.LightningModule):
             same process (backbone loaded and data tokenised once); false skips it.
         attention: the backbone's attention kernel: ``auto`` (eager under bf16 on the CPU, where it trains faster
             than SDPA; the backbone's own elsewhere), ``sdpa`` or ``eager``. Numerics differ only by rounding.
+        compile: run the model through ``torch.compile`` (inductor, dynamic shapes) for fit and its test. Off by
+            default: compiling takes about a minute on 2 CPU cores and gained nothing under bf16 there, 1.07-1.23x
+            per fp32 step (pays after a few hundred steps; benchmarks/RESULTS.md "torch.compile").
     """
 
     def __init__(self, tasks: list[str], backbone: str = DEFAULT_BACKBONE, adapter: AdapterConfig | dict | None = None,
@@ -91,7 +94,8 @@ class AdapterTrainer(L.LightningModule):
                  continue_training: bool = False, eval_routes: dict[str, str] | None = None,
                  router: str | None = None, drop_seed: int = 0,
                  cache_frozen_prefix: bool = False, cache_memory_mb: float = 2048, cache_dtype: str = "float32",
-                 prefix_cache_dir: str | None = None, test_after_fit: bool = True, attention: str = "auto") -> None:
+                 prefix_cache_dir: str | None = None, test_after_fit: bool = True, attention: str = "auto",
+                 compile: bool = False) -> None:
         super().__init__()
         check_attention(attention)
         adapter = as_adapter_config(adapter) if adapter is not None else AdapterConfig()
@@ -307,6 +311,9 @@ class AdapterTrainer(L.LightningModule):
     # ---- lifecycle -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self._choose_attention(stage)
+        if stage == "fit" and self.hparams.compile:
+            # in place (nn.Module.compile): parameter names, checkpoints and exports stay those of the plain model
+            self.model.compile(dynamic=True)
         if stage == "fit":
             self._setup_distributed()
         if stage == "fit" and self.hparams.cache_frozen_prefix and self.prefix_cache is None:

@@ -359,8 +359,10 @@ class MTLModel(nn.Module):
     def first_adapter_layer(self, targets: Sequence[Target], drops: dict[str, int] | None = None) -> int:
         """Lowest layer index where any of these targets is active (num_layers if none)."""
         drops = drops or {}
-        return min((s.layer_index for s in self.iter_slots() for t in targets
-                    if s.has(t) and s.layer_index >= drops.get(t.name, 0)), default=self.num_layers)
+        # no min(..., default=): torch.compile cannot trace that keyword and would break the graph here
+        layers = [s.layer_index for s in self.iter_slots() for t in targets
+                  if s.has(t) and s.layer_index >= drops.get(t.name, 0)]
+        return min(layers) if layers else self.num_layers
 
     def drop_depths(self, tasks: Sequence[str], drop_first: int | None) -> dict[str, int]:
         """Adapter-free first layers per target for this call: ``drop_first`` or each adapter's configured depth."""
