@@ -16,7 +16,8 @@ k = L/2 layers) vs Pfeiffer at k = 0 beside its limit L(f+b) / (Lf + (L-k)b), wh
 forward and backward time, taken here as 1/L of the Pfeiffer k = 0 run's forward (with the loss) and backward
 (with the optimizer step) medians (layers assumed alike; the first k layers also run without autograd
 recording there, so a ratio a little above the limit is possible). ``--in-process`` runs every variant in this
-process (quick checks; peak RSS is then the process's running maximum, not each variant's own).
+process (quick checks; peak RSS is then the process's running maximum, not each variant's own). Each variant
+runs the attention kernel a fit would pick for its precision (``model.attention: auto``: eager under bf16 autocast).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def run_one(name: str, steps: int, batch: int, seq: int, threads: int, backbone_
     import backbones
     from mtl.adapters.config import AdapterConfig
     from mtl.model import MTLModel
+    from mtl.precision import attention_kernel
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -73,6 +75,9 @@ def run_one(name: str, steps: int, batch: int, seq: int, threads: int, backbone_
             p.requires_grad_(True)
     else:
         model.add_task("t", 5, AdapterConfig(type=preset, drop_first=k))
+    # the attention kernel a fit picks for this precision (model.attention: auto)
+    model.backbone.set_attn_implementation(
+        attention_kernel("auto", "bf16-mixed" if bf16 else "32-true", "cpu", model.backbone))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
