@@ -50,23 +50,27 @@ def batch(model, rows: int, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch
     return ids, mask, torch.randint(0, 5, (rows,), generator=g)
 
 
+def one_step(forward, opt, mode: str, bf16: bool, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> None:
+    """A train step (forward under autocast, float32 loss, backward, ``opt``) or an inference forward of task 't'."""
+    if mode == "train":
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = forward(ids, mask, tasks="t")["t"]
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    else:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            forward(ids, mask, tasks="t")
+
+
 def step_fn(model, mode: str, bf16: bool, data):
-    """One timed-able step: train (forward, backward, AdamW) or an inference forward."""
-    ids, mask, labels = data
+    """One step of ``mode`` on ``data``, as a closure to time."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def step() -> None:
         model.train(mode == "train")
-        if mode == "train":
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(ids, mask, tasks="t")["t"]
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        else:
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                model(ids, mask, tasks="t")
+        one_step(model, opt, mode, bf16, *data)
     return step
 
 

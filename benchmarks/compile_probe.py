@@ -45,6 +45,7 @@ def _batches(steps: int, batch: int, vocab: int) -> list[tuple[torch.Tensor, tor
 
 def run(mode: str, compiled: bool, steps: int, batch: int, precision: str = "fp32") -> list[float]:
     """Per-step wall times of ``steps`` train or predict steps, eager or compiled (first step includes compile)."""
+    from attention import one_step  # benchmarks/attention.py: the same step, timed there for the kernels
     from mtl.model import MTLModel
     from mtl.precision import attention_kernel
 
@@ -60,16 +61,7 @@ def run(mode: str, compiled: bool, steps: int, batch: int, precision: str = "fp3
     times = []
     for ids, mask, labels in _batches(steps, batch, model.backbone.config.vocab_size):
         start = time.perf_counter()
-        if mode == "train":
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = forward(ids, mask, tasks="t")["t"]
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        else:
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                forward(ids, mask, tasks="t")
+        one_step(forward, opt, mode, bf16, ids, mask, labels)
         times.append(time.perf_counter() - start)
     return times
 
