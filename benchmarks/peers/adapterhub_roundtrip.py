@@ -42,11 +42,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-PEERS = Path(__file__).resolve().parent
-PEER_PYTHON = PEERS / ".venv-adapterhub" / "bin" / "python"
+from peer_venv import PEER_PYTHON, peer_work_dir  # this folder: run as a script from here
+
 PRESETS = {"pfeiffer": "SeqBnConfig", "houlsby": "DoubleSeqBnConfig", "parallel": "ParBnConfig"}
 FUSED = ["f0", "f1", "f2"]  # AdapterHub's adapters under its fusion "f0,f1,f2"
 MTL_FUSED = ["m0", "m1", "m2"]  # mtl's tasks under its fusion "mfz"
@@ -333,13 +332,7 @@ def main() -> None:
     if args.command != "check":
         (ah_save if args.command == "ah-save" else ah_load)(args)
         return
-    if not PEER_PYTHON.exists():
-        print(f"skipped: no AdapterHub venv at {PEER_PYTHON}; create it with "
-              "`bash benchmarks/peers/setup_adapterhub.sh`")
-        raise SystemExit(0)
-    with tempfile.TemporaryDirectory(prefix="adapterhub_roundtrip_") as tmp:
-        args.dir = args.keep or Path(tmp)
-        args.dir.mkdir(parents=True, exist_ok=args.keep is None)
+    with peer_work_dir(args.keep, "adapterhub_roundtrip_") as args.dir:
         run_peer("ah-save", args)
         status = compare(args)
     raise SystemExit(status)

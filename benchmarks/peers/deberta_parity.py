@@ -38,13 +38,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
-PEERS = Path(__file__).resolve().parent
+from peer_venv import PEER_PYTHON, PEERS, peer_work_dir  # this folder: run as a script from here
+
 BENCHMARKS = PEERS.parent
-PEER_PYTHON = PEERS / ".venv-adapterhub" / "bin" / "python"
 PRESETS = {"pfeiffer": "SeqBnConfig", "houlsby": "DoubleSeqBnConfig", "parallel": "ParBnConfig"}
 # family -> (shape in benchmarks/backbones/, fields changed beyond the common shrink)
 FAMILIES = {"deberta-v2": ("deberta-v3-base", {"position_buckets": 16}),
@@ -294,13 +293,7 @@ def main() -> None:
     if args.command == "ah-run":
         ah_run(args)
         return
-    if not PEER_PYTHON.exists():
-        print(f"skipped: no AdapterHub venv at {PEER_PYTHON}; create it with "
-              "`bash benchmarks/peers/setup_adapterhub.sh`")
-        raise SystemExit(0)
-    with tempfile.TemporaryDirectory(prefix="deberta_parity_") as tmp:
-        args.dir = args.keep or Path(tmp)
-        args.dir.mkdir(parents=True, exist_ok=args.keep is None)
+    with peer_work_dir(args.keep, "deberta_parity_") as args.dir:
         status = compare(args)
     raise SystemExit(status)
 

@@ -25,12 +25,11 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-PEERS = Path(__file__).resolve().parent
-PEER_PYTHON = PEERS / ".venv-adapterhub" / "bin" / "python"
+from peer_venv import PEER_PYTHON, PEERS, peer_work_dir  # this folder: run as a script from here
+
 DUMP_SCRIPT = PEERS / "adapterhub_fusion.py"
 FUSION = "fz"
 # fields of AdapterHub's AdapterFusionConfig that mtl's FusionConfig must reproduce (the brief's list; the check below
@@ -231,11 +230,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.dump is not None:
         raise SystemExit(parity(args, args.dump))
-    if not PEER_PYTHON.exists():
-        print(f"skipped: no AdapterHub venv at {PEER_PYTHON}; create it with `bash benchmarks/peers/setup_adapterhub.sh`")
-        raise SystemExit(0)
-    with tempfile.TemporaryDirectory(prefix="fusion_parity_") as tmp:
-        dump_path = Path(tmp) / "adapterhub_fusion.safetensors"
+    with peer_work_dir(None, "fusion_parity_") as tmp:
+        dump_path = tmp / "adapterhub_fusion.safetensors"
         run_dump(dump_path, args)
         status = parity(args, dump_path)
     raise SystemExit(status)
