@@ -52,7 +52,7 @@ def run(mode: str, compiled: bool, steps: int, batch: int, precision: str = "fp3
     torch.manual_seed(0)
     model = MTLModel("minilm-l6")
     model.add_task("t", 5, "pfeiffer")
-    model.backbone.set_attn_implementation(attention_kernel("auto", precision, "cpu", model.backbone))
+    model.backbone.set_attn_implementation(attention_kernel("auto", precision, "cpu", model.loaded_kernel))
     bf16 = precision == "bf16"
     forward = torch.compile(model, dynamic=True) if compiled else model
     params = [p for p in model.parameters() if p.requires_grad]

@@ -77,7 +77,7 @@ def run_one(name: str, steps: int, batch: int, seq: int, threads: int, backbone_
         model.add_task("t", 5, AdapterConfig(type=preset, drop_first=k))
     # the attention kernel a fit picks for this precision (model.attention: auto)
     model.backbone.set_attn_implementation(
-        attention_kernel("auto", "bf16-mixed" if bf16 else "32-true", "cpu", model.backbone))
+        attention_kernel("auto", "bf16-mixed" if bf16 else "32-true", "cpu", model.loaded_kernel))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)

@@ -329,7 +329,7 @@ class AdapterTrainer(L.LightningModule):
         """Switch the backbone to the attention kernel `attention_kernel` picks for this trainer (said once on fit)."""
         trainer, backbone = self.trainer, self.model.backbone
         kernel = attention_kernel(self.hparams.attention, trainer.precision, trainer.strategy.root_device.type,
-                                  backbone)
+                                  self.model.loaded_kernel)
         if kernel == backbone.config._attn_implementation:
             return
         backbone.set_attn_implementation(kernel)

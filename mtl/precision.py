@@ -96,14 +96,14 @@ def check_attention(value: str, backbone: Any = None) -> None:
                              "kernel in transformers; expected auto or eager")
 
 
-def attention_kernel(requested: str, precision: str | int, device_type: str, backbone: Any) -> str:
-    """The attention implementation ``backbone`` should run: ``requested`` unless ``auto``; ``auto`` picks eager
-    (matmul, softmax, matmul) under bf16 on the CPU and keeps the backbone's own kernel elsewhere."""
+def attention_kernel(requested: str, precision: str | int, device_type: str, loaded: str) -> str:
+    """The attention implementation the backbone should run: ``requested`` unless ``auto``; ``auto`` picks eager
+    (matmul, softmax, matmul) under bf16 on the CPU for a backbone ``loaded`` with SDPA, and ``loaded`` elsewhere
+    (so a stage in another precision returns to it)."""
     if requested != "auto":
         return requested
-    current = backbone.config._attn_implementation
     # on the CPU, SDPA's bf16 backward is slower than autograd through the plain ops (1.34x per MiniLM train step,
     # 1.1x at base size; fp32 and inference even: benchmarks/attention.py); CUDA keeps its fused kernels
-    if device_type == "cpu" and str(precision).startswith("bf16") and current == "sdpa":
+    if device_type == "cpu" and str(precision).startswith("bf16") and loaded == "sdpa":
         return "eager"
-    return current
+    return loaded
