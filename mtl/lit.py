@@ -81,8 +81,8 @@ class AdapterTrainer(L.LightningModule):
         attention: the backbone's attention kernel: ``auto`` (eager under bf16 on the CPU, where it trains faster
             than SDPA; the backbone's own elsewhere), ``sdpa`` or ``eager``. Numerics differ only by rounding.
         compile: run the model through ``torch.compile`` (inductor, dynamic shapes) for fit and its test. Off by
-            default: compiling takes about a minute on 2 CPU cores and gained nothing under bf16 there, 1.07-1.23x
-            per fp32 step (pays after a few hundred steps; benchmarks/RESULTS.md "torch.compile").
+            default: on 2 CPU cores compiling took 40-60 s and a step gained at most about 10% (0.97-1.23x across
+            runs), a loss for the quickstart and about even for 30 epochs (benchmarks/RESULTS.md "torch.compile").
     """
 
     def __init__(self, tasks: list[str], backbone: str = DEFAULT_BACKBONE, adapter: AdapterConfig | dict | None = None,
