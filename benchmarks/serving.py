@@ -191,13 +191,13 @@ def get(url: str, timeout: float = 5.0) -> int:
 
 
 def wait_ready(server: Server, limit: float = 300.0) -> None:
-    """Wait until the server answers /health and /tasks (the worker has loaded the model), bounded in time."""
+    """Wait until the server answers /ready (the worker has loaded the model), bounded in time."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"server {server.name} exited ({server.process.returncode}):\n"
                                f"{server.log.read_text()[-3000:]}")
-        if get(f"{server.base}/health") == 200 and get(f"{server.base}/tasks") == 200:
+        if get(f"{server.base}/ready") == 200:
             return
         time.sleep(0.5)
     raise RuntimeError(f"server {server.name} not ready after {limit:.0f} s:\n{server.log.read_text()[-3000:]}")
@@ -226,18 +226,11 @@ def stop_server(server: Server) -> None:
 
 
 def serve_baseline(kind: str, settings: dict[str, Any]) -> None:
-    """Run the product's LitServer with a `BASELINES` API (what ``--baseline-server`` starts), until shut down."""
-    from mtl.serving.cli import ServeConfig  # noqa: PLC0415
-    from mtl.serving.server import build_server  # noqa: PLC0415
+    """Run ``train.py serve``'s own start-up with a `BASELINES` API (what ``--baseline-server`` starts)."""
+    from mtl.serving.cli import serve_main  # noqa: PLC0415
 
-    config = ServeConfig(**settings)
-    config.check()
-    store = AdapterStore(config.store, config.max_resident)
-    runtime = tempfile.mkdtemp(prefix="serve-baseline-", dir=Path(config.store).parent)
-    server = build_server(config, store, store.backbone(), runtime, api_class=BASELINES[kind])
-    print(f"baseline server ({BASELINES[kind].__name__}) on 127.0.0.1:{config.port}", flush=True)
-    server.run(host="127.0.0.1", port=config.port, generate_client_file=False, log_level="warning",
-               num_api_servers=1)
+    print(f"baseline server ({BASELINES[kind].__name__}) on 127.0.0.1:{settings['port']}", flush=True)
+    serve_main([a for k, v in settings.items() for a in (f"--serve.{k}", str(v))], api_class=BASELINES[kind])
 
 
 def descendants(pid: int) -> list[int]:

@@ -60,7 +60,7 @@ def server(tiny_dir, tmp_path_factory):
     port, log = _free_port(), root / "server.log"
     command = [sys.executable, str(ROOT / "train.py"), "serve", "--serve.store", str(store), "--serve.port", str(port),
                "--serve.backbone", str(tiny_dir), "--serve.max_resident", "3", "--serve.poll_seconds", str(POLL),
-               "--serve.batch_timeout", "0.02", "--serve.threads", "1", "--serve.api_key", KEY,
+               "--serve.batch_timeout", "0.02", "--serve.threads", "1", "--serve.api_key", KEY, "--serve.precision", "32-true",
                "--serve.admin_key", ADMIN]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=root,

@@ -1,13 +1,15 @@
-"""The HTTP side of serving, on LitServe: request checks, the `LitAPI` that answers a gathered batch with ONE forward,
-and ``GET /tasks``.
+"""The inference worker's side of serving: the `LitAPI` that answers a gathered batch with ONE forward.
 
 LitServe gathers requests (``max_batch_size`` / ``batch_timeout``) into one call of `AdapterServingAPI.predict`:
-the rows of every request, whatever their tasks and fusions, run as one `MTLModel.forward(..., row_tasks=...)`.
-A bad request never reaches the model and never fails its batch: `RequestGuard` (in the HTTP process) refuses bodies
-that are too large or not JSON objects, and `decode_request` turns every other mistake into that request's own 4xx.
+the rows of every request, whatever their tasks and fusions, run as one `MTLModel.forward(..., row_tasks=...)`,
+under the precision and attention kernel that ``train.py predict`` uses, so both give the same label and score.
+A bad request never reaches the model and never fails its batch: `mtl.serving.http.RequestGuard` (in the main
+process) refuses bodies that are too large or not JSON objects, and `decode_request` turns every other mistake into
+that request's own 4xx. The worker reports to the main process on a pipe: ready, the task listing, each batch.
 """
 
-import json
+import contextlib
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,73 +21,23 @@ import torch
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from mtl.atomic import write_json_atomic
 from mtl.backbone import load_tokenizer
 from mtl.data.predict_input import check_encodable
 from mtl.errors import MTLConfigError
 from mtl.model import MTLModel
+from mtl.precision import attention_kernel
 from mtl.routing import EntropyRouter, PrototypeRouter, load_router, mean_features
 from mtl.routing.base import ROUTER_CONFIG, rows_of
+from mtl.serving.http import error
+from mtl.serving.loop import ServingLoop
+from mtl.serving.say import say
+from mtl.serving.server import die_with_parent
 from mtl.serving.store import AdapterStore, StoreEntry
 
 MAX_TEXTS = 256  # texts in one request ("texts": [...]); more is a 400
 MAX_TEXT_BYTES = 1 << 20  # one text, UTF-8; more is a 413
-MAX_BODY_BYTES = 8 << 20  # a whole request body; more is a 413 before it is read further
-STATUS_FILE = "status.json"
-
-
-def error(status: int, message: str) -> JSONResponse:
-    """A 4xx/5xx answer with a one-line ``{"error": ...}`` body."""
-    return JSONResponse({"error": " ".join(message.splitlines())}, status_code=status)
-
-
-class RequestGuard:
-    """ASGI middleware for ``POST /predict``: a body over ``MAX_BODY_BYTES`` is a 413 and a body that is not a JSON
-    object a 400, answered here so the inference worker never sees them (LitServe would answer bad JSON with a 500)."""
-
-    def __init__(self, app: Any, path: str = "/predict") -> None:
-        self.app, self.path = app, path
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
-            await self.app(scope, receive, send)
-            return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                await error(413, f"request body over {MAX_BODY_BYTES >> 20} MB")(scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            await error(400, f"body is not valid JSON ({err}), expected an object like "
-                             '{"text": "...", "task": "..."}')(scope, receive, send)
-            return
-        if not isinstance(data, dict):
-            await error(400, f"body is a JSON {type(data).__name__}, expected an object with 'text' or 'texts'")(
-                scope, receive, send)
-            return
-        sent = False
-        # the body is JSON whatever the client said (curl -d says form data, which LitServe would parse as a form)
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
-        scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-
-        async def replay() -> dict:
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+NO_ROUTER = ("no task given and the store has no router: send 'task' (GET /tasks lists them), serve a continual "
+             "run's stage folder (its router/ routes by prototypes), or start with serve.router: entropy")
 
 
 @dataclass
@@ -96,12 +48,21 @@ class Parsed:
     task: str | None = None
     many: bool = False  # "texts": answer a list
     refusal: JSONResponse | None = None
+    request_id: str = "-"
 
 
 def parse_request(request: Any) -> Parsed:
     """Check one request's shape (the one place that does); a mistake becomes that request's 4xx answer."""
     if not isinstance(request, dict):
         return Parsed(refusal=error(400, f"body is a JSON {type(request).__name__}, expected an object"))
+    request = dict(request)
+    rid = str(request.pop("request_id", "-"))  # set by the HTTP guard
+    parsed = _parse(request)
+    parsed.request_id = rid
+    return parsed
+
+
+def _parse(request: dict) -> Parsed:
     unknown = sorted(set(request) - {"text", "texts", "task"})
     if unknown:
         return Parsed(refusal=error(400, f"unknown key(s) {unknown}, expected 'text' or 'texts', and 'task'"))
@@ -149,60 +110,76 @@ class AdapterServingAPI(ls.LitAPI):
     """One backbone, the store's adapters on demand, every gathered request in one forward."""
 
     def __init__(self, store: str, entries: dict[str, StoreEntry], backbone: str, max_resident: int,
-                 poll_seconds: float, runtime_dir: str, router: str = "auto", max_batch_size: int = 32,
-                 batch_timeout: float = 0.01, threads: int | None = None) -> None:
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+                 poll_seconds: float, router: str = "auto", max_batch_size: int = 32, batch_timeout: float = 0.01,
+                 threads: int | None = None, precision: str = "32-true") -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, loop=ServingLoop())
         self.store_root, self.entries, self.backbone_name = store, entries, backbone
-        self.max_resident, self.poll_seconds, self.runtime_dir = max_resident, poll_seconds, Path(runtime_dir)
-        self.router_kind, self.threads = router, threads
+        self.max_resident, self.poll_seconds = max_resident, poll_seconds
+        self.router_kind, self.threads, self.precision = router, threads, precision
+        self.reports: Any = None  # the pipe to the main process (set by MTLServer before each worker starts)
+        self.parent_pid: int | None = None
+        self.counts = {"batches": 0, "rows": 0}
 
     # ---- start-up and the store poller ---------------------------------------------------------
     def setup(self, device: str) -> None:
         """Load the backbone and tokenizer, index the store, start polling it for new or replaced exports."""
+        if self.parent_pid is not None:
+            die_with_parent(self.parent_pid)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process decides
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.store = AdapterStore(self.store_root, self.max_resident, say=self.say, entries=self.entries)
+        self.store = AdapterStore(self.store_root, self.max_resident, say=say, entries=self.entries)
         self.model = MTLModel(self.backbone_name).to(device).eval()
         self.device = device
+        device_type = torch.device(device).type
+        # the precision and attention kernel of `train.py predict` (Lightning's autocast, mtl's kernel rule)
+        self.backbone_kernel = attention_kernel("auto", self.precision, device_type, self.model.loaded_kernel)
+        self.model.backbone.set_attn_implementation(self.backbone_kernel)
+        self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) \
+            if self.precision == "bf16-mixed" else contextlib.nullcontext
         self.store.attach(self.model)
         self.tokenizer = load_tokenizer(self.backbone_name)
         self.router = self._router()
-        self.publish()
         self._stop = threading.Event()
         threading.Thread(target=self._poll, name="mtl-store-poller", daemon=True).start()
+        self.report(ready=True, tasks=self.store.describe())
 
-    def say(self, line: str) -> None:
-        """One log line (store changes, evictions)."""
-        print(f"serve: {line}", flush=True)
+    def report(self, **message: Any) -> None:
+        """Send one message to the main process (nothing when run without one, e.g. in a test)."""
+        if self.reports is not None:
+            try:
+                self.reports.send(message)
+            except (OSError, ValueError):  # the main process is gone; the kernel ends this one too
+                pass
+
+    def announce(self, payload: Any) -> None:
+        """A request just arrived (receiver thread): start reading the parts it names."""
+        task = payload.get("task") if isinstance(payload, dict) else None
+        if isinstance(task, str):
+            getattr(self.store, "prefetch", lambda names: None)([task])
 
     def _router(self) -> PrototypeRouter | EntropyRouter | None:
         folder = Path(self.store_root) / "router"
-        if self.router_kind == "none":
-            return None
+        if self.router_kind == "entropy":
+            return EntropyRouter()
         if self.router_kind == "auto" and (folder / ROUTER_CONFIG).is_file():
             return load_router(folder)
-        return EntropyRouter()
+        return None
 
     def _poll(self) -> None:
-        """Rescan every ``poll_seconds``; republish the listing within a quarter second of any change."""
-        last_scan, published = time.monotonic(), self.store.resident_names
-        while not self._stop.wait(min(self.poll_seconds, 0.25)):
+        """Rescan every ``poll_seconds``; republish the listing when the store or the resident set changes."""
+        published = self.store.resident_names
+        while not self._stop.wait(self.poll_seconds):
             try:
                 changed = False
-                if time.monotonic() - last_scan >= self.poll_seconds:
-                    last_scan = time.monotonic()
-                    for line in self.store.scan():
-                        self.say(line)
-                        changed = True
+                for line in self.store.scan():
+                    say(line)
+                    changed = True
                 if changed or self.store.resident_names != published:
                     published = self.store.resident_names
-                    self.publish()
+                    self.report(tasks=self.store.describe())
             except Exception as err:  # noqa: BLE001 - the poller must outlive a folder that vanishes mid-scan
-                self.say(f"store scan failed ({type(err).__name__}: {err}); retrying")
-
-    def publish(self) -> None:
-        """Write what ``GET /tasks`` lists (read by the HTTP processes) atomically."""
-        write_json_atomic(self.runtime_dir / STATUS_FILE, {"tasks": self.store.describe(), "time": time.time()})
+                say(f"store scan failed ({type(err).__name__}: {err}); retrying")
 
     # ---- one batch -------------------------------------------------------------------------------
     # LitServe routes on this annotation: `Request` makes it read the body as JSON and pass that here (which is why
@@ -221,10 +198,25 @@ class AdapterServingAPI(ls.LitAPI):
         return output
 
     @torch.inference_mode()
-    def predict(self, requests: list[Parsed] | Parsed) -> list[Any] | Any:
-        """Route task-less rows, make every needed part resident, run all rows as ONE forward, answer each request."""
-        if isinstance(requests, Parsed):  # max_batch_size 1: LitServe's unbatched loop hands over one request
-            return self.predict([requests])[0]
+    def predict(self, requests: list[Parsed]) -> list[Any]:
+        """Route task-less rows, make every needed part resident, run all rows as ONE forward, answer each request;
+        then report the batch to the main process."""
+        try:
+            with self.autocast():
+                out = self._answer(requests)
+        except Exception as err:  # noqa: BLE001 - one line naming the requests, not a traceback per batch
+            ids = ", ".join(r.request_id for r in requests)
+            say(f"batch failed ({type(err).__name__}: {err}); requests {ids} answered 500")
+            out = [error(500, f"internal error ({type(err).__name__}); request {r.request_id}") for r in requests]
+        self.counts["batches"] += 1
+        self.counts["rows"] += sum(len(r.texts) for r in requests)
+        resident = self.store.resident_names
+        self.report(requests=len(requests), totals={**self.counts, **getattr(self.store, "stats", {})}, resident=len(resident),
+                    **({"tasks": self.store.describe()} if resident != getattr(self, "_published", None) else {}))
+        self._published = resident
+        return out
+
+    def _answer(self, requests: list[Parsed]) -> list[Any]:
         entries = self.store.snapshot()
         out: list[Any] = [r.refusal for r in requests]
         for i, r in enumerate(requests):
@@ -238,7 +230,7 @@ class AdapterServingAPI(ls.LitAPI):
                 chosen = dict(zip(routed, self._route([rows[k][1] for k in routed], entries)))
             except MTLConfigError as err:
                 for k in routed:
-                    out[rows[k][0]] = error(400, f"no task given and {err}")
+                    out[rows[k][0]] = error(400, str(err))
         rows = [(i, text, task or chosen.get(k)) for k, (i, text, task) in enumerate(rows) if out[i] is None]
         versions, failed = self.store.prepare([task for _, _, task in rows]) if rows else ({}, {})
         for i, _, task in rows:
@@ -274,7 +266,9 @@ class AdapterServingAPI(ls.LitAPI):
     def _route(self, texts: list[str], entries: dict[str, StoreEntry]) -> list[str]:
         """The task the store's router picks for each text."""
         if self.router is None:
-            raise MTLConfigError("the server runs without a router (serve.router: none); expected 'task'")
+            raise MTLConfigError(NO_ROUTER if self.router_kind == "auto" else
+                                 "no task given and the server runs without a router (serve.router: none); "
+                                 "expected 'task'")
         length = max(e.max_length for e in entries.values())
         batch = self.tokenizer(texts, truncation=True, max_length=length, padding=True, return_tensors="pt")
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
@@ -283,16 +277,16 @@ class AdapterServingAPI(ls.LitAPI):
         if isinstance(self.router, PrototypeRouter):
             missing = [t for t in self.router.tasks if t not in entries]
             if missing:
-                raise MTLConfigError(f"the store's router routes to {missing}, which the store no longer has")
+                raise MTLConfigError(f"no task given and the store's router routes to {missing}, which the store no longer has")
             prefix = self.model.prefix_states(ids, mask, types, layers=self.router.depth)
             return self.router.route_features(mean_features(prefix, mask), depth=self.router.depth)
         tasks = [n for n, e in entries.items() if e.kind == "task" and e.labels and len(e.labels) >= 2]
         if len(tasks) > self.store.max_resident:
-            raise MTLConfigError(f"the store has no router and entropy routing needs all {len(tasks)} tasks resident "
+            raise MTLConfigError(f"no task given and entropy routing needs all {len(tasks)} tasks resident "
                                  f"(serve.max_resident {self.store.max_resident}); expected 'task'")
         _, failed = self.store.prepare(tasks)
         if failed:
-            raise MTLConfigError(f"entropy routing cannot load {sorted(failed)}")
+            raise MTLConfigError(f"no task given and entropy routing cannot load {sorted(failed)}")
         return EntropyRouter(tasks).route(self.model, ids, mask, types)
 
     def encode_response(self, output: Any) -> Any:

@@ -2,15 +2,13 @@
 
     python train.py serve --config configs/serve.yaml [--serve.store DIR] [--serve.port 8000] ...
 
-Everything is checked before the server starts (the store indexed, the backbone's config read), so a mistake is
-one line and exit 2 with nothing started.
+Everything is checked before the server starts (the settings, the port, the store indexed, the backbone's config
+read), so a mistake is one line and exit 2 with nothing started. `MTLServer` then runs and supervises the processes.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import sys
 from argparse import ArgumentError
 from dataclasses import dataclass
 
@@ -19,10 +17,13 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from mtl.backbone import load_backbone_config
 from mtl.cli_errors import config_files, explain_parse_error
 from mtl.errors import MTLConfigError
+from mtl.precision import accelerator_kind, auto_precision
 from mtl.serving.store import AdapterStore
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
 ROUTERS = ("auto", "entropy", "none")
+PRECISIONS = ("auto", "32-true", "bf16-mixed")
+ACCELERATORS = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -38,12 +39,17 @@ class ServeConfig:
         max_batch_size: Requests LitServe gathers into one forward.
         batch_timeout: Seconds LitServe waits to fill a batch.
         poll_seconds: How often the store is rescanned for new, replaced or removed exports.
-        router: For requests without 'task': 'auto' (the store's router/ if any, else entropy), 'entropy', 'none'.
-        api_key: Key every request must send as X-API-Key (None: predictions and /tasks are open).
-        admin_key: Bearer key of the admin endpoint POST /shutdown (None: LIT_SHUTDOWN_API_KEY, else one is generated
-            and printed).
-        threads: torch threads of the inference worker (None: torch's default).
-        timeout: Seconds a request may wait for its answer before a 504.
+        router: For requests without 'task': 'auto' (the store's router/, else such requests get a 400), 'entropy'
+            (every task scores the text; unreliable without a trained router), 'none' (a task is required).
+        api_key: Key every request must send as X-API-Key (None: predictions, /tasks and /metrics are open; /health
+            and /ready are always open).
+        admin_key: Bearer key of POST /shutdown (None: no shutdown endpoint; SIGTERM or Ctrl-C stop the server).
+        threads: torch threads of the inference worker (None: torch's default, one per core).
+        timeout: Seconds a request may wait for its answer before a 504; also the longest a stop waits for the
+            requests in flight.
+        precision: 'auto' (the rule of fit and predict: bf16-mixed where the hardware computes bf16 natively, else
+            32-true), '32-true' or 'bf16-mixed'.
+        accelerator: 'auto' (CUDA when torch sees a GPU, else the CPU), 'cpu' or 'cuda'.
     """
 
     store: str
@@ -59,6 +65,8 @@ class ServeConfig:
     admin_key: str | None = None
     threads: int | None = None
     timeout: float = 30.0
+    precision: str = "auto"
+    accelerator: str = "auto"
 
     def check(self) -> None:
         """One line for the first setting that cannot work."""
@@ -66,8 +74,9 @@ class ServeConfig:
             raise MTLConfigError(f"serve.host: got {self.host!r}, expected one of {list(HOSTS)}")
         if not 1024 <= self.port <= 65535:
             raise MTLConfigError(f"serve.port: got {self.port}, expected 1024-65535")
-        if self.router not in ROUTERS:
-            raise MTLConfigError(f"serve.router: got {self.router!r}, expected one of {list(ROUTERS)}")
+        for key, choices in (("router", ROUTERS), ("precision", PRECISIONS), ("accelerator", ACCELERATORS)):
+            if getattr(self, key) not in choices:
+                raise MTLConfigError(f"serve.{key}: got {getattr(self, key)!r}, expected one of {list(choices)}")
         for key in ("max_resident", "max_batch_size"):
             if getattr(self, key) < 1:
                 raise MTLConfigError(f"serve.{key}: got {getattr(self, key)}, expected an int >= 1")
@@ -76,6 +85,22 @@ class ServeConfig:
                 raise MTLConfigError(f"serve.{key}: got {getattr(self, key)}, expected a positive number of seconds")
         if self.threads is not None and self.threads < 1:
             raise MTLConfigError(f"serve.threads: got {self.threads}, expected an int >= 1 or null")
+        if self.accelerator == "cuda" and accelerator_kind("cuda") != "cuda":
+            raise MTLConfigError("serve.accelerator: cuda, but torch sees no CUDA GPU; expected auto or cpu")
+        if self.batch_timeout >= self.timeout:
+            raise MTLConfigError(f"serve.batch_timeout: {self.batch_timeout} s, expected less than serve.timeout "
+                                 f"({self.timeout} s)")
+
+    def device(self) -> str:
+        """'cpu' or 'cuda' for ``accelerator``."""
+        return "cuda" if accelerator_kind(self.accelerator) == "cuda" else "cpu"
+
+    def resolved_precision(self) -> tuple[str, str]:
+        """(precision, the line to print): the user's, else the rule fit and predict use (`auto_precision`)."""
+        if self.precision != "auto":
+            return self.precision, f"precision: {self.precision} (serve.precision)"
+        precision, reason = auto_precision(self.device())
+        return precision, f"precision: {precision} ({reason}; the same rule as fit and predict; set serve.precision)"
 
 
 def build_parser() -> ArgumentParser:
@@ -99,28 +124,30 @@ def parse(argv: list[str]) -> ServeConfig:
     return config
 
 
-def serve_main(argv: list[str]) -> None:
-    """Check everything, then serve until stopped (Ctrl-C or POST /shutdown)."""
+def serve_main(argv: list[str], api_class: type | None = None) -> None:
+    """Check everything, then serve until stopped (SIGTERM, Ctrl-C or POST /shutdown); exits with the server's code.
+    ``api_class``: a variant of `AdapterServingAPI` (a benchmark's baseline)."""
     config = parse(argv)
+    from mtl.serving.server import bind  # noqa: PLC0415 - litserve is imported only once the settings are good
+
+    try:
+        sock = bind(config.host, config.port)
+    except OSError as err:
+        raise MTLConfigError(f"serve.port: {config.host}:{config.port} cannot be bound ({err.strerror}), expected a "
+                             "free port") from None
     store = AdapterStore(config.store, config.max_resident)
     backbone = config.backbone or store.backbone()
     load_backbone_config(backbone)  # an unknown or missing backbone is one line here, not a worker crash later
-    # LitServe reads its keys from the environment when it is imported
-    if config.api_key:
-        os.environ["LIT_SERVER_API_KEY"] = config.api_key
-    if config.admin_key:
-        os.environ["LIT_SHUTDOWN_API_KEY"] = config.admin_key
-    from mtl.serving.server import build_server  # noqa: PLC0415 - after the keys are in the environment
+    precision, line = config.resolved_precision()
+    from mtl.serving.api import AdapterServingAPI  # noqa: PLC0415
+    from mtl.serving.say import say  # noqa: PLC0415
+    from mtl.serving.server import MTLServer  # noqa: PLC0415
 
-    runtime = tempfile.mkdtemp(prefix="mtl-serve-")
-    server = build_server(config, store, backbone, runtime)
+    api = (api_class or AdapterServingAPI)(config.store, store.snapshot(), backbone, config.max_resident, config.poll_seconds,
+                            config.router, config.max_batch_size, config.batch_timeout, config.threads, precision)
+    server = MTLServer(api, config, config.device())
     entries = store.snapshot()
     fusions = sum(e.kind == "fusion" for e in entries.values())
-    print(f"serve: store {config.store}: {len(entries) - fusions} tasks, {fusions} fusions; max_resident "
-          f"{config.max_resident}; backbone {backbone}; http://{config.host}:{config.port} "
-          f"(POST /predict, GET /tasks, GET /health)", flush=True)
-    try:
-        server.run(host=config.host, port=config.port, generate_client_file=False, log_level="warning",
-                   num_api_servers=1)
-    finally:
-        shutil.rmtree(runtime, ignore_errors=True)
+    say(f"store {config.store}: {len(entries) - fusions} tasks, {fusions} fusions; max_resident "
+        f"{config.max_resident}; backbone {backbone}; {line}; starting on http://{config.host}:{config.port}")
+    sys.exit(server.serve(sock, f"http://{config.host}:{config.port}"))

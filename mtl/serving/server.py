@@ -1,38 +1,284 @@
-"""The LitServe server around `AdapterServingAPI`: request guard, ``GET /tasks``, the admin shutdown endpoint."""
+"""`MTLServer`: LitServe's app, request queue and inference worker, in processes that mtl supervises.
+
+Processes: the main one (HTTP in a thread, this supervisor in the main thread), LitServe's queue manager and ONE
+inference worker. What an operator can count on:
+- SIGTERM, SIGINT (Ctrl-C) and ``POST /shutdown`` stop the same way: new predictions get 503, requests in flight are
+  answered (for at most ``serve.timeout`` seconds), the worker and the manager are stopped, the port is freed, exit 0.
+- The children die with the main process, even a ``kill -9`` of it (``PR_SET_PDEATHSIG``).
+- A worker that dies is restarted: the requests it held get a 503 at once, new ones get a 503 until it is back; after
+  ``MAX_RESTARTS`` deaths within ``RESTART_WINDOW`` seconds the server stops with one line and exit 1, for a
+  supervisor (systemd, Docker, Kubernetes) to restart it.
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import TYPE_CHECKING
+import asyncio
+import ctypes
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from multiprocessing.managers import SyncManager
+from typing import TYPE_CHECKING, Any
 
 import litserve as ls
-from fastapi import Depends
-from starlette.responses import JSONResponse
+import uvicorn
+from fastapi import HTTPException
+from litserve.loops.base import _SENTINEL_VALUE
+from litserve.transport.factory import create_transport_from_config
+from litserve.utils import LitAPIStatus
 
-from mtl.serving.api import STATUS_FILE, AdapterServingAPI, RequestGuard, error
-from mtl.serving.store import AdapterStore
+from mtl.serving.http import RequestGuard, ServerState, install_routes
+from mtl.serving.metrics import ServingMetrics
+from mtl.serving.say import say
 
 if TYPE_CHECKING:
+    from mtl.serving.api import AdapterServingAPI
     from mtl.serving.cli import ServeConfig
 
+MAX_RESTARTS, RESTART_WINDOW = 3, 300.0
+PR_SET_PDEATHSIG = 1
 
-def build_server(config: ServeConfig, store: AdapterStore, backbone: str, runtime_dir: str,
-                 api_class: type[AdapterServingAPI] = AdapterServingAPI) -> ls.LitServer:
-    """A LitServer answering ``POST /predict`` from ``store`` and listing it at ``GET /tasks`` (``api_class``: a
-    variant of the API, e.g. a benchmark's baseline)."""
-    api = api_class(config.store, store.snapshot(), backbone, config.max_resident, config.poll_seconds,
-                            runtime_dir, config.router, config.max_batch_size, config.batch_timeout, config.threads)
-    server = ls.LitServer(api, accelerator="auto", devices=1, workers_per_device=1, timeout=config.timeout,
-                          middlewares=[RequestGuard], enable_shutdown_api=True)
-    status = Path(runtime_dir) / STATUS_FILE
 
-    async def tasks() -> JSONResponse:
-        # written by the inference worker whenever the store or its resident set changes
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when the process that started it dies (Linux); exit if it is gone already."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the supervisor still stops its children on every clean exit
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _manager_start(parent: int, listening: int) -> None:
+    die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process decides
+    try:
+        os.close(listening)  # a forked copy of the port must not outlive the server
+    except OSError:
+        pass
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything starts (a busy port is an `OSError` here, not later)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
+def describe_exit(code: int | None) -> str:
+    """'killed by SIGKILL' / 'exit code 1' for a process' exit code."""
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+class MTLServer(ls.LitServer):
+    """A LitServer run by mtl's supervisor (see the module docstring)."""
+
+    def __init__(self, api: AdapterServingAPI, config: ServeConfig, accelerator: str) -> None:
+        """LitServe's app and worker settings for ``api``; mtl's guard, routes and metrics on its app."""
+        self.state = ServerState()
+        self.metrics = ServingMetrics(lambda: len(self.response_buffer))
+        self.config = config
+        super().__init__(api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=config.timeout,
+                         middlewares=[(RequestGuard, {"state": self.state, "metrics": self.metrics,
+                                                       "api_key": config.api_key})],
+                         enable_shutdown_api=False)
+        install_routes(self.app, self.state, self.metrics, config.api_key, config.admin_key)
+        self._signals: deque[int] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- processes -------------------------------------------------------------------------------
+    def _init_manager(self, num_api_servers: int) -> SyncManager:
+        """LitServe's queues, in a manager process that dies with this one and does not hold the port."""
+        manager = SyncManager(ctx=mp.get_context("fork"))
+        manager.start(_manager_start, (os.getpid(), self._listening.fileno()))
+        self.transport_config.manager = manager
+        self.transport_config.num_consumers = num_api_servers
+        self.workers_setup_status = manager.dict()
+        self._shutdown_event = manager.Event()
+        for lit_api in self.litapi_connector:
+            self.litapi_request_queues[lit_api.api_path] = manager.Queue()
+        self._transport = create_transport_from_config(self.transport_config)
+        return manager
+
+    def _start_worker(self) -> tuple[Any, Any]:
+        """A fresh inference worker and the pipe it reports on."""
+        reports, sender = mp.get_context("spawn").Pipe(duplex=False)
+        self.lit_api.reports = sender
+        self.lit_api.parent_pid = os.getpid()
+        worker = self.launch_single_inference_worker(self.lit_api, 0)
+        sender.close()  # the worker holds its end: the pipe reads EOF when the worker dies
+        self.lit_api.reports = None
+        return worker, reports
+
+    def _http(self, sock: socket.socket) -> uvicorn.Server:
+        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=int(self.config.timeout) + 1)
+        server = uvicorn.Server(config)
+
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            await server.serve(sockets=[sock])
+
+        def run() -> None:
+            try:
+                asyncio.run(serve())
+            finally:
+                self._signals.append(0)  # wake the supervisor: HTTP has ended
+                try:
+                    self._wake.send(b"\0")
+                except OSError:
+                    pass
+
+        self._http_thread = threading.Thread(target=run, name="mtl-http", daemon=True)
+        self._http_thread.start()
+        return server
+
+    # ---- in-flight requests ----------------------------------------------------------------------
+    def _fail_in_flight(self, status: int, message: str) -> int:
+        """Answer every request waiting for the worker with ``status`` now; returns how many."""
+        if self._loop is None:
+            return 0
+        pending = [item for item in list(self.response_buffer.values()) if not item.event.is_set()]
+
+        def fail() -> None:
+            for item in pending:
+                if not item.event.is_set():
+                    item.response = (HTTPException(status, message), LitAPIStatus.ERROR)
+                    item.event.set()
+
+        self._loop.call_soon_threadsafe(fail)
+        return len(pending)
+
+    def _drain_requests(self) -> None:
+        """Drop requests a dead worker left in the queue (their clients have had a 503)."""
+        request_queue = self._get_request_queue(self.lit_api.api_path)
         try:
-            return JSONResponse(json.loads(status.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError):
-            return error(503, "the inference worker is still starting")
+            while True:
+                request_queue.get_nowait()
+        except (queue.Empty, OSError, EOFError):
+            pass
 
-    server.app.add_api_route("/tasks", tasks, methods=["GET"], dependencies=[Depends(server.setup_auth())])
-    return server
+    # ---- the supervisor --------------------------------------------------------------------------
+    def serve(self, sock: socket.socket, address: str) -> int:
+        """Serve on ``sock`` until a stop signal (exit code 0) or a fatal failure (1)."""
+        self._listening = sock
+        self.app.response_queue_id = 0
+        manager = self._init_manager(1)
+        wake_read, self._wake = socket.socketpair()
+        self._wake.setblocking(False)
+        signal.set_wakeup_fd(self._wake.fileno())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda number, frame: self._signals.append(number))
+        worker, reports = self._start_worker()
+        self.inference_workers = [worker]
+        http = self._http(sock)
+        deaths: deque[float] = deque()
+        self._ever_ready = False
+        started, code, stop = time.monotonic(), 0, "?"
+        try:
+            while True:
+                ready = mp.connection.wait([worker.sentinel, manager._process.sentinel, reports, wake_read])
+                if wake_read in ready:
+                    wake_read.recv(4096)
+                while self._signals:
+                    number = self._signals.popleft()
+                    if number in (signal.SIGTERM, signal.SIGINT):
+                        stop = signal.Signals(number).name
+                        raise StopIteration
+                    if number == 0:
+                        stop, code = "the HTTP server ended", 1
+                        raise StopIteration
+                if reports in ready:
+                    try:
+                        self._report(reports.recv(), address, started)
+                    except (EOFError, OSError):
+                        ready.append(worker.sentinel)
+                if manager._process.sentinel in ready:
+                    stop, code = "LitServe's queue manager died", 1
+                    raise StopIteration
+                if worker.sentinel in ready:
+                    worker.join(5)
+                    if worker.is_alive():
+                        continue  # its pipe closed first; the process is still ending
+                    now = time.monotonic()
+                    deaths.append(now)
+                    while deaths and now - deaths[0] > RESTART_WINDOW:
+                        deaths.popleft()
+                    self.state.ready = False
+                    if not self._ever_ready:
+                        stop, code = f"the inference worker failed to start ({describe_exit(worker.exitcode)})", 1
+                        raise StopIteration
+                    failed = self._fail_in_flight(503, "the inference worker died; retry")
+                    if len(deaths) > MAX_RESTARTS:
+                        stop, code = (f"the inference worker died {len(deaths)} times in {RESTART_WINDOW:.0f} s "
+                                      f"(last: {describe_exit(worker.exitcode)})"), 1
+                        raise StopIteration
+                    self.state.why_not_ready = "the inference worker is restarting"
+                    say(f"inference worker (pid {worker.pid}) died ({describe_exit(worker.exitcode)}); "
+                        f"{failed} request(s) in flight answered 503; restarting it")
+                    self.metrics.worker.worker_gone()
+                    self._drain_requests()
+                    reports.close()
+                    worker, reports = self._start_worker()
+                    self.inference_workers = [worker]
+                    started = time.monotonic()
+        except StopIteration:
+            pass
+        self._stop(http, worker, manager, stop, code)
+        return code
+
+    def _report(self, report: dict[str, Any], address: str, started: float) -> None:
+        """One message from the worker: it is ready, the listing changed, or a batch ran."""
+        if "tasks" in report:
+            self.state.tasks = report["tasks"]
+        if "requests" in report:
+            self.metrics.observe_batch(report)
+        if report.get("ready"):
+            first, self._ever_ready = not self._ever_ready, True
+            self.state.ready = True
+            say(f"{'ready' if first else 'inference worker restarted; ready again'} at {address} "
+                f"({time.monotonic() - started:.1f} s; POST /predict, GET /tasks /health /ready /metrics)")
+
+    def _stop(self, http: uvicorn.Server, worker: Any, manager: SyncManager, why: str, code: int) -> None:
+        """Refuse new predictions, answer those in flight, then stop the worker, the manager and HTTP."""
+        self.state.stopping = True
+        in_flight = sum(not item.event.is_set() for item in list(self.response_buffer.values()))
+        say(f"stopping ({why}); {in_flight} request(s) in flight")
+        deadline = time.monotonic() + self.config.timeout
+        while worker.is_alive() and time.monotonic() < deadline and \
+                any(not item.event.is_set() for item in list(self.response_buffer.values())):
+            if self._signals:
+                break  # a second SIGTERM or Ctrl-C: stop now
+            time.sleep(0.02)
+        self._fail_in_flight(503, "the server is stopping")
+        http.should_exit = True
+        try:
+            self._get_request_queue(self.lit_api.api_path).put(_SENTINEL_VALUE)
+        except (OSError, EOFError):
+            pass
+        worker.join(3)
+        if worker.is_alive():
+            worker.terminate()
+            worker.join(3)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+        self._transport.close(send_sentinel=False)
+        manager.shutdown()
+        self._http_thread.join(5)
+        self._listening.close()
+        say(f"stopped ({'exit code ' + str(code)})")
