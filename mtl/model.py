@@ -39,9 +39,11 @@ _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 Group = tuple[Target, slice]
 
 
-def _check_name(value: str, what: str) -> None:
-    if not _NAME.match(value or ""):
-        raise MTLConfigError(f"{what} '{value}' is invalid, expected letters, digits, '_' or '-'")
+def check_name(value: str, what: str) -> None:
+    """A task, adapter or fusion name: 1-255 letters, digits, '_' or '-' (it names a folder and a module key)."""
+    # fullmatch: match with '$' would accept a trailing newline; 255: the longest folder name a filesystem takes
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or len(value) > 255:
+        raise MTLConfigError(f"{what} '{value}' is invalid, expected 1-255 letters, digits, '_' or '-'")
     if hasattr(nn.ModuleDict(), value):  # names key ModuleDicts, which refuse a key that is one of their attributes
         raise MTLConfigError(f"{what} '{value}' is reserved (a method of torch's nn.Module, like 'half' or 'train'), "
                              "expected another name")
@@ -112,8 +114,8 @@ class MTLModel(nn.Module):
         names it creates it, later ones reuse it and must give the same adapter config.
         """
         key = adapter_name or name
-        _check_name(name, "task name")
-        _check_name(key, "adapter name")
+        check_name(name, "task name")
+        check_name(key, "adapter name")
         self._make_room(name, overwrite)
         config = as_adapter_config(adapter)
         if key in self.fusion_configs:
@@ -140,7 +142,7 @@ class MTLModel(nn.Module):
 
         ``name`` is then routable like any task; the fused adapters stay as they are (and keep their states).
         """
-        _check_name(name, "fusion name")
+        check_name(name, "fusion name")
         adapters = list(adapters)
         unknown = [a for a in adapters if a not in self.adapter_configs]
         if unknown:

@@ -24,9 +24,9 @@ def store_dir(tiny_dir, tmp_path):
     return write_store(tmp_path / "store", tiny_dir)
 
 
-def _api(store_dir, tiny_dir, tmp_path, max_resident=8) -> AdapterServingAPI:
+def _api(store_dir, tiny_dir, max_resident=8) -> AdapterServingAPI:
     store = AdapterStore(store_dir, max_resident)
-    api = AdapterServingAPI(str(store_dir), store.snapshot(), str(tiny_dir), max_resident, 3600.0, str(tmp_path))
+    api = AdapterServingAPI(str(store_dir), store.snapshot(), str(tiny_dir), max_resident, 3600.0)
     api.setup("cpu")
     return api
 
@@ -35,19 +35,20 @@ def _scores(answer: dict) -> torch.Tensor:
     return torch.tensor([answer["scores"][label] for label in LABELS])
 
 
-def test_the_index_reads_configs_and_hashes_but_loads_no_weights(store_dir, tiny_dir, tmp_path):
-    api = _api(store_dir, tiny_dir, tmp_path)
+def test_the_index_reads_configs_only_and_a_version_is_known_once_loaded(store_dir, tiny_dir):
+    api = _api(store_dir, tiny_dir)
     assert api.model.tasks == [] and api.store.resident_names == ()
     listed = {row["task"]: row for row in api.store.describe()}
     assert sorted(listed) == sorted([*TASKS, FUSION])
-    sha = storage.file_sha256(store_dir / "adapters" / "t1" / storage.ADAPTER_WEIGHTS)
-    assert listed["t1"]["version"] == sha[:12] and listed["t1"]["labels"] == LABELS
+    assert listed["t1"]["version"] is None and listed["t1"]["labels"] == LABELS  # no weights read yet
     assert listed["t3"]["adapter"] == "houlsby" and listed[FUSION]["fused"] == ["t0", "t1"]
-    assert json.loads((tmp_path / "status.json").read_text())["tasks"][0]["resident"] is False
+    sha = storage.file_sha256(store_dir / "adapters" / "t1" / storage.ADAPTER_WEIGHTS)
+    assert api.predict([parse_request({"text": TEXTS[0], "task": "t1"})])[0]["version"] == sha[:12]
+    assert {row["task"]: row["version"] for row in api.store.describe()}["t1"] == sha[:12]
 
 
-def test_a_mixed_batch_is_one_forward_and_equals_each_text_alone(store_dir, tiny_dir, tmp_path):
-    api = _api(store_dir, tiny_dir, tmp_path)
+def test_a_mixed_batch_is_one_forward_and_equals_each_text_alone(store_dir, tiny_dir):
+    api = _api(store_dir, tiny_dir)
     calls = []
     forward = api.model.forward
     api.model.forward = lambda *a, **k: calls.append(k.get("row_tasks")) or forward(*a, **k)
@@ -68,8 +69,8 @@ def test_a_mixed_batch_is_one_forward_and_equals_each_text_alone(store_dir, tiny
     assert torch.allclose(_scores(again), _scores(out[1][1]), atol=1e-5)
 
 
-def test_eviction_keeps_at_most_max_resident_and_a_fusion_pins_its_adapters(store_dir, tiny_dir, tmp_path):
-    api = _api(store_dir, tiny_dir, tmp_path, max_resident=3)
+def test_eviction_keeps_at_most_max_resident_and_a_fusion_pins_its_adapters(store_dir, tiny_dir):
+    api = _api(store_dir, tiny_dir, max_resident=3)
     reference = store_model(store_dir, tiny_dir)
     api.predict([parse_request({"text": TEXTS[0], "task": FUSION})])
     assert set(api.store.resident_names) == {"t0", "t1", FUSION}
@@ -86,8 +87,8 @@ def test_eviction_keeps_at_most_max_resident_and_a_fusion_pins_its_adapters(stor
     assert sorted(api.model.tasks) == sorted(api.store.resident_names)
 
 
-def test_a_new_export_is_swapped_in_between_batches_and_answers_say_which_version(store_dir, tiny_dir, tmp_path):
-    api = _api(store_dir, tiny_dir, tmp_path)
+def test_a_new_export_is_swapped_in_between_batches_and_answers_say_which_version(store_dir, tiny_dir):
+    api = _api(store_dir, tiny_dir)
     old = api.predict([parse_request({"text": TEXTS[0], "task": "t2"})])[0]
     retrain(store_dir, tiny_dir, "t2", seed=99)
     same = api.predict([parse_request({"text": TEXTS[0], "task": "t2"})])[0]  # no rescan yet: still the old version
@@ -107,8 +108,8 @@ def test_a_new_export_is_swapped_in_between_batches_and_answers_say_which_versio
     assert api.predict([parse_request({"text": TEXTS[0], "task": "t9"})])[0]["task"] == "t9"
 
 
-def test_a_broken_export_keeps_the_old_version_and_a_removed_task_goes_after_two_scans(store_dir, tiny_dir, tmp_path):
-    api = _api(store_dir, tiny_dir, tmp_path)
+def test_a_broken_export_keeps_the_old_version_and_a_removed_task_goes_after_two_scans(store_dir, tiny_dir):
+    api = _api(store_dir, tiny_dir)
     old = api.predict([parse_request({"text": TEXTS[0], "task": "t1"})])[0]
     weights = store_dir / "adapters" / "t1" / storage.ADAPTER_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-100])  # a half-copied file, written in place (not atomically)
@@ -130,8 +131,8 @@ def test_a_broken_export_keeps_the_old_version_and_a_removed_task_goes_after_two
     assert gone.status_code == 404 and b"unknown task 't3'" in gone.body
 
 
-def test_the_store_router_answers_task_less_texts_as_routing_then_forward_would(store_dir, tiny_dir, tmp_path):
-    api = _api(store_dir, tiny_dir, tmp_path)
+def test_the_store_router_answers_task_less_texts_as_routing_then_forward_would(store_dir, tiny_dir):
+    api = _api(store_dir, tiny_dir)
     out = api.predict([parse_request({"texts": TEXTS[:4]}), parse_request({"text": TEXTS[4], "task": "t0"})])
     reference, router = store_model(store_dir, tiny_dir), load_router(store_dir / "router")
     batch = api.tokenizer(TEXTS[:4], padding=True, return_tensors="pt")
@@ -163,8 +164,8 @@ def test_each_request_mistake_is_its_own_one_line_answer(request_body, status, m
     assert refusal.status_code == status and message in body["error"] and "\n" not in body["error"]
 
 
-def test_bad_requests_in_a_batch_leave_the_others_answered(store_dir, tiny_dir, tmp_path):
-    api = _api(store_dir, tiny_dir, tmp_path)
+def test_bad_requests_in_a_batch_leave_the_others_answered(store_dir, tiny_dir):
+    api = _api(store_dir, tiny_dir)
     out = api.predict([parse_request({"text": ""}), parse_request({"text": "a", "task": "nope"}),
                        parse_request({"text": TEXTS[0], "task": "t0"})])
     assert [getattr(o, "status_code", 200) for o in out] == [400, 404, 200] and out[2]["task"] == "t0"
@@ -179,13 +180,8 @@ def test_a_store_that_cannot_be_served_is_one_line(tmp_path, store_dir):
     two = tmp_path / "two"
     for run in ("a", "b"):
         shutil.copytree(store_dir / "adapters", two / run / "adapters")
-    with pytest.raises(MTLConfigError, match="'t0' is exported twice"):
-        AdapterStore(two)
+    with pytest.raises(MTLConfigError, match=r"no servable export \(not serving 't0': exported in 2 folders"):
+        AdapterStore(two)  # every name in two folders: nothing left to serve
     with pytest.raises(MTLConfigError, match="serve.max_resident: got 0"):
         AdapterStore(store_dir, 0)
 
-
-def test_without_dynamic_batching_one_request_is_answered_alone(store_dir, tiny_dir, tmp_path):
-    api = _api(store_dir, tiny_dir, tmp_path)  # LitServe's unbatched loop (max_batch_size 1) hands over one request
-    alone = api.predict(parse_request({"text": TEXTS[0], "task": "t0"}))
-    assert alone == api.predict([parse_request({"text": TEXTS[0], "task": "t0"})])[0] and alone["task"] == "t0"

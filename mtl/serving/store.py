@@ -1,32 +1,56 @@
 """`AdapterStore`: the tasks and fusions a server answers with, indexed from folders mtl writes, weights on demand.
 
 A store is a run folder (``adapters/``, ``fusions/``, ``router/``), a continual stage folder (the same layout) or a
-folder of run folders. `scan` reads only each part's small JSON config and the SHA-256 of its weights file (hashed
-again only when the file's inode, size or mtime changed), so a store of 1,000 tasks is indexed in seconds.
+folder of run folders. The first index reads only each part's small JSON config and stats its files (1,000 tasks in
+about a second); a weights file is read, checked (`storage.read_tensors_with_sha256`: a truncated file, NaN or
+infinity) and hashed when it is first loaded, by the background hasher (`start_hasher`), or by a rescan when it is
+new or changed, which is how a broken re-export keeps the old version answering. An answer's version is the SHA-256
+of the bytes that were loaded; ``GET /tasks`` lists ``"version": null`` for a part not read yet.
+
+A bad part never stops the rest: one that cannot be read or checked, a task name exported from two folders, a name
+that breaks mtl's name rule and a symbolic link out of the store are refused, each with one log line per file state.
 `prepare` makes the parts a batch needs resident through `mtl.model_files` (the one loading path), at most
 ``max_resident`` tasks and fusions, least recently used out first; a resident fusion pins the tasks whose adapters
-it fuses. Only the thread that runs the model calls `prepare`; the poller thread only replaces the index, so a new
-export is swapped in between two batches and every answer comes from one version. Pure Python + torch, no HTTP.
+it fuses. Only the thread that runs the model calls `prepare`; the poller only replaces the index and the loader
+thread (`prefetch`) and hasher only read files, so a new export is swapped in between two batches and every answer
+comes from one version. Pure Python + torch, no HTTP.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+import os
 import sys
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mtl import model_files, storage
 from mtl.errors import MTLConfigError
-from mtl.model import MTLModel
+from mtl.model import MTLModel, check_name
 
 log = logging.getLogger("mtl.serving")
 Stamp = int  # a hash of (inode, size, mtime) of an export's files: cheap to keep, changes when a file does
+Read = tuple["StoreEntry", dict[str, torch.Tensor]]  # an entry with the SHA-256 of the weights read, and the tensors
 _SHARED: dict[tuple[str, ...], tuple[str, ...]] = {}  # one copy of each label tuple for the whole index
+
+
+def shown(value: object, limit: int = 100) -> str:
+    """``value`` as a log line may hold it: non-printable characters escaped as repr does, the middle of anything
+    longer than ``limit`` characters cut (a path keeps its end, the part that names the export)."""
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(value))
+    if len(text) <= limit:
+        return text
+    half = (limit - 3) // 2
+    return f"{text[:half]}...{text[len(text) - half:]}"
 
 
 @dataclass(frozen=True, slots=True)  # slots: the index of a large store stays small (no __dict__ per entry)
@@ -36,77 +60,148 @@ class StoreEntry:
     name: str
     kind: str  # "task" or "fusion"
     folder: str  # a str, not a Path: a Path caches its parts, several times the size of the string
-    sha256: bytes  # the digest (32 bytes), not its 64-character hex
+    sha256: bytes | None  # the digest (32 bytes) of the weights once read and checked; None until then
     stamp: Stamp
     labels: tuple[str, ...] | None
     adapter: str  # the adapter preset ("pfeiffer", ...) or "fusion"
     fused: tuple[str, ...]  # a fusion's source tasks, in order
     max_length: int
     backbone: str | None
+    error: str | None = None  # why this part is not served (its files are broken, or its name is exported twice)
 
     @property
-    def version(self) -> str:
-        """The SHA-256 prefix of the weights file that answers carry."""
-        return self.sha256.hex()[:12]
+    def version(self) -> str | None:
+        """The SHA-256 prefix of the weights file that answers carry (None until the file has been read)."""
+        return None if self.sha256 is None else self.sha256.hex()[:12]
+
+    @property
+    def files(self) -> tuple[Path, Path]:
+        """The config and weights file."""
+        return _files(self.kind, Path(self.folder))
 
     def describe(self, resident: bool) -> dict[str, Any]:
-        """The entry as ``GET /tasks`` lists it."""
-        return {"task": self.name, "kind": self.kind, "labels": list(self.labels or []), "adapter": self.adapter,
-                "fused": list(self.fused), "version": self.version, "resident": resident}
+        """The entry as ``GET /tasks`` lists it (with ``error`` when it is not served)."""
+        row = {"task": self.name, "kind": self.kind, "labels": list(self.labels or []), "adapter": self.adapter,
+               "fused": list(self.fused), "version": self.version, "resident": resident}
+        return {**row, "error": self.error} if self.error else row
+
+
+def _files(kind: str, folder: Path) -> tuple[Path, Path]:
+    if kind == "task":
+        return folder / storage.ADAPTER_CONFIG, folder / storage.ADAPTER_WEIGHTS
+    return folder / storage.FUSION_CONFIG, folder / storage.FUSION_WEIGHTS
 
 
 def _stamp(*files: Path) -> Stamp:
     out: list[int] = []
     for file in files:
-        st = file.stat()
-        out += [st.st_ino, st.st_size, st.st_mtime_ns]
+        try:
+            st = file.stat()
+            out += [st.st_ino, st.st_size, st.st_mtime_ns]
+        except OSError:
+            out.append(-1)  # missing is a state too: it changes when the file appears
     return hash(tuple(out))
 
 
-def _stamp_or_none(folder: Path) -> Stamp:
-    """The stamp of every file in an export folder (for telling one broken state from the next)."""
+def _escapes(path: Path, root: Path) -> str | None:
+    """Why ``path`` leads out of the store (a symbolic link whose target is outside ``root``, itself resolved)."""
+    if not path.is_symlink():
+        return None
     try:
-        return _stamp(*sorted(p for p in folder.iterdir() if p.is_file()))
-    except OSError:
-        return 0
+        target = path.resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        return f"{shown(path)}: a symbolic link that does not resolve, expected a file or folder inside the store"
+    if target.is_relative_to(root):
+        return None
+    return f"{shown(path)}: a symbolic link to {shown(target)}, outside the store {shown(root)}; expected one inside it"
 
 
-def _part_folders(root: Path) -> Iterable[tuple[str, Path]]:
-    """(kind, folder) of every completed export under ``root``; hidden names are temporaries of writes in flight."""
-    runs = [root] if (root / "adapters").is_dir() else sorted(
-        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "adapters").is_dir())
+def _part_folders(root: Path, real_root: Path) -> tuple[list[tuple[str, Path]], list[tuple[Path, str]]]:
+    """(kind, folder) of every completed export under ``root``, and (path, why) of each link out of it that was
+    refused; hidden names are temporaries of writes in flight."""
+    refused: list[tuple[Path, str]] = []
+
+    def inside(path: Path) -> bool:
+        why = _escapes(path, real_root)
+        if why is not None:
+            refused.append((path, why))
+        return why is None
+
+    runs = [root] if (root / "adapters").is_dir() else [
+        p for p in sorted(root.iterdir())
+        if p.is_dir() and not p.name.startswith(".") and (p / "adapters").is_dir() and inside(p)]
+    parts: list[tuple[str, Path]] = []
     for run in runs:
         for kind, sub, config in (("task", "adapters", storage.ADAPTER_CONFIG), ("fusion", "fusions", storage.FUSION_CONFIG)):
             base = run / sub
-            if base.is_dir():
-                yield from ((kind, p) for p in sorted(base.iterdir())
-                            if not p.name.startswith(".") and (p / config).is_file())
+            if base.is_dir() and inside(base):
+                parts += [(kind, p) for p in sorted(base.iterdir()) if not p.name.startswith(".") and (p / config).is_file()]
+    return parts, refused
 
 
-def read_entry(kind: str, folder: Path, previous: StoreEntry | None = None) -> StoreEntry:
-    """Index one export folder: its config (checked) and its weights' SHA-256 (reused while the files are unchanged)."""
-    config_name, weights_name, schema = ((storage.ADAPTER_CONFIG, storage.ADAPTER_WEIGHTS, storage.ADAPTER_SCHEMA)
-                                         if kind == "task" else
-                                         (storage.FUSION_CONFIG, storage.FUSION_WEIGHTS, storage.FUSION_SCHEMA))
-    weights = folder / weights_name
+def _check_name(name: str, what: str, source: Path) -> None:
     try:
-        stamp = _stamp(folder / config_name, weights)
-    except OSError:
-        raise MTLConfigError(f"{weights}: not found") from None
-    if previous is not None and previous.stamp == stamp and previous.folder == str(folder):
-        return previous
-    data = storage.read_config(folder, config_name, schema)
-    # the same read and checks as loading (a truncated file, foreign bytes, NaN or inf): what the index accepts loads
-    sha, _ = storage.read_tensors_with_sha256(weights)
+        check_name(name, what)
+    except MTLConfigError as err:  # the rule's own words, with the name made safe for a log line
+        message = str(err).replace(f"'{name}'", f"'{shown(name)}'", 1)
+        raise MTLConfigError(f"{source}: {message}") from None
+
+
+def read_entry(kind: str, folder: Path, root: Path) -> StoreEntry:
+    """Index one export folder from its config alone (checked, names by mtl's rule, no link out of ``root``, the
+    store resolved); its weights are read and checked later."""
+    config, weights = _files(kind, folder)
+    for path in (folder, config, weights):
+        why = _escapes(path, root)
+        if why is not None:
+            raise MTLConfigError(why)
+    stamp = _stamp(config, weights)  # before the reads: a change during them shows at the next look
+    if not weights.is_file():
+        raise MTLConfigError(f"{weights}: not found")
+    data = storage.read_config(folder, config.name,
+                               storage.ADAPTER_SCHEMA if kind == "task" else storage.FUSION_SCHEMA)
+    name = data["task"] if kind == "task" else data["fusion"]
+    _check_name(name, f"{kind} name", config)
+    fused: tuple[str, ...] = ()
+    if kind == "fusion":
+        for i, adapter in enumerate(data["adapters"]):  # loading reads each one's file: it must be a task's here
+            parts = Path(adapter["file"]).parts
+            if len(parts) != 3 or parts[0] != "adapters" or parts[2] != storage.ADAPTER_WEIGHTS:
+                raise MTLConfigError(f"{config}: adapters[{i}].file is '{shown(adapter['file'])}', expected "
+                                     f"adapters/<task>/{storage.ADAPTER_WEIGHTS}")
+            _check_name(parts[1], f"adapters[{i}].file's task", config)
+        fused = tuple(Path(a["file"]).parts[1] for a in data["adapters"])
     spec = data.get("task_spec") or {}
+    labels = tuple(map(sys.intern, data.get("labels") or ()))
     return StoreEntry(
-        name=data["task"] if kind == "task" else data["fusion"], kind=kind, folder=str(folder),
-        sha256=bytes.fromhex(sha), stamp=stamp,
-        labels=_SHARED.setdefault(labels, labels) if (labels := tuple(map(sys.intern, data.get("labels") or ()))) else None,
+        name=sys.intern(name), kind=kind, folder=str(folder), sha256=None, stamp=stamp,
+        labels=_SHARED.setdefault(labels, labels) if labels else None,
         adapter=sys.intern(str(data["adapter"].get("type", "custom"))) if kind == "task" else "fusion",
-        fused=tuple(Path(a["file"]).parts[1] for a in data["adapters"]) if kind == "fusion" else (),
-        max_length=int(spec.get("max_length") or 128),
+        fused=fused, max_length=int(spec.get("max_length") or 128),
         backbone=sys.intern(data["backbone"]) if data.get("backbone") else None)
+
+
+def _read_weights(entry: StoreEntry) -> Read | None:
+    """``entry``'s weights read and checked in full, with their SHA-256; None if its files changed since it was
+    indexed (the caller indexes them again); the read's one-line error otherwise."""
+    config, weights = entry.files
+    try:
+        sha, tensors = storage.read_tensors_with_sha256(weights)
+    except MTLConfigError:
+        if _stamp(config, weights) != entry.stamp:
+            return None
+        raise
+    if _stamp(config, weights) != entry.stamp:
+        return None
+    return dataclasses.replace(entry, sha256=bytes.fromhex(sha)), tensors
+
+
+def _lower_priority() -> None:
+    """Run the calling thread at the lowest CPU priority, so checking files in the background never slows a batch."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: a thread id sets that thread alone
+    except (AttributeError, OSError):
+        pass  # elsewhere, the pause between files keeps it light
 
 
 class AdapterStore:
@@ -114,8 +209,9 @@ class AdapterStore:
 
     def __init__(self, root: str | Path, max_resident: int = 64, say: Callable[[str], None] | None = None,
                  entries: dict[str, StoreEntry] | None = None) -> None:
-        """Index ``root`` (raises a one-line `MTLConfigError` if it holds no export; ``entries``: an index made
-        already, e.g. by the process that started this one); no weights are loaded yet."""
+        """Index ``root`` (raises a one-line `MTLConfigError` if it holds no servable export; each refused part is
+        one line through ``say``); ``entries``: an index made already, e.g. by the process that started this one.
+        No weights are read yet."""
         self.root = Path(root)
         if not self.root.is_dir():
             raise MTLConfigError(f"serve.store: {self.root}: not a folder, expected a run folder, a continual stage "
@@ -124,70 +220,178 @@ class AdapterStore:
             raise MTLConfigError(f"serve.max_resident: got {max_resident}, expected an int >= 1")
         self.max_resident = max_resident
         self.say = say or (lambda line: log.info(line))
-        self._lock = threading.Lock()
+        self._real_root = self.root.resolve()
+        self._lock = threading.Lock()  # the one lock: the index, the reports, the prefetch queue
+        self._read_done = threading.Condition(self._lock)  # a prefetch read ended, or one was queued
+        self._scanning = threading.Lock()  # one scan at a time
         self.entries: dict[str, StoreEntry] = {}
+        self._known: dict[str, StoreEntry] = {}  # folder -> what its files hold, before names are matched up
         self._missing: dict[str, int] = {}
-        self._reported: dict[Path, Stamp] = {}  # broken exports already reported, so a rescan does not repeat them
+        self._reported: dict[str, Stamp] = {}  # folder -> the broken file state last reported (each said once)
+        self._ambiguous: dict[str, tuple[str, ...]] = {}  # name -> the folders exporting it, as last reported
         self.resident_names: tuple[str, ...] = ()  # for other threads: replaced whole after each change
         self.resident: OrderedDict[str, StoreEntry] = OrderedDict()  # least recently used first
         self.model: MTLModel | None = None
+        # counts since start, for metrics (plain numbers; the model's thread writes them)
+        self.stats: dict[str, float] = {"cold_loads": 0, "cold_load_seconds": 0.0, "evictions": 0, "swaps": 0,
+                                        "load_failures": 0, "prefetch_hits": 0}
+        self.evict_log_seconds = 10.0  # at most one eviction line per this many seconds
+        self._evicted_unsaid, self._evictions_said_at = 0, -math.inf
+        self.prefetch_limit = 8  # parts queued, and parts read ahead and kept, at most
+        self._queue: deque[StoreEntry] = deque()
+        self._reading: set[str] = set()  # folders the loader is reading now
+        self._read_ahead: OrderedDict[tuple[str, Stamp], Read | MTLConfigError] = OrderedDict()
+        self.hash_pause, self.hash_idle = 0.01, 2.0  # seconds between two files, and between two passes
+        self._stop = threading.Event()
+        self._threads: dict[str, threading.Thread] = {}
+        problems: list[str] = []
         if entries is None:
-            self.scan(strict=True)
+            problems = self._scan(initial=True)
+            for line in problems:
+                self.say(line)
         else:
             self.entries = dict(entries)
-        if not self.entries:
+            self._known = {e.folder: e for e in entries.values() if e.error is None}
+        if not any(e.error is None for e in self.entries.values()):
+            if problems or self.entries:
+                first = problems[0] if problems else next(iter(self.entries.values())).error
+                raise MTLConfigError(f"serve.store: {self.root}: no servable export ({first})")
             raise MTLConfigError(f"serve.store: {self.root}: no exported task found (expected adapters/<task>/"
                                  f"{storage.ADAPTER_CONFIG}, or run folders that hold one)")
 
     # ---- the index (any thread) ----------------------------------------------------------------
-    def scan(self, strict: bool = False) -> list[str]:
-        """Re-read the folders; returns one line per change. A part that fails to read keeps its old version
-        (``strict``: the first scan refuses a broken store instead); a part missing twice in a row is removed."""
-        with self._lock:
-            old = dict(self.entries)
-        found: dict[str, StoreEntry] = {}
-        changes = []
-        by_folder = {e.folder: e for e in old.values()}
-        for kind, folder in _part_folders(self.root):
-            known = by_folder.get(str(folder))
-            try:
-                entry = read_entry(kind, folder, known)
-            except MTLConfigError as err:
-                if strict:
-                    raise
-                if known is not None:
-                    found[known.name] = known
-                stamp = _stamp_or_none(folder)
-                if self._reported.get(folder) != stamp:
-                    self._reported[folder] = stamp
-                    changes.append(f"kept version {known.version} of '{known.name}': {err}" if known is not None
-                                   else f"skipped {folder}: {err}")
-                continue
-            if entry.name in found:
-                message = f"'{entry.name}' is exported twice ({found[entry.name].folder} and {folder})"
-                if strict:
-                    raise MTLConfigError(f"serve.store: {message}, expected one export per task name")
-                changes.append(f"{message}: serving the first")
-                continue
-            found[entry.name] = entry
-            before = old.get(entry.name)
-            if before is None:
-                changes.append(f"new {entry.kind} '{entry.name}' version {entry.version}")
-            elif before.sha256 != entry.sha256:
-                changes.append(f"'{entry.name}' version {before.version} -> {entry.version}")
-        on_disk = set(found)
-        for name, entry in old.items():
-            if name not in found:  # an overwrite without an atomic exchange leaves the name empty for a moment
-                self._missing[name] = self._missing.get(name, 0) + 1
-                if self._missing[name] < 2:
-                    found[name] = entry
+    def scan(self) -> list[str]:
+        """Re-read what changed on disk, new and changed parts in full; returns one line per change or refused part
+        (each refused file state once). A broken re-export keeps the version read before; a part missing twice in a
+        row is removed."""
+        return self._scan(initial=False)
+
+    def _scan(self, initial: bool) -> list[str]:
+        with self._scanning:
+            with self._lock:
+                known, old = dict(self._known), dict(self.entries)
+            lines: list[str] = []
+            parts, refused = _part_folders(self.root, self._real_root)
+            for path, why in refused:
+                self._once(str(path), hash(why), f"skipped {why}", lines)
+            fresh: dict[str, StoreEntry] = {}
+            for kind, folder in parts:
+                key, before = str(folder), known.get(str(folder))
+                stamp = _stamp(*_files(kind, folder))
+                if before is not None and before.stamp == stamp:
+                    fresh[key] = before
+                    continue
+                entry, problem = self._read_part(kind, folder, full=not initial)
+                if problem is None:
+                    fresh[key] = entry
+                elif before is not None and before.version is not None and before.error is None and \
+                        (entry is None or entry.name == before.name):
+                    fresh[key] = before  # the version read before keeps answering
+                    self._once(key, stamp, f"kept version {before.version} of '{shown(before.name)}': {problem}", lines)
+                elif entry is not None:
+                    fresh[key] = dataclasses.replace(entry, error=problem)
+                    self._once(key, stamp, f"cannot serve {entry.kind} '{shown(entry.name)}': {problem}", lines)
                 else:
-                    changes.append(f"'{name}' removed from the store")
-        for name in on_disk:
-            self._missing.pop(name, None)
+                    self._once(key, stamp, f"skipped {shown(folder)}: {problem}", lines)
+            with self._lock:
+                for key, entry in fresh.items():
+                    if entry is known.get(key):  # unchanged: keep what loads and the hasher found out meanwhile
+                        fresh[key] = self._known[key]
+                found = self._by_name(fresh, lines)
+                if not initial:
+                    lines += self._changes(old, found)
+                for name in found:
+                    self._missing.pop(name, None)
+                for name, entry in old.items():
+                    if name not in found:  # an overwrite without an atomic exchange leaves the name empty for a moment
+                        self._missing[name] = self._missing.get(name, 0) + 1
+                        if self._missing[name] < 2:
+                            found[name] = entry
+                        else:
+                            del self._missing[name]
+                            lines.append(f"'{shown(name)}' removed from the store")
+                seen = {str(p) for _, p in parts} | {str(p) for p, _ in refused}
+                self._reported = {k: v for k, v in self._reported.items() if k in seen}
+                self._known, self.entries = fresh, found
+            return lines
+
+    def _read_part(self, kind: str, folder: Path, full: bool) -> tuple[StoreEntry | None, str | None]:
+        """The entry of one export folder (``full``: its weights read and checked too), and what is wrong with it."""
+        try:
+            entry = read_entry(kind, folder, self._real_root)
+        except MTLConfigError as err:
+            return None, shown(err, 400)
+        if not full:
+            return entry, None
+        try:
+            read = _read_weights(entry)
+        except MTLConfigError as err:
+            return entry, shown(err, 400)
+        return (entry if read is None else read[0]), None  # changed while read: checked when loaded, or next scan
+
+    def _by_name(self, fresh: dict[str, StoreEntry], lines: list[str]) -> dict[str, StoreEntry]:
+        """The index by task name; a name exported from several folders is refused (reported once per set)."""
+        groups: dict[str, list[StoreEntry]] = {}
+        for entry in fresh.values():
+            groups.setdefault(entry.name, []).append(entry)
+        found = {}
+        for name, group in groups.items():
+            if len(group) == 1:
+                found[name] = group[0]
+                if self._ambiguous.pop(name, None):
+                    lines.append(f"'{shown(name)}' is exported once again ({shown(group[0].folder)}): served")
+                continue
+            folders = tuple(e.folder for e in group)
+            listed = [shown(f) for f in folders[:3]] + ([f"{len(folders) - 3} more"] if len(folders) > 3 else [])
+            found[name] = dataclasses.replace(group[0], error=(
+                f"exported in {len(folders)} folders ({', '.join(listed[:-1])} and {listed[-1]}), expected one "
+                "export per task name: remove or rename the copies"))
+            if self._ambiguous.get(name) != folders:
+                self._ambiguous[name] = folders
+                lines.append(f"not serving '{shown(name)}': {found[name].error}")
+        for name in [n for n in self._ambiguous if n not in groups]:
+            del self._ambiguous[name]
+        return found
+
+    @staticmethod
+    def _changes(old: dict[str, StoreEntry], found: dict[str, StoreEntry]) -> list[str]:
+        """One line per new or replaced part."""
+        lines = []
+        for name, entry in found.items():
+            before = old.get(name)
+            if entry.error or (before is not None and (before.folder, before.stamp) == (entry.folder, entry.stamp)):
+                continue
+            if before is None:
+                lines.append(f"new {entry.kind} '{shown(name)}' version {entry.version or 'not read yet'}")
+            elif before.sha256 != entry.sha256:
+                lines.append(f"'{shown(name)}' version {before.version or 'not read yet'} -> "
+                             f"{entry.version or 'not read yet'}")
+        return lines
+
+    def _once(self, key: str, stamp: Stamp, line: str, out: list[str] | None = None) -> None:
+        """Report a broken file state of ``key`` unless it was reported already (into ``out``, else through say)."""
         with self._lock:
-            self.entries = found
-        return changes
+            if self._reported.get(key) == stamp:
+                return
+            self._reported[key] = stamp
+        if out is None:
+            self.say(line)
+        else:
+            out.append(line)
+
+    def _update(self, entry: StoreEntry) -> bool:
+        """Record what reading ``entry``'s files found (its SHA-256, or why it cannot be served) in the index, while
+        the index holds that file state; True if it did."""
+        with self._lock:
+            known = self._known.get(entry.folder)
+            if known is None or known.stamp != entry.stamp or known.error is not None:
+                return False
+            self._known[entry.folder] = entry
+            current = self.entries.get(entry.name)
+            if current is not None and (current.folder, current.stamp) == (entry.folder, entry.stamp) \
+                    and current.error is None:
+                self.entries[entry.name] = entry
+            return True
 
     def snapshot(self) -> dict[str, StoreEntry]:
         """The index as it is now (a consistent copy)."""
@@ -195,17 +399,114 @@ class AdapterStore:
             return dict(self.entries)
 
     def backbone(self) -> str:
-        """The one backbone every indexed part was trained on."""
-        names = {e.backbone for e in self.snapshot().values()}
+        """The one backbone every servable indexed part was trained on."""
+        names = {e.backbone for e in self.snapshot().values() if e.error is None}
         if len(names) != 1 or None in names:
             raise MTLConfigError(f"serve.store: {self.root}: parts trained on backbones {sorted(map(str, names))}, "
                                  "expected one (or set serve.backbone)")
         return str(names.pop())
 
     def describe(self) -> list[dict[str, Any]]:
-        """Every servable part, as ``GET /tasks`` lists it."""
+        """Every indexed part, as ``GET /tasks`` lists it."""
         resident = set(self.resident_names)
         return [e.describe(e.name in resident) for e in self.snapshot().values()]
+
+    # ---- background reads (their own threads; they never touch the model) ---------------------------
+    def start_hasher(self) -> None:
+        """Read and check, in a low-priority daemon thread, every indexed part not read yet, one file at a time; a
+        broken one is then refused (one line). Stops with `close`."""
+        self._start("mtl-store-hasher", self._hash_all)
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Start reading and checking, in the loader thread, the weights of the parts ``names`` need that are not
+        resident, so that `prepare` only fills them into the model (any thread; unknown names are ignored)."""
+        entries, resident = self.snapshot(), set(self.resident_names)
+        parts = [p for n in names if n in entries for p in (*entries[n].fused, n)]
+        with self._lock:
+            for name in dict.fromkeys(parts):
+                entry = entries.get(name)
+                if entry is None or entry.error or name in resident or len(self._queue) >= self.prefetch_limit \
+                        or (entry.folder, entry.stamp) in self._read_ahead or entry.folder in self._reading \
+                        or any(q.folder == entry.folder for q in self._queue):
+                    continue
+                self._queue.append(entry)
+            self._read_done.notify_all()
+        self._start("mtl-store-loader", self._load_ahead)
+
+    def close(self) -> None:
+        """Stop the hasher and the loader (each ends the file it is reading)."""
+        self._stop.set()
+        with self._lock:
+            self._read_done.notify_all()
+        for thread in list(self._threads.values()):
+            thread.join(timeout=10)
+
+    def _start(self, name: str, target: Callable[[], None]) -> None:
+        with self._lock:
+            if name not in self._threads and not self._stop.is_set():
+                self._threads[name] = threading.Thread(target=target, name=name, daemon=True)
+                self._threads[name].start()
+
+    def _hash_all(self) -> None:
+        _lower_priority()
+        while not self._stop.is_set():
+            resident = set(self.resident_names)  # a resident part is read already; its re-export, by its swap
+            for entry in [e for e in self.snapshot().values() if e.sha256 is None and e.error is None]:
+                if self._stop.wait(self.hash_pause):
+                    return
+                if entry.name in resident:
+                    continue
+                try:
+                    read = _read_weights(entry)
+                except MTLConfigError as err:
+                    self._refuse(entry, shown(err, 400))
+                    continue
+                if read is not None:
+                    self._update(read[0])
+            self._stop.wait(self.hash_idle)
+
+    def _refuse(self, entry: StoreEntry, reason: str) -> None:
+        """Stop serving ``entry``'s file state (it cannot be read or loaded), with one line."""
+        self._update(dataclasses.replace(entry, error=reason))
+        self._once(entry.folder, entry.stamp, f"cannot serve {entry.kind} '{shown(entry.name)}': {reason}")
+
+    def _load_ahead(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._stop.is_set():
+                    self._read_done.wait()
+                if self._stop.is_set():
+                    return
+                entry = self._queue.popleft()
+                self._reading.add(entry.folder)
+            result: Read | MTLConfigError | None = None
+            try:
+                result = _read_weights(entry)
+            except MTLConfigError as err:
+                result = err  # prepare reports it without reading again
+            except Exception:  # noqa: BLE001 - a failed read ahead only means prepare reads the file itself
+                result = None
+            finally:
+                with self._lock:
+                    self._reading.discard(entry.folder)
+                    if result is not None:
+                        self._read_ahead[(entry.folder, entry.stamp)] = result
+                        while len(self._read_ahead) > self.prefetch_limit:
+                            self._read_ahead.popitem(last=False)
+                    self._read_done.notify_all()
+
+    def _take_read_ahead(self, entry: StoreEntry) -> Read | None:
+        """What the loader read of ``entry``'s file state (waiting while it reads that folder), or None."""
+        with self._lock:
+            while entry.folder in self._reading and not self._stop.is_set():
+                self._read_done.wait()
+            self._queue = deque(q for q in self._queue if q.folder != entry.folder)  # read now by the caller
+            result = self._read_ahead.pop((entry.folder, entry.stamp), None)
+        if isinstance(result, MTLConfigError):
+            raise result
+        if result is not None:
+            self.stats["prefetch_hits"] += 1
+        return result
 
     # ---- the resident parts (the model's thread only) ----------------------------------------
     def attach(self, model: MTLModel) -> None:
@@ -216,51 +517,102 @@ class AdapterStore:
 
     def prepare(self, names: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:
         """Make ``names`` (and the tasks their fusions fuse) resident at their indexed versions; returns the version
-        each name answers with, and a one-line error for each name that could not be loaded. Unknown names raise
+        each name answers with, and a one-line reason for each name that cannot be served now. Unknown names raise
         `KeyError`."""
         entries = self.snapshot()
         wanted = list(dict.fromkeys(names))
         unknown = [n for n in wanted if n not in entries]
         if unknown:
             raise KeyError(unknown[0])
-        needed = list(dict.fromkeys(f for n in wanted for f in entries[n].fused)) + wanted
-        stale = [n for n, e in self.resident.items() if entries.get(n) is None or entries[n].sha256 != e.sha256]
-        stale += [n for n, e in self.resident.items() if any(f in stale for f in e.fused) and n not in stale]
-        # a replaced or removed part leaves (fusions before their tasks); the scan that found it logged the change
-        for name in sorted(stale, key=lambda n: self.resident[n].kind != "fusion"):
+        needed = list(dict.fromkeys([f for n in wanted for f in entries[n].fused] + wanted))
+        # a removed or refused part leaves (fusions before their tasks); a re-export replaces its part when needed
+        gone = [n for n in self.resident if entries.get(n) is None or entries[n].error is not None]
+        gone += [n for n, e in self.resident.items() if n not in gone and any(f in gone for f in e.fused)]
+        for name in sorted(gone, key=lambda n: self.resident[n].kind != "fusion"):
             self._unload(name)
         failed: dict[str, str] = {}
         for name in needed:
-            broken = [f for f in entries[name].fused if f in failed]
-            if broken:
-                failed[name] = failed[broken[0]]
+            entry = entries.get(name)
+            broken = [f for f in entry.fused if f in failed] if entry is not None else []
+            if entry is None:  # a fusion's task
+                reason = "not in the store"
+            elif entry.error is not None:
+                reason = entry.error
+            elif broken:
+                reason = f"its fused task '{shown(broken[0])}': {failed[broken[0]]}"
+            else:
+                reason = self._make_resident(entry)
+            if reason is not None:
+                failed[name] = reason
                 continue
-            if name not in self.resident:
-                try:
-                    self._load(entries[name])
-                except MTLConfigError as err:  # the rest of the batch is still answered
-                    failed[name] = str(err)
-                    self.say(f"cannot load '{name}': {err}")
-                    continue
             self.resident.move_to_end(name)
         self._evict(set(needed))
         self.resident_names = tuple(self.resident)
         return {n: self.resident[n].version for n in wanted if n not in failed}, {n: failed[n] for n in wanted if n in failed}
 
-    def _load(self, entry: StoreEntry) -> None:
-        folder = Path(entry.folder)
-        weights = folder / (storage.ADAPTER_WEIGHTS if entry.kind == "task" else storage.FUSION_WEIGHTS)
-        sha, tensors = storage.read_tensors_with_sha256(weights)
-        if bytes.fromhex(sha) != entry.sha256:  # replaced after the scan: serve what was read, under its own version
-            entry = read_entry(entry.kind, folder)
-            sha, tensors = storage.read_tensors_with_sha256(weights)
-            if bytes.fromhex(sha) != entry.sha256:
-                raise MTLConfigError(f"{weights}: changed while it was being read; try again")
-        if entry.kind == "task":
-            model_files.load_task(self.model, folder, tensors=tensors)
-        else:
-            model_files.load_fusion(self.model, folder, tensors=tensors)
-        self.resident[entry.name] = entry
+    def _make_resident(self, entry: StoreEntry) -> str | None:
+        """Load ``entry`` unless its version is resident; None, or why it cannot be served."""
+        current = self.resident.get(entry.name)
+        if current is not None and self._current(current, entry):
+            return None
+        started = time.perf_counter()
+        try:
+            loaded, tensors = self._read(entry)
+        except MTLConfigError as err:
+            return self._load_failed(entry, current, shown(err, 400))
+        if current is not None:  # a swap: fusions over the old version leave with it
+            for name in [n for n, e in self.resident.items() if entry.name in e.fused]:
+                self._unload(name)
+            self._unload(entry.name)
+            self.stats["swaps"] += 1
+        try:
+            if loaded.kind == "task":
+                model_files.load_task(self.model, loaded.folder, name=loaded.name, tensors=tensors)
+            else:
+                model_files.load_fusion(self.model, loaded.folder, tensors=tensors)
+        except MTLConfigError as err:
+            return self._load_failed(loaded, None, shown(err, 400))
+        self.resident[loaded.name] = loaded
+        self.stats["cold_loads"] += 1
+        self.stats["cold_load_seconds"] += time.perf_counter() - started
+        self._update(loaded)
+        return None
+
+    def _current(self, resident: StoreEntry, entry: StoreEntry) -> bool:
+        """The resident version stays: it is the indexed one, the one on disk now (read after the last scan), or a
+        re-export of it was found broken already (reported, so not read again)."""
+        if (resident.folder, resident.stamp) == (entry.folder, entry.stamp):
+            return True
+        if resident.folder != entry.folder:
+            return False
+        now = _stamp(*entry.files)
+        return now == resident.stamp or self._reported.get(entry.folder) == now
+
+    def _read(self, entry: StoreEntry) -> Read:
+        """``entry``'s weights read and checked (read ahead by the loader when it was); a part re-exported since the
+        last scan is indexed again and read as it is now, under its own version."""
+        for _ in range(3):
+            if _stamp(*entry.files) != entry.stamp:
+                fresh = read_entry(entry.kind, Path(entry.folder), self._real_root)
+                if fresh.name != entry.name:
+                    raise MTLConfigError(f"{shown(entry.folder)}: now exports '{shown(fresh.name)}' instead of "
+                                         f"'{shown(entry.name)}'; the next scan indexes it")
+                entry = fresh
+            read = self._take_read_ahead(entry) or _read_weights(entry)
+            if read is not None:
+                return read
+        raise MTLConfigError(f"{entry.files[1]}: changed while it was being read; try again")
+
+    def _load_failed(self, entry: StoreEntry, resident: StoreEntry | None, reason: str) -> str | None:
+        """Count and report a failed load (once per file state); the resident version, if any, keeps answering."""
+        self.stats["load_failures"] += 1
+        if resident is not None:
+            self._once(entry.folder, _stamp(*entry.files),
+                       f"kept version {resident.version} of '{shown(entry.name)}': {reason}")
+            return None
+        self._update(dataclasses.replace(entry, error=reason))
+        self._once(entry.folder, _stamp(*entry.files), f"cannot load '{shown(entry.name)}': {reason}")
+        return reason
 
     def _unload(self, name: str) -> None:
         self.resident.pop(name)
@@ -269,13 +621,15 @@ class AdapterStore:
 
     def _evict(self, keep: set[str]) -> None:
         pinned = keep | {f for e in self.resident.values() if e.kind == "fusion" for f in e.fused}
-        out = []
         for name in list(self.resident):
             if len(self.resident) <= self.max_resident:
                 break
             if name not in pinned:
                 self._unload(name)
-                out.append(name)
-        if out:
-            self.say(f"evicted {len(out)} ({', '.join(out[:5])}{', ...' if len(out) > 5 else ''}); "
-                     f"{len(self.resident)} resident")
+                self.stats["evictions"] += 1
+                self._evicted_unsaid += 1
+        # one line per interval, not per batch: under a mix wider than max_resident every batch evicts
+        if self._evicted_unsaid and time.monotonic() - self._evictions_said_at >= self.evict_log_seconds:
+            self.say(f"evicted {self._evicted_unsaid} part(s) since the last such line; {len(self.resident)} "
+                     f"resident (max_resident {self.max_resident})")
+            self._evicted_unsaid, self._evictions_said_at = 0, time.monotonic()
