@@ -121,15 +121,16 @@ class RequestGuard:
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
+        deep = False
         try:
             data = json.loads(b"".join(chunks))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             await error(400, f"body is not valid JSON ({err}), expected an object like "
                              '{"text": "...", "task": "..."}')(scope, receive, send)
             return
-        except RecursionError:
-            data = [[]] * (MAX_DEPTH + 2)  # refused just below, like any body nested too deep
-        if nested_too_deep(data):
+        except RecursionError:  # deeper than the parser's own limit
+            data, deep = None, True
+        if deep or nested_too_deep(data):
             await error(400, f"body nests arrays or objects more than {MAX_DEPTH} levels deep, expected an object "
                              'like {"text": "...", "task": "..."}')(scope, receive, send)
             return
