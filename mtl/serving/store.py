@@ -41,6 +41,7 @@ log = logging.getLogger("mtl.serving")
 Stamp = int  # a hash of (inode, size, mtime) of an export's files: cheap to keep, changes when a file does
 Read = tuple["StoreEntry", dict[str, torch.Tensor]]  # an entry with the SHA-256 of the weights read, and the tensors
 _SHARED: dict[tuple[str, ...], tuple[str, ...]] = {}  # one copy of each label tuple for the whole index
+_PATH, _ERROR = 240, 600  # the longest path and error text a log line shows (a name: 100 characters)
 
 
 def shown(value: object, limit: int = 100) -> str:
@@ -110,10 +111,11 @@ def _escapes(path: Path, root: Path) -> str | None:
     try:
         target = path.resolve()
     except (OSError, RuntimeError):  # a loop of links
-        return f"{shown(path)}: a symbolic link that does not resolve, expected a file or folder inside the store"
+        return f"{shown(path, _PATH)}: a symbolic link that does not resolve, expected a file or folder inside the store"
     if target.is_relative_to(root):
         return None
-    return f"{shown(path)}: a symbolic link to {shown(target)}, outside the store {shown(root)}; expected one inside it"
+    return (f"{shown(path, _PATH)}: a symbolic link to {shown(target, _PATH)}, outside the store {shown(root, _PATH)}; "
+            "expected one inside it")
 
 
 def _part_folders(root: Path, real_root: Path) -> tuple[list[tuple[str, Path]], list[tuple[Path, str]]]:
@@ -292,7 +294,7 @@ class AdapterStore:
                     fresh[key] = dataclasses.replace(entry, error=problem)
                     self._once(key, stamp, f"cannot serve {entry.kind} '{shown(entry.name)}': {problem}", lines)
                 else:
-                    self._once(key, stamp, f"skipped {shown(folder)}: {problem}", lines)
+                    self._once(key, stamp, f"skipped {shown(folder, _PATH)}: {problem}", lines)
             with self._lock:
                 for key, entry in fresh.items():
                     if entry is known.get(key):  # unchanged: keep what loads and the hasher found out meanwhile
@@ -320,13 +322,13 @@ class AdapterStore:
         try:
             entry = read_entry(kind, folder, self._real_root)
         except MTLConfigError as err:
-            return None, shown(err, 400)
+            return None, shown(err, _ERROR)
         if not full:
             return entry, None
         try:
             read = _read_weights(entry)
         except MTLConfigError as err:
-            return entry, shown(err, 400)
+            return entry, shown(err, _ERROR)
         return (entry if read is None else read[0]), None  # changed while read: checked when loaded, or next scan
 
     def _by_name(self, fresh: dict[str, StoreEntry], lines: list[str]) -> dict[str, StoreEntry]:
@@ -339,10 +341,10 @@ class AdapterStore:
             if len(group) == 1:
                 found[name] = group[0]
                 if self._ambiguous.pop(name, None):
-                    lines.append(f"'{shown(name)}' is exported once again ({shown(group[0].folder)}): served")
+                    lines.append(f"'{shown(name)}' is exported once again ({shown(group[0].folder, _PATH)}): served")
                 continue
             folders = tuple(e.folder for e in group)
-            listed = [shown(f) for f in folders[:3]] + ([f"{len(folders) - 3} more"] if len(folders) > 3 else [])
+            listed = [shown(f, _PATH) for f in folders[:3]] + ([f"{len(folders) - 3} more"] if len(folders) > 3 else [])
             found[name] = dataclasses.replace(group[0], error=(
                 f"exported in {len(folders)} folders ({', '.join(listed[:-1])} and {listed[-1]}), expected one "
                 "export per task name: remove or rename the copies"))
@@ -420,11 +422,11 @@ class AdapterStore:
     def prefetch(self, names: Iterable[str]) -> None:
         """Start reading and checking, in the loader thread, the weights of the parts ``names`` need that are not
         resident, so that `prepare` only fills them into the model (any thread; unknown names are ignored)."""
-        entries, resident = self.snapshot(), set(self.resident_names)
-        parts = [p for n in names if n in entries for p in (*entries[n].fused, n)]
-        with self._lock:
+        resident = self.resident_names
+        with self._lock:  # no snapshot: this runs once per request
+            parts = [p for n in names if n in self.entries for p in (*self.entries[n].fused, n)]
             for name in dict.fromkeys(parts):
-                entry = entries.get(name)
+                entry = self.entries.get(name)
                 if entry is None or entry.error or name in resident or len(self._queue) >= self.prefetch_limit \
                         or (entry.folder, entry.stamp) in self._read_ahead or entry.folder in self._reading \
                         or any(q.folder == entry.folder for q in self._queue):
@@ -459,7 +461,7 @@ class AdapterStore:
                 try:
                     read = _read_weights(entry)
                 except MTLConfigError as err:
-                    self._refuse(entry, shown(err, 400))
+                    self._refuse(entry, shown(err, _ERROR))
                     continue
                 if read is not None:
                     self._update(read[0])
@@ -559,7 +561,7 @@ class AdapterStore:
         try:
             loaded, tensors = self._read(entry)
         except MTLConfigError as err:
-            return self._load_failed(entry, current, shown(err, 400))
+            return self._load_failed(entry, current, shown(err, _ERROR))
         if current is not None:  # a swap: fusions over the old version leave with it
             for name in [n for n, e in self.resident.items() if entry.name in e.fused]:
                 self._unload(name)
@@ -571,7 +573,7 @@ class AdapterStore:
             else:
                 model_files.load_fusion(self.model, loaded.folder, tensors=tensors)
         except MTLConfigError as err:
-            return self._load_failed(loaded, None, shown(err, 400))
+            return self._load_failed(loaded, None, shown(err, _ERROR))
         self.resident[loaded.name] = loaded
         self.stats["cold_loads"] += 1
         self.stats["cold_load_seconds"] += time.perf_counter() - started
@@ -595,7 +597,7 @@ class AdapterStore:
             if _stamp(*entry.files) != entry.stamp:
                 fresh = read_entry(entry.kind, Path(entry.folder), self._real_root)
                 if fresh.name != entry.name:
-                    raise MTLConfigError(f"{shown(entry.folder)}: now exports '{shown(fresh.name)}' instead of "
+                    raise MTLConfigError(f"{shown(entry.folder, _PATH)}: now exports '{shown(fresh.name)}' instead of "
                                          f"'{shown(entry.name)}'; the next scan indexes it")
                 entry = fresh
             read = self._take_read_ahead(entry) or _read_weights(entry)
