@@ -626,7 +626,8 @@ def print_tables(args: argparse.Namespace, scenarios: list[Scenario], f: dict[st
     print("|---|---:|")
     print(f"| written with save_task | {f['write_seconds']:.0f} s for {args.tasks + args.big_store:,} tasks; "
           f"{f['big_bytes'] / 2**20:,.0f} MiB on disk ({f['big_bytes'] / args.big_store / 1024:,.0f} KiB per task) |")
-    print(f"| index (AdapterStore scan, in process, SHA-256 of every file) | {f['index_seconds']:.1f} s |")
+    print(f"| index (AdapterStore scan, in process: configs and file stamps, weights read at first load) | "
+          f"{f['index_seconds']:.2f} s |")
     print(f"| cold load of one adapter (prepare of an evicted task, in process) | p50 {f['cold_p50']:.1f} ms, "
           f"p95 {f['cold_p95']:.1f} ms (n = {args.cold_loads}) |")
     print(f"| index size per task: Python heap a second index keeps (tracemalloc) | {f['heap']:,.0f} bytes |")
