@@ -171,6 +171,18 @@ def test_bad_requests_in_a_batch_leave_the_others_answered(store_dir, tiny_dir):
     assert [getattr(o, "status_code", 200) for o in out] == [400, 404, 200] and out[2]["task"] == "t0"
 
 
+def test_a_part_the_store_refuses_is_a_503_naming_why_and_the_batch_is_answered(store_dir, tiny_dir):
+    shutil.copytree(store_dir / "adapters" / "t1", store_dir / "adapters" / "t1_copy")  # its config still says t1
+    tensors = storage.read_tensors(store_dir / "adapters" / "t2" / storage.ADAPTER_WEIGHTS)
+    tensors["head.out.bias"][0] = float("nan")  # found at the first load: the index reads no weights
+    save_file(tensors, str(store_dir / "adapters" / "t2" / storage.ADAPTER_WEIGHTS))
+    api = _api(store_dir, tiny_dir)
+    out = api.predict([parse_request({"text": TEXTS[0], "task": task}) for task in ["t1", "t2", "t0"]])
+    assert [getattr(o, "status_code", 200) for o in out] == [503, 503, 200]
+    ambiguous, nan = json.loads(out[0].body)["error"], json.loads(out[1].body)["error"]
+    assert "exported in 2 folders" in ambiguous and "adapters/t1_copy" in ambiguous and "head.out.bias" in nan
+
+
 def test_a_store_that_cannot_be_served_is_one_line(tmp_path, store_dir):
     with pytest.raises(MTLConfigError, match=r"serve.store: .*nowhere: not a folder"):
         AdapterStore(tmp_path / "nowhere")
