@@ -138,6 +138,7 @@ class AdapterServingAPI(ls.LitAPI):
         self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) \
             if self.precision == "bf16-mixed" else contextlib.nullcontext
         self.store.attach(self.model)
+        self.store.start_hasher()  # weights are read and checked at first load, or before by this low-priority thread
         self.tokenizer = load_tokenizer(self.backbone_name)
         self.router = self._router()
         self._stop = threading.Event()
@@ -156,7 +157,7 @@ class AdapterServingAPI(ls.LitAPI):
         """A request just arrived (receiver thread): start reading the parts it names."""
         task = payload.get("task") if isinstance(payload, dict) else None
         if isinstance(task, str):
-            getattr(self.store, "prefetch", lambda names: None)([task])
+            self.store.prefetch([task])
 
     def _router(self) -> PrototypeRouter | EntropyRouter | None:
         folder = Path(self.store_root) / "router"
@@ -211,7 +212,7 @@ class AdapterServingAPI(ls.LitAPI):
         self.counts["batches"] += 1
         self.counts["rows"] += sum(len(r.texts) for r in requests)
         resident = self.store.resident_names
-        self.report(requests=len(requests), totals={**self.counts, **getattr(self.store, "stats", {})}, resident=len(resident),
+        self.report(requests=len(requests), totals={**self.counts, **self.store.stats}, resident=len(resident),
                     **({"tasks": self.store.describe()} if resident != getattr(self, "_published", None) else {}))
         self._published = resident
         return out

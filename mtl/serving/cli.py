@@ -18,6 +18,7 @@ from mtl.backbone import load_backbone_config
 from mtl.cli_errors import config_files, explain_parse_error
 from mtl.errors import MTLConfigError
 from mtl.precision import accelerator_kind, auto_precision
+from mtl.serving.say import say
 from mtl.serving.store import AdapterStore
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
@@ -128,26 +129,26 @@ def serve_main(argv: list[str], api_class: type | None = None) -> None:
     """Check everything, then serve until stopped (SIGTERM, Ctrl-C or POST /shutdown); exits with the server's code.
     ``api_class``: a variant of `AdapterServingAPI` (a benchmark's baseline)."""
     config = parse(argv)
-    from mtl.serving.server import bind  # noqa: PLC0415 - litserve is imported only once the settings are good
+    # LitServe and torch are imported only once the settings are known to be good
+    from mtl.serving.api import AdapterServingAPI  # noqa: PLC0415
+    from mtl.serving.server import MTLServer, bind  # noqa: PLC0415
 
     try:
-        sock = bind(config.host, config.port)
+        sock = bind(config.host, config.port)  # first: a busy port must not cost an index or a worker start
     except OSError as err:
         raise MTLConfigError(f"serve.port: {config.host}:{config.port} cannot be bound ({err.strerror}), expected a "
                              "free port") from None
-    store = AdapterStore(config.store, config.max_resident)
+    store = AdapterStore(config.store, config.max_resident, say=say)  # each refused part: one line, now
     backbone = config.backbone or store.backbone()
     load_backbone_config(backbone)  # an unknown or missing backbone is one line here, not a worker crash later
     precision, line = config.resolved_precision()
-    from mtl.serving.api import AdapterServingAPI  # noqa: PLC0415
-    from mtl.serving.say import say  # noqa: PLC0415
-    from mtl.serving.server import MTLServer  # noqa: PLC0415
-
-    api = (api_class or AdapterServingAPI)(config.store, store.snapshot(), backbone, config.max_resident, config.poll_seconds,
-                            config.router, config.max_batch_size, config.batch_timeout, config.threads, precision)
-    server = MTLServer(api, config, config.device())
     entries = store.snapshot()
-    fusions = sum(e.kind == "fusion" for e in entries.values())
-    say(f"store {config.store}: {len(entries) - fusions} tasks, {fusions} fusions; max_resident "
+    api = (api_class or AdapterServingAPI)(config.store, entries, backbone, config.max_resident, config.poll_seconds,
+                                           config.router, config.max_batch_size, config.batch_timeout,
+                                           config.threads, precision)
+    server = MTLServer(api, config, config.device())
+    servable = [e for e in entries.values() if e.error is None]
+    fusions = sum(e.kind == "fusion" for e in servable)
+    say(f"store {config.store}: {len(servable) - fusions} tasks, {fusions} fusions; max_resident "
         f"{config.max_resident}; backbone {backbone}; {line}; starting on http://{config.host}:{config.port}")
     sys.exit(server.serve(sock, f"http://{config.host}:{config.port}"))
