@@ -141,15 +141,18 @@ class AdapterServingAPI(ls.LitAPI):
         self.store.start_hasher()  # weights are read and checked at first load, or before by this low-priority thread
         self.tokenizer = load_tokenizer(self.backbone_name)
         self.router = self._router()
-        self._stop = threading.Event()
+        self._stop, self._publishing, self._sending = threading.Event(), threading.Lock(), threading.Lock()
+        self._listed: list[dict[str, Any]] | None = None
+        self._resident_listed = self.store.resident_names
+        self.publish(ready=True)
         threading.Thread(target=self._poll, name="mtl-store-poller", daemon=True).start()
-        self.report(ready=True, tasks=self.store.describe())
 
     def report(self, **message: Any) -> None:
         """Send one message to the main process (nothing when run without one, e.g. in a test)."""
         if self.reports is not None:
             try:
-                self.reports.send(message)
+                with self._sending:  # the inference thread and the poller both report; a pipe takes one at a time
+                    self.reports.send(message)
             except (OSError, ValueError):  # the main process is gone; the kernel ends this one too
                 pass
 
@@ -168,19 +171,21 @@ class AdapterServingAPI(ls.LitAPI):
         return None
 
     def _poll(self) -> None:
-        """Rescan every ``poll_seconds``; republish the listing when the store or the resident set changes."""
-        published = self.store.resident_names
+        """Rescan every ``poll_seconds``; republish the listing when it changed (a scan, the background hasher)."""
         while not self._stop.wait(self.poll_seconds):
             try:
-                changed = False
                 for line in self.store.scan():
                     say(line)
-                    changed = True
-                if changed or self.store.resident_names != published:
-                    published = self.store.resident_names
-                    self.report(tasks=self.store.describe())
+                self.publish()
             except Exception as err:  # noqa: BLE001 - the poller must outlive a folder that vanishes mid-scan
                 say(f"store scan failed ({type(err).__name__}: {err}); retrying")
+
+    def publish(self, **extra: Any) -> None:
+        """Report ``extra`` to the main process, with the listing of ``GET /tasks`` when it changed since the last."""
+        listing = self.store.describe()
+        with self._publishing:
+            changed, self._listed = listing != self._listed, listing
+        self.report(**extra, **({"tasks": listing} if changed else {}))
 
     # ---- one batch -------------------------------------------------------------------------------
     # LitServe routes on this annotation: `Request` makes it read the body as JSON and pass that here (which is why
@@ -212,9 +217,11 @@ class AdapterServingAPI(ls.LitAPI):
         self.counts["batches"] += 1
         self.counts["rows"] += sum(len(r.texts) for r in requests)
         resident = self.store.resident_names
-        self.report(requests=len(requests), totals={**self.counts, **self.store.stats}, resident=len(resident),
-                    **({"tasks": self.store.describe()} if resident != getattr(self, "_published", None) else {}))
-        self._published = resident
+        if resident != self._resident_listed:  # a cold load or an eviction: /tasks says what is resident
+            self._resident_listed = resident
+            self.publish(requests=len(requests), totals={**self.counts, **self.store.stats}, resident=len(resident))
+        else:
+            self.report(requests=len(requests), totals={**self.counts, **self.store.stats}, resident=len(resident))
         return out
 
     def _answer(self, requests: list[Parsed]) -> list[Any]:
