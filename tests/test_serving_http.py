@@ -22,6 +22,7 @@ import torch
 
 from mtl.backbone import load_tokenizer
 from mtl.routing import load_router
+from mtl.serving.api import FULL_SCAN_EVERY
 from tests.serving_helpers import FUSION, LABELS, TASKS, TEXTS, expected, retrain, store_model, write_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,7 +197,7 @@ def test_a_broken_export_is_ignored_and_the_old_version_answers(server, referenc
     good = weights.read_bytes()
     try:
         weights.write_bytes(good[: len(good) // 2])  # a half-copied file, written in place
-        time.sleep(POLL * 4)
+        time.sleep(POLL * (FULL_SCAN_EVERY + 2))  # no folder changed: the next full scan finds it
         again = call(f"{base}/predict", {"text": TEXTS[1], "task": "t1"})
         assert status == 200 and again == (200, before)
         assert torch.allclose(_scores(before), expected(model, tokenizer, TEXTS[1], "t1", 32), atol=1e-5)

@@ -197,3 +197,13 @@ def test_a_store_that_cannot_be_served_is_one_line(tmp_path, store_dir):
     with pytest.raises(MTLConfigError, match="serve.max_resident: got 0"):
         AdapterStore(store_dir, 0)
 
+
+
+def test_the_folders_stamp_moves_with_an_export_and_stays_put_otherwise(store_dir, tiny_dir):
+    store = AdapterStore(store_dir, 8)
+    before = store.folders_stamp()
+    assert store.folders_stamp() == before
+    (store_dir / "adapters" / "t1" / "adapter.safetensors").touch()  # in place: only a full scan sees it
+    assert store.folders_stamp() == before
+    retrain(store_dir, tiny_dir, "t2", seed=5)  # what a new fit's export does
+    assert store.folders_stamp() != before

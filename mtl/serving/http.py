@@ -44,7 +44,8 @@ def error(status: int, message: str) -> JSONResponse:
 class ServerState:
     """What the HTTP side knows of the worker (the main process updates it from the worker's reports)."""
 
-    tasks: list[dict[str, Any]] = field(default_factory=list)
+    tasks: list[dict[str, Any]] = field(default_factory=list)  # the index as the worker last listed it
+    resident: frozenset[str] = frozenset()  # what the worker's last batch left resident
     ready: bool = False
     stopping: bool = False
     why_not_ready: str = "the inference worker is starting"
@@ -224,7 +225,7 @@ def install_routes(app: FastAPI, state: ServerState, metrics: ServingMetrics, ap
     async def tasks() -> JSONResponse:
         if not state.tasks:
             return error(503, state.why_not_ready)
-        return JSONResponse({"tasks": state.tasks})
+        return JSONResponse({"tasks": [{**t, "resident": t["task"] in state.resident} for t in state.tasks]})
 
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)

@@ -123,6 +123,7 @@ class MTLServer(ls.LitServer):
         worker = self.launch_single_inference_worker(self.lit_api, 0)
         sender.close()  # the worker holds its end: the pipe reads EOF when the worker dies
         self.lit_api.reports = None
+        self.inference_workers = [worker]
         return worker, reports
 
     def _http(self, sock: socket.socket) -> uvicorn.Server:
@@ -180,81 +181,80 @@ class MTLServer(ls.LitServer):
         manager = self._init_manager(1)
         wake_read, self._wake = socket.socketpair()
         self._wake.setblocking(False)
-        signal.set_wakeup_fd(self._wake.fileno())
+        signal.set_wakeup_fd(self._wake.fileno())  # a signal wakes the wait below at once
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda number, frame: self._signals.append(number))
-        worker, reports = self._start_worker()
-        self.inference_workers = [worker]
+        self._worker, self._reports = self._start_worker()
         http = self._http(sock)
-        deaths: deque[float] = deque()
-        self._ever_ready = False
-        started, code, stop = time.monotonic(), 0, "?"
-        try:
-            while True:
-                ready = mp.connection.wait([worker.sentinel, manager._process.sentinel, reports, wake_read])
-                if wake_read in ready:
-                    wake_read.recv(4096)
-                while self._signals:
-                    number = self._signals.popleft()
-                    if number in (signal.SIGTERM, signal.SIGINT):
-                        stop = signal.Signals(number).name
-                        raise StopIteration
-                    if number == 0:
-                        stop, code = "the HTTP server ended", 1
-                        raise StopIteration
-                if reports in ready:
-                    try:
-                        self._report(reports.recv(), address, started)
-                    except (EOFError, OSError):
-                        ready.append(worker.sentinel)
-                if manager._process.sentinel in ready:
-                    stop, code = "LitServe's queue manager died", 1
-                    raise StopIteration
-                if worker.sentinel in ready:
-                    worker.join(5)
-                    if worker.is_alive():
-                        continue  # its pipe closed first; the process is still ending
-                    now = time.monotonic()
-                    deaths.append(now)
-                    while deaths and now - deaths[0] > RESTART_WINDOW:
-                        deaths.popleft()
-                    self.state.ready = False
-                    if not self._ever_ready:
-                        stop, code = f"the inference worker failed to start ({describe_exit(worker.exitcode)})", 1
-                        raise StopIteration
-                    failed = self._fail_in_flight(503, "the inference worker died; retry")
-                    if len(deaths) > MAX_RESTARTS:
-                        stop, code = (f"the inference worker died {len(deaths)} times in {RESTART_WINDOW:.0f} s "
-                                      f"(last: {describe_exit(worker.exitcode)})"), 1
-                        raise StopIteration
-                    self.state.why_not_ready = "the inference worker is restarting"
-                    say(f"inference worker (pid {worker.pid}) died ({describe_exit(worker.exitcode)}); "
-                        f"{failed} request(s) in flight answered 503; restarting it")
-                    self.metrics.worker.worker_gone()
-                    self._drain_requests()
-                    reports.close()
-                    worker, reports = self._start_worker()
-                    self.inference_workers = [worker]
-                    started = time.monotonic()
-        except StopIteration:
-            pass
-        self._stop(http, worker, manager, stop, code)
+        why, code = self._supervise(manager, wake_read, address)
+        self._stop(http, manager, why, code)
         return code
 
-    def _report(self, report: dict[str, Any], address: str, started: float) -> None:
+    def _supervise(self, manager: SyncManager, wake: socket.socket, address: str) -> tuple[str, int]:
+        """Wait for the worker's reports, its death, the manager's death or a signal; (why it stopped, exit code)."""
+        deaths: deque[float] = deque()
+        started, ever_ready, reports_open = time.monotonic(), False, True
+        while True:
+            worker = self._worker
+            ready = mp.connection.wait([worker.sentinel, manager._process.sentinel, wake,
+                                        *([self._reports] if reports_open else [])])
+            if wake in ready:
+                wake.recv(4096)
+            while self._signals:
+                number = self._signals.popleft()
+                if number == 0:
+                    return "the HTTP server ended", 1
+                return signal.Signals(number).name, 0
+            if manager._process.sentinel in ready:
+                return "LitServe's queue manager died", 1
+            if self._reports in ready and reports_open:
+                try:
+                    report = self._reports.recv()
+                except (EOFError, OSError):  # the worker is ending: its sentinel says when
+                    reports_open = False
+                    continue
+                if report.get("ready"):
+                    say(f"{'inference worker restarted; ready again' if ever_ready else 'ready'} at {address} "
+                        f"({time.monotonic() - started:.1f} s; POST /predict, GET /tasks /health /ready /metrics)")
+                    ever_ready = True
+                self._report(report)
+            if worker.sentinel not in ready:
+                continue
+            worker.join()
+            self.state.ready = False
+            if not ever_ready:
+                return f"the inference worker failed to start ({describe_exit(worker.exitcode)})", 1
+            failed = self._fail_in_flight(503, "the inference worker died; retry")
+            now = time.monotonic()
+            deaths.append(now)
+            while now - deaths[0] > RESTART_WINDOW:
+                deaths.popleft()
+            if len(deaths) > MAX_RESTARTS:
+                return (f"the inference worker died {len(deaths)} times in {RESTART_WINDOW:.0f} s "
+                        f"(last: {describe_exit(worker.exitcode)})"), 1
+            self.state.why_not_ready = "the inference worker is restarting"
+            say(f"inference worker (pid {worker.pid}) died ({describe_exit(worker.exitcode)}); {failed} request(s) "
+                "in flight answered 503; restarting it")
+            self.metrics.worker.worker_gone()
+            self._drain_requests()
+            self._reports.close()
+            self._worker, self._reports = self._start_worker()
+            started, reports_open = time.monotonic(), True
+
+    def _report(self, report: dict[str, Any]) -> None:
         """One message from the worker: it is ready, the listing changed, or a batch ran."""
         if "tasks" in report:
             self.state.tasks = report["tasks"]
+        if "resident_names" in report:
+            self.state.resident = frozenset(report["resident_names"])
         if "requests" in report:
             self.metrics.observe_batch(report)
         if report.get("ready"):
-            first, self._ever_ready = not self._ever_ready, True
             self.state.ready = True
-            say(f"{'ready' if first else 'inference worker restarted; ready again'} at {address} "
-                f"({time.monotonic() - started:.1f} s; POST /predict, GET /tasks /health /ready /metrics)")
 
-    def _stop(self, http: uvicorn.Server, worker: Any, manager: SyncManager, why: str, code: int) -> None:
+    def _stop(self, http: uvicorn.Server, manager: SyncManager, why: str, code: int) -> None:
         """Refuse new predictions, answer those in flight, then stop the worker, the manager and HTTP."""
+        worker = self._worker
         self.state.stopping = True
         in_flight = sum(not item.event.is_set() for item in list(self.response_buffer.values()))
         say(f"stopping ({why}); {in_flight} request(s) in flight")
@@ -278,7 +278,10 @@ class MTLServer(ls.LitServer):
             worker.kill()
             worker.join()
         self._transport.close(send_sentinel=False)
-        manager.shutdown()
+        try:
+            manager.shutdown()
+        except (OSError, EOFError):  # it is gone already (what stopped the server)
+            pass
         self._http_thread.join(5)
         self._listening.close()
-        say(f"stopped ({'exit code ' + str(code)})")
+        say(f"stopped (exit code {code})")

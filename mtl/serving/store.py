@@ -97,7 +97,7 @@ def _stamp(*files: Path) -> Stamp:
     out: list[int] = []
     for file in files:
         try:
-            st = file.stat()
+            st = os.stat(file)
             out += [st.st_ino, st.st_size, st.st_mtime_ns]
         except OSError:
             out.append(-1)  # missing is a state too: it changes when the file appears
@@ -137,7 +137,10 @@ def _part_folders(root: Path, real_root: Path) -> tuple[list[tuple[str, Path]], 
         for kind, sub, config in (("task", "adapters", storage.ADAPTER_CONFIG), ("fusion", "fusions", storage.FUSION_CONFIG)):
             base = run / sub
             if base.is_dir() and inside(base):
-                parts += [(kind, p) for p in sorted(base.iterdir()) if not p.name.startswith(".") and (p / config).is_file()]
+                # names as strings, one Path per part: a rescan of 1,000 parts every poll_seconds must stay cheap
+                with os.scandir(base) as found:
+                    names = sorted(e.name for e in found if not e.name.startswith("."))
+                parts += [(kind, base / n) for n in names if os.path.isfile(os.path.join(base, n, config))]
     return parts, refused
 
 
@@ -227,6 +230,7 @@ class AdapterStore:
         self._read_done = threading.Condition(self._lock)  # a prefetch read ended, or one was queued
         self._scanning = threading.Lock()  # one scan at a time
         self.entries: dict[str, StoreEntry] = {}
+        self.generation = 0  # counts changes of the index (a scan, a part read): a listing is stale when it moved
         self._known: dict[str, StoreEntry] = {}  # folder -> what its files hold, before names are matched up
         self._missing: dict[str, int] = {}
         self._reported: dict[str, Stamp] = {}  # folder -> the broken file state last reported (each said once)
@@ -314,6 +318,8 @@ class AdapterStore:
                             lines.append(f"'{shown(name)}' removed from the store")
                 seen = {str(p) for _, p in parts} | {str(p) for p, _ in refused}
                 self._reported = {k: v for k, v in self._reported.items() if k in seen}
+                if found != self.entries:
+                    self.generation += 1
                 self._known, self.entries = fresh, found
             return lines
 
@@ -393,7 +399,18 @@ class AdapterStore:
             if current is not None and (current.folder, current.stamp) == (entry.folder, entry.stamp) \
                     and current.error is None:
                 self.entries[entry.name] = entry
+                self.generation += 1
             return True
+
+    def folders_stamp(self) -> Stamp:
+        """A stamp of the store's folders (the root, each run, its adapters/ and fusions/): it changes whenever mtl
+        exports, replaces or removes a part (each is a rename in one of them), at a few stat calls for any store size;
+        a file rewritten in place leaves it unchanged, so only a full `scan` sees that."""
+        folders = [self.root]
+        if not (self.root / "adapters").is_dir():
+            with os.scandir(self.root) as found:
+                folders += sorted(Path(e.path) for e in found if not e.name.startswith(".") and e.is_dir())
+        return _stamp(*folders, *(f / sub for f in folders for sub in ("adapters", "fusions")))
 
     def snapshot(self) -> dict[str, StoreEntry]:
         """The index as it is now (a consistent copy)."""
