@@ -337,8 +337,10 @@ CASES = [
     Case("serve-port-out-of-range", "cli", ["serve", "--serve.store", "run", "--serve.port", "80"]),
     Case("serve-host-not-bindable", "cli", ["serve", "--serve.store", "run", "--serve.host", "10.1.2.3"]),
     Case("serve-unknown-key", "cli", ["serve", "--serve.store", "run", "--serve.max_resdent", "4"]),
-    Case("serve-adapter-truncated", "files", ["serve", "--serve.store", "run"],
-         truncate("run/adapters/keyword/adapter.safetensors")),
+    # weights are read at first load now (a truncated file is that part's 503, tests/test_serving_store_hostile.py);
+    # a store whose every part is refused at indexing still ends before anything starts
+    Case("serve-adapter-config-broken", "files", ["serve", "--serve.store", "run"],
+         write("run/adapters/keyword/adapter_config.json", "{not json")),
     Case("predict-file-missing", "files", PREDICT[:-3] + ["nope.txt"] + PREDICT[-2:]),
     Case("predict-file-binary", "files", PREDICT, write_bytes("texts.txt", b"\xff\xfe\x00bad" * 10)),
     Case("predict-file-lone-surrogate", "files", PREDICT[:-3] + ["texts.jsonl"] + PREDICT[-2:],

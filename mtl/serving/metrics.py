@@ -23,6 +23,7 @@ WORKER_COUNTERS = {
     "evictions": ("mtl_evictions", "Parts evicted to stay within serve.max_resident"),
     "swaps": ("mtl_swaps", "Resident parts replaced by a newer export"),
     "load_failures": ("mtl_load_failures", "Parts that could not be loaded"),
+    "prefetch_hits": ("mtl_prefetch_hits", "Cold loads whose weights the loader thread had read ahead"),
 }
 
 

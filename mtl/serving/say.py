@@ -13,4 +13,7 @@ def say(line: str) -> None:
     """Print one timestamped log line (control characters escaped, so a hostile name cannot forge lines)."""
     clean = _CONTROL.sub(lambda m: repr(m.group())[1:-1], line)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
-    print(f"{stamp} serve: {clean}", file=sys.stdout, flush=True)
+    try:
+        print(f"{stamp} serve: {clean}", file=sys.stdout, flush=True)
+    except (BrokenPipeError, OSError):  # the terminal or pipe is gone (e.g. `| tee`, Ctrl-C): never a reason to fail
+        pass
