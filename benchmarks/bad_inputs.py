@@ -339,8 +339,10 @@ CASES = [
     Case("serve-unknown-key", "cli", ["serve", "--serve.store", "run", "--serve.max_resdent", "4"]),
     # weights are read at first load now (a truncated file is that part's 503, tests/test_serving_store_hostile.py);
     # a store whose every part is refused at indexing still ends before anything starts
-    Case("serve-adapter-config-broken", "files", ["serve", "--serve.store", "run"],
-         write("run/adapters/keyword/adapter_config.json", "{not json")),
+    Case("serve-adapter-configs-broken", "files", ["serve", "--serve.store", "run"],
+         steps(*(write(f"run/{part}", "{not json") for part in ("adapters/keyword/adapter_config.json",
+                                                                "adapters/colour/adapter_config.json",
+                                                                "fusions/mood/fusion_config.json")))),
     Case("predict-file-missing", "files", PREDICT[:-3] + ["nope.txt"] + PREDICT[-2:]),
     Case("predict-file-binary", "files", PREDICT, write_bytes("texts.txt", b"\xff\xfe\x00bad" * 10)),
     Case("predict-file-lone-surrogate", "files", PREDICT[:-3] + ["texts.jsonl"] + PREDICT[-2:],

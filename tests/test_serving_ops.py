@@ -25,6 +25,8 @@ from mtl.cli import main
 from tests.serving_helpers import TASKS, TEXTS, write_store
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the serving benchmark's process-tree walk, not a second copy
+from serving import descendants  # noqa: E402
 
 
 def free_port() -> int:
@@ -52,23 +54,6 @@ def get(url: str) -> tuple[int, str]:
         return err.code, err.read().decode()
     except OSError:
         return 0, ""
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (from /proc)."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        children = parents.get(todo.pop(), [])
-        out += children
-        todo += children
-    return out
 
 
 def alive(pid: int) -> bool:
