@@ -218,11 +218,13 @@ def test_a_busy_port_is_one_line_and_exit_2(start, tiny_dir, tmp_path):
 
 
 def test_metrics_ready_health_and_error_bodies(start):
-    process, base, _ = start("--serve.api_key", "k")
+    process, base, log = start("--serve.api_key", "k", "--serve.admin_key", "admin-secret-4")
     assert get(f"{base}/health") == (200, '{"status":"ok"}')  # probes have no secret
     assert get(f"{base}/ready")[0] == 200
     status, body = get(f"{base}/nowhere")
     assert status == 404 and json.loads(body) == {"error": "Not Found"}
+    status, body = get(f"{base}/predict")
+    assert status == 405 and json.loads(body) == {"error": "Method Not Allowed"}
     assert get(f"{base}/metrics")[0] == 401 and "error" in json.loads(get(f"{base}/metrics")[1])
     for _ in range(3):
         request = urllib.request.Request(f"{base}/predict", data=json.dumps({"text": "a b", "task": "t2"}).encode(),
@@ -242,6 +244,8 @@ def test_metrics_ready_health_and_error_bodies(start):
     body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/PredictRequest"}
     assert set(schema["components"]["schemas"]["PredictAnswer"]["properties"]) >= {"task", "label", "score", "version"}
+    text = log.read_text()
+    assert "admin-secret-4" not in text and ":8000" not in text and base in text  # the real address, never a key
 
 
 def test_a_body_nested_too_deep_is_one_400(start):
