@@ -223,8 +223,10 @@ def test_metrics_ready_health_and_error_bodies(start):
     assert get(f"{base}/ready")[0] == 200
     status, body = get(f"{base}/nowhere")
     assert status == 404 and json.loads(body) == {"error": "Not Found"}
-    status, body = get(f"{base}/predict")
-    assert status == 405 and json.loads(body) == {"error": "Method Not Allowed"}
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(urllib.request.Request(f"{base}/predict", headers={"X-API-Key": "k"}), timeout=10)
+    assert err.value.code == 405 and json.loads(err.value.read()) == {"error": "Method Not Allowed"}
+    assert get(f"{base}/predict")[0] == 401  # the key first
     assert get(f"{base}/metrics")[0] == 401 and "error" in json.loads(get(f"{base}/metrics")[1])
     for _ in range(3):
         request = urllib.request.Request(f"{base}/predict", data=json.dumps({"text": "a b", "task": "t2"}).encode(),
@@ -237,7 +239,7 @@ def test_metrics_ready_health_and_error_bodies(start):
     with urllib.request.urlopen(request, timeout=10) as response:
         metrics = response.read().decode()
     assert 'mtl_requests_total{path="/predict",status="200",task="t2"} 3.0' in metrics
-    assert 'mtl_requests_total{path="/predict",status="401",task="none"} 1.0' in metrics
+    assert 'mtl_requests_total{path="/predict",status="401",task="none"} 2.0' in metrics  # the GET and the POST
     assert "mtl_batch_requests_count 3.0" in metrics and "mtl_resident_parts 1.0" in metrics
     assert "mtl_cold_loads_total 1.0" in metrics
     schema = json.loads(get(f"{base}/openapi.json")[1])

@@ -1,7 +1,7 @@
 """The HTTP side of serving (the server's main process): the request guard, mtl's routes and its error bodies.
 
 `RequestGuard` sees every request first: it gives each one an id (``X-Request-ID``, echoed when the client sent one),
-checks ``POST /predict``'s key (``serve.api_key``), answers it at once with a 503 while no worker can take it, refuses bodies that are too large, not
+checks ``serve.api_key`` on ``/predict``, ``/tasks`` and ``/metrics``, answers ``POST /predict`` at once with a 503 while no worker can take it, refuses bodies that are too large, not
 JSON, nested too deep or not objects (so the inference worker never sees them), and counts every answer in the
 metrics. `install_routes` replaces LitServe's ``/``, ``/health``, ``/info`` and ``/shutdown`` with mtl's
 ``/health``, ``/ready``, ``/tasks``, ``/metrics`` and (with an admin key) ``/shutdown``, and makes every 4xx/5xx answer
@@ -21,7 +21,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -33,6 +33,7 @@ MAX_BODY_BYTES = 8 << 20  # a whole request body; more is a 413 before it is rea
 MAX_DEPTH = 8  # nesting of a request body's arrays and objects (a valid one has 2)
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # an id a client may choose (it goes into log lines)
 PATHS = ("/predict", "/tasks", "/health", "/ready", "/metrics", "/shutdown", "/docs", "/openapi.json")
+KEYED = ("/predict", "/tasks", "/metrics")  # what serve.api_key guards; probes and the admin route have their own rules
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -92,7 +93,10 @@ class RequestGuard:
             await send(message)
 
         try:
-            if scope["method"] == "POST" and scope["path"] == self.path:
+            if self.api_key and scope["path"] in KEYED and not secrets.compare_digest(
+                    dict(scope["headers"]).get(b"x-api-key", b""), self.api_key.encode()):
+                await error(401, "missing or wrong X-API-Key header")(scope, receive, send_with_id)
+            elif scope["method"] == "POST" and scope["path"] == self.path:
                 await self._predict(scope, receive, send_with_id, rid, answer)
             else:
                 await self.app(scope, receive, send_with_id)
@@ -101,11 +105,6 @@ class RequestGuard:
             self.metrics.observe_request(path, answer["status"], answer["task"], time.monotonic() - started)
 
     async def _predict(self, scope: dict, receive: Any, send: Any, rid: str, answer: dict) -> None:
-        if self.api_key:
-            sent = dict(scope["headers"]).get(b"x-api-key", b"")
-            if not secrets.compare_digest(sent, self.api_key.encode()):
-                await error(401, "missing or wrong X-API-Key header")(scope, receive, send)
-                return
         if self.state.stopping or not self.state.ready:
             reason = "the server is stopping" if self.state.stopping else self.state.why_not_ready
             await error(503, f"{reason}; retry later (request {rid})")(scope, receive, send)
@@ -207,13 +206,10 @@ def _document_predict(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def install_routes(app: FastAPI, state: ServerState, metrics: ServingMetrics, api_key: str | None,
-                   admin_key: str | None) -> None:
+def install_routes(app: FastAPI, state: ServerState, metrics: ServingMetrics, admin_key: str | None) -> None:
     """mtl's routes and error bodies on LitServe's app (see the module docstring)."""
     app.router.routes = [r for r in app.router.routes
                          if getattr(r, "path", None) not in ("/", "/health", "/info", "/shutdown")]
-    guard = [Depends(_key_check(api_key))] if api_key else []
-
     async def health() -> JSONResponse:
         return JSONResponse({"status": "stopping" if state.stopping else "ok"})
 
@@ -232,8 +228,8 @@ def install_routes(app: FastAPI, state: ServerState, metrics: ServingMetrics, ap
 
     app.add_api_route("/health", health, methods=["GET"], summary="Liveness: the HTTP process answers (open)")
     app.add_api_route("/ready", ready, methods=["GET"], summary="Readiness: the worker is up and the store indexed")
-    app.add_api_route("/tasks", tasks, methods=["GET"], dependencies=guard, summary="Every servable task and fusion")
-    app.add_api_route("/metrics", prometheus, methods=["GET"], dependencies=guard, summary="Prometheus metrics")
+    app.add_api_route("/tasks", tasks, methods=["GET"], summary="Every servable task and fusion")
+    app.add_api_route("/metrics", prometheus, methods=["GET"], summary="Prometheus metrics")
     if admin_key:
         async def shutdown() -> JSONResponse:
             os.kill(os.getpid(), signal.SIGTERM)  # the same clean stop as a SIGTERM from outside
@@ -259,15 +255,6 @@ def install_routes(app: FastAPI, state: ServerState, metrics: ServingMetrics, ap
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(Exception, crash)
     _document_predict(app)
-
-
-def _key_check(key: str) -> Any:
-    header = APIKeyHeader(name="X-API-Key", auto_error=False)
-
-    def check(sent: str | None = Depends(header)) -> None:
-        if not sent or not secrets.compare_digest(sent, key):
-            raise HTTPException(401, "missing or wrong X-API-Key header")
-    return check
 
 
 def _bearer_check(key: str) -> Any:

@@ -97,7 +97,7 @@ class MTLServer(ls.LitServer):
                          middlewares=[(RequestGuard, {"state": self.state, "metrics": self.metrics,
                                                        "api_key": config.api_key})],
                          enable_shutdown_api=False)
-        install_routes(self.app, self.state, self.metrics, config.api_key, config.admin_key)
+        install_routes(self.app, self.state, self.metrics, config.admin_key)
         self._signals: deque[int] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
 
