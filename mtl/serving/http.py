@@ -46,6 +46,7 @@ class ServerState:
     """What the HTTP side knows of the worker (the main process updates it from the worker's reports)."""
 
     tasks: list[dict[str, Any]] = field(default_factory=list)  # the index as the worker last listed it
+    names: frozenset[str] = frozenset()  # the names in ``tasks``, for a per-request lookup
     resident: frozenset[str] = frozenset()  # what the worker's last batch left resident
     ready: bool = False
     stopping: bool = False
@@ -55,7 +56,7 @@ class ServerState:
         """A request's task as a metric label: known names only, so clients cannot grow the label set."""
         if task is None:
             return "none"
-        return task if any(t["task"] == task for t in self.tasks) else "unknown"
+        return task if task in self.names else "unknown"
 
 
 def nested_too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped as repr does (a hostile name cannot forge log lines)."""
+    return text if text.isprintable() else "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def say(line: str) -> None:
-    """Print one timestamped log line (control characters escaped, so a hostile name cannot forge lines)."""
-    clean = _CONTROL.sub(lambda m: repr(m.group())[1:-1], line)
+    """Print one timestamped log line, made `printable`."""
+    clean = printable(line)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
     try:
         print(f"{stamp} serve: {clean}", file=sys.stdout, flush=True)

@@ -149,11 +149,15 @@ class MTLServer(ls.LitServer):
         return server
 
     # ---- in-flight requests ----------------------------------------------------------------------
+    def _in_flight(self) -> list[Any]:
+        """The requests sent to the worker and not answered yet (their response-buffer items)."""
+        return [item for item in list(self.response_buffer.values()) if not item.event.is_set()]
+
     def _fail_in_flight(self, status: int, message: str) -> int:
         """Answer every request waiting for the worker with ``status`` now; returns how many."""
         if self._loop is None:
             return 0
-        pending = [item for item in list(self.response_buffer.values()) if not item.event.is_set()]
+        pending = self._in_flight()
 
         def fail() -> None:
             for item in pending:
@@ -245,6 +249,7 @@ class MTLServer(ls.LitServer):
         """One message from the worker: it is ready, the listing changed, or a batch ran."""
         if "tasks" in report:
             self.state.tasks = report["tasks"]
+            self.state.names = frozenset(t["task"] for t in self.state.tasks)
         if "resident_names" in report:
             self.state.resident = frozenset(report["resident_names"])
         if "requests" in report:
@@ -256,11 +261,9 @@ class MTLServer(ls.LitServer):
         """Refuse new predictions, answer those in flight, then stop the worker, the manager and HTTP."""
         worker = self._worker
         self.state.stopping = True
-        in_flight = sum(not item.event.is_set() for item in list(self.response_buffer.values()))
-        say(f"stopping ({why}); {in_flight} request(s) in flight")
+        say(f"stopping ({why}); {len(self._in_flight())} request(s) in flight")
         deadline = time.monotonic() + self.config.timeout
-        while worker.is_alive() and time.monotonic() < deadline and \
-                any(not item.event.is_set() for item in list(self.response_buffer.values())):
+        while worker.is_alive() and time.monotonic() < deadline and self._in_flight():
             if self._signals:
                 break  # a second SIGTERM or Ctrl-C: stop now
             time.sleep(0.02)

@@ -36,6 +36,7 @@ import torch
 from mtl import model_files, storage
 from mtl.errors import MTLConfigError
 from mtl.model import MTLModel, check_name
+from mtl.serving.say import printable
 
 log = logging.getLogger("mtl.serving")
 Stamp = int  # a hash of (inode, size, mtime) of an export's files: cheap to keep, changes when a file does
@@ -47,7 +48,7 @@ _PATH, _ERROR = 240, 600  # the longest path and error text a log line shows (a 
 def shown(value: object, limit: int = 100) -> str:
     """``value`` as a log line may hold it: non-printable characters escaped as repr does, the middle of anything
     longer than ``limit`` characters cut (a path keeps its end, the part that names the export)."""
-    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(value))
+    text = printable(str(value))
     if len(text) <= limit:
         return text
     half = (limit - 3) // 2
