@@ -32,6 +32,7 @@ from mtl.errors import MTLConfigError
 from mtl.fusion.config import FusionConfig, as_fusion_config
 from mtl.fusion.layer import FusionLayer
 from mtl.heads import TaskHead
+from mtl.part_pool import PartPool
 from mtl.registry import Part, PartState, TaskRecord
 
 log = logging.getLogger("mtl")
@@ -107,11 +108,12 @@ class MTLModel(nn.Module):
     def add_task(self, name: str, num_outputs: int, adapter: AdapterConfig | str | dict = "pfeiffer",
                  problem: str = "classification", pooling: str = "mean", head_dropout: float = 0.1,
                  labels: Sequence[str] | None = None, spec: dict[str, Any] | None = None,
-                 overwrite: bool = False, adapter_name: str | None = None) -> None:
+                 overwrite: bool = False, adapter_name: str | None = None, pool: PartPool | None = None) -> None:
         """Add a new head for ``name`` and a fresh (identity) adapter.
 
         ``adapter_name`` lets several tasks share one adapter (each keeps its own head): the first task that
-        names it creates it, later ones reuse it and must give the same adapter config.
+        names it creates it, later ones reuse it and must give the same adapter config. ``pool``: take the modules
+        from there when it holds some of these shapes (their values are stale: for a caller that fills them all).
         """
         key = adapter_name or name
         check_name(name, "task name")
@@ -126,13 +128,15 @@ class MTLModel(nn.Module):
                 raise MTLConfigError(f"task '{name}': adapter '{key}' already exists with another config (used by {users})")
         else:
             device = next(self.backbone.parameters()).device
-            for index in config.layers(self.num_layers):
-                for position in config.positions:
-                    self.slots[index][position].adapters[key] = BottleneckAdapter(self.hidden_size, config).to(device)
+            places = [(index, position) for index in config.layers(self.num_layers) for position in config.positions]
+            build = lambda: {place: BottleneckAdapter(self.hidden_size, config).to(device) for place in places}
+            modules = pool.take(("adapter", config, device), build) if pool is not None else build()
+            for (index, position), module in modules.items():
+                self.slots[index][position].adapters[key] = module
             self.adapter_configs[key] = config
             self.states[("adapter", key)] = PartState()
         self._add_record(TaskRecord(name, Target(key), list(labels) if labels is not None else None, spec),
-                         num_outputs, problem, pooling, head_dropout)
+                         num_outputs, problem, pooling, head_dropout, pool)
 
     def add_fusion(self, name: str, adapters: Sequence[str], num_outputs: int,
                    config: FusionConfig | str | dict = "dynamic", problem: str = "classification",
@@ -182,9 +186,12 @@ class MTLModel(nn.Module):
                 raise MTLConfigError(f"task '{name}' already exists (set overwrite: true to replace it)")
             self.remove_task(name)
 
-    def _add_record(self, record: TaskRecord, num_outputs: int, problem: str, pooling: str, dropout: float) -> None:
+    def _add_record(self, record: TaskRecord, num_outputs: int, problem: str, pooling: str, dropout: float,
+                    pool: PartPool | None = None) -> None:
         device = next(self.backbone.parameters()).device
-        self.heads[record.name] = TaskHead(self.hidden_size, num_outputs, problem, pooling, dropout).to(device)
+        build = lambda: TaskHead(self.hidden_size, num_outputs, problem, pooling, dropout).to(device)
+        key = ("head", {"num_outputs": num_outputs, "problem": problem, "pooling": pooling, "dropout": dropout}, device)
+        self.heads[record.name] = pool.take(key, build) if pool is not None else build()
         self.states[("head", record.name)] = PartState()
         self.records[record.name] = record
         # the new parts take the model's mode; a whole-model train() would walk every module, a cost that grows with
@@ -195,21 +202,29 @@ class MTLModel(nn.Module):
                 if record.target.name in parts:
                     parts[record.target.name].train(self.training)
 
-    def remove_task(self, name: str) -> None:
-        """Drop a task's head, and its adapter or fusion unless something else still uses it."""
+    def remove_task(self, name: str, pool: PartPool | None = None) -> None:
+        """Drop a task's head, and its adapter or fusion unless something else still uses it; ``pool``: keep the
+        head and adapter modules there for a later task of the same shapes."""
         self._check_tasks([name])
         record = self.records.pop(name)
-        del self.heads[name]
+        head = self.heads.pop(name)
         self.states.pop(("head", name))
+        device = next(self.backbone.parameters()).device
+        if pool is not None:
+            pool.put(("head", head.settings(), device), head)
         target = record.target
         used = {r.target.name for r in self.records.values()} | {a for r in self.records.values() for a in r.target.fused}
         if target.name not in used:
-            for slot in self.iter_slots():
-                modules = slot.fusions if target.is_fusion else slot.adapters
-                if target.name in modules:
-                    del modules[target.name]
-            (self.fusion_configs if target.is_fusion else self.adapter_configs).pop(target.name)
+            freed = {}
+            for index, per_layer in enumerate(self.slots):
+                for position, slot in per_layer.items():
+                    modules = slot.fusions if target.is_fusion else slot.adapters
+                    if target.name in modules:
+                        freed[(index, position)] = modules.pop(target.name)
+            config = (self.fusion_configs if target.is_fusion else self.adapter_configs).pop(target.name)
             self.states.pop(record.route_part)
+            if pool is not None and not target.is_fusion:
+                pool.put(("adapter", config, device), freed)
 
     def adapter_locations(self, adapter: str) -> list[tuple[int, str]]:
         """(layer, position) of every slot that holds this adapter."""

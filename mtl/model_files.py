@@ -21,6 +21,7 @@ from mtl.fusion.config import FusionConfig
 
 if TYPE_CHECKING:
     from mtl.model import MTLModel
+    from mtl.part_pool import PartPool
 
 
 def backbone_info(model: MTLModel) -> dict[str, Any]:
@@ -107,11 +108,12 @@ def _fill(model: MTLModel, name: str, tensors: dict[str, torch.Tensor], file: Pa
 
 def load_task(model: MTLModel, path: str | Path, overwrite: bool = False, name: str | None = None,
               same_backbone: bool = False, data: dict[str, Any] | None = None,
-              tensors: dict[str, torch.Tensor] | None = None) -> str:
+              tensors: dict[str, torch.Tensor] | None = None, pool: PartPool | None = None) -> str:
     """Add the task exported in ``path`` to this model; returns its name.
 
     ``data`` / ``tensors``: the folder's config and weights when the caller has read them already (a server reads
     the weights' bytes once, for their SHA-256 and for the tensors, so the version it reports is what it loaded).
+    ``pool``: reuse removed tasks' modules of the same shapes (every parameter is filled from the file).
     """
     path = Path(path)
     if data is None:
@@ -132,7 +134,7 @@ def load_task(model: MTLModel, path: str | Path, overwrite: bool = False, name: 
     model.add_task(name, head["num_outputs"], AdapterConfig.from_dict(data["adapter"], str(path / storage.ADAPTER_CONFIG)),
                   problem=head["problem"], pooling=head["pooling"], head_dropout=head["dropout"],
                   labels=data.get("labels"), spec=data.get("task_spec"), overwrite=overwrite,
-                  adapter_name=adapter_name if adapter_name != name else None)
+                  adapter_name=adapter_name if adapter_name != name else None, pool=pool)
     _fill(model, name, tensors, weights)
     return name
 

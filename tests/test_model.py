@@ -13,6 +13,7 @@ from mtl.adapters.config import AdapterConfig
 from mtl.errors import MTLConfigError
 from mtl.adapters.inject import Target
 from mtl.model import MTLModel
+from mtl.part_pool import PartPool
 from tests.conftest import tiny_backbone, tiny_batch
 
 
@@ -227,3 +228,30 @@ def test_a_task_named_like_a_module_method_is_one_line(name):
         model.add_task(name, 2)
     assert model.tasks == [] and model.adapter_configs == {}
     model.add_task("halfway", 2)  # only exact attribute names are reserved
+
+
+def test_a_pool_hands_removed_modules_to_a_load_of_the_same_shapes_and_the_answers_are_a_fresh_load(tmp_path):
+    source = _model(tasks=("a", "b", "c", "d"), presets=("pfeiffer", "pfeiffer", "houlsby", "pfeiffer"))
+    batch = tiny_batch()
+    for task in source.tasks:
+        model_files.save_task(source, task, tmp_path / "adapters")
+    pool, served = PartPool(), MTLModel(tiny_backbone("bert"))
+    model_files.load_task(served, tmp_path / "adapters" / "a", pool=pool)
+    head, adapter = served.heads["a"], served.slots[0]["ffn"].adapters["a"]
+    served.requires_grad_(False)
+    served.remove_task("a", pool=pool)
+    assert len(pool) == 2  # the head and the adapter's modules (one entry for all its slots)
+    model_files.load_task(served, tmp_path / "adapters" / "c", pool=pool)  # houlsby, 5 outputs: nothing fits
+    assert pool.reused == 0 and served.heads["c"] is not head
+    served.remove_task("c", pool=pool)
+    model_files.load_task(served, tmp_path / "adapters" / "d", pool=pool)  # pfeiffer, but 6 outputs: adapter only
+    assert pool.reused == 1 and served.slots[0]["ffn"].adapters["d"] is adapter and served.heads["d"] is not head
+    assert all(p.requires_grad for p in adapter.parameters())  # as built: trainable
+    assert torch.equal(served(**batch, tasks="d")["d"], source(**batch, tasks="d")["d"])
+    served.remove_task("d", pool=pool)
+    model_files.load_task(served, tmp_path / "adapters" / "a", pool=pool)  # a's head and adapter back, refilled
+    assert pool.reused == 3 and served.heads["a"] is head and served.slots[0]["ffn"].adapters["a"] is adapter
+    assert torch.equal(served(**batch, tasks="a")["a"], source(**batch, tasks="a")["a"])
+    assert len(pool) == 3  # c's head and adapter, d's head
+    pool.trim(keep=1)
+    assert len(pool) == 1

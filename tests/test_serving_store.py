@@ -85,6 +85,8 @@ def test_eviction_keeps_at_most_max_resident_and_a_fusion_pins_its_adapters(stor
         resident = set(api.store.resident_names)
         assert len(resident) <= 3 and (FUSION not in resident or {"t0", "t1"} <= resident)
     assert sorted(api.model.tasks) == sorted(api.store.resident_names)
+    # those answers came in part from evicted parts' modules, refilled (a load evicts first, then builds nothing)
+    assert api.store.pool.reused >= 4 and len(api.store.pool) <= 8
 
 
 def test_a_new_export_is_swapped_in_between_batches_and_answers_say_which_version(store_dir, tiny_dir):

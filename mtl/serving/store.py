@@ -36,6 +36,7 @@ import torch
 from mtl import model_files, storage
 from mtl.errors import MTLConfigError
 from mtl.model import MTLModel, check_name
+from mtl.part_pool import PartPool
 from mtl.serving.say import printable
 
 log = logging.getLogger("mtl.serving")
@@ -43,6 +44,7 @@ Stamp = int  # a hash of (inode, size, mtime) of an export's files: cheap to kee
 Read = tuple["StoreEntry", dict[str, torch.Tensor]]  # an entry with the SHA-256 of the weights read, and the tensors
 _SHARED: dict[tuple[str, ...], tuple[str, ...]] = {}  # one copy of each label tuple for the whole index
 _PATH, _ERROR = 240, 600  # the longest path and error text a log line shows (a name: 100 characters)
+_POOL_TASKS = 4  # evicted tasks whose modules stay pooled between two batches (a batch's evictions come first)
 
 
 def shown(value: object, limit: int = 100) -> str:
@@ -239,6 +241,7 @@ class AdapterStore:
         self.resident_names: tuple[str, ...] = ()  # for other threads: replaced whole after each change
         self.resident: OrderedDict[str, StoreEntry] = OrderedDict()  # least recently used first
         self.model: MTLModel | None = None
+        self.pool = PartPool()  # evicted parts' modules, built again for the next loads (the model's thread only)
         # counts since start, for metrics (plain numbers; the model's thread writes them)
         self.stats: dict[str, float] = {"cold_loads": 0, "cold_load_seconds": 0.0, "evictions": 0, "swaps": 0,
                                         "load_failures": 0, "prefetch_hits": 0}
@@ -561,17 +564,20 @@ class AdapterStore:
             elif broken:
                 reason = f"its fused task '{shown(broken[0])}': {failed[broken[0]]}"
             else:
-                reason = self._make_resident(entry)
+                reason = self._make_resident(entry, set(needed))
             if reason is not None:
                 failed[name] = reason
                 continue
             self.resident.move_to_end(name)
         self._evict(set(needed))
+        self.pool.trim(keep=2 * _POOL_TASKS)  # a head and an adapter per task
+        self._say_evictions()
         self.resident_names = tuple(self.resident)
         return {n: self.resident[n].version for n in wanted if n not in failed}, {n: failed[n] for n in wanted if n in failed}
 
-    def _make_resident(self, entry: StoreEntry) -> str | None:
-        """Load ``entry`` unless its version is resident; None, or why it cannot be served."""
+    def _make_resident(self, entry: StoreEntry, keep: set[str]) -> str | None:
+        """Load ``entry`` unless its version is resident (evicting a part not in ``keep`` when full); None, or why
+        it cannot be served."""
         current = self.resident.get(entry.name)
         if current is not None and self._current(current, entry):
             return None
@@ -585,9 +591,11 @@ class AdapterStore:
                 self._unload(name)
             self._unload(entry.name)
             self.stats["swaps"] += 1
+        # room before the load, once the file is read and checked: the evicted part's modules are the ones it reuses
+        self._evict(keep, room=1)
         try:
             if loaded.kind == "task":
-                model_files.load_task(self.model, loaded.folder, name=loaded.name, tensors=tensors)
+                model_files.load_task(self.model, loaded.folder, name=loaded.name, tensors=tensors, pool=self.pool)
             else:
                 model_files.load_fusion(self.model, loaded.folder, tensors=tensors)
         except MTLConfigError as err:
@@ -637,17 +645,20 @@ class AdapterStore:
     def _unload(self, name: str) -> None:
         self.resident.pop(name)
         if name in self.model.records:
-            self.model.remove_task(name)
+            self.model.remove_task(name, pool=self.pool)
 
-    def _evict(self, keep: set[str]) -> None:
+    def _evict(self, keep: set[str], room: int = 0) -> None:
+        """Unload the least recently used parts not in ``keep`` (nor fused) until ``room`` more fit."""
         pinned = keep | {f for e in self.resident.values() if e.kind == "fusion" for f in e.fused}
         for name in list(self.resident):
-            if len(self.resident) <= self.max_resident:
+            if len(self.resident) + room <= self.max_resident:
                 break
             if name not in pinned:
                 self._unload(name)
                 self.stats["evictions"] += 1
                 self._evicted_unsaid += 1
+
+    def _say_evictions(self) -> None:
         # one line per interval, not per batch: under a mix wider than max_resident every batch evicts
         if self._evicted_unsaid and time.monotonic() - self._evictions_said_at >= self.evict_log_seconds:
             self.say(f"evicted {self._evicted_unsaid} part(s) since the last such line; {len(self.resident)} "
