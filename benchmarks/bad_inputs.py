@@ -191,6 +191,14 @@ def nudge(rel: str) -> Callable[[Path], None]:
     return run
 
 
+def link(rel: str, target: str) -> Callable[[Path], None]:
+    """Setup: ``rel`` becomes a symlink to ``target`` (a folder no user can write, such as /proc)."""
+    def run(sandbox: Path) -> None:
+        (sandbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (sandbox / rel).symlink_to(target)
+    return run
+
+
 def steps(*fns: Callable[[Path], None]) -> Callable[[Path], None]:
     """Setup: several steps in order."""
     return lambda s: [f(s) for f in fns] and None
@@ -291,6 +299,8 @@ CASES = [
     Case("spec-yaml-error", "early", FIT + ["--data.tasks", "[broken]"], write("tasks/broken.yaml", "source: {type: files\n")),
     Case("run-dir-read-only", "early", FIT[:-1] + [READ_ONLY + "/run"]),
     Case("run-dir-is-a-file", "early", FIT[:-1] + ["afile"], write("afile", "not a folder\n")),
+    Case("adapters-folder-read-only", "early", FIT, link("new/adapters", "/proc")),
+    Case("logger-folder-read-only", "early", FIT, link("new/lightning/logs", "/proc")),
     Case("cache-dir-read-only", "early", FIT + ["--data.cache_dir", READ_ONLY + "/cache"]),
     Case("predictions-read-only", "early", PREDICT + ["--trainer.callbacks+=mtl.predict.PredictionWriter",
                                                       "--trainer.callbacks.output", READ_ONLY + "/p.jsonl"]),
@@ -388,6 +398,7 @@ CASES = [
     Case("continual-runner-key-in-yaml", "continual", CONTINUAL + ["--config", "bad.yaml"],
          write("bad.yaml", "data:\n  tasks: [keyword]\n")),
     Case("continual-run-dir-holds-a-fit-run", "continual", CONTINUAL + ["--continual.run_dir", "run"]),
+    Case("continual-steps-folder-read-only", "continual", CONTINUAL, link("cnew/steps", "/proc")),
     Case("continual-resume-other-order", "continual", RESUME + ["--continual.order", "[colour, keyword]"]),
     Case("continual-resume-other-strategy", "continual", RESUME + ["--continual.strategy", "shared"]),
     Case("continual-resume-changed-spec", "continual", RESUME,

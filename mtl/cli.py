@@ -17,10 +17,11 @@ from jsonargparse import set_parsing_settings  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
+from mtl.checkpoint_io import with_atomic_checkpoints  # noqa: E402
 from mtl.cli_errors import check_config_file, config_files, explain_parse_error, user_mistake  # noqa: E402
 from mtl.console import QUIET_TRAINER_DEFAULTS, fit_summary, quiet_lightning  # noqa: E402
 from mtl.data.module import TaskDataModule  # noqa: E402
-from mtl.errors import WRITE_ERRNOS, MTLConfigError, write_failure  # noqa: E402
+from mtl.errors import WRITE_ERRNOS, MTLConfigError, MTLWriteError, write_failure  # noqa: E402
 from mtl.lit import AdapterTrainer  # noqa: E402
 from mtl.precision import resolve_precision  # noqa: E402
 from mtl.preflight import preflight  # noqa: E402
@@ -57,7 +58,8 @@ class MTLCLI(LightningCLI):
                       self.config[self.subcommand].get("ckpt_path"))
         precision, line = resolve_precision(trainer_config)
         rank_zero_only(print)(line)  # once, not once per DDP process
-        return super().instantiate_trainer(**{"precision": precision, **kwargs})
+        plugins = with_atomic_checkpoints(trainer_config.get("plugins"))
+        return super().instantiate_trainer(**{"precision": precision, "plugins": plugins, **kwargs})
 
     def before_fit(self) -> None:
         """Start the clock of fit's summary line."""
@@ -84,6 +86,10 @@ class MTLCLI(LightningCLI):
         path, the OS error and where the trained weights are."""
         try:
             super()._run_subcommand(subcommand)
+        except MTLWriteError as err:  # a checkpoint or an export: fit's training is not lost, say where it is
+            if subcommand != "fit":
+                raise
+            raise MTLWriteError(f"{err}; {self.model.kept_weights()}") from None
         except OSError as err:
             if err.errno not in WRITE_ERRNOS:
                 raise

@@ -17,12 +17,12 @@ from typing import Any
 CHATTER = {
     "lightning.pytorch.utilities.rank_zero": (
         r"^GPU available: ", r"^TPU available: ", r"^HPU available: ",  # the precision line names the device
-        r"^💡 Tip: .*litlogger",  # an advertisement for a cloud logger
+        r"^💡 Tip: ",  # advertisements for Lightning's cloud logger (fit) and model registry (predict, test)
         r"^Using (16bit|bfloat16) Automatic Mixed Precision \(AMP\)$",  # said by mtl's precision line
         r"^Loading `train_dataloader` to estimate number of stepping batches\.$",
         r"^`Trainer\.fit` stopped: `max_epochs=\d+` reached\.$",  # fit's summary line counts the epochs
     ),
-    "lightning.fabric.utilities.rank_zero": (r"^GPU available: ", r"^TPU available: ", r"^💡 Tip: .*litlogger"),
+    "lightning.fabric.utilities.rank_zero": (r"^GPU available: ", r"^TPU available: ", r"^💡 Tip: "),
     "lightning.fabric.utilities.seed": (r"^(\[rank: \d+\] )?Seed set to \d+$",),  # the seed is in config.yaml
     "lightning.pytorch.accelerators.cuda": (r"^LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES: ",),
 }
@@ -59,6 +59,8 @@ def quiet_lightning() -> None:
     # Lightning's own code uses torch's deprecated LeafSpec (torch 2.13 warns on every fit); nothing a user can change
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    # LightningCLI seeds every command; without seed_everything in the config it says so (the seed is in config.yaml)
+    warnings.filterwarnings("ignore", message=r"No seed found, seed set to \d+")
     # epochs shorter than log_every_n_steps only log the training loss at epoch ends; the progress bar shows it anyway
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging "
                             r"interval Trainer\(log_every_n_steps=\d+\)")

@@ -19,6 +19,7 @@ from mtl import storage
 from mtl.adapters.config import AdapterConfig, as_adapter_config
 from mtl.assembly import FusionSetup, as_fusion_setup, assemble, head_outputs
 from mtl.backbone import DEFAULT_BACKBONE
+from mtl.checkpoint_io import loadable_checkpoint
 from mtl.data.module import refuse_on_every_rank
 from mtl.data.spec import load_task_specs
 from mtl.errors import MTLConfigError, MTLWriteError
@@ -395,8 +396,12 @@ class AdapterTrainer(L.LightningModule):
         if not self.model.trainable_tasks():
             raise MTLConfigError("model.tasks: no task to train (loaded tasks are frozen); name new tasks in data.tasks")
         if self.hparams.export:
-            writable_folder(self.run_dir, "model.run_dir")
             targets = self._export_targets()
+            # every folder the exports go into, before the first step: a read-only adapters/ found after the whole
+            # training budget would cost that budget
+            writable_folder(self.run_dir, "model.run_dir")
+            for folder in sorted({target.parent for _, _, target in targets}):
+                writable_folder(folder, "model.run_dir")
             for task, fused, target in targets:
                 if target.exists() and not self.hparams.overwrite:
                     raise MTLConfigError(f"{target}: already exists (set model.overwrite: true to replace it)")
@@ -457,21 +462,22 @@ class AdapterTrainer(L.LightningModule):
                 else:
                     path = model_files.save_task(self.model, task, target.parent, overwrite=self.hparams.overwrite)
                 self.exported[task] = path
-        except MTLWriteError as err:  # the training is not lost: say where its weights are
-            raise MTLWriteError(f"{err}; {self.kept_weights()}") from None
+        except MTLWriteError:  # the training is not lost: train.py adds where its weights are (mtl.cli)
+            raise
 
     def kept_weights(self) -> str:
-        """Where the trained weights are when an export or a checkpoint cannot be written (for that one line)."""
+        """Where the trained weights are when an export or a checkpoint cannot be written (for that one line): a
+        checkpoint named here has just been read back whole."""
         callback = self._trainer.checkpoint_callback if self._trainer else None
-        best = getattr(callback, "best_model_path", "")
-        if not (best and Path(best).is_file()):
-            # the callback names a new best before writing it: if that write failed, the previous best is still there
-            folder = Path(getattr(callback, "dirpath", None) or "/nonexistent")
-            kept = sorted(folder.glob("*.ckpt"), key=lambda f: f.stat().st_mtime) if folder.is_dir() else []
-            best = str(kept[-1]) if kept else ""
+        folder = Path(getattr(callback, "dirpath", None) or "/nonexistent")
+        # the callback names a new best before writing it: if that write failed, the previous best is still there
+        others = sorted(folder.glob("*.ckpt"), key=lambda f: f.stat().st_mtime, reverse=True) if folder.is_dir() else []
+        best = loadable_checkpoint([getattr(callback, "best_model_path", ""), *others])
         if best:
-            return (f"the trained weights are kept in the best checkpoint {best} (once the folder can be written, "
-                    "resume the same fit command with --ckpt_path set to it)")
+            return (f"the trained weights are kept in the best checkpoint {best} (read back whole; once the folder "
+                    "can be written, resume the same fit command with --ckpt_path set to it)")
+        if others:
+            return f"no whole checkpoint holds the trained weights ({len(others)} file(s) in {folder} do not load)"
         return "no checkpoint holds the trained weights (checkpointing was off or none was written yet)"
 
     def restore_best(self) -> str:

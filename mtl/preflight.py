@@ -36,7 +36,21 @@ def writable_folder(path: str | Path, key: str) -> None:
 
 def _logger_folders(logger: Any) -> list[tuple[str, Any]]:
     loggers = logger if isinstance(logger, (list, tuple)) else [logger]
-    return [("trainer.logger", getattr(one, "save_dir", None)) for one in loggers if one not in (None, False, True)]
+    out = []
+    for one in loggers:
+        if one in (None, False, True):
+            continue
+        out.append(("trainer.logger", getattr(one, "save_dir", None)))
+        root = getattr(one, "root_dir", None)  # save_dir/name: the version folders (and checkpoints) go in there
+        if root and root != out[-1][1]:
+            out.append(("trainer.logger", root))
+    return out
+
+
+def _callback_folders(callbacks: Any) -> list[tuple[str, Any]]:
+    """The folders callbacks were told to write to (a ModelCheckpoint's ``dirpath``)."""
+    return [(f"trainer.callbacks.{type(c).__name__}.dirpath", c.dirpath) for c in callbacks or []
+            if getattr(c, "dirpath", None)]
 
 
 def process_count(trainer_config: dict[str, Any]) -> int:
@@ -95,6 +109,8 @@ def preflight(stage: str, model: Any, data: Any, trainer_config: dict[str, Any],
     if stage != "predict" or trainer_config.get("logger"):
         folders.append(("trainer.default_root_dir", trainer_config.get("default_root_dir") or os.getcwd()))
     folders += _logger_folders(trainer_config.get("logger"))
+    if stage == "fit":
+        folders += _callback_folders(trainer_config.get("callbacks"))
     for key, folder in folders:
         if folder:
             writable_folder(folder, key)

@@ -24,9 +24,9 @@ from mtl.lit import AdapterTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-# what Lightning printed on every fit before; none of it may come back
-NOISE = ["GPU available", "TPU available", "litlogger", "Tip:", "LeafSpec", "log_every_n_steps", "Total FLOPs",
-         "Trainable params", "Non-trainable params", "Seed set to", "to estimate number of stepping batches",
+# what Lightning printed on every fit (and predict) before; none of it may come back
+NOISE = ["GPU available", "TPU available", "litlogger", "litmodels", "Tip:", "No seed found", "LeafSpec",
+         "log_every_n_steps", "Total FLOPs", "Trainable params", "Non-trainable params", "Seed set to", "to estimate number of stepping batches",
          "`Trainer.fit` stopped", "Automatic Mixed Precision", "restored the best checkpoint"]
 SUMMARY = re.compile(r"^fit: 2 epochs, \d+ steps in \d+ s; best val/avg/acc 0\.\d{3} \((?P<ckpt>\S+/best\.ckpt)\); "
                      r"test \(best checkpoint, \d+ s\): keyword acc 0\.\d{3} f1 0\.\d{3}; "
@@ -78,10 +78,11 @@ def native_bf16_cpu(monkeypatch):
 
 # ---- 1. what a fit prints ------------------------------------------------------------------------------------------
 def test_quickstart_fit_prints_the_table_the_precision_and_one_summary_line(tiny_dir, task_dir, tmp_path, capfd,
-                                                                           recwarn, native_bf16_cpu):
+                                                                           recwarn, native_bf16_cpu, caplog):
+    caplog.set_level(logging.INFO)  # under pytest, Lightning's log lines reach its capture handler, not stderr
     main(["fit", *quickstart(tiny_dir, task_dir, tmp_path)])
     out, err = capfd.readouterr()
-    text = out + err
+    text = out + err + caplog.text
     assert [n for n in NOISE if n in text] == []
     # Lightning's warnings go through pytest's recorder here, not stderr: the two filtered ones never came
     assert [str(w.message)[:80] for w in recwarn if "LeafSpec" in str(w.message) or "logging interval" in
@@ -143,6 +144,42 @@ def test_the_test_after_fit_equals_a_separate_test_of_the_best_checkpoint(tiny_d
     assert_export_is(best_weights(tiny_dir, task_dir, best, tmp_path), tmp_path / "run")
 
 
+def test_validate_test_predict_and_import_print_none_of_lightnings_chatter(tiny_dir, task_dir, tmp_path, capfd,
+                                                                           recwarn, monkeypatch, caplog):
+    from mtl.interop.adapterhub import save_adapterhub
+    from mtl.model import MTLModel
+
+    args = quickstart(tiny_dir, task_dir, tmp_path, "--trainer.enable_progress_bar", "false",
+                      "--trainer.max_epochs", "1", "--model.test_after_fit", "false")
+    main(["fit", *args])
+    best, run = next((tmp_path / "run").rglob("best.ckpt")), tmp_path / "run"
+    texts = tmp_path / "texts.txt"
+    texts.write_text("good alpha beta river\nbeta red gamma stone\n")
+    bare = ["--model.backbone", str(tiny_dir), "--data.tasks", "[]", "--data.cache_dir", str(tmp_path / "cache"),
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "bare")]
+    save_adapterhub(MTLModel.from_pretrained(run, backbone=str(tiny_dir)), "keyword", tmp_path / "ah" / "keyword")
+    capfd.readouterr()
+    commands = {  # each as a user types it: no seed, Lightning's default checkpoint callback where it makes one
+        "validate": ["validate", *args, "--ckpt_path", str(best)],
+        "test": ["test", *args, "--ckpt_path", str(best)],
+        "predict": ["predict", *bare, "--model.load_from", str(run), "--model.run_dir", str(run), "--trainer.logger", "false",
+                    "--data.predict_file", str(texts), "--trainer.callbacks+=mtl.predict.PredictionWriter",
+                    f"--trainer.callbacks.output={tmp_path / 'out.jsonl'}"],
+        "import-adapterhub": ["import-adapterhub", str(tmp_path / "ah" / "keyword"), "--backbone", str(tiny_dir),
+                              "--run_dir", str(tmp_path / "imported"), "--num_labels", "2"],
+    }
+    caplog.set_level(logging.INFO)  # under pytest, Lightning's log lines reach its capture handler, not stderr
+    for name, command in commands.items():
+        monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # a seeded command before must not hide "No seed found"
+        caplog.clear()
+        main(command)
+        out, err = capfd.readouterr()
+        assert "Restoring states" in caplog.text or name in ("predict", "import-adapterhub")  # the capture works
+        assert [n for n in NOISE if n in out + err + caplog.text] == [], (name, out + err + caplog.text)
+        assert [str(w.message)[:80] for w in recwarn if any(n in str(w.message) for n in NOISE)] == [], name
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2 and (tmp_path / "imported" / "adapters").is_dir()
+
+
 def test_test_after_fit_false_skips_the_test_and_exports_the_same_bytes(tiny_dir, task_dir, tmp_path, capfd):
     files = {}
     for flag in ("true", "false"):
@@ -158,7 +195,9 @@ def test_test_after_fit_false_skips_the_test_and_exports_the_same_bytes(tiny_dir
 
 # ---- 3. the continual runner -------------------------------------------------------------------------------------
 def test_a_continual_run_prints_the_precision_once_and_no_lightning_chatter(tiny_dir, task_dir, tmp_path, capfd,
-                                                                            recwarn, native_bf16_cpu, monkeypatch):
+                                                                            recwarn, native_bf16_cpu, monkeypatch,
+                                                                            caplog):
+    caplog.set_level(logging.INFO)
     run = tmp_path / "run"
     (tmp_path / "c.yaml").write_text(f"""
 continual: {{order: [keyword, colour], strategy: per_task, run_dir: {run}, tasks_dir: {task_dir}, routers: []}}
@@ -168,7 +207,7 @@ trainer: {{max_epochs: 1, logger: false, enable_checkpointing: false, enable_pro
 """)
     main(["continual", "--config", str(tmp_path / "c.yaml")])
     out, err = capfd.readouterr()
-    assert [n for n in NOISE if n in out + err] == []
+    assert [n for n in NOISE if n in out + err + caplog.text] == []
     assert [str(w.message)[:80] for w in recwarn if "LeafSpec" in str(w.message)] == []
     assert out.count("precision: bf16-mixed (CPU has AVX512-BF16") == 1 and out.count("precision: ") == 1
     assert out.count("backbone (frozen): ") == 2  # mtl's table, once per stage

@@ -190,6 +190,48 @@ def test_output_folders_that_cannot_be_written_fail_first(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "afile"]  # the check creates nothing
 
 
+@pytest.fixture
+def read_only():
+    """Make a folder that this user cannot write: chmod 555, or for root (whom modes do not stop) a read-only tmpfs
+    mounted over it, unmounted at the end."""
+    import subprocess
+
+    mounted = []
+
+    def lock(folder: Path) -> Path:
+        folder.mkdir(parents=True)
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+        elif subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                            capture_output=True).returncode == 0:
+            mounted.append(folder)
+        else:
+            pytest.skip("root, and no read-only mount possible here")
+        return folder
+
+    yield lock
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("folder, key, extra", [
+    ("adapters", "model.run_dir", []),
+    ("lightning/lightning_logs", "trainer.logger", []),  # where the logger's version folders (and checkpoints) go
+    ("ckpts", "trainer.callbacks.ModelCheckpoint.dirpath",
+     ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath", "{run}/ckpts"]),
+])
+def test_every_folder_a_fit_writes_is_checked_before_the_first_step(trained, tmp_path, capsys, read_only, folder, key,
+                                                                    extra):
+    run = tmp_path / "run"
+    locked = read_only(run / folder)
+    before = tree(tmp_path)
+    code, lines = run_cli(["fit", *trained["args"], "--model.run_dir", str(run),
+                           *[e.format(run=run) for e in extra]], capsys)
+    assert code == 2 and lines == [f"error: {key}: {locked}: {locked} is not writable by this user, expected a "
+                                   "folder it can write to"], lines
+    assert tree(tmp_path) == before  # no training, no config.yaml, logs or checkpoints
+
+
 def test_max_length_beyond_the_backbone_positions_fails_when_read(tiny_dir, tmp_path):
     (tmp_path / "long.yaml").write_text("source: {type: files, train: x.csv}\ntext_fields: [text]\n"
                                         "label_field: label\nlabels: [a, b]\nmax_length: 600\n")
@@ -337,6 +379,10 @@ def test_a_nan_in_a_loaded_adapter_stops_predict_before_anything_is_written(trai
     assert tree(tmp_path) == before
 
 
+KEPT_LINE = ("the trained weights are kept in the best checkpoint {} (read back whole; once the folder can be "
+             "written, resume the same fit command with --ckpt_path set to it)")
+
+
 def test_a_full_disk_at_export_is_one_line_naming_the_folder_and_the_kept_checkpoint(trained, tmp_path, capsys,
                                                                                     monkeypatch):
     import errno
@@ -350,34 +396,102 @@ def test_a_full_disk_at_export_is_one_line_naming_the_folder_and_the_kept_checkp
     line = error_line(lines)
     assert code == 2 and not any("Traceback" in x for x in lines), lines
     assert line.startswith(f"error: {run / 'adapters' / 'keyword'}: cannot be written (No space left on device at ")
+    assert " free there)" in line  # the space left where the write failed, not in some other folder
     best = next(run.rglob("*.ckpt"))
-    assert line.endswith(f"the trained weights are kept in the best checkpoint {best} (once the folder can be "
-                         "written, resume the same fit command with --ckpt_path set to it)")
+    assert line.endswith(KEPT_LINE.format(best))
     assert not (run / "adapters").exists() or not any((run / "adapters").iterdir())
+
+
+def test_a_damaged_checkpoint_is_never_named_as_keeping_the_weights(trained, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def truncate_then_full(tensors, filename, metadata=None):
+        for ckpt in run.rglob("*.ckpt"):
+            ckpt.write_bytes(ckpt.read_bytes()[:1000])
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(storage, "save_file", truncate_then_full)
+    run = tmp_path / "run"
+    code, lines = run_cli(["fit", *trained["args"], "--model.run_dir", str(run), "--trainer.max_epochs", "1"], capsys)
+    ckpt = next(run.rglob("*.ckpt"))
+    assert code == 2 and error_line(lines).endswith(
+        f"no whole checkpoint holds the trained weights (1 file(s) in {ckpt.parent} do not load)"), lines
 
 
 def test_a_checkpoint_that_cannot_be_written_mid_fit_is_one_line_naming_the_one_kept(trained, tmp_path, capsys,
                                                                                     monkeypatch):
     import errno
 
-    from lightning.fabric.plugins.io import torch_io
+    from mtl import atomic
 
-    saved = []
-    real = torch_io._atomic_save
+    saved, real = [], atomic.tempfile.mkstemp
 
-    def second_fails(checkpoint, filepath):
-        if saved:
-            raise PermissionError(errno.EACCES, "Permission denied", str(filepath))
-        saved.append(filepath)
-        real(checkpoint, filepath)
+    def second_fails(*args, **kwargs):  # the temporary file of the second checkpoint cannot be made
+        if kwargs.get("prefix", "").endswith(".ckpt."):
+            if saved:
+                raise PermissionError(errno.EACCES, "Permission denied", kwargs["dir"])
+            saved.append(Path(kwargs["dir"]) / kwargs["prefix"][1:-1])
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(torch_io, "_atomic_save", second_fails)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", second_fails)
     run = tmp_path / "run"
     code, lines = run_cli(["fit", *trained["args"], "--model.run_dir", str(run), "--trainer.max_epochs", "2"], capsys)
     line = error_line(lines)
     assert code == 2 and not any("Traceback" in x for x in lines), lines
-    folder = Path(saved[0]).parent
-    assert line.startswith(f"error: {folder}: cannot be written (Permission denied at {folder}"), line
-    assert line.endswith(f"kept in the best checkpoint {saved[0]} (once the folder can be written, resume the same "
-                         "fit command with --ckpt_path set to it)"), line
-    assert Path(saved[0]).is_file() and not (run / "adapters").exists()
+    folder = saved[0].parent
+    assert line.startswith(f"error: {folder}: cannot be written (Permission denied)"), line
+    assert line.endswith(KEPT_LINE.format(saved[0])), line
+    assert saved[0].is_file() and not (run / "adapters").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs, unmounted at the end (needs root's mount; the fault-injected tests above cover the rest)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(folder: Path) -> None:
+    """Write into ``folder`` until its filesystem is full."""
+    import errno
+
+    with open(folder / "filler", "wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+
+
+def test_a_disk_that_fills_up_mid_fit_keeps_the_previous_checkpoint_whole_and_names_its_folder(
+        trained, small_disk, capsys, monkeypatch):
+    from mtl.checkpoint_io import AtomicCheckpointIO
+
+    run, calls, real = small_disk / "run", [], AtomicCheckpointIO.save_checkpoint
+
+    def fill_before_the_second(self, checkpoint, path, storage_options=None):
+        if calls:  # the disk fills up (another process, a log) just before the second write of best.ckpt
+            fill(small_disk)
+        real(self, checkpoint, path, storage_options)
+        calls.append((Path(path), Path(path).read_bytes()))
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", fill_before_the_second)
+    code, lines = run_cli(["fit", *trained["args"], "--model.run_dir", str(run), "--trainer.max_epochs", "2",
+                           "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                           "--trainer.callbacks.filename", "best"], capsys)  # written again every epoch
+    line = error_line(lines)
+    best, written = calls[0]
+    assert code == 2 and len(calls) == 1 and not any("Traceback" in x for x in lines), lines
+    assert best.name == "best.ckpt" and best.read_bytes() == written  # whole: the second write never touched it
+    storage.read_checkpoint(best)
+    assert line.startswith(f"error: {best}: cannot be written (No space left on device"), line
+    assert " bytes free there)" in line and line.endswith(KEPT_LINE.format(best)), line
+    assert not [p for p in best.parent.iterdir() if p.name != "best.ckpt"]  # no temporary left

@@ -23,6 +23,7 @@ import pytest
 
 from mtl.cli import main
 from tests.serving_helpers import TASKS, TEXTS, write_store
+from tests.test_fit_output import NOISE
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the serving benchmark's process-tree walk, not a second copy
@@ -156,6 +157,7 @@ def test_sigterm_answers_in_flight_requests_leaves_no_process_and_frees_the_port
     lines = log.read_text().splitlines()
     assert any("stopping (SIGTERM)" in line for line in lines) and "stopped (exit code 0)" in lines[-1]
     assert "Traceback" not in log.read_text()
+    assert [n for n in NOISE if n in log.read_text()] == []  # the console filter holds in serve's processes too
 
 
 def test_ctrl_c_to_the_process_group_stops_everything_with_exit_0(start):

@@ -17,6 +17,7 @@ from jsonargparse import ActionConfigFile
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
+from mtl.checkpoint_io import with_atomic_checkpoints
 from mtl.cli_errors import config_files, explain_parse_error
 from mtl.console import QUIET_TRAINER_DEFAULTS
 from mtl.continual.runner import ContinualConfig, ContinualRunner
@@ -91,6 +92,7 @@ def continual_main(argv: list[str]) -> dict[str, Any]:
         # instantiated again for every stage: fresh callbacks and logger (they keep state between fits)
         kwargs = dict(vars(parser.instantiate_classes(cfg).trainer))
         kwargs["precision"] = precision
+        kwargs["plugins"] = with_atomic_checkpoints(kwargs.get("plugins"))
         root = Path(kwargs.pop("default_root_dir", None) or Path(config.run_dir) / "lightning")
         kwargs.setdefault("use_distributed_sampler", False)  # the task batch sampler shards by rank itself
         if kwargs.get("devices", "auto") == "auto":  # 'auto' takes every GPU (DDP); the runner is one process

@@ -154,7 +154,8 @@ class ContinualRunner:
         self.strategy = build_strategy(config, self.seed)
         self.stages = self.strategy.stages(self.order)
         self.settings.update(_json(flatten({"tasks": {n: s.to_dict() for n, s in specs.items()}})))
-        writable_folder(self.run_dir, "continual.run_dir")
+        for folder in (self.run_dir, self.run_dir / "steps", self.run_dir / "lightning"):  # all it writes into
+            writable_folder(folder, "continual.run_dir")
         state = self._read_state()
         data = self._data([], self.order)
         data.check_before("fit")  # reads every task's data now: a bad file stops us here
