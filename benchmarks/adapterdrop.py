@@ -31,6 +31,7 @@ import torch
 
 from mtl.adapters.config import AdapterConfig
 from mtl.backbone import load_backbone
+from mtl.kinds import kind_of
 from mtl.model import MTLModel
 from mtl.prefix_cache import PrefixCache
 from multitask_inference import median_times, multitask_limit
@@ -91,7 +92,7 @@ def training_steps(ks: list[int], batch: int, seq: int, steps: int, cached: bool
                 logits = model(ids, mask, tasks="t")["t"]
             else:
                 logits = cache.forward(model, ("t", "train"), inputs, "t")
-            loss = model.heads["t"].loss(logits, labels)
+            loss = kind_of(model.heads["t"].problem).loss(logits, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

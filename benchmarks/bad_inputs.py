@@ -50,7 +50,7 @@ trainer:
     init_args: {save_dir: "${model.run_dir}/lightning", name: logs}
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {monitor: val/avg/acc, mode: max, filename: best}
+      init_args: {monitor: val/avg/score, mode: max, filename: best}
 """
 
 FUSION_CONFIG = """\

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from transformers import BertConfig, BertModel
 
 from mtl.lit import AdapterTrainer
+from mtl.kinds import kind_of
 from mtl.model import MTLModel
 
 MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
@@ -131,7 +132,7 @@ def throughput(folder: Path, steps: int, batch: int, device: str = "cuda", seq: 
                 synchronize()
                 start = time.perf_counter()
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = model.heads["t"].loss(model(ids, mask, tasks="t")["t"].float(), labels)
+                    loss = kind_of(model.heads["t"].problem).loss(model(ids, mask, tasks="t")["t"].float(), labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

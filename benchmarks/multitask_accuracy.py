@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/multitask_accuracy.py [--tasks bbc_news tweet_sentiment language_id] [--epochs 3]
 
-Runs ``train.py fit`` then ``train.py test`` (best checkpoint by val/avg/acc) through configs/multitask.yaml
+Runs ``train.py fit`` then ``train.py test`` (best checkpoint by val/avg/score) through configs/multitask.yaml
 for: each task alone, all tasks jointly with one adapter each, and all tasks jointly with one shared adapter.
 Every task trains on at most 1,000 examples (the config's caps). Prints test accuracy / macro-F1 per task and
 the wall time of each fit. Outputs go to checkpoints/bench-multitask/.

@@ -55,6 +55,7 @@ def run_one(name: str, steps: int, batch: int, seq: int, threads: int, backbone_
 
     import backbones
     from mtl.adapters.config import AdapterConfig
+    from mtl.kinds import kind_of
     from mtl.model import MTLModel
     from mtl.precision import attention_kernel
 
@@ -89,7 +90,7 @@ def run_one(name: str, steps: int, batch: int, seq: int, threads: int, backbone_
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(ids, mask, tasks="t")["t"]
-        loss = model.heads["t"].loss(logits.float(), labels)
+        loss = kind_of(model.heads["t"].problem).loss(logits.float(), labels)
         middle = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -11,6 +11,7 @@ from mtl.adapters.config import AdapterConfig
 from mtl.data.spec import TaskSpec
 from mtl.errors import MTLConfigError
 from mtl.fusion.config import FusionConfig, as_fusion_config
+from mtl.kinds import kind_of
 from mtl.model import MTLModel
 from mtl.registry import Part
 
@@ -41,7 +42,7 @@ def as_fusion_setup(value: FusionSetup | dict | None) -> FusionSetup | None:
 
 def head_outputs(spec: TaskSpec) -> int:
     """Number of head outputs a task needs."""
-    return 1 if spec.problem == "regression" else len(spec.labels)
+    return kind_of(spec.problem).head_outputs(spec.labels)
 
 
 @dataclass
@@ -108,8 +109,8 @@ def assemble(tasks: list[TaskSpec], backbone: str, adapter: AdapterConfig, *, ba
             if fusion.name in model.tasks and not overwrite:
                 raise MTLConfigError(f"model.fusion.name: '{fusion.name}' already exists in {load_from} "
                                      f"(set model.overwrite: true to train it again)")
-            model.add_fusion(fusion.name, fusion.adapters, head_outputs(spec), fusion.config, pooling=head_pooling,
-                             head_dropout=head_dropout, labels=spec.labels, spec=spec.to_dict(), overwrite=True)
+            model.add_fusion(fusion.name, fusion.adapters, head_outputs(spec), fusion.config, problem=spec.problem,
+                             pooling=head_pooling, head_dropout=head_dropout, labels=spec.labels, spec=spec.to_dict(), overwrite=True)
             continue
         routes[spec.name] = spec.name
         if spec.name in model.tasks and continue_training:

@@ -1,14 +1,13 @@
-"""Task heads on the pooled encoder output, and their losses."""
+"""The pooled head of the text-level task kinds (classification, multilabel, regression); their losses and what a
+prediction is belong to the kinds (`mtl.kinds`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from mtl.errors import MTLConfigError
 
-PROBLEMS = ("classification", "multilabel", "regression")
 POOLINGS = ("mean", "cls")
 
 
@@ -28,11 +27,9 @@ class TaskHead(nn.Module):
     def __init__(self, hidden_size: int, num_outputs: int, problem: str = "classification",
                  pooling: str = "mean", dropout: float = 0.1) -> None:
         super().__init__()
-        if problem not in PROBLEMS:
-            raise MTLConfigError(f"head problem '{problem}' is unknown, expected one of {list(PROBLEMS)}")
         if pooling not in POOLINGS:
             raise MTLConfigError(f"head pooling '{pooling}' is unknown, expected one of {list(POOLINGS)}")
-        self.problem = problem
+        self.problem = problem  # the task's kind (its loss and predictions): mtl.kinds
         self.pooling = pooling
         self.num_outputs = num_outputs
         self.dropout = nn.Dropout(dropout)
@@ -48,23 +45,3 @@ class TaskHead(nn.Module):
         """Logits (or regression values) per row."""
         pooled = pool(hidden, attention_mask, self.pooling)
         return self.out(self.dropout(torch.tanh(self.dense(self.dropout(pooled)))))
-
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy, binary cross-entropy per label, or mean squared error."""
-        if self.problem == "classification":
-            return F.cross_entropy(logits, labels.long())
-        if self.problem == "multilabel":
-            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
-
-    def predict(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prediction, probability or value) per row."""
-        if self.problem == "classification":
-            probs = logits.softmax(-1)
-            conf, pred = probs.max(-1)
-            return pred, conf
-        if self.problem == "multilabel":
-            probs = logits.sigmoid()
-            return (probs > 0.5).long(), probs
-        values = logits.squeeze(-1)
-        return values, values

@@ -24,6 +24,7 @@ from mtl.data.module import refuse_on_every_rank
 from mtl.data.spec import load_task_specs
 from mtl.errors import MTLConfigError, MTLWriteError
 from mtl.fusion.report import attention_report
+from mtl.kinds import kind_of
 from mtl.metrics import build_metrics
 from mtl.precision import attention_kernel, check_attention
 from mtl.preflight import writable_folder
@@ -189,7 +190,7 @@ class AdapterTrainer(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         route = self.routes[batch["task"]]
         logits = self(batch, drop_first=self.robust_drop_depth(batch["task"]), split="train")
-        loss = data_loss = self.model.heads[route].loss(logits, batch["labels"])
+        loss = data_loss = kind_of(self.model.heads[route].problem).loss(logits, batch["labels"])
         size = batch["input_ids"].shape[0]
         if self.model.fusion_configs:
             # AdapterFusion's value regulariser, in this step (not one optimiser step late)
@@ -224,11 +225,9 @@ class AdapterTrainer(L.LightningModule):
         route = self.routes[batch["task"]]
         logits = self(batch, split="validation" if stage == "val" else None)
         head = self.model.heads[route]
-        loss = head.loss(logits, batch["labels"])
+        loss = kind_of(head.problem).loss(logits, batch["labels"])
         losses[route].update(loss.detach(), weight=batch["input_ids"].shape[0])
-        target = batch["labels"]
-        preds = logits.squeeze(-1) if head.problem == "regression" else logits
-        metrics[route].update(preds, target.long() if head.problem != "regression" else target)
+        metrics[route].update(*kind_of(head.problem).metric_inputs(logits, batch["labels"]))
 
     def _eval_epoch_end(self, metrics: nn.ModuleDict, losses: nn.ModuleDict, stage: str) -> None:
         tasks = list(metrics)
@@ -242,9 +241,13 @@ class AdapterTrainer(L.LightningModule):
             if not seen:
                 continue
             collection = metrics[task]
+            headline = kind_of(self.model.heads[task].problem).headline
             for key, value in collection.compute().items():
-                self.log(key, value, prog_bar=key.endswith("/acc"), add_dataloader_idx=False)
-                values.setdefault(key.rsplit("/", 1)[1], []).append(value)
+                metric = key.rsplit("/", 1)[1]
+                self.log(key, value, prog_bar=metric == headline, add_dataloader_idx=False)
+                values.setdefault(metric, []).append(value)
+                if metric == headline:  # each task's own headline, whatever its kind: what checkpoints monitor
+                    values.setdefault("score", []).append(value)
             self.log(f"{stage}/{task}/loss", losses[task].compute(), add_dataloader_idx=False)
             collection.reset()
             losses[task].reset()
@@ -273,10 +276,12 @@ class AdapterTrainer(L.LightningModule):
         if batch["task"] is None and self.router is not None:
             rows = []
             for task, logits, i, text in zip(*self.router.routed_logits(self.model, *inputs), index, texts):
-                pred, score = self.model.heads[task].predict(logits.unsqueeze(0).float())
-                labels = self.model.records[task].labels
-                rows.append({"task": task, "index": i, "label": labels[int(pred)] if labels else int(pred),
-                             "score": float(score), "text": text})
+                head = self.model.heads[task]
+                kind = kind_of(head.problem)
+                pred, score = kind.predict(logits.unsqueeze(0).float())
+                row = kind.file_row(self.model.records[task].labels, pred[0].tolist(),
+                                                     score[0].tolist())
+                rows.append({"task": task, "index": i, **row, "text": text})
             return rows
         tasks = self.model.tasks if batch["task"] is None else [self.routes.get(batch["task"], batch["task"])]
         logits = self.model(*inputs, tasks=tasks)
@@ -284,10 +289,10 @@ class AdapterTrainer(L.LightningModule):
         for task in tasks:
             head = self.model.heads[task]
             labels = self.model.records[task].labels
-            pred, score = head.predict(logits[task].float())  # float32 scores under bf16 precision too
+            kind = kind_of(head.problem)
+            pred, score = kind.predict(logits[task].float())  # float32 scores under bf16 precision too
             for i, text, p, s in zip(index, texts, pred.tolist(), score.tolist()):
-                label = labels[p] if head.problem == "classification" and labels else p
-                rows.append({"task": task, "index": i, "label": label, "score": s, "text": text})
+                rows.append({"task": task, "index": i, **kind.file_row(labels, p, s), "text": text})
         return rows
 
     # ---- optimisation --------------------------------------------------------------------------

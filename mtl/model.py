@@ -31,7 +31,7 @@ from mtl.backbone import DEFAULT_BACKBONE, load_backbone
 from mtl.errors import MTLConfigError
 from mtl.fusion.config import FusionConfig, as_fusion_config
 from mtl.fusion.layer import FusionLayer
-from mtl.heads import TaskHead
+from mtl.kinds import kind_of
 from mtl.part_pool import PartPool
 from mtl.registry import Part, PartState, TaskRecord
 
@@ -189,7 +189,7 @@ class MTLModel(nn.Module):
     def _add_record(self, record: TaskRecord, num_outputs: int, problem: str, pooling: str, dropout: float,
                     pool: PartPool | None = None) -> None:
         device = next(self.backbone.parameters()).device
-        build = lambda: TaskHead(self.hidden_size, num_outputs, problem, pooling, dropout).to(device)
+        build = lambda: kind_of(problem).build_head(self.hidden_size, num_outputs, pooling, dropout).to(device)
         key = ("head", {"num_outputs": num_outputs, "problem": problem, "pooling": pooling, "dropout": dropout}, device)
         self.heads[record.name] = pool.take(key, build) if pool is not None else build()
         self.states[("head", record.name)] = PartState()

@@ -219,7 +219,7 @@ def test_file_formats_encoding_and_label_kinds(tmp_path):
                                         label_field="y", labels=["score"], problem="regression"))
         data = load_task_dataset(reg)
         assert data["train"].column_names == ["a", "b", "label"] and isinstance(data["train"]["label"][0], float)
-        assert reg.metrics == ["mse"]
+        assert reg.metrics == ["mse", "pearson"]  # the headline, pearson, is always computed
     ml = load_task_spec(write_task(tmp_path, "ml", source={"type": "files", "train": "r.jsonl"}, text_fields=["a"],
                                    label_field="tags", labels=["x", "y", "z"], problem="multilabel"))
     labels = load_task_dataset(ml, limit=False)

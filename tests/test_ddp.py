@@ -279,6 +279,7 @@ def one_process_metrics(run: Path, tiny_dir, task_dir, cache: Path, names: list[
                         rows: dict[str, list[int]] | None = None) -> dict[str, float]:
     """val/<task>/{acc,f1,loss} of the exported model over every validation row (or only ``rows``), in one process."""
     from mtl.assembly import head_outputs
+    from mtl.kinds import kind_of
     from mtl.metrics import build_metrics
     from mtl.model import MTLModel
 
@@ -301,7 +302,7 @@ def one_process_metrics(run: Path, tiny_dir, task_dir, cache: Path, names: list[
                     labels.append(batch["labels"][pick])
         logits, labels = torch.cat(logits), torch.cat(labels)
         out.update({k: float(v) for k, v in metrics(logits, labels).items()})
-        out[f"val/{task}/loss"] = float(model.heads[task].loss(logits, labels))
+        out[f"val/{task}/loss"] = float(kind_of(model.heads[task].problem).loss(logits, labels))
     return out
 
 

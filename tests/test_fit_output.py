@@ -28,7 +28,7 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 NOISE = ["GPU available", "TPU available", "litlogger", "litmodels", "Tip:", "No seed found", "LeafSpec",
          "log_every_n_steps", "Total FLOPs", "Trainable params", "Non-trainable params", "Seed set to", "to estimate number of stepping batches",
          "`Trainer.fit` stopped", "Automatic Mixed Precision", "restored the best checkpoint"]
-SUMMARY = re.compile(r"^fit: 2 epochs, \d+ steps in \d+ s; best val/avg/acc 0\.\d{3} \((?P<ckpt>\S+/best\.ckpt)\); "
+SUMMARY = re.compile(r"^fit: 2 epochs, \d+ steps in \d+ s; best val/avg/score 0\.\d{3} \((?P<ckpt>\S+/best\.ckpt)\); "
                      r"test \(best checkpoint, \d+ s\): keyword acc 0\.\d{3} f1 0\.\d{3}; "
                      r"exported keyword -> (?P<export>\S+/adapters/keyword)$")
 
@@ -135,7 +135,8 @@ def test_the_test_after_fit_equals_a_separate_test_of_the_best_checkpoint(tiny_d
     main(["fit", *args])
     after_fit = logged(tmp_path / "run", 0)
     best = next((tmp_path / "run").rglob("best.ckpt"))
-    assert set(after_fit) == {"test/keyword/acc", "test/keyword/f1", "test/keyword/loss", "test/avg/acc", "test/avg/f1"}
+    assert set(after_fit) == {"test/keyword/acc", "test/keyword/f1", "test/keyword/loss", "test/avg/acc", "test/avg/f1",
+                              "test/avg/score"}
     main(["test", *args, "--ckpt_path", str(best)])
     assert logged(tmp_path / "run", 1) == after_fit  # the same numbers, exactly
     summary = next(line for line in capfd.readouterr().out.splitlines() if line.startswith("fit: "))

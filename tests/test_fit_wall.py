@@ -123,7 +123,7 @@ def test_parse_variants_and_sizes(bench):
 
 
 def test_summary_line_scores(bench):
-    line = ("fit: 3 epochs, 96 steps in 2 min 01 s; best val/avg/acc 0.962 (run/best.ckpt); "
+    line = ("fit: 3 epochs, 96 steps in 2 min 01 s; best val/avg/score 0.962 (run/best.ckpt); "
             "test (best checkpoint, 5 s): bbc_news acc 0.981 f1 0.982; exported bbc_news -> run/adapters/bbc_news")
     assert bench.summary_test_scores(line, "bbc_news") == {"acc": 0.981, "f1": 0.982}
     assert bench.summary_test_scores(line.replace("bbc_news acc", "a acc 0.5 f1 0.4, bbc_news acc"), "bbc_news") == {

@@ -12,6 +12,7 @@ from mtl import model_files
 from mtl.adapters.config import AdapterConfig
 from mtl.errors import MTLConfigError
 from mtl.adapters.inject import Target
+from mtl.kinds import kind_of
 from mtl.model import MTLModel
 from mtl.part_pool import PartPool
 from tests.conftest import tiny_backbone, tiny_batch
@@ -44,7 +45,7 @@ def test_training_one_task_leaves_others_bit_identical():
     model.train()
     for _ in range(3):
         logits = model(**batch, tasks="b")["b"]
-        loss = model.heads["b"].loss(logits, torch.tensor([0, 1, 2, 3]))
+        loss = kind_of(model.heads["b"].problem).loss(logits, torch.tensor([0, 1, 2, 3]))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from mtl import storage
 from mtl.assembly import FusionSetup
+from mtl.kinds import kind_of
 
 if TYPE_CHECKING:
     from mtl.data.module import TaskDataModule
@@ -257,7 +258,7 @@ def diagonal_fisher(module: AdapterTrainer, batches: Any, params: dict[str, torc
             for batch in batches:
                 module.zero_grad(set_to_none=True)
                 route = module.routes[batch["task"]]
-                loss = model.heads[route].loss(module(batch, split="train"), batch["labels"])
+                loss = kind_of(model.heads[route].problem).loss(module(batch, split="train"), batch["labels"])
                 loss.backward()
                 for name, p in params.items():
                     if p.grad is not None:

@@ -22,6 +22,7 @@ from mtl.data.sampling import GROUP_BATCHES, TaskBatchSampler, shard_rows, sorte
 from mtl.data.sources import SPLITS, load_task_dataset
 from mtl.data.spec import TaskSpec, load_task_specs
 from mtl.errors import MTLConfigError
+from mtl.kinds import kind_of
 from mtl.preflight import writable_folder
 
 CACHE_VERSION = 1  # bump when the tokenised layout changes, so old cache files are not reused
@@ -33,7 +34,7 @@ class TaskCollator:
     """Pads a list of one task's examples into a batch dict and tags it with the task name."""
 
     def __init__(self, tokenizer: Any, problems: dict[str, str]) -> None:
-        """``problems`` maps task name -> problem type (decides the labels' dtype)."""
+        """``problems`` maps task name -> problem type (its kind decides the labels' dtype)."""
         self.pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
         self.problems = problems
 
@@ -46,8 +47,7 @@ class TaskCollator:
         drop = ("task", *EXTRA_KEYS)
         batch = dict(self.pad([{k: v for k, v in f.items() if k not in drop} for f in features]))
         if "labels" in batch:
-            dtype = torch.long if self.problems[task] == "classification" else torch.float
-            batch["labels"] = batch["labels"].to(dtype)
+            batch["labels"] = batch["labels"].to(kind_of(self.problems[task]).label_dtype)
         batch["task"] = task
         if "index" in features[0]:
             batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)

@@ -1,7 +1,7 @@
 """Reading a task's examples into a ``datasets.DatasetDict`` (train / validation / test).
 
-Every split holds the spec's text column(s) and a ``label`` column: the class index for
-classification, a float for regression, a multi-hot list of floats for multilabel. Nothing is
+Every split holds the spec's text column(s) and a ``label`` column: what the task's kind stores (`mtl.kinds`: the
+class index for classification, a float for regression, a multi-hot list of floats for multilabel). Nothing is
 downloaded: ``hf`` sources must be local or already cached; ``pkg:NAME/...`` paths point into an
 installed package's folder, found without importing the package.
 """
@@ -25,6 +25,7 @@ import yaml  # noqa: E402
 from mtl.data.predict_input import check_encodable  # noqa: E402
 from mtl.data.spec import TaskSpec  # noqa: E402
 from mtl.errors import MTLConfigError, warn  # noqa: E402
+from mtl.kinds import kind_of  # noqa: E402
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -54,7 +55,7 @@ def load_task_dataset(spec: TaskSpec, limit: bool = True) -> datasets.DatasetDic
         columns: dict[str, list] = {f: [t[i] for t in texts] for i, f in enumerate(spec.text_fields)}
         columns["label"] = labels
         out[split] = datasets.Dataset.from_dict(columns)
-    if spec.problem == "classification":
+    if kind_of(spec.problem).has_classes:
         _check_classes(spec, {split: out[split]["label"] for split in SPLITS})
     return datasets.DatasetDict(out)
 
@@ -119,7 +120,7 @@ def stratified_order(strata: list, seed: int) -> list[int]:
 
 def _strata(spec: TaskSpec, labels: list) -> list:
     # only single-label classification is stratified; the others get a plain seeded shuffle
-    return labels if spec.problem == "classification" else [0] * len(labels)
+    return labels if kind_of(spec.problem).has_classes else [0] * len(labels)
 
 
 def _dedup_key(texts: tuple[str, ...]) -> tuple[str, ...]:
@@ -146,7 +147,7 @@ def _complete_splits(spec: TaskSpec, examples: dict[str, tuple[list, list]]) -> 
             continue
         if key not in first:
             first[key] = i
-        elif spec.problem == "classification" and labels[first[key]] != labels[i]:
+        elif kind_of(spec.problem).has_classes and labels[first[key]] != labels[i]:
             ambiguous.add(key)  # e.g. a name that occurs in several languages: no right answer
     keep = [i for key, i in first.items() if key not in ambiguous]
     if ambiguous:
@@ -183,46 +184,13 @@ def _examples(spec: TaskSpec, split: str, cols: Columns) -> tuple[list[tuple[str
         if keep is not None and str(value) not in keep:
             continue
         texts.append(row)
-        labels.append(_label(spec, value, f"{spec.spec_file}: labels: source.{split} row {i}"))
+        labels.append(kind_of(spec.problem).read_label(value, spec.labels,
+                                                       f"{spec.spec_file}: labels: source.{split} row {i}"))
     return texts, labels, empty
 
 
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _label(spec: TaskSpec, value: Any, where: str) -> Any:
-    """One raw label value -> int index (classification), float (regression) or multi-hot list."""
-    names = spec.labels
-    if spec.problem == "regression":
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise MTLConfigError(f"{where}: label {value!r} is not a number, expected a float") from None
-    if spec.problem == "multilabel":
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            unknown = [v for v in value if v not in names]
-            if unknown:
-                raise MTLConfigError(f"{where}: label {unknown[0]!r} not in labels, expected one of {names}")
-            return [float(n in value) for n in names]
-        if isinstance(value, list) and len(value) == len(names) and all(isinstance(v, (int, float)) for v in value):
-            return [float(v) for v in value]
-        raise MTLConfigError(f"{where}: got {value!r}, expected a list of label names or {len(names)} 0/1 values")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        if not 0 <= value < len(names):
-            hint = " (an unlabelled split?)" if value < 0 else ""
-            raise MTLConfigError(f"{where}: label index {value} out of range{hint}, expected 0..{len(names) - 1}")
-        return value
-    if isinstance(value, str) and value in names:
-        return names.index(value)
-    raise MTLConfigError(
-        f"{where}: label {value!r} not in labels, expected one of {names} "
-        "(or map it with source.label_map / drop it with source.keep_labels)"
-    )
 
 
 def _read_hf(spec: TaskSpec) -> dict[str, Columns]:

@@ -17,11 +17,10 @@ from typing import Any
 import yaml
 
 from mtl.errors import MTLConfigError
+from mtl.kinds import KINDS, PROBLEMS
 
 SOURCE_TYPES = ("hf", "files", "folder", "yaml_conversations")
 FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet")
-PROBLEMS = ("classification", "multilabel", "regression")
-DEFAULT_METRICS = {"classification": ["acc", "f1"], "multilabel": ["acc", "f1"], "regression": ["mse"]}
 # a task name becomes a directory name and an nn.ModuleDict key (which may not contain '.')
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 
@@ -76,8 +75,9 @@ class TaskSpec:
     label_field: str = _help("the label column")
     labels: list[str] = _help("label names; a class's int label is its index here")
     name: str = _help("task name (default: the YAML file's stem)", default="")
-    problem: str = _help("classification | multilabel | regression", default="classification")
-    metrics: list[str] = _help("metric names (default: acc, f1; mse for regression)", default_factory=list)
+    problem: str = _help("the task's kind (mtl.kinds): " + " | ".join(PROBLEMS), default="classification")
+    metrics: list[str] = _help("metric names (default: the kind's; its headline metric is always added)",
+                               default_factory=list)
     max_length: int = _help("tokens per example after truncation", default=128)
     split: SplitSpec = _help("fractions and seed for splits the source lacks", default_factory=SplitSpec)
     max_train_examples: int | None = _help("seeded stratified subsample of train (None: all)", default=None)
@@ -235,22 +235,27 @@ def _check_semantics(spec: TaskSpec, origin: str) -> None:
         fail("source.label_from", src.label_from, "'folder' or 'file'")
     if src.keep_labels is not None and not src.keep_labels:
         fail("source.keep_labels", src.keep_labels, "a non-empty list (or leave it out)")
-    if spec.problem not in PROBLEMS:
+    if spec.problem not in KINDS:
         fail("problem", spec.problem, f"one of {list(PROBLEMS)}")
+    kind = KINDS[spec.problem]
     if not 1 <= len(spec.text_fields) <= 2 or not all(spec.text_fields):
         fail("text_fields", spec.text_fields, "one text column, or two for a sentence pair")
     if not spec.label_field:
         fail("label_field", spec.label_field, "a column name")
-    min_labels = {"classification": 2, "multilabel": 1, "regression": 1}[spec.problem]
-    if len(spec.labels) < min_labels or (spec.problem == "regression" and len(spec.labels) != 1):
-        expected = "exactly one name (the target)" if spec.problem == "regression" else f"at least {min_labels} label names"
+    expected = kind.check_labels(spec.labels)
+    if expected is not None:
         fail("labels", spec.labels, expected)
     if len(set(spec.labels)) != len(spec.labels) or not all(spec.labels):
         fail("labels", spec.labels, "distinct, non-empty label names")
     if not spec.metrics:
-        spec.metrics = list(DEFAULT_METRICS[spec.problem])
+        spec.metrics = list(kind.default_metrics)
     if not all(spec.metrics):
         fail("metrics", spec.metrics, "non-empty metric names")
+    unknown = [m for m in spec.metrics if m not in kind.metric_names]
+    if unknown:
+        fail("metrics", spec.metrics, f"some of {list(kind.metric_names)} for a {spec.problem} task")
+    if kind.headline not in spec.metrics:  # the number that stands for the task is always computed
+        spec.metrics = [*spec.metrics, kind.headline]
     if spec.max_length < 2:
         fail("max_length", spec.max_length, "an int >= 2 (room for the special tokens)")
     for key in ("validation", "test"):

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse
 from mtl.backbone import load_tokenizer
 from mtl.data.predict_input import check_encodable
 from mtl.errors import MTLConfigError
+from mtl.kinds import kind_of
 from mtl.model import MTLModel
 from mtl.precision import attention_kernel
 from mtl.routing import EntropyRouter, PrototypeRouter, load_router, mean_features
@@ -93,18 +94,8 @@ def _parse(request: dict) -> Parsed:
 
 
 def answer(head_problem: str, labels: list[str] | None, logits: torch.Tensor) -> dict[str, Any]:
-    """A row's label, score and scores from its head's logits."""
-    if head_problem == "regression":
-        value = logits.float().tolist()
-        return {"label": None, "score": value[0] if len(value) == 1 else value, "scores": None}
-    names = labels or [str(i) for i in range(logits.shape[-1])]
-    if head_problem == "multilabel":
-        probs = torch.sigmoid(logits.float())
-        return {"label": [n for n, p in zip(names, probs.tolist()) if p > 0.5], "score": float(probs.max()),
-                "scores": dict(zip(names, probs.tolist()))}
-    probs = torch.softmax(logits.float(), dim=-1)
-    best = int(probs.argmax())
-    return {"label": names[best], "score": float(probs[best]), "scores": dict(zip(names, probs.tolist()))}
+    """A row's label, score and scores from its head's logits, as its task's kind answers (`mtl.kinds`)."""
+    return kind_of(head_problem).answer(labels, logits)
 
 
 class AdapterServingAPI(ls.LitAPI):

@@ -1,0 +1,66 @@
+"""`TaskKind`: the interface every kind of task implements (see `mtl.kinds`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtl.heads import TaskHead
+
+
+class TaskKind:
+    """What one kind of task reads, predicts, scores and writes. Subclasses set the attributes and override what
+    differs; the defaults are those of a task with one pooled head per text."""
+
+    name = ""  # the task spec's ``problem`` value
+    metric_names: tuple[str, ...] = ()  # metrics a task of this kind may list
+    default_metrics: tuple[str, ...] = ()
+    headline = ""  # the higher-is-better metric that stands for the task (checkpoint choice, val/avg/score)
+    has_classes = False  # one class per row: splits stratified by it, classes checked, ambiguous duplicates dropped
+    label_dtype = torch.float  # of ``labels`` in a batch
+
+    # ---- the task spec and its data ------------------------------------------------------------
+    def check_labels(self, labels: list[str]) -> str | None:
+        """None when ``labels`` suits this kind, else what the spec's ``labels:`` should hold."""
+        return None if labels else "at least 1 label name"
+
+    def read_label(self, value: Any, names: list[str], where: str) -> Any:
+        """One raw label value from a data file -> what the dataset stores (``where`` names file and row)."""
+        raise NotImplementedError
+
+    # ---- the head ------------------------------------------------------------------------------
+    def head_outputs(self, labels: list[str]) -> int:
+        """Width of the head's output layer."""
+        return len(labels)
+
+    def build_head(self, hidden_size: int, num_outputs: int, pooling: str, dropout: float) -> nn.Module:
+        """A new head; it gets all hidden states of its rows and their mask."""
+        return TaskHead(hidden_size, num_outputs, self.name, pooling, dropout)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Training loss of a batch."""
+        raise NotImplementedError
+
+    def predict(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction, score) per row."""
+        raise NotImplementedError
+
+    # ---- scores --------------------------------------------------------------------------------
+    def metric(self, name: str, num_outputs: int) -> Any:
+        """A fresh torchmetrics ``Metric`` called ``name`` (one of `metric_names`)."""
+        raise NotImplementedError
+
+    def metric_inputs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predictions, targets) as this kind's metrics take them."""
+        return logits, labels.long()
+
+    # ---- what is written -----------------------------------------------------------------------
+    def file_row(self, labels: list[str] | None, pred: Any, score: Any) -> dict[str, Any]:
+        """``label`` and ``score`` of one prediction file row, from one row of `predict`'s output (as lists)."""
+        return {"label": pred, "score": score}
+
+    def answer(self, labels: list[str] | None, logits: torch.Tensor) -> dict[str, Any]:
+        """``label``, ``score`` and ``scores`` of the server's answer for one row's logits."""
+        raise NotImplementedError
