@@ -182,7 +182,9 @@ def test_a_killed_worker_gives_in_flight_requests_a_prompt_503_and_is_restarted(
     for t in threads:
         t.join(timeout=40)
     in_flight = [(done - killed, status) for sent, done, status in results if sent < killed < done]
-    assert in_flight and all(status == 503 and wait < 3.0 for wait, status in in_flight), in_flight
+    # an answer the worker had sent before it died may still arrive (200, within milliseconds); none may hang
+    assert any(status == 503 for _, status in in_flight), in_flight
+    assert all(wait < 3.0 and (status == 503 or (status == 200 and wait < 0.1)) for wait, status in in_flight), in_flight
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and get(f"{base}/ready")[0] != 200:
         time.sleep(0.2)
