@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mtl.kinds.entities import entities, entity_counts, scores, split_tag
+from mtl.kinds.entities import entities, entity_counts, ill_formed_starts, scores, split_tag
 
 
 @pytest.mark.parametrize("tags, expected", [
@@ -27,6 +27,11 @@ from mtl.kinds.entities import entities, entity_counts, scores, split_tag
 ])
 def test_entities_as_the_conll_evaluation_chunks_them(tags, expected):
     assert entities(tags) == expected
+
+
+def test_entities_that_start_inside_are_counted():
+    assert ill_formed_starts(["O", "I-PER", "I-PER", "B-LOC", "I-ORG", "E-ORG"]) == 2  # I-PER after O, I-ORG after LOC
+    assert ill_formed_starts(["B-PER", "I-PER", "O", "S-LOC", "B-ORG", "E-ORG"]) == 0
 
 
 def test_split_tag_and_scores_by_hand():

@@ -72,3 +72,9 @@ def scores(correct: int, predicted: int, gold: int) -> dict[str, float]:
     recall = correct / gold if gold else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def ill_formed_starts(tags: Sequence[str]) -> int:
+    """Entities of one sentence that start with an I- or E- tag (IOB1, or a tagger's slip): counted as entities, as
+    conlleval does, and worth reporting for a BIO or BIOES tag set."""
+    return sum(split_tag(tags[start])[0] in ("I", "E") for _, start, _ in entities(tags))
