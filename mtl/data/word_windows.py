@@ -1,0 +1,98 @@
+"""A sentence of words as subword windows the encoder can take, with one owner window per word.
+
+Taggers are given words; the encoder sees subwords. `encode_words` tokenises each word, and when a sentence's
+subwords do not fit ``max_length`` it cuts the sentence into windows at word boundaries that overlap by about
+``stride`` subwords, never dropping a word. Every word is owned by exactly one window: the one where it sits
+furthest from an edge, so it has the most context on both sides. A window labels (and later predicts) only the words
+it owns, on their first subword (or on every subword with ``label_all_subwords``); every other position is
+``IGNORE`` in the labels, as the loss and the metrics skip it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+IGNORE = -100  # a label position that no loss or metric counts (torch's cross-entropy ignore_index)
+
+
+@dataclass
+class Window:
+    """One encoder input cut from a sentence: its token ids (special tokens included), one word index per token (-1
+    for special tokens), the labels per token if tags were given, and the (word, token position) of every word it
+    owns, at the word's first subword."""
+
+    input_ids: list[int]
+    token_type_ids: list[int]
+    word_ids: list[int]
+    owned: list[tuple[int, int]]
+    labels: list[int] | None = None
+
+
+def _pieces(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
+    """Subword ids of each word (empty for a word the tokenizer maps to nothing)."""
+    encoded = tokenizer(list(words), is_split_into_words=True, add_special_tokens=False)
+    pieces: list[list[int]] = [[] for _ in words]
+    for token_id, word in zip(encoded["input_ids"], encoded.word_ids()):
+        if word is not None:
+            pieces[word].append(token_id)
+    return pieces
+
+
+def _spans(sizes: list[int], budget: int, stride: int) -> list[tuple[int, int]]:
+    """Word ranges [a, b) of the windows: each as long as ``budget`` subwords allow (at least one word), the next
+    starting where about ``stride`` subwords of this one remain."""
+    spans, start, n = [], 0, len(sizes)
+    while True:
+        end, used = start, 0
+        while end < n and (end == start or used + sizes[end] <= budget):
+            used += sizes[end]
+            end += 1
+        spans.append((start, end))
+        if end >= n:
+            return spans
+        nxt, overlap = end, 0
+        while nxt - 1 > start and overlap + sizes[nxt - 1] <= stride:
+            nxt -= 1
+            overlap += sizes[nxt]
+        start = nxt
+
+
+def _owners(spans: list[tuple[int, int]], n: int) -> list[int]:
+    """The window that owns each word: where the word is furthest from the window's edges (the first on a tie)."""
+    owners = []
+    for word in range(n):
+        best = max((min(word - a, b - 1 - word), -k) for k, (a, b) in enumerate(spans) if a <= word < b)
+        owners.append(-best[1])
+    return owners
+
+
+def encode_words(tokenizer: Any, words: Sequence[str], tags: Sequence[int] | None, max_length: int, stride: int,
+                 label_all_subwords: bool = False) -> list[Window]:
+    """The windows of one sentence (``tags``: one label index per word, or None when predicting)."""
+    pieces = _pieces(tokenizer, words)
+    # a word the tokenizer maps to nothing is read as the unknown token, so that it still gets a prediction
+    words = [w if p else tokenizer.unk_token for w, p in zip(words, pieces)]
+    budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    spans = _spans([min(max(len(p), 1), budget) for p in pieces], budget, stride)
+    owners = _owners(spans, len(words))
+    windows = []
+    for k, (a, b) in enumerate(spans):
+        # the window's words through the tokenizer itself: its special tokens and token types, per family
+        encoded = tokenizer(list(words[a:b]), is_split_into_words=True, truncation=True, max_length=max_length)
+        word_ids = [-1 if w is None else a + w for w in encoded.word_ids()]
+        if set(range(a, b)) - set(word_ids):
+            raise RuntimeError(f"words {sorted(set(range(a, b)) - set(word_ids))} lost their subwords in a window")
+        owned, labels = [], [IGNORE] * len(word_ids) if tags is not None else None
+        for position, word in enumerate(word_ids):
+            if word < 0 or owners[word] != k:
+                continue
+            first = position == 0 or word_ids[position - 1] != word
+            if first:
+                owned.append((word, position))
+            if labels is not None and (first or label_all_subwords):
+                labels[position] = int(tags[word])
+        token_types = encoded.get("token_type_ids") or [0] * len(word_ids)
+        windows.append(Window(list(encoded["input_ids"]), list(token_types), word_ids, owned, labels))
+    return windows
