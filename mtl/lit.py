@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 from mtl import model_files
 from mtl import storage
 from mtl.adapters.config import AdapterConfig, as_adapter_config
-from mtl.assembly import FusionSetup, as_fusion_setup, assemble, head_outputs
+from mtl.assembly import FusionSetup, as_fusion_setup, assemble
 from mtl.backbone import DEFAULT_BACKBONE
 from mtl.checkpoint_io import loadable_checkpoint
 from mtl.data.module import refuse_on_every_rank
@@ -154,7 +154,7 @@ class AdapterTrainer(L.LightningModule):
         return loaded
 
     def _metrics(self, stage: str) -> nn.ModuleDict:
-        return nn.ModuleDict({self.routes[name]: build_metrics(spec.problem, spec.metrics, head_outputs(spec),
+        return nn.ModuleDict({self.routes[name]: build_metrics(spec.problem, spec.metrics, spec.labels,
                                                                f"{stage}/{self.routes[name]}/")
                               for name, spec in self.specs.items()})
 
@@ -227,7 +227,7 @@ class AdapterTrainer(L.LightningModule):
         head = self.model.heads[route]
         loss = kind_of(head.problem).loss(logits, batch["labels"])
         losses[route].update(loss.detach(), weight=batch["input_ids"].shape[0])
-        metrics[route].update(*kind_of(head.problem).metric_inputs(logits, batch["labels"]))
+        metrics[route].update(*kind_of(head.problem).metric_inputs(logits, batch))
 
     def _eval_epoch_end(self, metrics: nn.ModuleDict, losses: nn.ModuleDict, stage: str) -> None:
         tasks = list(metrics)
@@ -241,7 +241,7 @@ class AdapterTrainer(L.LightningModule):
             if not seen:
                 continue
             collection = metrics[task]
-            headline = kind_of(self.model.heads[task].problem).headline
+            headline = kind_of(self.model.heads[task].problem).metrics_for(self.model.records[task].labels or [])[1]
             for key, value in collection.compute().items():
                 metric = key.rsplit("/", 1)[1]
                 self.log(key, value, prog_bar=metric == headline, add_dataloader_idx=False)

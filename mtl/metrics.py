@@ -8,11 +8,11 @@ from mtl.errors import MTLConfigError
 from mtl.kinds import kind_of
 
 
-def build_metrics(problem: str, names: list[str], num_outputs: int, prefix: str) -> MetricCollection:
-    """A `MetricCollection` named ``<prefix><metric>`` (e.g. ``val/bbc_news/acc``)."""
+def build_metrics(problem: str, names: list[str], labels: list[str], prefix: str) -> MetricCollection:
+    """A `MetricCollection` named ``<prefix><metric>`` (e.g. ``val/bbc_news/acc``) for a task with these labels."""
     kind = kind_of(problem)
     unknown = [n for n in names if n not in kind.metric_names]
     if unknown:
         raise MTLConfigError(f"metrics {unknown} are not available for {problem} tasks, expected some of "
                              f"{sorted(kind.metric_names)}")
-    return MetricCollection({n: kind.metric(n, num_outputs) for n in names}, prefix=prefix)
+    return MetricCollection({n: kind.metric(n, labels) for n in names}, prefix=prefix)

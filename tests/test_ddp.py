@@ -278,7 +278,6 @@ def check_training_shares(recs: list[dict], sizes: dict[str, int]) -> list[tuple
 def one_process_metrics(run: Path, tiny_dir, task_dir, cache: Path, names: list[str], max_eval: int,
                         rows: dict[str, list[int]] | None = None) -> dict[str, float]:
     """val/<task>/{acc,f1,loss} of the exported model over every validation row (or only ``rows``), in one process."""
-    from mtl.assembly import head_outputs
     from mtl.kinds import kind_of
     from mtl.metrics import build_metrics
     from mtl.model import MTLModel
@@ -289,7 +288,7 @@ def one_process_metrics(run: Path, tiny_dir, task_dir, cache: Path, names: list[
     for loader in dm.full_eval_loaders("validation"):
         task = loader.dataset.task
         spec = dm.specs[task]
-        metrics = build_metrics(spec.problem, spec.metrics, head_outputs(spec), f"val/{task}/")
+        metrics = build_metrics(spec.problem, spec.metrics, spec.labels, f"val/{task}/")
         logits, labels = [], []
         with torch.no_grad():
             for batch in loader:
@@ -301,7 +300,8 @@ def one_process_metrics(run: Path, tiny_dir, task_dir, cache: Path, names: list[
                                         None if types is None else types[pick], tasks=task)[task])
                     labels.append(batch["labels"][pick])
         logits, labels = torch.cat(logits), torch.cat(labels)
-        out.update({k: float(v) for k, v in metrics(logits, labels).items()})
+        kind = kind_of(spec.problem)
+        out.update({k: float(v) for k, v in metrics(*kind.metric_inputs(logits, {"labels": labels})).items()})
         out[f"val/{task}/loss"] = float(kind_of(model.heads[task].problem).loss(logits, labels))
     return out
 

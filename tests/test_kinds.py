@@ -26,7 +26,7 @@ def test_every_kind_offers_its_defaults_and_a_headline_and_an_unknown_kind_is_on
     for kind in KINDS.values():
         assert set(kind.default_metrics) <= set(kind.metric_names) and kind.headline in kind.default_metrics
         names = ["a", "b"] if kind.name != "regression" else ["y"]
-        collection = build_metrics(kind.name, list(kind.metric_names), kind.head_outputs(names), "val/t/")
+        collection = build_metrics(kind.name, list(kind.metric_names), names, "val/t/")
         assert sorted(collection.keys()) == sorted(f"val/t/{m}" for m in kind.metric_names)
     with pytest.raises(MTLConfigError, match=r"^problem 'ranking' is unknown, expected one of \['classification'"):
         kind_of("ranking")

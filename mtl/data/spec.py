@@ -247,15 +247,16 @@ def _check_semantics(spec: TaskSpec, origin: str) -> None:
         fail("labels", spec.labels, expected)
     if len(set(spec.labels)) != len(spec.labels) or not all(spec.labels):
         fail("labels", spec.labels, "distinct, non-empty label names")
+    defaults, headline = kind.metrics_for(spec.labels)
     if not spec.metrics:
-        spec.metrics = list(kind.default_metrics)
+        spec.metrics = defaults
     if not all(spec.metrics):
         fail("metrics", spec.metrics, "non-empty metric names")
     unknown = [m for m in spec.metrics if m not in kind.metric_names]
     if unknown:
         fail("metrics", spec.metrics, f"some of {list(kind.metric_names)} for a {spec.problem} task")
-    if kind.headline not in spec.metrics:  # the number that stands for the task is always computed
-        spec.metrics = [*spec.metrics, kind.headline]
+    if headline not in spec.metrics:  # the number that stands for the task is always computed
+        spec.metrics = [*spec.metrics, headline]
     if spec.max_length < 2:
         fail("max_length", spec.max_length, "an int >= 2 (room for the special tokens)")
     for key in ("validation", "test"):

@@ -22,6 +22,10 @@ class TaskKind:
     label_dtype = torch.float  # of ``labels`` in a batch
 
     # ---- the task spec and its data ------------------------------------------------------------
+    def metrics_for(self, labels: list[str]) -> tuple[list[str], str]:
+        """(default metrics, headline metric) of a task with these labels (a tagger's depend on its tag set)."""
+        return list(self.default_metrics), self.headline
+
     def check_labels(self, labels: list[str]) -> str | None:
         """None when ``labels`` suits this kind, else what the spec's ``labels:`` should hold."""
         return None if labels else "at least 1 label name"
@@ -48,13 +52,13 @@ class TaskKind:
         raise NotImplementedError
 
     # ---- scores --------------------------------------------------------------------------------
-    def metric(self, name: str, num_outputs: int) -> Any:
-        """A fresh torchmetrics ``Metric`` called ``name`` (one of `metric_names`)."""
+    def metric(self, name: str, labels: list[str]) -> Any:
+        """A fresh torchmetrics ``Metric`` called ``name`` (one of `metric_names`) for a task with these labels."""
         raise NotImplementedError
 
-    def metric_inputs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(predictions, targets) as this kind's metrics take them."""
-        return logits, labels.long()
+    def metric_inputs(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """What this kind's metrics' ``update`` takes, from a batch's logits and the batch."""
+        return logits, batch["labels"].long()
 
     # ---- what is written -----------------------------------------------------------------------
     def file_row(self, labels: list[str] | None, pred: Any, score: Any) -> dict[str, Any]:

@@ -50,13 +50,13 @@ class Classification(TaskKind):
         confidence, pred = logits.softmax(-1).max(-1)
         return pred, confidence
 
-    def metric(self, name: str, num_outputs: int) -> Any:
+    def metric(self, name: str, labels: list[str]) -> Any:
         """Micro accuracy (``acc``) or macro F1 (``f1``)."""
         from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score  # torchmetrics imports Lightning's utilities
 
         if name == "acc":
-            return MulticlassAccuracy(num_outputs, average="micro")
-        return MulticlassF1Score(num_outputs, average="macro")
+            return MulticlassAccuracy(len(labels), average="micro")
+        return MulticlassF1Score(len(labels), average="macro")
 
     def file_row(self, labels: list[str] | None, pred: Any, score: Any) -> dict[str, Any]:
         """The class name (the index when the task has no names) and its probability."""

@@ -41,13 +41,13 @@ class Multilabel(TaskKind):
         probs = logits.sigmoid()
         return (probs > 0.5).long(), probs
 
-    def metric(self, name: str, num_outputs: int) -> Any:
+    def metric(self, name: str, labels: list[str]) -> Any:
         """Micro accuracy over label decisions (``acc``) or macro F1 (``f1``)."""
         from torchmetrics.classification import MultilabelAccuracy, MultilabelF1Score  # torchmetrics imports Lightning's utilities
 
         if name == "acc":
-            return MultilabelAccuracy(num_outputs, average="micro")
-        return MultilabelF1Score(num_outputs, average="macro")
+            return MultilabelAccuracy(len(labels), average="micro")
+        return MultilabelF1Score(len(labels), average="macro")
 
     def answer(self, labels: list[str] | None, logits: torch.Tensor) -> dict[str, Any]:
         """The names above probability 0.5, the highest probability and every label's."""

@@ -43,15 +43,15 @@ class Regression(TaskKind):
         values = logits.squeeze(-1)
         return values, values
 
-    def metric(self, name: str, num_outputs: int) -> Any:
+    def metric(self, name: str, labels: list[str]) -> Any:
         """Mean squared error (``mse``) or Pearson's r (``pearson``)."""
         from torchmetrics import MeanSquaredError, PearsonCorrCoef  # torchmetrics imports Lightning's utilities
 
         return MeanSquaredError() if name == "mse" else PearsonCorrCoef()
 
-    def metric_inputs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def metric_inputs(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         """(values, targets) as floats."""
-        return logits.squeeze(-1), labels
+        return logits.squeeze(-1), batch["labels"]
 
     def answer(self, labels: list[str] | None, logits: torch.Tensor) -> dict[str, Any]:
         """The value (no label, no scores)."""
