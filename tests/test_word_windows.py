@@ -7,7 +7,8 @@ import random
 import pytest
 
 from mtl.backbone import load_tokenizer
-from mtl.data.word_windows import IGNORE, encode_words
+from mtl.data.word_windows import encode_words
+from mtl.kinds.base import IGNORE
 from tests.conftest import WORDS
 
 

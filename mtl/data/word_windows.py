@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-IGNORE = -100  # a label position that no loss or metric counts (torch's cross-entropy ignore_index)
+from mtl.kinds.base import IGNORE
 
 
 @dataclass

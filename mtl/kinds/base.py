@@ -9,6 +9,8 @@ from torch import nn
 
 from mtl.heads import TaskHead
 
+IGNORE = -100  # a label position that no loss or metric counts (torch's cross-entropy ignore_index)
+
 
 class TaskKind:
     """What one kind of task reads, predicts, scores and writes. Subclasses set the attributes and override what

@@ -1,0 +1,102 @@
+"""Token classification: one tag per word (named entities, part of speech, chunks).
+
+A task gives words and one tag per word (`mtl.data.token_files`); the encoder sees subword windows
+(`mtl.data.word_windows`), labelled on each owned word's first subword and ``IGNORE`` elsewhere. The head tags every
+token; the loss, the metrics and the predictions read only the labelled positions. For a BIO / IOB2 / BIOES tag set
+the headline metric is entity F1 as the CoNLL evaluation counts it (`mtl.kinds.entities`); for other tag sets
+(part of speech) it is word accuracy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mtl.errors import MTLConfigError
+from mtl.kinds.base import IGNORE, TaskKind
+
+ENTITY_METRICS = ("f1", "precision", "recall")
+
+
+def is_entity_tag_set(labels: list[str]) -> bool:
+    """Whether the tags mark entities (``O`` plus ``B-``/``I-``/``E-``/``S-`` tags) rather than word classes."""
+    return "O" in labels and len(labels) > 1 and all(t == "O" or (t[:2] in ("B-", "I-", "E-", "S-") and len(t) > 2)
+                                                     for t in labels)
+
+
+class TokenHead(nn.Module):
+    """Dropout -> Linear(H, tags) on every token (AdapterHub's tagging head with one layer)."""
+
+    def __init__(self, hidden_size: int, num_outputs: int, problem: str = "token_classification",
+                 pooling: str = "none", dropout: float = 0.1) -> None:
+        super().__init__()
+        if pooling != "none":
+            raise MTLConfigError(f"head pooling '{pooling}': a tagger's head reads every token, expected 'none'")
+        self.problem, self.pooling, self.num_outputs = problem, pooling, num_outputs
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_size, num_outputs)
+
+    def settings(self) -> dict[str, object]:
+        """The constructor arguments (what an exported head's config stores)."""
+        return {"num_outputs": self.num_outputs, "problem": self.problem, "pooling": self.pooling,
+                "dropout": self.dropout.p}
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits per token: [rows, tokens, tags]."""
+        return self.out(self.dropout(hidden))
+
+
+class TokenClassification(TaskKind):
+    """A label in a file is a list of tag names, one per word."""
+
+    name = "token_classification"
+    metric_names = ("f1", "precision", "recall", "acc")
+    label_dtype = torch.long
+
+    def metrics_for(self, labels: list[str]) -> tuple[list[str], str]:
+        """Entity scores and word accuracy for an entity tag set (headline entity F1), else word accuracy."""
+        return (["f1", "precision", "recall", "acc"], "f1") if is_entity_tag_set(labels) else (["acc"], "acc")
+
+    def check_labels(self, labels: list[str]) -> str | None:
+        """At least two tags."""
+        return None if len(labels) >= 2 else "at least 2 tag names"
+
+    def read_label(self, value: Any, names: list[str], where: str) -> list[int]:
+        """A list of tag names, one per word -> their indices."""
+        if not isinstance(value, list) or not value:
+            raise MTLConfigError(f"{where}: got {str(value)[:40]!r}, expected a non-empty list of tags, one per word")
+        index = {name: i for i, name in enumerate(names)}
+        out = []
+        for position, tag in enumerate(value):
+            if tag not in index:
+                raise MTLConfigError(f"{where}: word {position + 1}: tag {str(tag)[:40]!r} not in labels, expected "
+                                     f"one of {names[:12]}{' ...' if len(names) > 12 else ''}")
+            out.append(index[tag])
+        return out
+
+    def build_head(self, hidden_size: int, num_outputs: int, pooling: str, dropout: float) -> nn.Module:
+        """A `TokenHead` (pooling does not apply: every token is tagged)."""
+        return TokenHead(hidden_size, num_outputs, self.name, "none", dropout)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over the labelled positions."""
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=IGNORE)
+
+    def predict(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tag index, its softmax probability) per token."""
+        confidence, pred = logits.softmax(-1).max(-1)
+        return pred, confidence
+
+    def metric(self, name: str, labels: list[str]) -> Any:
+        """Entity ``f1`` / ``precision`` / ``recall`` or word ``acc`` over whole sentences."""
+        from mtl.kinds.tag_scores import TagScores  # a torchmetrics Metric: torchmetrics imports Lightning's utilities
+
+        return TagScores(name, labels)
+
+    def metric_inputs(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """(tags predicted, true tags, the sentence of each row, the word of each token): windows of one sentence
+        are joined again before entities are counted."""
+        return logits.argmax(-1), batch["labels"], batch["example"], batch["word_ids"]
