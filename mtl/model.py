@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,22 +31,12 @@ from mtl.errors import MTLConfigError
 from mtl.fusion.config import FusionConfig, as_fusion_config
 from mtl.fusion.layer import FusionLayer
 from mtl.kinds import kind_of
+from mtl.names import check_name
 from mtl.part_pool import PartPool
 from mtl.registry import Part, PartState, TaskRecord
 
 log = logging.getLogger("mtl")
-_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 Group = tuple[Target, slice]
-
-
-def check_name(value: str, what: str) -> None:
-    """A task, adapter or fusion name: 1-255 letters, digits, '_' or '-' (it names a folder and a module key)."""
-    # fullmatch: match with '$' would accept a trailing newline; 255: the longest folder name a filesystem takes
-    if not isinstance(value, str) or not _NAME.fullmatch(value) or len(value) > 255:
-        raise MTLConfigError(f"{what} '{value}' is invalid, expected 1-255 letters, digits, '_' or '-'")
-    if hasattr(nn.ModuleDict(), value):  # names key ModuleDicts, which refuse a key that is one of their attributes
-        raise MTLConfigError(f"{what} '{value}' is reserved (a method of torch's nn.Module, like 'half' or 'train'), "
-                             "expected another name")
 
 
 class MTLModel(nn.Module):

@@ -63,6 +63,13 @@ def test_spec_loads_by_name_and_path_with_defaults(tmp_path):
     assert again == by_name
 
 
+def test_a_name_in_the_spec_follows_the_one_name_rule(tmp_path):
+    (tmp_path / "t.yaml").write_text('name: "bbc\\n"\nsource: {type: files, train: t.csv}\ntext_fields: [text]\n'
+                                     "label_field: label\nlabels: [a, b]\n")
+    with pytest.raises(MTLConfigError, match=r"t.yaml: name: got 'bbc\\n', expected 1-255 letters"):
+        load_task_spec(tmp_path / "t.yaml")  # a trailing newline is not part of a name
+
+
 @pytest.mark.parametrize(
     "overrides, key",
     [
@@ -83,6 +90,8 @@ def test_spec_loads_by_name_and_path_with_defaults(tmp_path):
         ({"split": {"validation": 0, "test": 0.1}}, "split.validation:"),
         ({"max_train_examples": 0}, "max_train_examples:"),
         ({"name": "bad.name"}, "name:"),
+        ({"name": "half"}, "name: got 'half', expected another name: it is a method of torch's nn.Module"),
+        ({"name": "-dash"}, "name:"),
         ({"problem": "regression"}, "labels:"),  # regression needs exactly one target name
     ],
 )

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from mtl import storage
 from mtl.backbone import load_tokenizer
 from mtl.errors import MTLConfigError
-from mtl.model import MTLModel, check_name
+from mtl.model import MTLModel
+from mtl.names import check_name
 from mtl.serving.store import AdapterStore, shown
 from tests.serving_helpers import FUSION, TASKS, TEXTS, expected, retrain, store_model, write_store
 

@@ -7,7 +7,6 @@ its heads, so this must stay cheap and must not import Lightning or ``datasets``
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,11 +17,10 @@ import yaml
 
 from mtl.errors import MTLConfigError
 from mtl.kinds import KINDS, PROBLEMS
+from mtl.names import name_problem
 
 SOURCE_TYPES = ("hf", "files", "folder", "yaml_conversations")
 FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet")
-# a task name becomes a directory name and an nn.ModuleDict key (which may not contain '.')
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -220,8 +218,9 @@ def _check_semantics(spec: TaskSpec, origin: str) -> None:
     def fail(key: str, got: Any, expected: str) -> None:
         raise MTLConfigError(f"{origin}: {key}: got {got!r}, expected {expected}")
 
-    if not NAME_RE.match(spec.name):
-        fail("name", spec.name, "letters, digits, '_' or '-' (it names a folder and a module key)")
+    name_wrong = name_problem(spec.name)
+    if name_wrong is not None:
+        fail("name", spec.name, f"{name_wrong} (it names a folder and a module key)")
     src = spec.source
     if src.type not in SOURCE_TYPES:
         fail("source.type", src.type, f"one of {list(SOURCE_TYPES)}")

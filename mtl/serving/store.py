@@ -35,7 +35,8 @@ import torch
 
 from mtl import model_files, storage
 from mtl.errors import MTLConfigError
-from mtl.model import MTLModel, check_name
+from mtl.model import MTLModel
+from mtl.names import check_name
 from mtl.part_pool import PartPool
 from mtl.serving.say import printable
 
