@@ -17,7 +17,7 @@ from transformers import DataCollatorWithPadding
 
 from mtl.arch import max_tokens
 from mtl.backbone import load_backbone_config, load_tokenizer
-from mtl.data.predict_input import MODEL_INPUTS, TextStream, check_predict_file_name, count_predict_examples
+from mtl.data.predict_input import TextStream, check_predict_file_name, count_predict_examples
 from mtl.data.sampling import GROUP_BATCHES, TaskBatchSampler, shard_rows, sorted_by_length, task_probabilities
 from mtl.data.sources import SPLITS, load_task_dataset
 from mtl.data.spec import TaskSpec, load_task_specs
@@ -44,10 +44,11 @@ class TaskCollator:
         if len(tasks) != 1:
             raise RuntimeError(f"a batch mixes tasks {sorted(tasks, key=str)}; the sampler must yield one task per batch")
         task = tasks.pop()
-        drop = ("task", *EXTRA_KEYS)
+        drop = ("task", "labels", *EXTRA_KEYS)  # the labels' shape is the kind's: it pads them
         batch = dict(self.pad([{k: v for k, v in f.items() if k not in drop} for f in features]))
-        if "labels" in batch:
-            batch["labels"] = batch["labels"].to(kind_of(self.problems[task]).label_dtype)
+        if "labels" in features[0]:
+            batch["labels"] = kind_of(self.problems[task]).collate_labels([f["labels"] for f in features],
+                                                                          batch["input_ids"].shape[1])
         batch["task"] = task
         if "index" in features[0]:
             batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
@@ -353,13 +354,10 @@ class TaskDataModule(L.LightningDataModule):
         key = self.cache_key(spec, raw)
         folder = self.cache_dir / f"{spec.name}-{key}"
         folder.mkdir(parents=True, exist_ok=True)
-        tok, fields = self.tokenizer, spec.text_fields
+        kind, tok = kind_of(spec.problem), self.tokenizer
 
         def encode(batch: dict[str, list]) -> dict[str, list]:
-            enc = tok(*[batch[f] for f in fields], truncation=True, max_length=spec.max_length)
-            out = {k: enc[k] for k in MODEL_INPUTS if k in enc}
-            out["labels"] = batch["label"]
-            return out
+            return kind.encode(tok, batch, spec.text_fields, spec.max_length)
 
         out = {}
         for split in SPLITS:

@@ -16,9 +16,9 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mtl.errors import MTLConfigError
+from mtl.kinds.base import MODEL_INPUTS
 
 PREDICT_SUFFIXES = (".txt", ".jsonl")
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def check_predict_file_name(path: str) -> None:

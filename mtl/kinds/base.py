@@ -9,6 +9,8 @@ from torch import nn
 
 from mtl.heads import TaskHead
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a row holds for the encoder
+
 IGNORE = -100  # a label position that no loss or metric counts (torch's cross-entropy ignore_index)
 
 
@@ -35,6 +37,19 @@ class TaskKind:
     def read_label(self, value: Any, names: list[str], where: str) -> Any:
         """One raw label value from a data file -> what the dataset stores (``where`` names file and row)."""
         raise NotImplementedError
+
+    # ---- encoding and collation ----------------------------------------------------------------
+    def encode(self, tokenizer: Any, batch: dict[str, list], text_fields: list[str], max_length: int) -> dict[str, list]:
+        """Rows for the encoder from a batch of read examples (``label`` column included): one row per example
+        here, the text (or sentence pair) truncated at ``max_length``, its label as ``labels``."""
+        encoded = tokenizer(*[batch[f] for f in text_fields], truncation=True, max_length=max_length)
+        out = {k: encoded[k] for k in MODEL_INPUTS if k in encoded}
+        out["labels"] = batch["label"]
+        return out
+
+    def collate_labels(self, labels: list[Any], width: int) -> torch.Tensor:
+        """A batch's ``labels`` as one tensor (``width``: the padded token length of the batch)."""
+        return torch.tensor(labels, dtype=self.label_dtype)
 
     # ---- the head ------------------------------------------------------------------------------
     def head_outputs(self, labels: list[str]) -> int:
