@@ -75,3 +75,31 @@ def test_scores_join_a_sentences_windows_so_an_entity_across_them_counts_once():
     assert entity_counts(*windows) == (1, 4, 3)
     right = sum(g == p for e in (7, 9) for g, p in zip(gold[e], guess[e]))  # words 0 and 1 of 7, word 1 of 9
     assert right == 3 and float(metrics["acc"].compute()) == right / 6
+
+
+def test_sentences_become_window_rows_that_the_collator_pads_for_the_loss(monkeypatch):
+    from types import SimpleNamespace
+
+    from mtl.backbone import load_tokenizer
+    from mtl.data import module
+    from mtl.data.module import TaskCollator
+
+    tokenizer = load_tokenizer("minilm-l6")
+    spec = SimpleNamespace(text_fields=["words"], max_length=6, doc_stride=2, label_all_subwords=False)
+    batch = {"words": [["Anna", "sings"], ["Peter", "Blackburn", "visited", "Reykjavík", "in", "May"]],
+             "label": [[1, 0], [1, 2, 0, 3, 0, 0]]}
+    rows = KIND.encode(tokenizer, batch, [4, 9], spec)
+    assert rows["example"][0] == 4 and rows["example"].count(9) >= 2  # the long sentence is cut into windows
+    owned = sorted((e, w) for e, labels, words in zip(rows["example"], rows["labels"], rows["word_ids"])
+                   for label, w in zip(labels, words) if label != IGNORE)
+    assert owned == [(4, 0), (4, 1)] + [(9, w) for w in range(6)]  # every word labelled once, in one window
+    monkeypatch.setattr(module, "kind_of", lambda problem: KIND)
+    features = [{**{k: rows[k][i] for k in rows}, "task": "ner"} for i in range(len(rows["example"]))]
+    collated = TaskCollator(tokenizer, {"ner": KIND.name})(features)
+    width = collated["input_ids"].shape[1]
+    assert collated["labels"].shape == collated["word_ids"].shape == (len(features), width)
+    assert collated["example"].tolist() == rows["example"]
+    assert int((collated["labels"] != IGNORE).sum()) == 8 and int((collated["word_ids"] == -1).sum()) > 0
+    logits = torch.randn(len(features), width, len(NER))
+    keep = collated["labels"] != IGNORE
+    assert torch.isclose(KIND.loss(logits, collated["labels"]), F.cross_entropy(logits[keep], collated["labels"][keep]))

@@ -23,6 +23,7 @@ from mtl.data.sources import SPLITS, load_task_dataset
 from mtl.data.spec import TaskSpec, load_task_specs
 from mtl.errors import MTLConfigError
 from mtl.kinds import kind_of
+from mtl.kinds.base import MODEL_INPUTS
 from mtl.preflight import writable_folder
 
 CACHE_VERSION = 1  # bump when the tokenised layout changes, so old cache files are not reused
@@ -44,11 +45,11 @@ class TaskCollator:
         if len(tasks) != 1:
             raise RuntimeError(f"a batch mixes tasks {sorted(tasks, key=str)}; the sampler must yield one task per batch")
         task = tasks.pop()
-        drop = ("task", "labels", *EXTRA_KEYS)  # the labels' shape is the kind's: it pads them
-        batch = dict(self.pad([{k: v for k, v in f.items() if k not in drop} for f in features]))
-        if "labels" in features[0]:
-            batch["labels"] = kind_of(self.problems[task]).collate_labels([f["labels"] for f in features],
-                                                                          batch["input_ids"].shape[1])
+        batch = dict(self.pad([{k: f[k] for k in MODEL_INPUTS if k in f} for f in features]))
+        for column in [k for k in features[0] if k not in (*MODEL_INPUTS, "task", *EXTRA_KEYS)]:
+            # labels and whatever else a task's rows carry: their shape is the task kind's, so it pads them
+            kind = kind_of(self.problems[task])
+            batch[column] = kind.collate(column, [f[column] for f in features], batch["input_ids"].shape[1])
         batch["task"] = task
         if "index" in features[0]:
             batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
@@ -356,8 +357,8 @@ class TaskDataModule(L.LightningDataModule):
         folder.mkdir(parents=True, exist_ok=True)
         kind, tok = kind_of(spec.problem), self.tokenizer
 
-        def encode(batch: dict[str, list]) -> dict[str, list]:
-            return kind.encode(tok, batch, spec.text_fields, spec.max_length)
+        def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+            return kind.encode(tok, batch, indices, spec)
 
         out = {}
         for split in SPLITS:
@@ -365,6 +366,7 @@ class TaskDataModule(L.LightningDataModule):
             out[split] = raw[split].map(
                 encode,
                 batched=True,
+                with_indices=True,
                 remove_columns=raw[split].column_names,
                 cache_file_name=str(folder / f"{split}.arrow"),
                 load_from_cache_file=True,

@@ -39,17 +39,19 @@ class TaskKind:
         raise NotImplementedError
 
     # ---- encoding and collation ----------------------------------------------------------------
-    def encode(self, tokenizer: Any, batch: dict[str, list], text_fields: list[str], max_length: int) -> dict[str, list]:
-        """Rows for the encoder from a batch of read examples (``label`` column included): one row per example
-        here, the text (or sentence pair) truncated at ``max_length``, its label as ``labels``."""
-        encoded = tokenizer(*[batch[f] for f in text_fields], truncation=True, max_length=max_length)
+    def encode(self, tokenizer: Any, batch: dict[str, list], indices: list[int], spec: Any) -> dict[str, list]:
+        """Rows for the encoder from a batch of read examples (``label`` column included; ``indices``: their rows in
+        the split; ``spec``: the task's `TaskSpec`): one row per example here, the text (or sentence pair) truncated
+        at the spec's ``max_length``, its label as ``labels``."""
+        encoded = tokenizer(*[batch[f] for f in spec.text_fields], truncation=True, max_length=spec.max_length)
         out = {k: encoded[k] for k in MODEL_INPUTS if k in encoded}
         out["labels"] = batch["label"]
         return out
 
-    def collate_labels(self, labels: list[Any], width: int) -> torch.Tensor:
-        """A batch's ``labels`` as one tensor (``width``: the padded token length of the batch)."""
-        return torch.tensor(labels, dtype=self.label_dtype)
+    def collate(self, column: str, values: list[Any], width: int) -> torch.Tensor:
+        """One of a batch's columns besides the encoder inputs (``labels``, and what `encode` adds) as a tensor;
+        ``width``: the batch's padded token length."""
+        return torch.tensor(values, dtype=self.label_dtype if column == "labels" else torch.long)
 
     # ---- the head ------------------------------------------------------------------------------
     def head_outputs(self, labels: list[str]) -> int:

@@ -77,6 +77,33 @@ class TokenClassification(TaskKind):
             out.append(index[tag])
         return out
 
+    def encode(self, tokenizer: Any, batch: dict[str, list], indices: list[int], spec: Any) -> dict[str, list]:
+        """A row per window of each sentence (`mtl.data.word_windows`): the encoder inputs, ``labels`` per token,
+        ``word_ids`` per token and ``example``, the sentence's row in the split."""
+        from mtl.data.word_windows import encode_words  # mtl.data imports the kinds: imported when first used
+
+        out: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "token_type_ids", "labels",
+                                                "word_ids", "example")}
+        # the spec's tagger settings (their TaskSpec fields come with the kind's registration: fields every task
+        # carried would change every task's cache key and a saved continual run's settings)
+        stride, every = getattr(spec, "doc_stride", 32), getattr(spec, "label_all_subwords", False)
+        for words, tags, example in zip(batch[spec.text_fields[0]], batch["label"], indices):
+            for window in encode_words(tokenizer, words, tags, spec.max_length, stride, every):
+                out["input_ids"].append(window.input_ids)
+                out["attention_mask"].append([1] * len(window.input_ids))
+                out["token_type_ids"].append(window.token_type_ids)
+                out["labels"].append(window.labels)
+                out["word_ids"].append(window.word_ids)
+                out["example"].append(example)
+        return out
+
+    def collate(self, column: str, values: list[Any], width: int) -> torch.Tensor:
+        """Tags and word ids padded to the batch's width (``IGNORE`` and -1); one sentence row per window."""
+        if column in ("labels", "word_ids"):
+            fill = IGNORE if column == "labels" else -1
+            return torch.tensor([list(v) + [fill] * (width - len(v)) for v in values], dtype=torch.long)
+        return torch.tensor(values, dtype=torch.long)
+
     def build_head(self, hidden_size: int, num_outputs: int, pooling: str, dropout: float) -> nn.Module:
         """A `TokenHead` (pooling does not apply: every token is tagged)."""
         return TokenHead(hidden_size, num_outputs, self.name, "none", dropout)
