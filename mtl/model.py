@@ -178,8 +178,9 @@ class MTLModel(nn.Module):
     def _add_record(self, record: TaskRecord, num_outputs: int, problem: str, pooling: str, dropout: float,
                     pool: PartPool | None = None) -> None:
         device = next(self.backbone.parameters()).device
-        build = lambda: kind_of(problem).build_head(self.hidden_size, num_outputs, pooling, dropout).to(device)
-        key = ("head", {"num_outputs": num_outputs, "problem": problem, "pooling": pooling, "dropout": dropout}, device)
+        kind = kind_of(problem)
+        build = lambda: kind.build_head(self.hidden_size, num_outputs, pooling, dropout).to(device)
+        key = ("head", kind.head_settings(num_outputs, pooling, dropout), device)  # as remove_task keeps heads
         self.heads[record.name] = pool.take(key, build) if pool is not None else build()
         self.states[("head", record.name)] = PartState()
         self.records[record.name] = record

@@ -103,3 +103,12 @@ def test_sentences_become_window_rows_that_the_collator_pads_for_the_loss(monkey
     logits = torch.randn(len(features), width, len(NER))
     keep = collated["labels"] != IGNORE
     assert torch.isclose(KIND.loss(logits, collated["labels"]), F.cross_entropy(logits[keep], collated["labels"][keep]))
+
+
+def test_every_kinds_head_reports_the_settings_a_pool_keeps_it_under():
+    from mtl.kinds import KINDS
+
+    for kind in [*KINDS.values(), KIND]:
+        for pooling in ("mean", "cls"):
+            head = kind.build_head(8, 3, pooling, 0.2)
+            assert head.settings() == kind.head_settings(3, pooling, 0.2), kind.name

@@ -58,6 +58,10 @@ class TaskKind:
         """Width of the head's output layer."""
         return len(labels)
 
+    def head_settings(self, num_outputs: int, pooling: str, dropout: float) -> dict[str, Any]:
+        """What a head built with these arguments reports as its ``settings()`` (a `PartPool` keeps heads under it)."""
+        return {"num_outputs": num_outputs, "problem": self.name, "pooling": pooling, "dropout": dropout}
+
     def build_head(self, hidden_size: int, num_outputs: int, pooling: str, dropout: float) -> nn.Module:
         """A new head; it gets all hidden states of its rows and their mask."""
         return TaskHead(hidden_size, num_outputs, self.name, pooling, dropout)

@@ -18,9 +18,6 @@ from torch.nn import functional as F
 from mtl.errors import MTLConfigError
 from mtl.kinds.base import IGNORE, TaskKind
 
-ENTITY_METRICS = ("f1", "precision", "recall")
-
-
 def is_entity_tag_set(labels: list[str]) -> bool:
     """Whether the tags mark entities (``O`` plus ``B-``/``I-``/``E-``/``S-`` tags) rather than word classes."""
     return "O" in labels and len(labels) > 1 and all(t == "O" or (t[:2] in ("B-", "I-", "E-", "S-") and len(t) > 2)
@@ -103,6 +100,10 @@ class TokenClassification(TaskKind):
             fill = IGNORE if column == "labels" else -1
             return torch.tensor([list(v) + [fill] * (width - len(v)) for v in values], dtype=torch.long)
         return torch.tensor(values, dtype=torch.long)
+
+    def head_settings(self, num_outputs: int, pooling: str, dropout: float) -> dict[str, Any]:
+        """As for every kind, with pooling ``none`` whatever was asked (see `build_head`)."""
+        return {**super().head_settings(num_outputs, pooling, dropout), "pooling": "none"}
 
     def build_head(self, hidden_size: int, num_outputs: int, pooling: str, dropout: float) -> nn.Module:
         """A `TokenHead` (pooling does not apply: every token is tagged)."""
