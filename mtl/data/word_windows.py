@@ -30,16 +30,6 @@ class Window:
     labels: list[int] | None = None
 
 
-def _pieces(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
-    """Subword ids of each word (empty for a word the tokenizer maps to nothing)."""
-    encoded = tokenizer(list(words), is_split_into_words=True, add_special_tokens=False)
-    pieces: list[list[int]] = [[] for _ in words]
-    for token_id, word in zip(encoded["input_ids"], encoded.word_ids()):
-        if word is not None:
-            pieces[word].append(token_id)
-    return pieces
-
-
 def _spans(sizes: list[int], budget: int, stride: int) -> list[tuple[int, int]]:
     """Word ranges [a, b) of the windows: each as long as ``budget`` subwords allow (at least one word), the next
     starting where about ``stride`` subwords of this one remain."""
@@ -71,16 +61,23 @@ def _owners(spans: list[tuple[int, int]], n: int) -> list[int]:
 def encode_words(tokenizer: Any, words: Sequence[str], tags: Sequence[int] | None, max_length: int, stride: int,
                  label_all_subwords: bool = False) -> list[Window]:
     """The windows of one sentence (``tags``: one label index per word, or None when predicting)."""
-    pieces = _pieces(tokenizer, words)
+    # the whole sentence through the tokenizer once (its special tokens and token types, per family): the windows
+    # when it fits, and each word's subword count otherwise
+    whole = tokenizer(list(words), is_split_into_words=True)
+    sizes = [0] * len(words)
+    for word in whole.word_ids():
+        if word is not None:
+            sizes[word] += 1
+    fits = len(whole["input_ids"]) <= max_length and all(sizes)
     # a word the tokenizer maps to nothing is read as the unknown token, so that it still gets a prediction
-    words = [w if p else tokenizer.unk_token for w, p in zip(words, pieces)]
+    words = [w if n else tokenizer.unk_token for w, n in zip(words, sizes)]
     budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
-    spans = _spans([min(max(len(p), 1), budget) for p in pieces], budget, stride)
+    spans = [(0, len(words))] if fits else _spans([min(max(n, 1), budget) for n in sizes], budget, stride)
     owners = _owners(spans, len(words))
     windows = []
     for k, (a, b) in enumerate(spans):
-        # the window's words through the tokenizer itself: its special tokens and token types, per family
-        encoded = tokenizer(list(words[a:b]), is_split_into_words=True, truncation=True, max_length=max_length)
+        encoded = whole if fits else tokenizer(list(words[a:b]), is_split_into_words=True, truncation=True,
+                                               max_length=max_length)
         word_ids = [-1 if w is None else a + w for w in encoded.word_ids()]
         if set(range(a, b)) - set(word_ids):
             raise RuntimeError(f"words {sorted(set(range(a, b)) - set(word_ids))} lost their subwords in a window")
