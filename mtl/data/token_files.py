@@ -15,6 +15,7 @@ allows is the task kind's business, not the reader's.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,35 +41,38 @@ def _lines(path: Path) -> list[str]:
                              "tags") from None
 
 
+def _blocks(path: Path) -> Iterator[list[tuple[int, str]]]:
+    """The file's blank-line-separated blocks, as (1-based line number, line) pairs."""
+    block: list[tuple[int, str]] = []
+    for number, line in enumerate([*_lines(path), ""], start=1):
+        if line.strip():
+            block.append((number, line))
+        elif block:
+            yield block
+            block = []
+
+
+def _found(path: Path, sentences: list[Sentence], expected: str) -> list[Sentence]:
+    if not sentences:
+        raise MTLConfigError(f"{path}: no sentence found, expected {expected}")
+    return sentences
+
+
 def read_conll(path: str | Path, word_column: int = 0, tag_column: int = -1) -> list[Sentence]:
     """The sentences of a CoNLL column file (word and tag taken from the given columns)."""
     path = Path(path)
-    sentences: list[Sentence] = []
-    words: list[str] = []
-    tags: list[str] = []
-    start = 0
     # columns a line must have: a word and a tag are never the same column
     need = max(2, *(i + 1 if i >= 0 else -i for i in (word_column, tag_column)))
-    for number, line in enumerate([*_lines(path), ""], start=1):
-        columns = line.split()
-        if columns and columns[0] == "-DOCSTART-":
-            continue
-        if not columns:
-            if words:
-                sentences.append(Sentence(words, tags, start))
-            words, tags = [], []
-            continue
-        if len(columns) < need:
-            raise MTLConfigError(f"{path}:{number}: {len(columns)} column(s), expected at least {need} (word column "
-                                 f"{word_column}, tag column {tag_column})")
-        if not words:
-            start = number
-        words.append(columns[word_column])
-        tags.append(columns[tag_column])
-    if not sentences:
-        raise MTLConfigError(f"{path}: no sentence found, expected lines of words and tags with a blank line "
-                             "between sentences")
-    return sentences
+    sentences = []
+    for block in _blocks(path):
+        rows = [(number, line.split()) for number, line in block if line.split()[0] != "-DOCSTART-"]
+        for number, columns in rows:
+            if len(columns) < need:
+                raise MTLConfigError(f"{path}:{number}: {len(columns)} column(s), expected at least {need} (word "
+                                     f"column {word_column}, tag column {tag_column})")
+        if rows:
+            sentences.append(Sentence([c[word_column] for _, c in rows], [c[tag_column] for _, c in rows], rows[0][0]))
+    return _found(path, sentences, "lines of words and tags with a blank line between sentences")
 
 
 def read_conllu(path: str | Path, tag: str = "UPOS") -> list[Sentence]:
@@ -78,39 +82,31 @@ def read_conllu(path: str | Path, tag: str = "UPOS") -> list[Sentence]:
     if key is None and tag not in ("UPOS", "XPOS") or key == "":
         raise MTLConfigError(f"{path}: tag column {tag!r}, expected 'UPOS', 'XPOS' or 'MISC:<key>'")
     column = CONLLU_COLUMNS.index("MISC" if key is not None else tag)
-    sentences: list[Sentence] = []
-    words: list[str] = []
-    tags: list[str] = []
-    start = 0
-    for number, line in enumerate([*_lines(path), ""], start=1):
-        if not line.strip():
-            if words:
-                sentences.append(Sentence(words, tags, start))
-            words, tags = [], []
-            continue
-        if line.startswith("#"):
-            continue
-        fields = line.split("\t")
-        if len(fields) != len(CONLLU_COLUMNS):
-            raise MTLConfigError(f"{path}:{number}: {len(fields)} tab-separated column(s), expected "
-                                 f"{len(CONLLU_COLUMNS)} ({' '.join(CONLLU_COLUMNS)})")
-        if "-" in fields[0] or "." in fields[0]:  # a multiword token's range or an empty node: not a word
-            continue
-        value = fields[column]
-        if key is not None:
-            pairs = dict(item.partition("=")[::2] for item in value.split("|") if "=" in item)
-            if key not in pairs:
-                raise MTLConfigError(f"{path}:{number}: MISC {value!r} has no {key}=..., expected every word to "
-                                     f"carry its {key} tag")
-            value = pairs[key]
-        if not words:
-            start = number
-        words.append(fields[1])
-        tags.append(value)
-    if not sentences:
-        raise MTLConfigError(f"{path}: no sentence found, expected CoNLL-U lines with a blank line after each "
-                             "sentence")
-    return sentences
+    sentences = []
+    for block in _blocks(path):
+        words, tags, start = [], [], 0
+        for number, line in block:
+            if line.startswith("#"):
+                continue
+            fields = line.split("\t")
+            if len(fields) != len(CONLLU_COLUMNS):
+                raise MTLConfigError(f"{path}:{number}: {len(fields)} tab-separated column(s), expected "
+                                     f"{len(CONLLU_COLUMNS)} ({' '.join(CONLLU_COLUMNS)})")
+            if "-" in fields[0] or "." in fields[0]:  # a multiword token's range or an empty node: not a word
+                continue
+            value = fields[column]
+            if key is not None:
+                pairs = dict(item.partition("=")[::2] for item in value.split("|") if "=" in item)
+                if key not in pairs:
+                    raise MTLConfigError(f"{path}:{number}: MISC {value!r} has no {key}=..., expected every word to "
+                                         f"carry its {key} tag")
+                value = pairs[key]
+            start = start or number
+            words.append(fields[1])
+            tags.append(value)
+        if words:
+            sentences.append(Sentence(words, tags, start))
+    return _found(path, sentences, "CoNLL-U lines with a blank line after each sentence")
 
 
 def read_token_jsonl(path: str | Path, words_field: str = "tokens", tags_field: str = "tags") -> list[Sentence]:
@@ -143,6 +139,4 @@ def read_token_jsonl(path: str | Path, words_field: str = "tokens", tags_field: 
             raise MTLConfigError(f"{path}:{number}: {len(words)} {words_field} but {len(tags)} {tags_field}, "
                                  "expected one tag per word")
         sentences.append(Sentence(words, tags, number))
-    if not sentences:
-        raise MTLConfigError(f"{path}: no sentence found, expected one JSON object per line")
-    return sentences
+    return _found(path, sentences, "one JSON object per line")
