@@ -477,7 +477,7 @@ class AdapterTrainer(L.LightningModule):
         folder = Path(getattr(callback, "dirpath", None) or "/nonexistent")
         # the callback names a new best before writing it: if that write failed, the previous best is still there
         others = sorted(folder.glob("*.ckpt"), key=lambda f: f.stat().st_mtime, reverse=True) if folder.is_dir() else []
-        best = loadable_checkpoint([getattr(callback, "best_model_path", ""), *others])
+        best = loadable_checkpoint(dict.fromkeys([str(getattr(callback, "best_model_path", "")), *map(str, others)]))
         if best:
             return (f"the trained weights are kept in the best checkpoint {best} (read back whole; once the folder "
                     "can be written, resume the same fit command with --ckpt_path set to it)")

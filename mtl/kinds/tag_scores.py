@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from mtl.kinds.base import IGNORE
 from mtl.kinds.entities import entity_counts, scores
@@ -36,15 +37,14 @@ class TagScores(Metric):
 
     def compute(self) -> torch.Tensor:
         """The score over every sentence seen."""
-        cat = [torch.cat(s) if isinstance(s, list) else s for s in (self.example, self.word, self.true, self.pred)]
-        example, word, true, pred = (t.cpu() for t in cat)
+        true, pred = dim_zero_cat(self.true), dim_zero_cat(self.pred)
         if self.name == "acc":
-            return (true == pred).double().mean() if len(true) else torch.tensor(0.0, dtype=torch.float64)
-        order = sorted(range(len(example)), key=lambda i: (int(example[i]), int(word[i])))
+            return (true == pred).double().mean()
+        rows = zip(dim_zero_cat(self.example).tolist(), dim_zero_cat(self.word).tolist(), true.tolist(), pred.tolist())
         sentences: dict[int, tuple[list[str], list[str]]] = {}
-        for i in order:
-            gold, guess = sentences.setdefault(int(example[i]), ([], []))
-            gold.append(self.labels[int(true[i])])
-            guess.append(self.labels[int(pred[i])])
+        for e, _, t, p in sorted(rows):  # each sentence's words in order
+            gold, guess = sentences.setdefault(e, ([], []))
+            gold.append(self.labels[t])
+            guess.append(self.labels[p])
         result = scores(*entity_counts([g for g, _ in sentences.values()], [p for _, p in sentences.values()]))
         return torch.tensor(result[self.name], dtype=torch.float64)
