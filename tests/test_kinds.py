@@ -22,10 +22,12 @@ from tests.conftest import WORDS
 
 
 def test_every_kind_offers_its_defaults_and_a_headline_and_an_unknown_kind_is_one_line():
-    assert PROBLEMS == ("classification", "multilabel", "regression") and list(KINDS) == list(PROBLEMS)
+    assert PROBLEMS == ("classification", "multilabel", "regression", "token_classification")
+    assert list(KINDS) == list(PROBLEMS)
     for kind in KINDS.values():
-        assert set(kind.default_metrics) <= set(kind.metric_names) and kind.headline in kind.default_metrics
-        names = ["a", "b"] if kind.name != "regression" else ["y"]
+        names = {"regression": ["y"], "token_classification": ["O", "B-X", "I-X"]}.get(kind.name, ["a", "b"])
+        defaults, headline = kind.metrics_for(names)
+        assert set(defaults) <= set(kind.metric_names) and headline in defaults
         collection = build_metrics(kind.name, list(kind.metric_names), names, "val/t/")
         assert sorted(collection.keys()) == sorted(f"val/t/{m}" for m in kind.metric_names)
     with pytest.raises(MTLConfigError, match=r"^problem 'ranking' is unknown, expected one of \['classification'"):

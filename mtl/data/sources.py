@@ -22,13 +22,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets reads it at impo
 import datasets  # noqa: E402
 import yaml  # noqa: E402
 
-from mtl.data.predict_input import check_encodable  # noqa: E402
+from mtl.data.token_files import read_conll, read_conllu, read_token_jsonl  # noqa: E402
 from mtl.data.spec import TaskSpec  # noqa: E402
 from mtl.errors import MTLConfigError, warn  # noqa: E402
 from mtl.kinds import kind_of  # noqa: E402
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
+WHERE = "__where__"  # a source's optional column of "file:line" per row, for errors about that row
 Columns = dict[str, list]  # column name -> values, one split as plain Python lists
 
 
@@ -42,6 +43,10 @@ def load_task_dataset(spec: TaskSpec, limit: bool = True) -> datasets.DatasetDic
     if any(empty.values()):
         counts = ", ".join(f"{split} {n}" for split, n in empty.items())
         warn(f"{spec.spec_file}: dropped rows whose text is empty, blank or missing: {counts}")
+    for split, (_, labels) in examples.items():
+        note = kind_of(spec.problem).split_note(labels, spec.labels)
+        if note:
+            warn(f"{spec.spec_file}: source.{split}: {note}")
     examples = _complete_splits(spec, examples)
     out = {}
     for split in SPLITS:
@@ -123,9 +128,10 @@ def _strata(spec: TaskSpec, labels: list) -> list:
     return labels if kind_of(spec.problem).has_classes else [0] * len(labels)
 
 
-def _dedup_key(texts: tuple[str, ...]) -> tuple[str, ...]:
-    # the default tokenizer is uncased and ignores whitespace, so these are duplicates to the model
-    return tuple(" ".join(t.lower().split()) for t in texts)
+def _dedup_key(texts: tuple[Any, ...]) -> tuple[str, ...]:
+    # the default tokenizer is uncased and ignores whitespace, so these are duplicates to the model (a list of
+    # words is compared as the words joined by spaces)
+    return tuple(" ".join((t if isinstance(t, str) else " ".join(t)).lower().split()) for t in texts)
 
 
 def _complete_splits(spec: TaskSpec, examples: dict[str, tuple[list, list]]) -> dict[str, tuple[list, list]]:
@@ -164,33 +170,34 @@ def _complete_splits(spec: TaskSpec, examples: dict[str, tuple[list, list]]) -> 
     return out
 
 
-def _examples(spec: TaskSpec, split: str, cols: Columns) -> tuple[list[tuple[str, ...]], list, int]:
-    """Select text fields and convert labels; drops rows with empty text (counted) or an unkept label."""
+def _examples(spec: TaskSpec, split: str, cols: Columns) -> tuple[list[tuple[Any, ...]], list, int]:
+    """Select text fields and convert labels through the task's kind; drops rows with empty text (counted) or an
+    unkept label. Errors name the file and line where the source knows them (``__where__``), else the row."""
     for key, name in [("text_fields", f) for f in spec.text_fields] + [("label_field", spec.label_field)]:
         if name not in cols:
             raise MTLConfigError(
-                f"{spec.spec_file}: {key}: '{name}' not in the columns of source.{split} {sorted(cols)}, expected one of them"
+                f"{spec.spec_file}: {key}: '{name}' not in the columns of source.{split} "
+                f"{sorted(c for c in cols if c != WHERE)}, expected one of them"
             )
-    src, texts, labels, empty = spec.source, [], [], 0
+    src, kind, texts, labels, empty = spec.source, kind_of(spec.problem), [], [], 0
     keep = set(src.keep_labels) if src.keep_labels else None
+    wheres = cols.get(WHERE)
     for i, raw in enumerate(cols[spec.label_field]):
-        row = tuple("" if _missing(cols[f][i]) else str(cols[f][i]).strip() for f in spec.text_fields)
-        if not all(row):
+        where = wheres[i] if wheres else f"{spec.spec_file}: source.{split} row {i}"
+        # every source's texts pass here (json escapes, YAML, ...)
+        row = tuple(kind.read_text(cols[f][i], f"{where}: text field '{f}'") for f in spec.text_fields)
+        if not all(len(t) for t in row):
             empty += 1
             continue
-        for name, text in zip(spec.text_fields, row):  # every source's texts pass here (json escapes, YAML, ...)
-            check_encodable(text, f"{spec.spec_file}: source.{split} row {i}: text field '{name}'")
         value = src.label_map.get(str(raw), raw) if src.label_map and not isinstance(raw, list) else raw
         if keep is not None and str(value) not in keep:
             continue
+        label = kind.read_label(value, spec.labels, f"{where}: {spec.label_field}" if wheres else
+                                f"{spec.spec_file}: labels: source.{split} row {i}")
+        kind.check_example(row, label, where)
         texts.append(row)
-        labels.append(kind_of(spec.problem).read_label(value, spec.labels,
-                                                       f"{spec.spec_file}: labels: source.{split} row {i}"))
+        labels.append(label)
     return texts, labels, empty
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _read_hf(spec: TaskSpec) -> dict[str, Columns]:
@@ -233,7 +240,10 @@ def _read_files(spec: TaskSpec) -> dict[str, Columns]:
 
 def _read_table(spec: TaskSpec, path: Path, key: str) -> Columns:
     fmt = spec.source.format or path.suffix.lstrip(".").lower()
+    fmt = "conll" if fmt == "txt" and kind_of(spec.problem).reads_words else fmt
     where = f"{spec.spec_file}: {key}: {path}"
+    if kind_of(spec.problem).reads_words and fmt in ("conll", "conllu", "jsonl"):
+        return _read_words(spec, path, fmt)
     try:
         if fmt in ("csv", "tsv"):
             import pandas as pd
@@ -258,6 +268,20 @@ def _read_table(spec: TaskSpec, path: Path, key: str) -> Columns:
     except Exception as err:  # noqa: BLE001 - parse errors of any reader are the user's file
         raise MTLConfigError(f"{where}: cannot read as {fmt} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     raise MTLConfigError(f"{where}: unknown format '{fmt}', expected a file ending in one of .csv .tsv .json .jsonl .parquet (or set source.format)")
+
+
+def _read_words(spec: TaskSpec, path: Path, fmt: str) -> Columns:
+    """A file of words with one tag each (`mtl.data.token_files`): the words under the spec's text field, the tags
+    under its label field, and where each sentence starts."""
+    src = spec.source
+    if fmt == "conll":
+        sentences = read_conll(path, src.word_column, src.tag_column)
+    elif fmt == "conllu":
+        sentences = read_conllu(path, src.conllu_tag)
+    else:
+        sentences = read_token_jsonl(path, spec.text_fields[0], spec.label_field)
+    return {spec.text_fields[0]: [s.words for s in sentences], spec.label_field: [s.tags for s in sentences],
+            WHERE: [f"{path}:{s.line}" for s in sentences]}
 
 
 def _wanted(spec: TaskSpec, label: str) -> bool:

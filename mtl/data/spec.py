@@ -20,7 +20,11 @@ from mtl.kinds import KINDS, PROBLEMS
 from mtl.names import name_problem
 
 SOURCE_TYPES = ("hf", "files", "folder", "yaml_conversations")
-FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet")
+FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "conll", "conllu")
+# fields added after task specs were first saved (cache keys, continual runs' settings): written by `to_dict` only
+# when they differ from these defaults, so a spec that does not use them keeps the dict (and the hash) it had
+LATER_FIELDS = {"doc_stride": 32, "label_all_subwords": False}
+LATER_SOURCE_FIELDS = {"word_column": 0, "tag_column": -1, "conllu_tag": "UPOS"}
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -39,7 +43,8 @@ class SourceSpec:
     train: str | None = _help("files: the train file (required); hf: the source split name", default=None)
     validation: str | None = _help("files: the validation file; hf: the source split name", default=None)
     test: str | None = _help("files: the test file; hf: the source split name", default=None)
-    format: str | None = _help("files: csv | tsv | json | jsonl | parquet (default: from the suffix)", default=None)
+    format: str | None = _help("files: csv | tsv | json | jsonl | parquet | conll | conllu (default: from the suffix; "
+                               ".txt is read as conll)", default=None)
     encoding: str = _help("text encoding of csv files and of folder files (e.g. latin-1)", default="utf-8")
     label_from: str = _help("yaml_conversations: label by sub-'folder' or by 'file' stem", default="folder")
     label_map: dict[str, str] | None = _help("renames raw label values before they are matched to labels", default=None)
@@ -47,6 +52,9 @@ class SourceSpec:
         "only rows whose (mapped) label is in this list are kept; without it every label must be in labels",
         default=None,
     )
+    word_column: int = _help("conll: the column of the word (0: the first)", default=0)
+    tag_column: int = _help("conll: the column of the tag (-1: the last)", default=-1)
+    conllu_tag: str = _help("conllu: the tag to read: UPOS, XPOS or MISC:<key> (e.g. MISC:NER)", default="UPOS")
 
 
 @dataclass
@@ -76,7 +84,11 @@ class TaskSpec:
     problem: str = _help("the task's kind (mtl.kinds): " + " | ".join(PROBLEMS), default="classification")
     metrics: list[str] = _help("metric names (default: the kind's; its headline metric is always added)",
                                default_factory=list)
-    max_length: int = _help("tokens per example after truncation", default=128)
+    max_length: int = _help("tokens per example after truncation (token_classification: per window)", default=128)
+    doc_stride: int = _help("token_classification: subwords that consecutive windows of a long sentence share",
+                            default=32)
+    label_all_subwords: bool = _help("token_classification: train on every subword of a word, not only its first",
+                                     default=False)
     split: SplitSpec = _help("fractions and seed for splits the source lacks", default_factory=SplitSpec)
     max_train_examples: int | None = _help("seeded stratified subsample of train (None: all)", default=None)
     max_eval_examples: int | None = _help("same for validation and for test, each", default=None)
@@ -94,8 +106,13 @@ class TaskSpec:
         return Path(self.spec_file).parent if self.spec_file else Path.cwd()
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (``from_dict`` reads it back)."""
-        return dataclasses.asdict(self)
+        """A JSON-serialisable dict (``from_dict`` reads it back); fields added later appear only when set."""
+        out = dataclasses.asdict(self)
+        for data, later in ((out, LATER_FIELDS), (out["source"], LATER_SOURCE_FIELDS)):
+            for key, default in later.items():
+                if data[key] == default:
+                    del data[key]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "<dict>") -> TaskSpec:
@@ -237,8 +254,9 @@ def _check_semantics(spec: TaskSpec, origin: str) -> None:
     if spec.problem not in KINDS:
         fail("problem", spec.problem, f"one of {list(PROBLEMS)}")
     kind = KINDS[spec.problem]
-    if not 1 <= len(spec.text_fields) <= 2 or not all(spec.text_fields):
-        fail("text_fields", spec.text_fields, "one text column, or two for a sentence pair")
+    if not 1 <= len(spec.text_fields) <= kind.text_fields or not all(spec.text_fields):
+        fail("text_fields", spec.text_fields, "one text column, or two for a sentence pair" if kind.text_fields == 2
+             else f"one column (of words, for a {spec.problem} task)")
     if not spec.label_field:
         fail("label_field", spec.label_field, "a column name")
     expected = kind.check_labels(spec.labels)
@@ -258,6 +276,15 @@ def _check_semantics(spec: TaskSpec, origin: str) -> None:
         spec.metrics = [*spec.metrics, headline]
     if spec.max_length < 2:
         fail("max_length", spec.max_length, "an int >= 2 (room for the special tokens)")
+    if kind.reads_words and not 0 <= spec.doc_stride < spec.max_length - 2:
+        fail("doc_stride", spec.doc_stride, f"an int from 0 to {spec.max_length - 3} (below max_length - 2)")
+    if src.format in ("conll", "conllu") and spec.problem != "token_classification":
+        fail("source.format", src.format, "csv, tsv, json, jsonl or parquet: conll files hold tags for "
+             "problem: token_classification")
+    if src.conllu_tag not in ("UPOS", "XPOS") and not (src.conllu_tag.startswith("MISC:") and len(src.conllu_tag) > 5):
+        fail("source.conllu_tag", src.conllu_tag, "UPOS, XPOS or MISC:<key>")
+    if src.word_column == src.tag_column:
+        fail("source.tag_column", src.tag_column, f"a column other than source.word_column ({src.word_column})")
     for key in ("validation", "test"):
         if not 0.0 < getattr(spec.split, key) < 1.0:
             fail(f"split.{key}", getattr(spec.split, key), "a fraction strictly between 0 and 1")

@@ -22,8 +22,10 @@ from mtl.kinds.base import TaskKind
 from mtl.kinds.classification import Classification
 from mtl.kinds.multilabel import Multilabel
 from mtl.kinds.regression import Regression
+from mtl.kinds.token_classification import TokenClassification
 
-KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (Classification(), Multilabel(), Regression())}
+KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (Classification(), Multilabel(), Regression(),
+                                                           TokenClassification())}
 PROBLEMS = tuple(KINDS)
 
 

@@ -23,6 +23,8 @@ class TaskKind:
     default_metrics: tuple[str, ...] = ()
     headline = ""  # the higher-is-better metric that stands for the task (checkpoint choice, val/avg/score)
     has_classes = False  # one class per row: splits stratified by it, classes checked, ambiguous duplicates dropped
+    text_fields = 2  # the most text columns an example may have (two: a sentence pair)
+    reads_words = False  # examples are lists of words (read from word-and-tag files; predicted per word)
     label_dtype = torch.float  # of ``labels`` in a batch
 
     # ---- the task spec and its data ------------------------------------------------------------
@@ -33,6 +35,22 @@ class TaskKind:
     def check_labels(self, labels: list[str]) -> str | None:
         """None when ``labels`` suits this kind, else what the spec's ``labels:`` should hold."""
         return None if labels else "at least 1 label name"
+
+    def read_text(self, value: Any, where: str) -> Any:
+        """One raw text value from a data file -> what the dataset stores ("" when missing or blank: the row is
+        dropped and counted)."""
+        if value is None or (isinstance(value, float) and value != value):  # None or NaN: a missing cell
+            return ""
+        from mtl.data.predict_input import check_encodable  # mtl.data imports the kinds
+
+        return check_encodable(str(value).strip(), where)
+
+    def check_example(self, texts: tuple[Any, ...], label: Any, where: str) -> None:
+        """Refuse an example whose read text and label do not fit together (one line naming ``where``)."""
+
+    def split_note(self, labels: list[Any], names: list[str]) -> str | None:
+        """Something worth telling the user about a split's read labels (a warning line), or None."""
+        return None
 
     def read_label(self, value: Any, names: list[str], where: str) -> Any:
         """One raw label value from a data file -> what the dataset stores (``where`` names file and row)."""

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from mtl.errors import MTLConfigError
 from mtl.kinds.base import IGNORE, TaskKind
+from mtl.kinds.entities import ill_formed_starts
 
 def is_entity_tag_set(labels: list[str]) -> bool:
     """Whether the tags mark entities (``O`` plus ``B-``/``I-``/``E-``/``S-`` tags) rather than word classes."""
@@ -52,6 +53,37 @@ class TokenClassification(TaskKind):
     name = "token_classification"
     metric_names = ("f1", "precision", "recall", "acc")
     label_dtype = torch.long
+    text_fields = 1
+    reads_words = True
+
+    def read_text(self, value: Any, where: str) -> list[str]:
+        """A list of words (each a non-empty string without spaces around it); an empty list is a dropped row."""
+        from mtl.data.predict_input import check_encodable  # mtl.data imports the kinds
+
+        if value is None:
+            return []
+        if not isinstance(value, (list, tuple)):
+            raise MTLConfigError(f"{where}: got {str(value)[:40]!r}, expected a list of words")
+        words = []
+        for position, word in enumerate(value):
+            if not isinstance(word, str) or not word.strip():
+                raise MTLConfigError(f"{where}: word {position + 1}: got {str(word)[:40]!r}, expected a non-empty "
+                                     "string")
+            words.append(check_encodable(word.strip(), f"{where}: word {position + 1}"))
+        return words
+
+    def check_example(self, texts: tuple[Any, ...], label: Any, where: str) -> None:
+        """One tag per word."""
+        if len(texts[0]) != len(label):
+            raise MTLConfigError(f"{where}: {len(texts[0])} words but {len(label)} tags, expected one tag per word")
+
+    def split_note(self, labels: list[list[int]], names: list[str]) -> str | None:
+        """For an entity tag set: how many gold entities start with an I- or E- tag (read as entities, as CoNLL's
+        evaluation does)."""
+        if not is_entity_tag_set(names):
+            return None
+        count = sum(ill_formed_starts([names[t] for t in tags]) for tags in labels)
+        return f"{count} entities start with an I- or E- tag (counted as entities, as conlleval does)" if count else None
 
     def metrics_for(self, labels: list[str]) -> tuple[list[str], str]:
         """Entity scores and word accuracy for an entity tag set (headline entity F1), else word accuracy."""
