@@ -284,8 +284,11 @@ class AdapterTrainer(L.LightningModule):
                 rows.append({"task": task, "index": i, **row, "text": text})
             return rows
         tasks = self.model.tasks if batch["task"] is None else [self.routes.get(batch["task"], batch["task"])]
-        logits = self.model(*inputs, tasks=tasks)
+        by_words = [t for t in tasks if kind_of(self.model.heads[t].problem).reads_words]
+        tasks = [t for t in tasks if t not in by_words]
         rows = []
+        if tasks:
+            logits = self.model(*inputs, tasks=tasks)
         for task in tasks:
             head = self.model.heads[task]
             labels = self.model.records[task].labels
@@ -293,6 +296,32 @@ class AdapterTrainer(L.LightningModule):
             pred, score = kind.predict(logits[task].float())  # float32 scores under bf16 precision too
             for i, text, p, s in zip(index, texts, pred.tolist(), score.tolist()):
                 rows.append({"task": task, "index": i, **kind.file_row(labels, p, s), "text": text})
+        if by_words:
+            rows += self._word_rows(by_words, batch)
+        return rows
+
+    def _word_rows(self, tasks: list[str], batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """Prediction rows of taggers: one per example, from its windows (a split's rows, or the windows of a
+        predict file's texts in ``batch["words"]``), every word tagged once."""
+        if batch["task"] is None:  # raw texts: their words and windows came with the batch
+            windows = batch["words"]
+            texts = {k: (t.words, t.offsets, t.text, i) for k, (t, i) in
+                     enumerate(zip(windows["texts"], batch["index"].tolist()))}
+        else:  # a split's windows: the row's text is its example's words
+            windows = batch
+            texts = {e: (words, None, None, e) for e, words in zip(batch["example"].tolist(), batch["text"])}
+        examples = windows["example"].tolist()
+        logits = self.model(windows["input_ids"], windows.get("attention_mask"), windows.get("token_type_ids"),
+                            tasks=tasks) if examples else {t: [] for t in tasks}
+        word_ids = windows["word_ids"].tolist() if examples else []
+        rows = []
+        for task in tasks:
+            kind, labels = kind_of(self.model.heads[task].problem), self.model.records[task].labels
+            for example, (words, offsets, text, index) in texts.items():
+                mine = [r for r, e in enumerate(examples) if e == example]
+                out = kind.tag_words(labels, [logits[task][r].float() for r in mine], [word_ids[r] for r in mine],
+                                     words, offsets, text)
+                rows.append({"task": task, "index": index, **out, "text": text if text is not None else " ".join(words)})
         return rows
 
     # ---- optimisation --------------------------------------------------------------------------

@@ -45,8 +45,9 @@ class RowFile:
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         """Append rows (written through to the temporary file, so memory holds at most one batch of them)."""
-        if self.csv is not None:
-            self.csv.writerows(rows)
+        if self.csv is not None:  # a tagger's lists (a tag and a score per word) go in a cell as JSON
+            self.csv.writerows({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v
+                                for k, v in row.items()} for row in rows)
         else:
             self.file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         self.file.flush()

@@ -381,6 +381,115 @@ def test_import_overwrite_and_adapter_name_in_use(tmp_path):
     assert shared.tasks == ["x"] and all(torch.equal(p, before[k]) for k, p in shared.task_parameters("x").items())
 
 
+# ---- tagging heads (mtl's token_classification TokenHead) ---------------------------------------------------------
+TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+
+
+def write_tagging_head(folder: Path, name: str, layers: int = 1, seed: int = 5) -> dict[str, torch.Tensor]:
+    """A tagging head as AdapterHub 1.3's TaggingHead saves it (heads/base.py: config keys as its __init__ sets them;
+    an nn.Sequential of [Dropout, Linear(H, H), Tanh, Dropout] per extra layer, then Dropout, Linear(H, tags))."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    if layers == 2:
+        tensors = {f"heads.{name}.1.weight": torch.randn(HIDDEN, HIDDEN, generator=g) * 0.2,
+                   f"heads.{name}.1.bias": torch.randn(HIDDEN, generator=g) * 0.2}
+    out = 3 * layers - 2  # the last Linear's index: 1 for one layer, 4 for two
+    tensors.update({f"heads.{name}.{out}.weight": torch.randn(len(TAGS), HIDDEN, generator=g) * 0.2,
+                    f"heads.{name}.{out}.bias": torch.randn(len(TAGS), generator=g) * 0.2})
+    config = {"head_type": "tagging", "num_labels": len(TAGS), "layers": layers, "activation_function": "tanh",
+              "label2id": {tag: i for i, tag in enumerate(TAGS)}, "dropout_prob": None}
+    (folder / "head_config.json").write_text(json.dumps({**_meta(name), "config": config}))
+    save_file(tensors, str(folder / "model_head.safetensors"))
+    return tensors
+
+
+def test_tagging_head_import_equals_adapterhub_math(tmp_path):
+    cfg = AH_PRESETS["pfeiffer"]
+    written = write_ah(tmp_path / "ah", cfg)
+    head = write_tagging_head(tmp_path / "ah", "ah")
+    model = MTLModel(tiny_backbone("bert"))
+    assert load_adapterhub(model, tmp_path / "ah") == "ah"
+    assert model.heads["ah"].settings() == {"num_outputs": 5, "problem": "token_classification", "pooling": "none",
+                                            "dropout": 0.1}  # dropout_prob null: the backbone's hidden_dropout_prob
+    assert model.records["ah"].labels == TAGS
+    params = model.task_parameters("ah")
+    assert torch.equal(params["head.out.weight"], head["heads.ah.1.weight"])
+    assert torch.equal(params["head.out.bias"], head["heads.ah.1.bias"])
+    batch = tiny_batch()
+    with torch.no_grad():
+        expected = adapterhub_reference(cfg, written)(**batch).last_hidden_state
+    logits = model(**batch, tasks="ah")["ah"]
+    assert logits.shape == (4, 9, 5)  # a tag score for every token, padding included, as AdapterHub's head gives
+    torch.testing.assert_close(logits, F.linear(expected, head["heads.ah.1.weight"], head["heads.ah.1.bias"]),
+                               rtol=0, atol=2e-6)
+
+
+def _random_tagger(family: str = "bert") -> MTLModel:
+    model = MTLModel(tiny_backbone(family))
+    model.add_task("ner", len(TAGS), "pfeiffer", problem="token_classification", labels=TAGS, head_dropout=0.2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.task_parameters("ner").values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def test_tagger_export_import_round_trip_is_bit_identical(tmp_path, capsys):
+    model, batch = _random_tagger(), tiny_batch()
+    first = save_adapterhub(model, "ner", tmp_path / "a" / "ner", with_head=True)
+    assert capsys.readouterr().err == ""  # the head is written, no warning
+    assert sorted(p.name for p in first.iterdir()) == ["adapter.safetensors", "adapter_config.json",
+                                                       "head_config.json", "model_head.safetensors"]
+    # exactly the keys AdapterHub's TaggingHead(model, name, **config) takes (no use_pooler, no bias)
+    assert json.loads((first / "head_config.json").read_text()) == {
+        "hidden_size": HIDDEN, "model_class": "BertAdapterModel", "model_name": "bert", "model_type": "bert",
+        "name": "ner", "version": "adapters.1.3.0",
+        "config": {"head_type": "tagging", "num_labels": 5, "layers": 1, "activation_function": "tanh",
+                   "dropout_prob": 0.2, "label2id": {"O": 0, "B-PER": 1, "I-PER": 2, "B-LOC": 3, "I-LOC": 4}}}
+    head = load_file(str(first / "model_head.safetensors"))
+    assert sorted(head) == ["heads.ner.1.bias", "heads.ner.1.weight"]  # [Dropout, Linear]: the Linear is index 1
+    assert torch.equal(head["heads.ner.1.weight"], model.task_parameters("ner")["head.out.weight"])
+    loaded = MTLModel(tiny_backbone("bert"))
+    assert load_adapterhub(loaded, first) == "ner"
+    assert loaded.heads["ner"].settings() == model.heads["ner"].settings()
+    assert loaded.records["ner"].labels == TAGS
+    for key, p in model.task_parameters("ner").items():
+        assert torch.equal(loaded.task_parameters("ner")[key], p), key
+    assert torch.equal(loaded(**batch, tasks="ner")["ner"], model(**batch, tasks="ner")["ner"])
+    second = save_adapterhub(loaded, "ner", tmp_path / "b" / "ner")
+    for file in first.iterdir():
+        assert file.read_bytes() == (second / file.name).read_bytes(), file.name
+
+
+def test_tagging_head_that_mtl_cannot_map(tmp_path):
+    write_ah(tmp_path / "two", AH_PRESETS["pfeiffer"])
+    write_tagging_head(tmp_path / "two", "ah", layers=2)
+    model = MTLModel(tiny_backbone("bert"))
+    with pytest.raises(MTLConfigError) as err:
+        load_adapterhub(model, tmp_path / "two")
+    assert str(err.value) == (f"{tmp_path / 'two' / 'head_config.json'}: config.layers is 2; mtl's tagging head is "
+                              "AdapterHub's tagging head with layers 1 and bias true (one linear layer); pass "
+                              "num_labels to import the adapter with a fresh head")
+    assert model.tasks == []
+    shutil.copytree(tmp_path / "two", tmp_path / "qa")
+    config = json.loads((tmp_path / "qa" / "head_config.json").read_text())
+    config["config"]["head_type"] = "question_answering"
+    (tmp_path / "qa" / "head_config.json").write_text(json.dumps(config))
+    with pytest.raises(MTLConfigError, match=r"config.head_type is 'question_answering'; .*, or its tagging head with "
+                                             r"layers 1; pass num_labels") as err:
+        load_adapterhub(model, tmp_path / "qa")
+    assert "\n" not in str(err.value) and model.tasks == []
+    # a one-layer head whose file holds a second layer is not read as one
+    write_ah(tmp_path / "extra", AH_PRESETS["pfeiffer"])
+    tensors = write_tagging_head(tmp_path / "extra", "ah")
+    extra = {**tensors, "heads.ah.4.weight": torch.zeros(5, HIDDEN)}
+    save_file(extra, str(tmp_path / "extra" / "model_head.safetensors"))
+    with pytest.raises(MTLConfigError, match=r"tensor 'heads.ah.4.weight' is not a layer of head 'ah', expected "
+                                             r"heads.ah.<1>.<weight\|bias>"):
+        load_adapterhub(model, tmp_path / "extra")
+    assert model.tasks == []
+
+
 # ---- AdapterFusion folders (save_adapter_fusion) ------------------------------------------------------------------
 # AdapterHub 1.3's DynamicAdapterFusionConfig / StaticAdapterFusionConfig, as its to_dict() writes them
 AH_FUSION = {

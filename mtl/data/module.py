@@ -18,7 +18,8 @@ from transformers import DataCollatorWithPadding
 from mtl.arch import max_tokens
 from mtl.backbone import load_backbone_config, load_tokenizer
 from mtl.data.predict_input import TextStream, check_predict_file_name, count_predict_examples
-from mtl.data.sampling import GROUP_BATCHES, TaskBatchSampler, shard_rows, sorted_by_length, task_probabilities
+from mtl.data.sampling import (GROUP_BATCHES, TaskBatchSampler, shard_rows, sorted_by_length, task_probabilities,
+                                WholeExampleBatches)
 from mtl.data.sources import SPLITS, load_task_dataset
 from mtl.data.spec import TaskSpec, load_task_specs
 from mtl.errors import MTLConfigError
@@ -28,7 +29,7 @@ from mtl.preflight import writable_folder
 
 CACHE_VERSION = 1  # bump when the tokenised layout changes, so old cache files are not reused
 DEFAULT_CACHE_DIR = "~/.cache/mtl/datasets"
-EXTRA_KEYS = ("index", "text")  # prediction-only fields, passed through the collator unpadded
+EXTRA_KEYS = ("index", "text", "words")  # prediction-only fields, passed through the collator unpadded
 
 
 class TaskCollator:
@@ -55,7 +56,20 @@ class TaskCollator:
             batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
         if "text" in features[0]:
             batch["text"] = [f["text"] for f in features]
+        if "words" in features[0]:
+            batch["words"] = self.windows([f["words"] for f in features])
         return batch
+
+    def windows(self, texts: list[Any]) -> dict[str, Any]:
+        """The word windows of a batch's raw texts (`mtl.kinds.base.EncodedText`) as one padded batch: the encoder
+        inputs, ``word_ids`` and ``example`` (the text's position in the batch) per row, and ``texts``."""
+        rows = [(k, row) for k, text in enumerate(texts) for row in text.rows]
+        out: dict[str, Any] = {"texts": texts, "example": torch.tensor([k for k, _ in rows], dtype=torch.long)}
+        if rows:
+            out.update(self.pad([{k: r[k] for k in MODEL_INPUTS if k in r} for _, r in rows]))
+            width = out["input_ids"].shape[1]
+            out["word_ids"] = torch.tensor([r["word_ids"] + [-1] * (width - len(r["word_ids"])) for _, r in rows])
+        return out
 
 
 class _TaskView(Dataset):
@@ -73,8 +87,8 @@ class _TaskView(Dataset):
         index = int(index) if self.rows is None else self.rows[int(index)]
         # the row index (within the whole split) keys per-example caches (the frozen-prefix cache) and prediction output
         item = {**self.data[index], "task": self.task, "index": index}
-        if self.texts is not None:
-            item["text"] = self.texts[index]
+        if self.texts is not None:  # a row that is one window of an example carries that example's text
+            item["text"] = self.texts[item.get("example", index)]
         return item
 
 
@@ -400,6 +414,12 @@ class TaskDataModule(L.LightningDataModule):
         if world_size > 1 and getattr(connector, "use_distributed_sampler", False):
             refuse_on_every_rank(trainer, _sampler_refusal(world_size))
 
+    def _model_reads_words(self) -> bool:
+        """Whether the model being predicted with has a task whose kind reads words (a tagger)."""
+        module = getattr(self._trainer_or_none(), "lightning_module", None)
+        heads = getattr(getattr(module, "model", None), "heads", None)
+        return heads is not None and any(kind_of(h.problem).reads_words for h in heads.values())
+
     def _trainer_or_none(self) -> Any:
         return getattr(self, "trainer", None)
 
@@ -490,6 +510,12 @@ class TaskDataModule(L.LightningDataModule):
                 # longest first: the largest batch runs first (in the sanity check), so lack of memory shows at once
                 rows = sorted_by_length(range(len(data)) if rows is None else rows, self.token_lengths(name, split))
             view = _TaskView(data, name, texts, rows)
+            if with_text and kind_of(self._specs[name].problem).reads_words:
+                # predictions join an example's windows again: they must share a batch
+                examples = data.with_format("arrow")["example"].to_pylist()
+                loaders.append(DataLoader(view, batch_sampler=WholeExampleBatches(examples, self.eval_batch_size),
+                                          collate_fn=collate, num_workers=self.num_workers))
+                continue
             loaders.append(DataLoader(view, batch_size=self.eval_batch_size, collate_fn=collate,
                                       num_workers=self.num_workers))
         return loaders
@@ -520,7 +546,7 @@ class TaskDataModule(L.LightningDataModule):
             if not self._predict_file_checked:  # mistakes in the file stop the run before any output is started
                 count_predict_examples(self.predict_file, self.predict_text_field)
             stream = TextStream(self.predict_file, self.predict_text_field, self.tokenizer, self.predict_max_length,
-                                self.eval_batch_size)
+                                self.eval_batch_size, words=self._model_reads_words())
             # the stream yields whole batches (batch_size=None): tokenised per batch, in the file's order
             return [DataLoader(stream, batch_size=None, collate_fn=self._collator(), num_workers=self.num_workers)]
         return self._eval_loaders(self.predict_split, with_text=True)

@@ -19,6 +19,7 @@ from mtl.errors import MTLConfigError
 from mtl.kinds.base import MODEL_INPUTS
 
 PREDICT_SUFFIXES = (".txt", ".jsonl")
+DOC_STRIDE = 32  # subwords shared by consecutive windows of a long text, for taggers (a task spec's default)
 
 
 def check_predict_file_name(path: str) -> None:
@@ -103,10 +104,13 @@ class TextStream(IterableDataset):
     """The file's examples as lists of ``batch_size`` items (``index``: position in the file, ``text``, ``task`` None),
     read and tokenised one batch at a time; use with ``DataLoader(batch_size=None)``."""
 
-    def __init__(self, path: str | Path, text_field: str, tokenizer: Any, max_length: int, batch_size: int) -> None:
-        """Nothing is read until iteration."""
+    def __init__(self, path: str | Path, text_field: str, tokenizer: Any, max_length: int, batch_size: int,
+                 words: bool = False) -> None:
+        """Nothing is read until iteration. ``words``: also cut each text into words and their windows (``windows``,
+        for the model's taggers), with ``doc_stride`` `DOC_STRIDE` (at most max_length - 3)."""
         self.path, self.text_field = path, text_field
         self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
+        self.words = words
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         info = get_worker_info()
@@ -122,5 +126,12 @@ class TextStream(IterableDataset):
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
         columns = {k: enc[k] for k in MODEL_INPUTS if k in enc}
         # task None: the batch is meant for every task of the model (the collator passes it on)
-        return [{**{k: v[i] for k, v in columns.items()}, "index": start + i, "text": text, "task": None}
-                for i, text in enumerate(texts)]
+        items = [{**{k: v[i] for k, v in columns.items()}, "index": start + i, "text": text, "task": None}
+                 for i, text in enumerate(texts)]
+        if self.words:
+            from mtl.kinds import kind_of  # mtl.kinds reads this module lazily too
+
+            tagger, stride = kind_of("token_classification"), min(DOC_STRIDE, self.max_length - 3)
+            for item, text in zip(items, texts):
+                item["words"] = tagger.encode_text(self.tokenizer, text, self.max_length, stride)
+        return items

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
+from itertools import groupby
 
 from torch.utils.data import Sampler
 
@@ -231,3 +232,27 @@ def shard_rows(size: int, rank: int, world_size: int) -> list[int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
     return list(range(rank, size, world_size))
+
+
+class WholeExampleBatches(Sampler):
+    """Batches of consecutive rows, cut only where the example changes, so that the rows (windows) of one example
+    are in one batch: a batch holds at most ``batch_size`` rows, or one example's rows when it has more."""
+
+    def __init__(self, examples: Sequence[int], batch_size: int) -> None:
+        """``examples``: each row's example, rows of one example next to each other."""
+        self.batches: list[list[int]] = []
+        current: list[int] = []
+        for _, run in groupby(range(len(examples)), key=examples.__getitem__):
+            rows = list(run)
+            if current and len(current) + len(rows) > batch_size:
+                self.batches.append(current)
+                current = []
+            current += rows
+        if current:
+            self.batches.append(current)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

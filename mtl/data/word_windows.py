@@ -10,6 +10,7 @@ it owns, on their first subword (or on every subword with ``label_all_subwords``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,3 +94,34 @@ def encode_words(tokenizer: Any, words: Sequence[str], tags: Sequence[int] | Non
         token_types = encoded.get("token_type_ids") or [0] * len(word_ids)
         windows.append(Window(list(encoded["input_ids"]), list(token_types), word_ids, owned, labels))
     return windows
+
+
+# a word of raw text: letters, digits and underscores, joined by an inner apostrophe, hyphen or period ("don't",
+# "well-known", "U.S", "3.5"); every other non-space character is a word of its own (punctuation)
+WORD = re.compile(r"\w+(?:['’.\-]\w+)*|[^\w\s]")
+
+
+def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """Raw text -> its words and each word's (start, end) character offsets (see `WORD`)."""
+    found = list(WORD.finditer(text))
+    return [m.group() for m in found], [m.span() for m in found]
+
+
+def join_windows(logits: Sequence[Any], word_ids: Sequence[Sequence[int]], words: int) -> Any:
+    """One sentence's logits per word ([words, tags]) from its windows' logits per token: each word's from its first
+    subword in the window that owns it (the rule `encode_words` labels by)."""
+    import torch  # the windows are cut without torch; only joining predictions needs it
+
+    spans = []
+    for ids in word_ids:
+        present = [w for w in ids if w >= 0]
+        spans.append((min(present), max(present) + 1))
+    owners = _owners(spans, words)
+    out = [None] * words
+    for k, (rows, ids) in enumerate(zip(logits, word_ids)):
+        for position, word in enumerate(ids):
+            if word >= 0 and owners[word] == k and (position == 0 or ids[position - 1] != word):
+                out[word] = rows[position]
+    if any(row is None for row in out):
+        raise RuntimeError(f"words {[i for i, r in enumerate(out) if r is None]} have no window that owns them")
+    return torch.stack(out)

@@ -3,7 +3,8 @@
 AdapterHub's ``save_adapter(folder, name, with_head=True, use_safetensors=True)`` writes, in one folder:
 ``adapter_config.json`` (name, model_type, hidden_size, version, config: the BnConfig fields), ``adapter.safetensors``
 (``<layers>.<l>.<location>.adapters.<name>.adapter_down.0.*`` / ``.adapter_up.*``, maybe under a model prefix such as
-``bert.``), ``head_config.json`` and ``model_head.safetensors`` (``heads.<name>.1.*`` dense, ``heads.<name>.4.*`` out).
+``bert.``), ``head_config.json`` and ``model_head.safetensors`` (a classification head: ``heads.<name>.1.*`` dense,
+``heads.<name>.4.*`` out; a one-layer tagging head, mtl's token_classification `TokenHead`: ``heads.<name>.1.*`` out).
 Without use_safetensors it writes ``pytorch_adapter.bin`` / ``pytorch_model_head.bin``, read here with
 ``torch.load(weights_only=True)`` only. A config mtl cannot compute exactly is a one-line `MTLConfigError` naming the
 file and key. AdapterHub reads mtl's exports with ``load_adapter(folder, use_safetensors=True)`` (its default reads only
@@ -60,6 +61,10 @@ _INERT = {"init_weights_seed": None, "adapter_residual_before_ln": False, "inv_a
           "phm_dim": 4, "factorized_phm_W": True, "shared_W_phm": False, "shared_phm_rule": True,
           "factorized_phm_rule": False, "phm_c_init": "normal", "phm_init_range": 0.0001, "learn_phm": True,
           "hypercomplex_nonlinearity": "glorot-uniform", "phm_rank": 1, "phm_bias": True}
+# AdapterHub's flex heads mtl holds: head_type -> the nn.Sequential index of each mtl head layer (the other indices are
+# dropout and activation, which hold no tensors)
+HEAD_LAYERS = {"classification": {"1": "dense", "4": "out"}, "multilabel_classification": {"1": "dense", "4": "out"},
+               "tagging": {"1": "out"}}
 _MAPPED = {"architecture", "invertible_adapter", "mh_adapter", "output_adapter", "reduction_factor", "non_linearity",
            "original_ln_before", "residual_before_ln", "is_parallel", "scaling", "leave_out", "dropout", "init_weights"}
 
@@ -182,7 +187,7 @@ def _head_dropout(backbone_config: Any) -> float:
 
 
 def _read_head(folder: Path, hidden_size: int, backbone_config: Any) -> dict[str, Any] | str:
-    """The head as add_task arguments + mtl tensors, or why it does not map onto mtl's TaskHead."""
+    """The head as add_task arguments + mtl tensors, or why it does not map onto mtl's TaskHead or TokenHead."""
     file = folder / HEAD_CONFIG
     if not file.is_file():
         return f"{folder}: no {HEAD_CONFIG}"
@@ -190,20 +195,29 @@ def _read_head(folder: Path, hidden_size: int, backbone_config: Any) -> dict[str
     cfg = data.get("config")
     if not isinstance(cfg, dict):
         return f"{file}: config is {cfg!r:.40} (a static Hugging Face head), expected a flex classification head"
-    checks = {"head_type": cfg.get("head_type") in ("classification", "multilabel_classification"),
-              "layers": cfg.get("layers") == 2, "activation_function": str(cfg.get("activation_function")).lower()
-              == "tanh", "use_pooler": not cfg.get("use_pooler"), "bias": cfg.get("bias", True) is True}
+    tagging = cfg.get("head_type") == "tagging"
+    if tagging:  # mtl's TokenHead is this head: dropout, out on every token (activation_function acts between layers)
+        checks = {"layers": cfg.get("layers") == 1, "bias": cfg.get("bias", True) is True}
+        rule = "mtl's tagging head is AdapterHub's tagging head with layers 1 and bias true (one linear layer)"
+    else:  # mtl's TaskHead is this head: dropout, dense, tanh, dropout, out on the first token
+        checks = {"head_type": cfg.get("head_type") in HEAD_LAYERS, "layers": cfg.get("layers") == 2,
+                  "activation_function": str(cfg.get("activation_function")).lower() == "tanh",
+                  "use_pooler": not cfg.get("use_pooler"), "bias": cfg.get("bias", True) is True}
+        rule = ("mtl's head is AdapterHub's (multilabel_)classification head with layers 2, tanh, use_pooler false and "
+                "bias true")
+        if not checks["head_type"]:
+            rule += ", or its tagging head with layers 1"
     bad = next((key for key, ok in checks.items() if not ok), None)
-    if bad:  # mtl's TaskHead is exactly this head: dropout, dense, tanh, dropout, out on the first token
-        return (f"{file}: config.{bad} is {cfg.get(bad)!r}; mtl's head is AdapterHub's (multilabel_)classification "
-                "head with layers 2, tanh, use_pooler false and bias true")
+    if bad:
+        return f"{file}: config.{bad} is {cfg.get(bad)!r}; {rule}"
     num, dropout = cfg.get("num_labels"), cfg.get("dropout_prob")
     if not isinstance(num, int) or isinstance(num, bool) or num < 1:
         raise MTLConfigError(f"{file}: config.num_labels is {num!r}, expected a positive integer")
     if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
         raise MTLConfigError(f"{file}: config.dropout_prob is {dropout!r}, expected null or a number in [0, 1)")
     weights, wfile = _read_weights(folder, HEAD_WEIGHTS, LEGACY_HEAD_WEIGHTS)
-    pattern = re.compile(rf"^(?:\w+\.)?heads\.{re.escape(str(data.get('name')))}\.([14])\.(weight|bias)$")
+    layers = HEAD_LAYERS[cfg["head_type"]]
+    pattern = re.compile(rf"^(?:\w+\.)?heads\.{re.escape(str(data.get('name')))}\.({'|'.join(layers)})\.(weight|bias)$")
     tensors = {}
     for key, tensor in weights.items():
         if other_part(key, "heads", str(data.get("name"))):
@@ -211,19 +225,23 @@ def _read_head(folder: Path, hidden_size: int, backbone_config: Any) -> dict[str
         match = pattern.match(key)
         if match is None:
             raise MTLConfigError(f"{wfile}: tensor '{key}' is not a layer of head '{data.get('name')}', expected "
-                                 f"heads.{data.get('name')}.<1|4>.<weight|bias>")
-        tensors[f"head.{'dense' if match[1] == '1' else 'out'}.{match[2]}"] = tensor
+                                 f"heads.{data.get('name')}.<{'|'.join(layers)}>.<weight|bias>")
+        tensors[f"head.{layers[match[1]]}.{match[2]}"] = tensor
     size = torch.Size
-    storage.check_tensors(wfile, tensors, {"head.dense.weight": size([hidden_size, hidden_size]),
-                                           "head.dense.bias": size([hidden_size]),
-                                           "head.out.weight": size([num, hidden_size]), "head.out.bias": size([num])})
+    shapes = {"head.out.weight": size([num, hidden_size]), "head.out.bias": size([num])}
+    if not tagging:
+        shapes.update({"head.dense.weight": size([hidden_size, hidden_size]), "head.dense.bias": size([hidden_size])})
+    storage.check_tensors(wfile, tensors, shapes)
     label2id = cfg.get("label2id")
     labels = [str(k) for k, _ in sorted(label2id.items(), key=lambda kv: kv[1])] \
         if isinstance(label2id, dict) and sorted(label2id.values()) == list(range(num)) else None
-    multilabel = cfg["head_type"] == "multilabel_classification"
-    return {"num_outputs": num, "labels": labels, "tensors": tensors,
-            # AdapterHub's classification head with one label is its regression head (MSE loss)
-            "problem": "multilabel" if multilabel else ("regression" if num == 1 else "classification"),
+    if tagging:
+        problem = "token_classification"
+    elif cfg["head_type"] == "multilabel_classification":
+        problem = "multilabel"
+    else:  # AdapterHub's classification head with one label is its regression head (MSE loss)
+        problem = "regression" if num == 1 else "classification"
+    return {"num_outputs": num, "labels": labels, "tensors": tensors, "problem": problem,
             "dropout": float(dropout) if dropout is not None else _head_dropout(backbone_config)}
 
 
@@ -329,6 +347,8 @@ def copy_into(params: Mapping[str, torch.nn.Parameter], tensors: Mapping[str, to
 
 def _head_problem(head: Any) -> str | None:
     """Why AdapterHub cannot express this mtl head, or None."""
+    if head.problem == "token_classification":  # a TokenHead is AdapterHub's one-layer tagging head
+        return None
     if head.pooling != "cls":
         return (f"its head pools the '{head.pooling}' of the tokens, AdapterHub's heads read the first token "
                 "(train with pooling 'cls' to export the head)")
@@ -394,15 +414,23 @@ def export_meta(model: MTLModel, name: str) -> dict[str, Any]:
 
 
 def head_file(model: MTLModel, task: str, meta: dict[str, Any]) -> tuple[str, dict[str, torch.Tensor], str, dict]:
-    """(weights name, tensors, config name, config) of the task's head as AdapterHub's flex classification head."""
+    """(weights name, tensors, config name, config) of the task's head as AdapterHub's flex classification head, or
+    its one-layer tagging head for a tagger."""
     head, labels = model.heads[task], model.records[task].labels
-    head_config = {"head_type": "multilabel_classification" if head.problem == "multilabel" else "classification",
-                   "num_labels": head.num_outputs, "layers": 2, "activation_function": "tanh", "use_pooler": False,
-                   "bias": True, "dropout_prob": head.dropout.p,
-                   "label2id": {label: i for i, label in enumerate(labels)} if labels else None}
+    label2id = {label: i for i, label in enumerate(labels)} if labels else None
+    if head.problem == "token_classification":
+        # exactly TaggingHead's config keys: AdapterHub passes them all to TaggingHead(), which takes no use_pooler or
+        # bias; activation_function (its default) only acts between layers, and one layer has none
+        head_config = {"head_type": "tagging", "num_labels": head.num_outputs, "layers": 1,
+                       "activation_function": "tanh", "dropout_prob": head.dropout.p, "label2id": label2id}
+    else:
+        head_config = {"head_type": "multilabel_classification" if head.problem == "multilabel" else "classification",
+                       "num_labels": head.num_outputs, "layers": 2, "activation_function": "tanh", "use_pooler": False,
+                       "bias": True, "dropout_prob": head.dropout.p, "label2id": label2id}
     # AdapterHub names the head like the adapter or fusion it belongs to (meta's name)
     head_tensors = {f"heads.{meta['name']}.{index}.{kind}": getattr(getattr(head, layer), kind).detach().cpu()
-                    .contiguous() for index, layer in (("1", "dense"), ("4", "out")) for kind in ("weight", "bias")}
+                    .contiguous() for index, layer in HEAD_LAYERS[head_config["head_type"]].items()
+                    for kind in ("weight", "bias")}
     return HEAD_WEIGHTS, head_tensors, HEAD_CONFIG, {**meta, "config": head_config}
 
 

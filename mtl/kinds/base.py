@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,6 +13,17 @@ from mtl.heads import TaskHead
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a row holds for the encoder
 
 IGNORE = -100  # a label position that no loss or metric counts (torch's cross-entropy ignore_index)
+
+
+@dataclass
+class EncodedText:
+    """One raw text (a request's, a prediction file's) as the encoder rows its task's kind reads: one row for a
+    text, or one per window of its words (``words``, ``offsets``: each word's characters in ``text``)."""
+
+    text: str
+    rows: list[dict[str, list[int]]]
+    words: list[str] | None = None
+    offsets: list[tuple[int, int]] | None = None
 
 
 class TaskKind:
@@ -71,6 +83,11 @@ class TaskKind:
         ``width``: the batch's padded token length."""
         return torch.tensor(values, dtype=self.label_dtype if column == "labels" else torch.long)
 
+    def encode_text(self, tokenizer: Any, text: str, max_length: int, doc_stride: int) -> EncodedText:
+        """A raw text as encoder rows: here one, truncated at ``max_length`` (``doc_stride``: see the taggers)."""
+        encoded = tokenizer(text, truncation=True, max_length=max_length)
+        return EncodedText(text, [{k: list(encoded[k]) for k in MODEL_INPUTS if k in encoded}])
+
     # ---- the head ------------------------------------------------------------------------------
     def head_outputs(self, labels: list[str]) -> int:
         """Width of the head's output layer."""
@@ -109,3 +126,7 @@ class TaskKind:
     def answer(self, labels: list[str] | None, logits: torch.Tensor) -> dict[str, Any]:
         """``label``, ``score`` and ``scores`` of the server's answer for one row's logits."""
         raise NotImplementedError
+
+    def text_answer(self, labels: list[str] | None, logits: list[torch.Tensor], encoded: EncodedText) -> dict[str, Any]:
+        """The server's answer for one text from the logits of its `encode_text` rows."""
+        return self.answer(labels, logits[0])

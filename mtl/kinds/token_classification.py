@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from mtl.errors import MTLConfigError
-from mtl.kinds.base import IGNORE, TaskKind
-from mtl.kinds.entities import ill_formed_starts
+from mtl.kinds.base import IGNORE, EncodedText, TaskKind
+from mtl.kinds.entities import entities, ill_formed_starts
 
 def is_entity_tag_set(labels: list[str]) -> bool:
     """Whether the tags mark entities (``O`` plus ``B-``/``I-``/``E-``/``S-`` tags) rather than word classes."""
@@ -160,3 +160,49 @@ class TokenClassification(TaskKind):
         """(tags predicted, true tags, the sentence of each row, the word of each token): windows of one sentence
         are joined again before entities are counted."""
         return logits.argmax(-1), batch["labels"], batch["example"], batch["word_ids"]
+
+    # ---- predictions ---------------------------------------------------------------------------
+    def encode_text(self, tokenizer: Any, text: str, max_length: int, doc_stride: int) -> EncodedText:
+        """Raw text -> its words (`mtl.data.word_windows.split_words`) -> their windows."""
+        from mtl.data.word_windows import encode_words, split_words
+
+        words, offsets = split_words(text)
+        if not words:
+            return EncodedText(text, [], [], [])
+        rows = [{"input_ids": w.input_ids, "token_type_ids": w.token_type_ids, "word_ids": w.word_ids}
+                for w in encode_words(tokenizer, words, None, max_length, doc_stride)]
+        return EncodedText(text, rows, words, offsets)
+
+    def tag_words(self, labels: list[str] | None, logits: list[torch.Tensor], word_ids: list[list[int]],
+                  words: list[str], offsets: list[tuple[int, int]] | None = None, text: str | None = None
+                  ) -> dict[str, Any]:
+        """One sentence's prediction from its windows' logits: per word its tag (``label``) and probability
+        (``score``); for an entity tag set the ``entities``, each with its type, words [start, end), characters
+        [start, end) in ``text`` (the words joined by spaces when there is no text) and mean word probability."""
+        from mtl.data.word_windows import join_windows
+
+        if not words:
+            return {"label": [], "score": [], "words": [], "entities": []}
+        if offsets is None:
+            starts = [sum(len(w) + 1 for w in words[:i]) for i in range(len(words))]
+            offsets, text = [(a, a + len(w)) for a, w in zip(starts, words)], " ".join(words)
+        probs = join_windows(logits, word_ids, len(words)).float().softmax(-1)
+        score, pred = probs.max(-1)
+        scores = score.tolist()
+        tags = [labels[i] for i in pred.tolist()] if labels else pred.tolist()
+        spans = []
+        if labels and is_entity_tag_set(labels):
+            for kind, a, b in entities(tags):
+                start, end = offsets[a][0], offsets[b - 1][1]
+                spans.append({"type": kind, "words": [a, b], "start": start, "end": end, "text": text[start:end],
+                              "score": sum(scores[a:b]) / (b - a)})
+        return {"label": tags, "score": scores, "words": list(words), "entities": spans}
+
+    def text_answer(self, labels: list[str] | None, logits: list[torch.Tensor], encoded: EncodedText) -> dict[str, Any]:
+        """Per word of the text its tag and probability, and the entities with their character offsets."""
+        return self.tag_words(labels, logits, [r["word_ids"] for r in encoded.rows], encoded.words or [],
+                              encoded.offsets, encoded.text)
+
+    def answer(self, labels: list[str] | None, logits: torch.Tensor) -> dict[str, Any]:
+        """Not used: a tagger answers a text (`text_answer`), whose windows are several rows."""
+        raise TypeError("a tagger answers whole texts: call text_answer with the logits of all its windows")

@@ -25,6 +25,7 @@ from mtl.backbone import load_tokenizer
 from mtl.data.predict_input import check_encodable
 from mtl.errors import MTLConfigError
 from mtl.kinds import kind_of
+from mtl.kinds.base import MODEL_INPUTS, EncodedText
 from mtl.model import MTLModel
 from mtl.precision import attention_kernel
 from mtl.routing import EntropyRouter, PrototypeRouter, load_router, mean_features
@@ -248,11 +249,11 @@ class AdapterServingAPI(ls.LitAPI):
         rows = [row for row in rows if out[row[0]] is None]
         results: dict[int, list[dict[str, Any]]] = {}
         if rows:
-            logits = self._forward(rows, entries)
-            for (i, _, task), row in zip(rows, logits):
-                head = self.model.heads[task]
-                results.setdefault(i, []).append({"task": task, **answer(head.problem, self.model.records[task].labels,
-                                                                          row), "version": versions[task]})
+            for (i, _, task), (encoded, logits) in zip(rows, self._forward(rows, entries)):
+                kind = kind_of(self.model.heads[task].problem)
+                results.setdefault(i, []).append({"task": task, **kind.text_answer(self.model.records[task].labels,
+                                                                                    logits, encoded),
+                                                  "version": versions[task]})
         for i, r in enumerate(requests):
             if out[i] is None:
                 answers = results[i]
@@ -262,15 +263,21 @@ class AdapterServingAPI(ls.LitAPI):
                 out[i] = answers if r.many else answers[0]
         return out
 
-    def _forward(self, rows: list[tuple[int, str, str]], entries: dict[str, StoreEntry]) -> list[torch.Tensor]:
-        """ONE forward over every row, each through its own task; each text truncated at its task's max_length."""
-        tasks = [task for _, _, task in rows]
-        encoded = [self.tokenizer(text, truncation=True, max_length=entries[task].max_length)
-                   for (_, text, task) in rows]
-        batch = self.tokenizer.pad(encoded, return_tensors="pt")
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        logits = self.model(**inputs, row_tasks=tasks)
-        return [row.cpu() for row in rows_of(tasks, logits)]
+    def _forward(self, rows: list[tuple[int, str, str]], entries: dict[str, StoreEntry]
+                 ) -> list[tuple[EncodedText, list[torch.Tensor]]]:
+        """ONE forward over every row, each through its own task: each text encoded as its task's kind reads it
+        (truncated at its task's max_length, or a tagger's windows of its words); each text's encoding and the
+        logits of its rows."""
+        encoded = [kind_of(self.model.heads[task].problem).encode_text(
+            self.tokenizer, text, entries[task].max_length, entries[task].doc_stride) for _, text, task in rows]
+        tasks = [task for (_, _, task), e in zip(rows, encoded) for _ in e.rows]
+        if not tasks:
+            return [(e, []) for e in encoded]
+        batch = self.tokenizer.pad([{k: r[k] for k in MODEL_INPUTS if k in r} for e in encoded for r in e.rows],
+                                   return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k in MODEL_INPUTS}
+        logits = iter(row.cpu() for row in rows_of(tasks, self.model(**inputs, row_tasks=tasks)))
+        return [(e, [next(logits) for _ in e.rows]) for e in encoded]
 
     def _route(self, texts: list[str], entries: dict[str, StoreEntry]) -> list[str]:
         """The task the store's router picks for each text."""
