@@ -96,10 +96,11 @@ def keyword_task(path: Path, name: str, labels: list[str], rows: int = 240, seed
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
-    """Keyword tasks: 'keyword' (bad/good) and 'colour' (red/blue/pink)."""
+    """Keyword tasks: 'keyword' (bad/good) and 'colour' (red/blue/pink); a tagging task 'tagger' (KEY entities)."""
     path = tmp_path_factory.mktemp("tasks")
     keyword_task(path, "keyword", ["bad", "good"])
     keyword_task(path, "colour", ["red", "blue", "pink"], rows=180, seed=1)
+    tagging_task(path, "tagger")
     return path
 
 
@@ -116,3 +117,25 @@ def export_random_tasks(backbone: Path, run: Path) -> MTLModel:
     for task in model.tasks:
         model_files.save_task(model, task, run / "adapters")
     return model
+
+
+def tagging_task(path: Path, name: str = "tagger", rows: int = 200, seed: int = 0, max_length: int = 16) -> None:
+    """Write a tagging task (JSONL tokens / tags): 'good' or 'bad' starts a KEY entity that the next word continues
+    when it is 'river'; every other word is O."""
+    import json
+
+    rng = random.Random(seed)
+    lines = []
+    for i in range(rows):
+        words = rng.sample(WORDS, rng.randrange(3, 7))
+        at = rng.randrange(len(words) + 1)
+        words[at:at] = [rng.choice(["good", "bad"])] + (["river"] if rng.random() < 0.5 else [])
+        tags = ["O"] * len(words)
+        tags[at] = "B-KEY"
+        if at + 1 < len(words) and words[at + 1] == "river":
+            tags[at + 1] = "I-KEY"
+        lines.append(json.dumps({"tokens": words, "tags": tags}))
+    (path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    (path / f"{name}.yaml").write_text(
+        f"source: {{type: files, train: {name}.jsonl}}\ntext_fields: [tokens]\nlabel_field: tags\n"
+        f"labels: [O, B-KEY, I-KEY]\nproblem: token_classification\nmax_length: {max_length}\ndoc_stride: 4\n")

@@ -30,6 +30,15 @@ equal AdapterHub's. The other way, mtl builds three random Pfeiffer tasks ``m0, 
 loads them with ``load_adapter(..., use_safetensors=True)`` and ``load_adapter_fusion(folder, use_safetensors=True,
 set_active=True)``; every AdapterHub fusion parameter must equal the file's tensor (none missing or left over).
 
+Tagging rows, both ways: in step 1 AdapterHub also builds a SeqBn adapter ``ah_tagging`` with a tagging head
+(``add_tagging_head(name, num_labels=9, id2label=CoNLL-2003's tags)``: one layer, a tag score per token), adds the
+noise and saves it with ``save_adapter(..., with_head=True, use_safetensors=True)``; mtl imports it as a
+token_classification task and re-exports it (adapter config and head config must equal AdapterHub's; its
+``dropout_prob`` null is the backbone's hidden_dropout_prob, which mtl writes as a number). The other way, mtl adds a
+random Pfeiffer tagger (``problem="token_classification"``), exports it with ``save_adapterhub`` and AdapterHub loads it
+with ``load_adapter(folder, use_safetensors=True)`` (no missing or unexpected keys; a tagging head with mtl's tags).
+Tagging logits are compared per token over the real tokens.
+
 Prints a markdown table of max |diff| (hidden state over real tokens, logits); exit status 1 if one exceeds ``--tol``
 a config field differs, or a control (mtl's bare backbone against each AdapterHub output) is closer than 1e-3.
 Without the AdapterHub venv it prints one "skipped" line and exits 0.
@@ -50,6 +59,8 @@ PRESETS = {"pfeiffer": "SeqBnConfig", "houlsby": "DoubleSeqBnConfig", "parallel"
 FUSED = ["f0", "f1", "f2"]  # AdapterHub's adapters under its fusion "f0,f1,f2"
 MTL_FUSED = ["m0", "m1", "m2"]  # mtl's tasks under its fusion "mfz"
 LABELS = {0: "neg", 1: "neu", 2: "pos"}
+# CoNLL-2003's NER tags, as tasks/conll2003_ner.yaml orders them (the tagging rows)
+TAGS = dict(enumerate(["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]))
 NOISE = 0.05
 
 
@@ -113,6 +124,7 @@ def ah_save(args: argparse.Namespace) -> None:
         if preset == "pfeiffer":  # AdapterHub's default: pickled state dicts, read by mtl with weights_only=True
             model.save_adapter(str(args.dir / "ah" / "pfeiffer-bin"), name, with_head=True)
     dumped.update(ah_save_fusion(args, ids, mask))
+    dumped.update(ah_save_tagging(args, ids, mask))
     save_file(dumped, str(args.dir / "ah_outputs.safetensors"),
               metadata={"adapters": adapters.__version__, "torch": torch.__version__})
 
@@ -143,6 +155,24 @@ def ah_save_fusion(args: argparse.Namespace, ids, mask) -> dict:
     return out
 
 
+def ah_save_tagging(args: argparse.Namespace, ids, mask) -> dict:
+    """A random SeqBn adapter with a tagging head (a tag score per token), saved by AdapterHub; its outputs."""
+    import torch
+    from adapters import SeqBnConfig
+
+    torch.manual_seed(args.seed + 20)
+    model, name = ah_model(), "ah_tagging"
+    model.add_adapter(name, config=SeqBnConfig())
+    model.add_tagging_head(name, num_labels=len(TAGS), id2label=TAGS)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if f".adapters.{name}." in key or key.startswith(f"heads.{name}."):
+                p.add_(torch.randn_like(p) * NOISE)
+    out = ah_outputs(model, name, ids, mask)
+    model.save_adapter(str(args.dir / "ah" / "tagging"), name, with_head=True, use_safetensors=True)
+    return out
+
+
 def ah_load(args: argparse.Namespace) -> None:
     """Loads every mtl export with AdapterHub and dumps its outputs and loading report."""
     import torch
@@ -150,13 +180,14 @@ def ah_load(args: argparse.Namespace) -> None:
 
     inp = load_file(str(args.dir / "ah_outputs.safetensors"))
     dumped, report = {}, {}
-    for preset in PRESETS:
+    for preset in [*PRESETS, "tagger"]:
         model, info = ah_model(), {}
         name = model.load_adapter(str(args.dir / "mtl" / preset), use_safetensors=True, set_active=True,
                                   loading_info=info)
         report[preset] = {"name": name, "missing": info.get("missing_keys", []),
                           "unexpected": info.get("unexpected_keys", []),
-                          "config": model.adapters_config.get(name).to_dict(), "head": model.heads[name].config}
+                          "config": model.adapters_config.get(name).to_dict(), "head": model.heads[name].config,
+                          "head_class": type(model.heads[name]).__name__}
         with torch.no_grad():
             dumped.update(ah_outputs(model, name, inp["input_ids"], inp["attention_mask"]))
     dumped.update(ah_load_fusion(args, inp, report))
@@ -220,8 +251,9 @@ def compare(args: argparse.Namespace) -> int:
     rows, problems = [], []
 
     def row(direction: str, label: str, hidden, logits, ref_hidden, ref_logits) -> None:
+        diff = (logits - ref_logits).abs()
         rows.append((direction, label, (hidden - ref_hidden).abs()[real].max().item(),
-                     (logits - ref_logits).abs().max().item()))
+                     (diff[real] if diff.dim() == 3 else diff).max().item()))  # a tagger's: per real token
 
     imported = MTLModel("minilm-l6").eval()
     for folder in ("pfeiffer", "houlsby", "parallel", "pfeiffer-bin"):
@@ -248,11 +280,12 @@ def compare(args: argparse.Namespace) -> int:
                            / "adapter_fusion_config.json").read_text())["config"]
         problems += [f"{folder}: config.{k} AdapterHub {theirs.get(k)!r} != re-exported {ours.get(k)!r}"
                      for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    problems += compare_tagging_import(args, imported, row)
     with torch.no_grad():
         bare = imported.encode(ids, mask, None, [])
     # the references against the bare backbone: far apart, or the comparisons prove nothing
     controls = [(bare - ref[f"{p}.hidden"]).abs()[real].max().item()
-                for p in [f"ah_{p}" for p in PRESETS] + [",".join(FUSED)]]
+                for p in [f"ah_{p}" for p in PRESETS] + [",".join(FUSED), "ah_tagging"]]
 
     torch.manual_seed(args.seed)  # add_task's fresh down-projections come from the global generator
     exported, dumped = MTLModel("minilm-l6").eval(), {}
@@ -278,18 +311,29 @@ def compare(args: argparse.Namespace) -> int:
         else:
             save_adapterhub(fused, task, args.dir / "mtl" / task, with_head=True)
     dumped["mfz.hidden"], dumped["mfz.logits"] = mtl_outputs(fused, "mfz", ids, mask)
+    tagger = MTLModel("minilm-l6").eval()
+    tagger.add_task("tagger", len(TAGS), "pfeiffer", problem="token_classification", labels=list(TAGS.values()))
+    gen = torch.Generator().manual_seed(args.seed + 300)
+    with torch.no_grad():
+        for p in tagger.task_parameters("tagger").values():
+            p.add_(torch.randn(p.shape, generator=gen) * NOISE)
+    dumped["tagger.hidden"], dumped["tagger.logits"] = mtl_outputs(tagger, "tagger", ids, mask)
+    save_adapterhub(tagger, "tagger", args.dir / "mtl" / "tagger", with_head=True)
     save_file(dumped, str(args.dir / "mtl_outputs.safetensors"))
     run_peer("ah-load", args)
     loaded = load_file(str(args.dir / "ah_loaded.safetensors"))
     report = json.loads((args.dir / "ah_loaded.json").read_text())
-    for preset in [*PRESETS, "mfz"]:
+    for preset in [*PRESETS, "mfz", "tagger"]:
         info = report[preset]
         if info["missing"] or info["unexpected"] or info.get("differ"):
             problems.append(f"{preset}: AdapterHub reported missing {info['missing'][:3]} / unexpected "
                             f"{info['unexpected'][:3]} keys / differing values {info.get('differ', [])[:3]}")
         name = info["name"]
-        label = "dynamic fusion over 3 Pfeiffer tasks (model_adapter_fusion.safetensors + model_head.safetensors)" \
-            if preset == "mfz" else f"{preset} (adapter.safetensors + model_head.safetensors)"
+        label = {"mfz": "dynamic fusion over 3 Pfeiffer tasks (model_adapter_fusion.safetensors + "
+                        "model_head.safetensors)",
+                 "tagger": "pfeiffer + tagging head, 9 tags; logits per real token (adapter.safetensors + "
+                           "model_head.safetensors)"}.get(preset, f"{preset} (adapter.safetensors + "
+                                                                   "model_head.safetensors)")
         row("mtl -> AdapterHub", label, loaded[f"{name}.hidden"], loaded[f"{name}.logits"],
             dumped[f"{preset}.hidden"], dumped[f"{preset}.logits"])
         controls.append((bare - loaded[f"{name}.hidden"]).abs()[real].max().item())
@@ -298,6 +342,12 @@ def compare(args: argparse.Namespace) -> int:
     problems += [f"mfz: config.{k} written {written.get(k)!r} != AdapterHub's {report['mfz']['config'].get(k)!r}"
                  for k in sorted(set(written) | set(report["mfz"]["config"]))
                  if written.get(k) != report["mfz"]["config"].get(k)]
+
+    head = report["tagger"]["head"]  # AdapterHub built its tagging head from mtl's head_config.json
+    if (report["tagger"]["head_class"], head.get("layers"), head.get("label2id")) != \
+            ("TaggingHead", 1, {tag: i for i, tag in TAGS.items()}):
+        problems.append(f"tagger: AdapterHub built {report['tagger']['head_class']} with layers {head.get('layers')} "
+                        f"and label2id {head.get('label2id')}, expected TaggingHead, 1 and mtl's tags")
 
     control = min(controls)
     failed = bool(problems) or control <= 1e-3
@@ -313,6 +363,35 @@ def compare(args: argparse.Namespace) -> int:
         print(f"problem: {problem}")
     print(f"{'FAIL' if failed else 'OK'}: inputs {tuple(ids.shape)}, seed {args.seed}, tolerance {args.tol:g}")
     return 1 if failed else 0
+
+
+def compare_tagging_import(args: argparse.Namespace, imported, row) -> list[str]:
+    """AdapterHub's tagger into mtl: a table row and the config / label differences (re-exported by mtl)."""
+    from safetensors.torch import load_file
+
+    from mtl.interop.adapterhub import load_adapterhub, save_adapterhub
+
+    ref = load_file(str(args.dir / "ah_outputs.safetensors"))
+    folder = args.dir / "ah" / "tagging"
+    task = load_adapterhub(imported, folder, task="tagging")
+    problems = []
+    if imported.heads[task].problem != "token_classification" or imported.records[task].labels != list(TAGS.values()):
+        problems.append(f"tagging: imported as {imported.heads[task].problem} with labels "
+                        f"{imported.records[task].labels}, expected token_classification with {list(TAGS.values())}")
+    files = " + ".join(sorted(p.name for p in folder.iterdir() if "config" not in p.name))
+    row("AdapterHub -> mtl", f"pfeiffer + tagging head, 9 tags; logits per real token ({files})",
+        *mtl_outputs(imported, task, ref["input_ids"], ref["attention_mask"]), ref["ah_tagging.hidden"],
+        ref["ah_tagging.logits"])
+    again = save_adapterhub(imported, task, args.dir / "again" / "tagging")
+    for config_file in ("adapter_config.json", "head_config.json"):
+        theirs = json.loads((folder / config_file).read_text())["config"]
+        ours = json.loads((again / config_file).read_text())["config"]
+        if config_file == "head_config.json" and theirs.get("dropout_prob") is None:
+            # add_tagging_head leaves it null: the backbone's hidden_dropout_prob, which mtl resolves and writes
+            theirs["dropout_prob"] = imported.backbone.config.hidden_dropout_prob
+        problems += [f"tagging: {config_file} config.{k} AdapterHub {theirs.get(k)!r} != re-exported "
+                     f"{ours.get(k)!r}" for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    return problems
 
 
 def main() -> None:

@@ -32,12 +32,16 @@ from mtl.data.module import TaskDataModule
 from mtl.data.spec import load_task_specs
 from mtl.errors import MTLConfigError
 from mtl.fusion.config import FusionConfig
+from mtl.kinds import kind_of
 from mtl.lit import AdapterTrainer
 from mtl.preflight import writable_folder
-from mtl.routing import EntropyRouter, PrototypeRouter, load_router, routing_report, save_confusion_png
+from mtl.routing import ROUTABLE, EntropyRouter, PrototypeRouter, load_router, routing_report, save_confusion_png
 from mtl.storage import ADAPTER_WEIGHTS, FUSION_WEIGHTS, check_shape, read_json
 
-FORMAT_VERSION = 1
+# 2: every score set holds "score" (each task's headline metric: R) beside "acc" and "f1", which are null for a task
+# without that metric; results.json names each task's metrics ("task_metrics"). A state of format 1 (classification
+# tasks only, whose headline is acc) is read as format 2 with score = acc, so such runs resume.
+FORMAT_VERSION = 2
 STATE_FILE = "state.json"
 # the JSON shape of state.json (see mtl.storage.check_shape); its values are checked against the run in _check_state
 STATE_SCHEMA = {"format_version": int, "settings": dict, "strategy": str, "order": [str], "stages": [[str]],
@@ -47,7 +51,12 @@ STATE_SCHEMA = {"format_version": int, "settings": dict, "strategy": str, "order
 FINGERPRINT_KEYS = ("tensors_sha256", "probe_logits_sha256")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 RESULTS_FILE = "results.json"
-SCORES = ("acc", "f1")
+SCORES = ("score", "acc", "f1")  # score: the task's headline (R); acc and f1: null where the task lacks them
+OPTIONAL_SCORES = ("acc", "f1")
+# what a task's acc and f1 are, by kind (what the report prints next to a task's column)
+METRIC_TITLES = {("classification", "acc"): "accuracy", ("classification", "f1"): "macro-F1",
+                 ("multilabel", "acc"): "label accuracy", ("multilabel", "f1"): "macro-F1",
+                 ("token_classification", "acc"): "word accuracy", ("token_classification", "f1"): "entity F1"}
 ROUTERS = ("prototype", "entropy")
 OWN_ADAPTER = "-adapter"  # suffix of the folder holding a fusion stage's own adapter while its fusion trains
 # settings that change nothing in the results, so a resumed run may use other values
@@ -118,6 +127,7 @@ class ContinualRunner:
         self.settings = {k: v for k, v in _json(flatten(settings)).items() if k not in RESUME_MAY_CHANGE}
         self.strategy = None
         self.stages: list[list[str]] = []
+        self.task_metrics: dict[str, dict[str, Any]] = {}  # task -> problem, headline, metric titles (set by check)
 
     # ---- checks before any work -------------------------------------------------------------------------
     def check(self) -> dict[str, Any] | None:
@@ -146,11 +156,7 @@ class ContinualRunner:
         if unknown or len(set(config.routers)) != len(config.routers):
             raise MTLConfigError(f"continual.routers: {config.routers}, expected distinct names among {list(ROUTERS)}")
         specs = load_task_specs("continual.order", self.order, config.tasks_dir)
-        for spec in specs.values():
-            missing = [m for m in SCORES if m not in spec.metrics]
-            if spec.problem != "classification" or missing:
-                raise MTLConfigError(f"{spec.spec_file}: problem {spec.problem} with metrics {spec.metrics}, expected a "
-                                     "classification task with metrics acc and f1 (the accuracy matrix needs both)")
+        self.task_metrics = {name: task_metrics(spec, config.routers) for name, spec in specs.items()}
         self.strategy = build_strategy(config, self.seed)
         self.stages = self.strategy.stages(self.order)
         self.settings.update(_json(flatten({"tasks": {n: s.to_dict() for n, s in specs.items()}})))
@@ -171,8 +177,10 @@ class ContinualRunner:
                                      "empty folder or a continual run to resume")
             return None
         state = read_json(file, "the state of a continual run")
+        if isinstance(state, dict) and state.get("format_version") == 1:
+            state = _upgrade_state(state)
         if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "settings" not in state:
-            raise MTLConfigError(f"{file}: not a continual-run state of format {FORMAT_VERSION}")
+            raise MTLConfigError(f"{file}: not a continual-run state of format {FORMAT_VERSION} (or 1)")
         check_shape(file, state, STATE_SCHEMA)
         saved, now = state["settings"], self.settings
         if "trainer.precision" in saved and saved["trainer.precision"] is None:
@@ -215,9 +223,12 @@ class ContinualRunner:
                 [(f"after.{m}", state["after"].get(m)) for m in SCORES]:
             if not isinstance(rows, list) or len(rows) != (1 if key.startswith("before") else done):
                 raise refuse(key, rows, f"{'one row' if key.startswith('before') else f'{done} rows'} of scores")
+            metric = key.split(".")[1]
             for row in rows:
-                if not (isinstance(row, list) and len(row) == n and all(_score(v) for v in row)):
-                    raise refuse(key, row, f"{n} scores in [0, 1], one per task of the order")
+                if not (isinstance(row, list) and len(row) == n
+                        and all(self._fits(task, metric, v) for task, v in zip(self.order, row))):
+                    raise refuse(key, row, f"{n} scores in [0, 1], one per task of the order (null for a task "
+                                 f"without {metric})")
         for key in ("before", "after"):
             if set(state[key]) != set(SCORES):
                 raise refuse(key, sorted(state[key]), f"the keys {list(SCORES)}")
@@ -228,9 +239,16 @@ class ContinualRunner:
             raise refuse("wall_time_s", times, f"{done} stage times >= 0")
         for task, scores in (state.get("single_task") or {}).items():
             if task not in self.order or not isinstance(scores, dict) or set(scores) != set(SCORES) \
-                    or not all(_score(v) for v in scores.values()):
+                    or not all(self._fits(task, m, v) for m, v in scores.items()):
                 raise refuse(f"single_task.{task}", scores, f"a task of the order with scores {list(SCORES)} in [0, 1]")
         self._check_strategy_state(refuse, state["strategy_state"], done)
+
+    def _fits(self, task: str, metric: str, value: Any) -> bool:
+        """A saved score of ``task``: a number in [0, 1], or null exactly where the task has no such metric."""
+        info = self.task_metrics.get(task)
+        if info is None or metric == "score" or metric in info["names"]:
+            return _score(value)
+        return value is None
 
     def _check_strategy_state(self, refuse: Callable[[str, Any, str], MTLConfigError], saved: dict[str, Any],
                               done: int) -> None:
@@ -305,11 +323,18 @@ class ContinualRunner:
                               **self.model_args)
 
     def _evaluate(self, trainer: L.Trainer, module: AdapterTrainer, data: TaskDataModule,
-                  tasks: list[str] | None = None) -> dict[str, list[float]]:
-        """Every task of the sequence (or ``tasks``) on its test split, through its route: accuracy and macro-F1."""
+                  tasks: list[str] | None = None) -> dict[str, list[float | None]]:
+        """Every task of the sequence (or ``tasks``) on its test split, through its route: its headline metric as
+        ``score`` (what R holds), and ``acc`` and ``f1`` as logged (None for a task without that metric)."""
         trainer.test(module, datamodule=data, verbose=False)
         metrics = trainer.callback_metrics
-        return {m: [float(metrics[f"test/{module.routes[task]}/{m}"]) for task in tasks or self.order] for m in SCORES}
+        out: dict[str, list[float | None]] = {m: [] for m in SCORES}
+        for task in tasks or self.order:
+            logged, info = f"test/{module.routes[task]}/", self.task_metrics[task]
+            out["score"].append(float(metrics[logged + info["headline"]]))
+            for m in OPTIONAL_SCORES:
+                out[m].append(float(metrics[logged + m]) if m in info["names"] else None)
+        return out
 
     def _export(self, module: AdapterTrainer, name: str, router: PrototypeRouter | None = None) -> str:
         """Every task's adapter and head into ``steps/<name>/adapters/``, the strategy's tensors and the router, in
@@ -365,11 +390,12 @@ class ContinualRunner:
         trainer = self.make_trainer("00-before")
         state = self._new_state()
         state["before"] = self._evaluate(trainer, module, data)
-        state["test_sizes"] = [len(data.task_datasets[t]["test"]) for t in self.order]
+        # examples (a tagger's sentences, not its windows), as the check on resume counts them
+        state["test_sizes"] = [data.split_size(t, "test") for t in self.order]
         state["steps"].append(self._export(module, "00-before"))
         state["wall_time_s"]["before"] = time.monotonic() - start
         self._save(state)
-        print(f"[before] accuracy with fresh adapters and heads: {_row(state['before']['acc'])}")
+        print(f"[before] score with fresh adapters and heads: {_row(state['before']['score'])}")
         return state
 
     def _stage(self, index: int, state: dict[str, Any]) -> dict[str, Any]:
@@ -405,8 +431,8 @@ class ContinualRunner:
         shutil.rmtree(self.run_dir / "steps" / f"{name}{OWN_ADAPTER}", ignore_errors=True)  # see _fusion_fit
         times = state["wall_time_s"]["stages"]
         left = sum(times) / len(times) * (total - index - 1)
-        print(f"[stage {index + 1}/{total}] {', '.join(tasks)} done in {duration(times[-1])}; accuracy "
-              f"{_row(scores['acc'])}; about {duration(left)} left")
+        print(f"[stage {index + 1}/{total}] {', '.join(tasks)} done in {duration(times[-1])}; score "
+              f"{_row(scores['score'])}; about {duration(left)} left")
         return state
 
     def _fusion_fit(self, name: str, tasks: list[str], setup: FusionSetup, module: AdapterTrainer, trainer: L.Trainer,
@@ -416,7 +442,7 @@ class ContinualRunner:
         alone = self._evaluate(trainer, module, self._data([], tasks), tasks)
         state["single_task"].update({task: {m: alone[m][i] for m in SCORES} for i, task in enumerate(tasks)})
         own = self.run_dir / self._export(module, f"{name}{OWN_ADAPTER}")
-        print(f"[fusion] {tasks[0]} alone: accuracy {_row(alone['acc'])}; training fusion {setup.name} over "
+        print(f"[fusion] {tasks[0]} alone: score {_row(alone['score'])}; training fusion {setup.name} over "
               f"{', '.join(setup.adapters)}")
         module = self._module(tasks, own, fusion=setup)
         module.extra_loss = self.strategy.extra_loss
@@ -467,7 +493,7 @@ class ContinualRunner:
         results = self.results(state, check, stored, routing)
         write_json_atomic(self.run_dir / RESULTS_FILE, results)
         paths = write_report(results, self.run_dir)
-        acc = results["metrics"]["acc"]
+        acc = results["metrics"]["score"]
         print(f"continual: ACC {acc['acc']:.3f}" + (f", BWT {acc['bwt']:+.3f}" if acc.get("bwt") is not None else "")
               + (", zero forgetting verified" if check else "")
               + f"; wrote {self.run_dir / RESULTS_FILE}, " + ", ".join(str(p) for p in paths))
@@ -512,9 +538,45 @@ class ContinualRunner:
                    "wall_time_s": {"before": times["before"], "stages": times["stages"],
                                    "total": times["before"] + sum(times["stages"])},
                    "run_dir": str(self.run_dir), "steps": state["steps"], "stored_bytes": stored, "routing": routing,
-                   "routes": self.strategy.routes(), "single_task": state.get("single_task", {})}
-        results["metrics"] = {m: run_metrics(results, m) for m in SCORES}
+                   "routes": self.strategy.routes(), "single_task": state.get("single_task", {}),
+                   "task_metrics": {task: self.task_metrics[task] for task in self.order}}
+        # a metric matrix with a task lacking that metric (null cells) has no metrics of its own
+        results["metrics"] = {m: None if _has_null(results["scores"][m]) else run_metrics(results, m) for m in SCORES}
         return results
+
+
+def task_metrics(spec: Any, routers: list[str]) -> dict[str, Any]:
+    """What R and the report say of a task: its kind (``problem``), its headline metric and a title for each of its
+    metrics among ``score``, ``acc`` and ``f1`` (one line for a task whose headline is not a score in [0, 1], or
+    that a router cannot answer)."""
+    headline = kind_of(spec.problem).metrics_for(list(spec.labels or []))[1]
+    if headline not in OPTIONAL_SCORES:
+        raise MTLConfigError(f"{spec.spec_file}: problem {spec.problem} has the headline metric {headline}, expected a "
+                             "task whose headline is a score in [0, 1] (acc or f1: classification, multilabel, "
+                             "token_classification); R and its metrics compare every task on that scale")
+    if routers and spec.problem not in ROUTABLE:
+        raise MTLConfigError(f"{spec.spec_file}: problem {spec.problem}: continual.routers {list(routers)} route only "
+                             f"{' and '.join(ROUTABLE)} tasks; set continual.routers: [] to run this sequence")
+    names = {m: METRIC_TITLES.get((spec.problem, m), m) for m in OPTIONAL_SCORES if m in spec.metrics}
+    return {"problem": spec.problem, "headline": headline, "names": {"score": names[headline], **names}}
+
+
+def _has_null(scores: dict[str, Any]) -> bool:
+    return any(v is None for row in [scores["before"], *scores["after"]] for v in row)
+
+
+def _upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 state as format 2: its tasks were classifiers (the runner took nothing else), whose headline is
+    acc, so score = acc (exactly what a format-2 run of the same tasks records)."""
+    state = dict(state, format_version=FORMAT_VERSION)
+    for key in ("before", "after"):
+        if isinstance(state.get(key), dict) and "acc" in state[key] and "score" not in state[key]:
+            state[key] = {"score": json.loads(json.dumps(state[key]["acc"])), **state[key]}
+    single = state.get("single_task")
+    if isinstance(single, dict):
+        state["single_task"] = {t: {"score": s["acc"], **s} if isinstance(s, dict) and "acc" in s else s
+                                for t, s in single.items()}
+    return state
 
 
 def _score(value: Any) -> bool:
@@ -526,5 +588,5 @@ def _json(data: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(data, default=str))
 
 
-def _row(values: list[float]) -> str:
-    return " ".join(f"{v:.3f}" for v in values)
+def _row(values: list[float | None]) -> str:
+    return " ".join("–" if v is None else f"{v:.3f}" for v in values)

@@ -4,6 +4,11 @@ A router picks a task per row for texts that come without one (``route``), and a
 (``predict``: the chosen task and its label index). Saved routers are a folder with ``router.json`` (kind,
 tasks, settings) and, where the router has state, ``router.safetensors``; `mtl.routing.load.load_router`
 reads either kind back.
+
+A router picks one task for a whole text (an encoder row): classifiers and taggers alike. A tagger's rows are
+windows of a sentence; each window is a text to a router (a sentence longer than one window may have its windows
+routed apart). A tagger's answer on a row is its logits for every token, ``[tokens, tags]``, and its label a tag
+index per token (`label_of`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ if TYPE_CHECKING:
 
 ROUTER_CONFIG, ROUTER_WEIGHTS = "router.json", "router.safetensors"
 ROUTER_FORMAT_VERSION = 1
+ROUTABLE = ("classification", "token_classification")  # kinds of heads a router may pick: one answer per text or token
 
 
 class Router(Protocol):
@@ -42,9 +48,13 @@ class Router(Protocol):
               token_type_ids: torch.Tensor | None = None) -> list[str]:
         """The chosen task per row."""
 
+    def routed_logits(self, model: MTLModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      token_type_ids: torch.Tensor | None = None) -> tuple[list[str], list[torch.Tensor]]:
+        """The chosen task per row and that row's logits from the chosen head."""
+
     def predict(self, model: MTLModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> list[tuple[str, int]]:
-        """(chosen task, label index) per row."""
+                token_type_ids: torch.Tensor | None = None) -> list[tuple[str, int | list[int]]]:
+        """(chosen task, label index; a tagger's: one per token) per row."""
 
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write the router folder atomically."""
@@ -57,15 +67,29 @@ def inference(model: MTLModel) -> Iterator[None]:
         yield
 
 
-def check_classification(model: MTLModel, tasks: Sequence[str]) -> None:
-    """Every task is in the model and has a classification head with at least two labels (one line otherwise)."""
+def routable(model: MTLModel, task: str) -> bool:
+    """Whether a router may pick ``task``: a classifier or a tagger with at least two labels (a softmax to score)."""
+    head = model.heads[task]
+    return head.problem in ROUTABLE and head.num_outputs >= 2
+
+
+def check_routable(model: MTLModel, tasks: Sequence[str]) -> None:
+    """Every task is in the model and has a classification or tagging head with at least two labels (one line
+    otherwise)."""
     missing = [t for t in tasks if t not in model.records]
     if missing:
         raise MTLConfigError(f"router task(s) {missing} are not in the model (model tasks: {model.tasks})")
     wrong = [f"{t} ({model.heads[t].problem}, {model.heads[t].num_outputs} outputs)" for t in tasks
-             if model.heads[t].problem != "classification" or model.heads[t].num_outputs < 2]
+             if not routable(model, t)]
     if wrong:
-        raise MTLConfigError(f"routed prediction needs classification heads with at least 2 labels, got {wrong}")
+        raise MTLConfigError(f"routed prediction needs {' or '.join(ROUTABLE)} heads with at least 2 labels, "
+                             f"got {wrong}")
+
+
+def label_of(logits: torch.Tensor) -> int | list[int]:
+    """One row's answer from its logits: a classifier's label index (``[labels]``), or a tagger's tag index per token
+    (``[tokens, tags]``; padding included: the row's mask says which tokens are real)."""
+    return int(logits.argmax(-1)) if logits.ndim == 1 else logits.argmax(-1).tolist()
 
 
 def rows_of(chosen: Sequence[str], logits: dict[str, torch.Tensor]) -> list[torch.Tensor]:

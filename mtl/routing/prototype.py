@@ -1,7 +1,9 @@
 """`PrototypeRouter`: the nearest task prototype (mean of frozen features) under one pooled Mahalanobis metric.
 
 Features are the masked mean over real tokens of the backbone's hidden states after the first ``depth`` layers,
-run with no adapter. ``depth`` is the number of layers the routed tasks share (below their lowest adapter layer,
+run with no adapter. A tagger's training rows are windows of its sentences: each window is a text here, as it is
+to the tagger (a sentence longer than one window adds one feature per window, and its windows overlap by the
+task's ``doc_stride``); a whole text routed later is one row too. ``depth`` is the number of layers the routed tasks share (below their lowest adapter layer,
 AdapterDrop included), so `predict` computes those layers once, routes from them and runs each row's chosen
 task on from there. With an adapter in layer 0 nothing is shared: the features then come from the bare
 backbone's last layer and `predict` runs a full forward. Features of different depths are not comparable, so
@@ -22,7 +24,7 @@ import torch
 
 from mtl.errors import MTLConfigError, warn
 from mtl.heads import pool
-from mtl.routing.base import ROUTER_CONFIG, ROUTER_FORMAT_VERSION, ROUTER_WEIGHTS, check_classification, inference, rows_of
+from mtl.routing.base import ROUTER_CONFIG, ROUTER_FORMAT_VERSION, ROUTER_WEIGHTS, check_routable, inference, label_of, rows_of
 from mtl.storage import check_tensors, write_part
 
 if TYPE_CHECKING:
@@ -230,12 +232,13 @@ class PrototypeRouter:
         return chosen, rows_of(chosen, logits)
 
     def predict(self, model: MTLModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> list[tuple[str, int]]:
-        """(chosen task, label index) per row; every router task must have a classification head."""
+                token_type_ids: torch.Tensor | None = None) -> list[tuple[str, int | list[int]]]:
+        """(chosen task, label index; a tagger's: one per token) per row; every router task must have a
+        classification or tagging head."""
         self._require_tasks()
-        check_classification(model, self.tasks)
+        check_routable(model, self.tasks)
         chosen, logits = self.routed_logits(model, input_ids, attention_mask, token_type_ids)
-        return [(t, int(row.argmax())) for t, row in zip(chosen, logits)]
+        return [(t, label_of(row)) for t, row in zip(chosen, logits)]
 
     # ---- files -------------------------------------------------------------------------------
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:

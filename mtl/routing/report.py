@@ -2,7 +2,8 @@
 
 Routed accuracy counts a row as right only when the router picked its true task AND that head gave its label;
 task-given accuracy is what the true task's head gets when the task id is known. Their gap is the price of
-not knowing the task.
+not knowing the task. A tagger's row is a window of a sentence, and it counts as right when every word it labels
+gets its true tag (an exact match of the row: a tagger's task-given accuracy is not its word accuracy).
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from mtl.atomic import write_bytes_atomic
 from mtl.figures import png_bytes, pyplot
-from mtl.routing.base import Router, inference
+from mtl.kinds.base import IGNORE
+from mtl.routing.base import Router, check_routable, inference
 
 if TYPE_CHECKING:
     from mtl.model import MTLModel
@@ -21,6 +25,16 @@ if TYPE_CHECKING:
 
 def _rate(hits: int, rows: int) -> float | None:
     return hits / rows if rows else None
+
+
+def answer_is_right(logits: torch.Tensor, label: torch.Tensor) -> bool:
+    """Whether one row's answer is its label: a classifier's best label (``[labels]``), or a tagger's best tag at every
+    labelled token (``[tokens, tags]`` against ``[tokens]``, IGNORE where no word starts)."""
+    if logits.ndim == 1:
+        return int(logits.argmax()) == int(label)
+    label = label.to(logits.device)
+    keep = label != IGNORE
+    return bool((logits.argmax(-1)[keep] == label[keep]).all())
 
 
 def routing_report(model: MTLModel, router: Router, batches: dict[str, Sequence[dict[str, Any]]]) -> dict[str, Any]:
@@ -31,23 +45,24 @@ def routing_report(model: MTLModel, router: Router, batches: dict[str, Sequence[
     ``routing_accuracy``, ``routed_accuracy``, ``task_given_accuracy``).
     """
     device = next(model.parameters()).device
+    check_routable(model, [*router.tasks, *batches])
     counts: dict[tuple[str, str], int] = {}
     scores = {t: {"rows": 0, "routed": 0, "correct": 0, "given": 0} for t in batches}
     for true, task_batches in batches.items():
         for batch in task_batches:
             ids, mask, types = (batch[k].to(device) if batch.get(k) is not None else None
                                 for k in ("input_ids", "attention_mask", "token_type_ids"))
-            labels = batch["labels"].reshape(-1).tolist()
-            answers = router.predict(model, ids, mask, types)
+            labels = batch["labels"]
+            tasks, routed = router.routed_logits(model, ids, mask, types)
             with inference(model):
-                given = model(ids, mask, types, tasks=true)[true].argmax(-1).tolist()
+                given = model(ids, mask, types, tasks=true)[true]
             score = scores[true]
-            for (chosen, label), truth, alone in zip(answers, labels, given):
+            for chosen, answer, truth, alone in zip(tasks, routed, labels, given):
                 counts[true, chosen] = counts.get((true, chosen), 0) + 1
                 score["rows"] += 1
                 score["routed"] += chosen == true
-                score["correct"] += chosen == true and label == truth
-                score["given"] += alone == truth
+                score["correct"] += chosen == true and answer_is_right(answer, truth)
+                score["given"] += answer_is_right(alone, truth)
     axis = list(dict.fromkeys([*batches, *router.tasks, *(c for _, c in counts)]))
     summary = {"rows": 0, "routed": 0, "correct": 0, "given": 0}
     for score in scores.values():
