@@ -236,7 +236,7 @@ def test_compare_main_refuses_bad_input_and_writes_nothing(tmp_path, case):
         if case == "short_row":
             content["scores"]["acc"]["after"][1] = [0.5, 0.5]
         else:
-            content["format_version"] = 2
+            content["format_version"] = 99  # 1 and 2 are read
         save(bad, content)
     else:
         argv, named = {"twice": ([good, str(tmp_path / "good" / "results.json")], good),

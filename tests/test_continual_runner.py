@@ -540,7 +540,8 @@ def _replay_runner(tmp_path, done: int = 1):
         (tmp_path / "run" / "steps" / name / "adapters").mkdir(parents=True)
     state = runner._new_state()
     state.update(completed=done, steps=["steps/00-before", *(f"steps/{runner._stage_name(i)}" for i in range(done))],
-                 after={m: [[0.5] * 3] * done for m in ("acc", "f1")}, before={m: [0.5] * 3 for m in ("acc", "f1")},
+                 after={m: [[0.5] * 3] * done for m in ("score", "acc", "f1")},
+                 before={m: [0.5] * 3 for m in ("score", "acc", "f1")},
                  test_sizes=[10, 10, 10], wall_time_s={"before": 1.0, "stages": [1.0] * done},
                  strategy_state={"buffer": [["keyword", 0], ["keyword", 3]], "seen": 40})
     return runner, state

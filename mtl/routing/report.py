@@ -17,7 +17,7 @@ import torch
 from mtl.atomic import write_bytes_atomic
 from mtl.figures import png_bytes, pyplot
 from mtl.kinds.base import IGNORE
-from mtl.routing.base import Router, check_routable, inference
+from mtl.routing.base import Router, check_routable, inference, label_of
 
 if TYPE_CHECKING:
     from mtl.model import MTLModel
@@ -27,14 +27,13 @@ def _rate(hits: int, rows: int) -> float | None:
     return hits / rows if rows else None
 
 
-def answer_is_right(logits: torch.Tensor, label: torch.Tensor) -> bool:
-    """Whether one row's answer is its label: a classifier's best label (``[labels]``), or a tagger's best tag at every
-    labelled token (``[tokens, tags]`` against ``[tokens]``, IGNORE where no word starts)."""
-    if logits.ndim == 1:
-        return int(logits.argmax()) == int(label)
-    label = label.to(logits.device)
-    keep = label != IGNORE
-    return bool((logits.argmax(-1)[keep] == label[keep]).all())
+def answer_is_right(answer: int | list[int], truth: torch.Tensor) -> bool:
+    """Whether one row's answer (`label_of`) is its true label: a classifier's label index, or a tagger's tag at every
+    labelled token (``truth`` ``[tokens]``, IGNORE where no word starts; the answer has one tag per token)."""
+    if isinstance(answer, int):
+        return answer == int(truth)
+    truth = truth.reshape(-1).tolist()
+    return len(answer) == len(truth) and all(a == t for a, t in zip(answer, truth) if t != IGNORE)
 
 
 def routing_report(model: MTLModel, router: Router, batches: dict[str, Sequence[dict[str, Any]]]) -> dict[str, Any]:
@@ -45,24 +44,23 @@ def routing_report(model: MTLModel, router: Router, batches: dict[str, Sequence[
     ``routing_accuracy``, ``routed_accuracy``, ``task_given_accuracy``).
     """
     device = next(model.parameters()).device
-    check_routable(model, [*router.tasks, *batches])
+    check_routable(model, list(batches))
     counts: dict[tuple[str, str], int] = {}
     scores = {t: {"rows": 0, "routed": 0, "correct": 0, "given": 0} for t in batches}
     for true, task_batches in batches.items():
         for batch in task_batches:
             ids, mask, types = (batch[k].to(device) if batch.get(k) is not None else None
                                 for k in ("input_ids", "attention_mask", "token_type_ids"))
-            labels = batch["labels"]
-            tasks, routed = router.routed_logits(model, ids, mask, types)
+            answers = router.predict(model, ids, mask, types)
             with inference(model):
                 given = model(ids, mask, types, tasks=true)[true]
             score = scores[true]
-            for chosen, answer, truth, alone in zip(tasks, routed, labels, given):
+            for (chosen, answer), truth, alone in zip(answers, batch["labels"].cpu(), given):
                 counts[true, chosen] = counts.get((true, chosen), 0) + 1
                 score["rows"] += 1
                 score["routed"] += chosen == true
                 score["correct"] += chosen == true and answer_is_right(answer, truth)
-                score["given"] += answer_is_right(alone, truth)
+                score["given"] += answer_is_right(label_of(alone), truth)
     axis = list(dict.fromkeys([*batches, *router.tasks, *(c for _, c in counts)]))
     summary = {"rows": 0, "routed": 0, "correct": 0, "given": 0}
     for score in scores.values():
