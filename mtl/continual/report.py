@@ -29,7 +29,7 @@ KEYS = ("format_version", "strategy", "order", "stages", "test_sizes", "scores",
         "config", "wall_time_s", "run_dir")
 SCORE_KEYS = {1: ("acc", "f1"), 2: ("score", "acc", "f1")}
 # a matrix's title where its tasks' metrics differ (else the one metric's name: "accuracy", "macro-F1", ...)
-TITLES = {"score": "score (each task's headline metric)", "acc": "accuracy", "f1": "F1"}
+TITLES = {"score": "score (R: each task's headline metric)", "acc": "accuracy", "f1": "F1"}
 HEADERS = {"score": "score", "acc": "accuracy", "f1": "F1"}
 # what a format-1 run's tasks were: classifiers
 CLASSIFIER = {"problem": "classification", "headline": "acc",
@@ -193,6 +193,8 @@ def _matrices(results: dict) -> list[tuple[str, str, list[str], str]]:
         else:
             title, header = TITLES[metric], HEADERS[metric]
             columns = [f"{task} ({name or 'none'})" for task, name in zip(order, names)]
+        if metric != "score" and headlines == {metric}:  # every task's headline: this matrix is R
+            title += " (R)"
         shown.append((metric, title, columns, header))
     return shown
 
