@@ -280,9 +280,10 @@ def test_a_pos_tagger_without_f1_is_null_there_and_the_report_says_so(tmp_path):
     assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="no metric of the matrix"):
         run_metrics(mixed, "f1")
-    for where, value, words in ((("f1", "after", 1, 1), 0.5, "scores.f1.after[1][1] (task b) is 0.5, expected null (the task has no such metric)"),
-                                (("acc", "before", None, 0), None, "scores.acc.before[0] (task a) is None, expected a "
-                                                                   "number")):
+    for where, value, words in (
+            (("f1", "after", 1, 1), 0.5, "scores.f1.after[1][1] (task b) is 0.5, expected null (the task has no such "
+                                         "metric)"),
+            (("acc", "before", None, 0), None, "scores.acc.before[0] (task a) is None, expected a number")):
         broken = copy.deepcopy(mixed)
         metric, part, row, column = where
         (broken["scores"][metric][part][row] if row is not None else broken["scores"][metric][part])[column] = value
@@ -327,8 +328,9 @@ def test_a_task_whose_headline_is_no_score_in_0_1_is_one_line(setup, tmp_path, c
     (tasks / "size.csv").write_text("text,label\n" + "".join(f"word {i},{i / 10}\n" for i in range(40)))
     (tasks / "size.yaml").write_text("source: {type: files, train: size.csv}\ntext_fields: [text]\n"
                                      "label_field: label\nlabels: [size]\nproblem: regression\nmax_length: 8\n")
-    code, lines = run_cli(["continual", "--config", str(setup / "base.yaml"), "--continual.run_dir", str(tmp_path / "r"),
-                           "--continual.tasks_dir", str(tasks), "--continual.order", "[keyword, size]"], capsys)
+    code, lines = run_cli(["continual", "--config", str(setup / "base.yaml"), "--continual.run_dir",
+                           str(tmp_path / "r"), "--continual.tasks_dir", str(tasks), "--continual.order",
+                           "[keyword, size]"], capsys)
     assert code == 2 and len(lines) == 1, lines
     assert error_line(lines) == (f"error: {tasks / 'size.yaml'}: problem regression has the headline metric pearson, "
                                  "expected a task whose headline is a score in [0, 1] (acc or f1: classification, "

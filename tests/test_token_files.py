@@ -42,7 +42,7 @@ def test_conll_columns_sentences_and_their_first_lines(tmp_path):
     sentences = read_conll(tmp_path / "a.txt")
     assert [s.words for s in sentences] == [["EU", "rejects", "German"], ["Peter", "Blackburn"], ["BRUSSELS"]]
     assert [s.tags for s in sentences] == [["B-ORG", "O", "B-MISC"], ["B-PER", "I-PER"], ["B-LOC"]]
-    assert [s.line for s in sentences] == [3, 7, 11]
+    assert [s.lines[0] for s in sentences] == [3, 7, 11]
     assert read_conll(tmp_path / "a.txt", tag_column=1)[0].tags == ["NNP", "VBZ", "JJ"]  # POS on the same words
 
 
@@ -53,14 +53,14 @@ def test_conllu_skips_comments_ranges_and_empty_nodes_and_reads_any_tag_column(t
                                                                                                    "PUNCT"]
     assert read_conllu(tmp_path / "a.conllu", "XPOS")[0].tags == ["VBP", "RB", "VB", "."]
     assert [s.tags for s in read_conllu(tmp_path / "a.conllu", "MISC:NER")] == [["O"] * 4, ["B-PER"]]
-    assert [s.line for s in upos] == [4, 10]
+    assert [s.lines for s in upos] == [[4, 5, 6, 8], [10]]  # the range (3) and the empty node (7) are no words
 
 
 def test_token_jsonl(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"tokens": ["Anna", "sings"], "tags": ["B-PER", "O"]}\n\n'
                                       '{"tokens": ["Go"], "tags": ["O"], "id": 7}\n')
     sentences = read_token_jsonl(tmp_path / "a.jsonl")
-    assert [(s.words, s.tags, s.line) for s in sentences] == [(["Anna", "sings"], ["B-PER", "O"], 1),
+    assert [(s.words, s.tags, s.lines[0]) for s in sentences] == [(["Anna", "sings"], ["B-PER", "O"], 1),
                                                               (["Go"], ["O"], 3)]
 
 

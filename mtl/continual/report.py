@@ -81,7 +81,8 @@ def _task_metrics_problem(data: dict) -> str | None:
         return "task_metrics must be a mapping with one entry per task in 'order'"
     for task, info in metrics.items():
         names = info.get("names") if isinstance(info, dict) else None
-        if not (isinstance(info, dict) and isinstance(info.get("problem"), str) and info.get("headline") in ("acc", "f1")
+        if not (isinstance(info, dict) and isinstance(info.get("problem"), str)
+                and info.get("headline") in ("acc", "f1")
                 and isinstance(names, dict) and isinstance(names.get("score"), str)
                 and set(names) <= {"score", "acc", "f1"} and info["headline"] in names
                 and all(isinstance(n, str) for n in names.values())):

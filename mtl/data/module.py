@@ -387,6 +387,13 @@ class TaskDataModule(L.LightningDataModule):
                 new_fingerprint=f"{key}-{split}",
                 desc=f"tokenising {spec.name}/{split}",
             )
+            if "example" in out[split].column_names:  # rows are windows of examples: say how many were cut
+                counts = pc.value_counts(out[split].with_format("arrow")["example"]).field("counts")
+                long = pc.sum(pc.greater(counts, 1)).as_py() or 0
+                if long:
+                    print(f"{spec.name}/{split}: {long} of {len(raw[split])} examples are longer than max_length "
+                          f"{spec.max_length} and were cut into overlapping windows (doc_stride {spec.stride}); "
+                          "each word is still predicted once")
         return datasets.DatasetDict(out)
 
     def token_lengths(self, name: str, split: str) -> list[int]:

@@ -19,7 +19,6 @@ from mtl.errors import MTLConfigError
 from mtl.kinds.base import MODEL_INPUTS
 
 PREDICT_SUFFIXES = (".txt", ".jsonl")
-DOC_STRIDE = 32  # subwords shared by consecutive windows of a long text, for taggers (a task spec's default)
 
 
 def check_predict_file_name(path: str) -> None:
@@ -106,8 +105,8 @@ class TextStream(IterableDataset):
 
     def __init__(self, path: str | Path, text_field: str, tokenizer: Any, max_length: int, batch_size: int,
                  words: bool = False) -> None:
-        """Nothing is read until iteration. ``words``: also cut each text into words and their windows (``windows``,
-        for the model's taggers), with ``doc_stride`` `DOC_STRIDE` (at most max_length - 3)."""
+        """Nothing is read until iteration. ``words``: also cut each text into words and their windows (``words``,
+        for the model's taggers), sharing a quarter of ``max_length`` (a task spec's default ``doc_stride``)."""
         self.path, self.text_field = path, text_field
         self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
         self.words = words
@@ -131,7 +130,7 @@ class TextStream(IterableDataset):
         if self.words:
             from mtl.kinds import kind_of  # mtl.kinds reads this module lazily too
 
-            tagger, stride = kind_of("token_classification"), min(DOC_STRIDE, self.max_length - 3)
+            tagger, stride = kind_of("token_classification"), self.max_length // 4
             for item, text in zip(items, texts):
                 item["words"] = tagger.encode_text(self.tokenizer, text, self.max_length, stride)
         return items

@@ -30,6 +30,7 @@ from mtl.kinds import kind_of  # noqa: E402
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 WHERE = "__where__"  # a source's optional column of "file:line" per row, for errors about that row
+WORD_WHERE = "__word_where__"  # and of "file:line" per word, for errors about one word's label
 Columns = dict[str, list]  # column name -> values, one split as plain Python lists
 
 
@@ -177,7 +178,7 @@ def _examples(spec: TaskSpec, split: str, cols: Columns) -> tuple[list[tuple[Any
         if name not in cols:
             raise MTLConfigError(
                 f"{spec.spec_file}: {key}: '{name}' not in the columns of source.{split} "
-                f"{sorted(c for c in cols if c != WHERE)}, expected one of them"
+                f"{sorted(c for c in cols if c not in (WHERE, WORD_WHERE))}, expected one of them"
             )
     src, kind, texts, labels, empty = spec.source, kind_of(spec.problem), [], [], 0
     keep = set(src.keep_labels) if src.keep_labels else None
@@ -192,7 +193,8 @@ def _examples(spec: TaskSpec, split: str, cols: Columns) -> tuple[list[tuple[Any
         value = src.label_map.get(str(raw), raw) if src.label_map and not isinstance(raw, list) else raw
         if keep is not None and str(value) not in keep:
             continue
-        label = kind.read_label(value, spec.labels, f"{where}: {spec.label_field}" if wheres else
+        label = kind.read_label(value, spec.labels, cols[WORD_WHERE][i] if WORD_WHERE in cols else
+                                f"{where}: {spec.label_field}" if wheres else
                                 f"{spec.spec_file}: labels: source.{split} row {i}")
         kind.check_example(row, label, where)
         texts.append(row)
@@ -281,7 +283,8 @@ def _read_words(spec: TaskSpec, path: Path, fmt: str) -> Columns:
     else:
         sentences = read_token_jsonl(path, spec.text_fields[0], spec.label_field)
     return {spec.text_fields[0]: [s.words for s in sentences], spec.label_field: [s.tags for s in sentences],
-            WHERE: [f"{path}:{s.line}" for s in sentences]}
+            WHERE: [f"{path}:{s.lines[0]}" for s in sentences],
+            WORD_WHERE: [[f"{path}:{line}: {spec.label_field}" for line in s.lines] for s in sentences]}
 
 
 def _wanted(spec: TaskSpec, label: str) -> bool:

@@ -23,7 +23,7 @@ SOURCE_TYPES = ("hf", "files", "folder", "yaml_conversations")
 FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "conll", "conllu")
 # fields added after task specs were first saved (cache keys, continual runs' settings): written by `to_dict` only
 # when they differ from these defaults, so a spec that does not use them keeps the dict (and the hash) it had
-LATER_FIELDS = {"doc_stride": 32, "label_all_subwords": False}
+LATER_FIELDS = {"doc_stride": None, "label_all_subwords": False}
 LATER_SOURCE_FIELDS = {"word_column": 0, "tag_column": -1, "conllu_tag": "UPOS"}
 
 
@@ -85,8 +85,8 @@ class TaskSpec:
     metrics: list[str] = _help("metric names (default: the kind's; its headline metric is always added)",
                                default_factory=list)
     max_length: int = _help("tokens per example after truncation (token_classification: per window)", default=128)
-    doc_stride: int = _help("token_classification: subwords that consecutive windows of a long sentence share",
-                            default=32)
+    doc_stride: int | None = _help("token_classification: subwords that consecutive windows of a long sentence "
+                                   "share (None: a quarter of max_length)", default=None)
     label_all_subwords: bool = _help("token_classification: train on every subword of a word, not only its first",
                                      default=False)
     split: SplitSpec = _help("fractions and seed for splits the source lacks", default_factory=SplitSpec)
@@ -99,6 +99,11 @@ class TaskSpec:
     def num_labels(self) -> int:
         """Output size of the task's head."""
         return len(self.labels)
+
+    @property
+    def stride(self) -> int:
+        """The subwords consecutive windows share: ``doc_stride``, or a quarter of ``max_length``."""
+        return self.max_length // 4 if self.doc_stride is None else self.doc_stride
 
     @property
     def base_dir(self) -> Path:
@@ -276,7 +281,7 @@ def _check_semantics(spec: TaskSpec, origin: str) -> None:
         spec.metrics = [*spec.metrics, headline]
     if spec.max_length < 2:
         fail("max_length", spec.max_length, "an int >= 2 (room for the special tokens)")
-    if kind.reads_words and not 0 <= spec.doc_stride < spec.max_length - 2:
+    if kind.reads_words and spec.doc_stride is not None and not 0 <= spec.doc_stride < spec.max_length - 2:
         fail("doc_stride", spec.doc_stride, f"an int from 0 to {spec.max_length - 3} (below max_length - 2)")
     if src.format in ("conll", "conllu") and spec.problem != "token_classification":
         fail("source.format", src.format, "csv, tsv, json, jsonl or parquet: conll files hold tags for "

@@ -26,11 +26,11 @@ CONLLU_COLUMNS = ("ID", "FORM", "LEMMA", "UPOS", "XPOS", "FEATS", "HEAD", "DEPRE
 
 @dataclass
 class Sentence:
-    """One sentence: its words, one tag per word, and the 1-based line of the file it starts on."""
+    """One sentence: its words, one tag per word, and the 1-based line of the file each word is on."""
 
     words: list[str]
     tags: list[str]
-    line: int
+    lines: list[int]
 
 
 def _lines(path: Path) -> list[str]:
@@ -71,7 +71,8 @@ def read_conll(path: str | Path, word_column: int = 0, tag_column: int = -1) -> 
                 raise MTLConfigError(f"{path}:{number}: {len(columns)} column(s), expected at least {need} (word "
                                      f"column {word_column}, tag column {tag_column})")
         if rows:
-            sentences.append(Sentence([c[word_column] for _, c in rows], [c[tag_column] for _, c in rows], rows[0][0]))
+            sentences.append(Sentence([c[word_column] for _, c in rows], [c[tag_column] for _, c in rows],
+                                      [number for number, _ in rows]))
     return _found(path, sentences, "lines of words and tags with a blank line between sentences")
 
 
@@ -84,7 +85,7 @@ def read_conllu(path: str | Path, tag: str = "UPOS") -> list[Sentence]:
     column = CONLLU_COLUMNS.index("MISC" if key is not None else tag)
     sentences = []
     for block in _blocks(path):
-        words, tags, start = [], [], 0
+        words, tags, lines = [], [], []
         for number, line in block:
             if line.startswith("#"):
                 continue
@@ -101,11 +102,11 @@ def read_conllu(path: str | Path, tag: str = "UPOS") -> list[Sentence]:
                     raise MTLConfigError(f"{path}:{number}: MISC {value!r} has no {key}=..., expected every word to "
                                          f"carry its {key} tag")
                 value = pairs[key]
-            start = start or number
+            lines.append(number)
             words.append(fields[1])
             tags.append(value)
         if words:
-            sentences.append(Sentence(words, tags, start))
+            sentences.append(Sentence(words, tags, lines))
     return _found(path, sentences, "CoNLL-U lines with a blank line after each sentence")
 
 
@@ -138,5 +139,5 @@ def read_token_jsonl(path: str | Path, words_field: str = "tokens", tags_field: 
         if len(words) != len(tags):
             raise MTLConfigError(f"{path}:{number}: {len(words)} {words_field} but {len(tags)} {tags_field}, "
                                  "expected one tag per word")
-        sentences.append(Sentence(words, tags, number))
+        sentences.append(Sentence(words, tags, [number] * len(words)))
     return _found(path, sentences, "one JSON object per line")

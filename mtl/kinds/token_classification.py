@@ -93,15 +93,17 @@ class TokenClassification(TaskKind):
         """At least two tags."""
         return None if len(labels) >= 2 else "at least 2 tag names"
 
-    def read_label(self, value: Any, names: list[str], where: str) -> list[int]:
-        """A list of tag names, one per word -> their indices."""
+    def read_label(self, value: Any, names: list[str], where: str | list[str]) -> list[int]:
+        """A list of tag names, one per word -> their indices (``where``: one place, or one per word)."""
         if not isinstance(value, list) or not value:
+            where = where[0] if isinstance(where, list) and where else where
             raise MTLConfigError(f"{where}: got {str(value)[:40]!r}, expected a non-empty list of tags, one per word")
         index = {name: i for i, name in enumerate(names)}
         out = []
         for position, tag in enumerate(value):
             if tag not in index:
-                raise MTLConfigError(f"{where}: word {position + 1}: tag {str(tag)[:40]!r} not in labels, expected "
+                at = where[position] if isinstance(where, list) else where
+                raise MTLConfigError(f"{at}: word {position + 1}: tag {str(tag)[:40]!r} not in labels, expected "
                                      f"one of {names[:12]}{' ...' if len(names) > 12 else ''}")
             out.append(index[tag])
         return out
@@ -113,9 +115,7 @@ class TokenClassification(TaskKind):
 
         out: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "token_type_ids", "labels",
                                                 "word_ids", "example")}
-        # the spec's tagger settings (their TaskSpec fields come with the kind's registration: fields every task
-        # carried would change every task's cache key and a saved continual run's settings)
-        stride, every = getattr(spec, "doc_stride", 32), getattr(spec, "label_all_subwords", False)
+        stride, every = spec.stride, spec.label_all_subwords
         for words, tags, example in zip(batch[spec.text_fields[0]], batch["label"], indices):
             for window in encode_words(tokenizer, words, tags, spec.max_length, stride, every):
                 out["input_ids"].append(window.input_ids)

@@ -10,6 +10,6 @@ from mtl.routing.load import load_router
 from mtl.routing.prototype import PrototypeRouter, feature_depth, mean_features
 from mtl.routing.report import routing_report, save_confusion_png
 
-__all__ = ["ROUTABLE", "ROUTER_CONFIG", "ROUTER_WEIGHTS", "EntropyRouter", "PrototypeRouter", "Router", "check_routable",
-           "feature_depth", "label_of", "load_router", "mean_features", "normalized_entropy", "routing_report",
-           "save_confusion_png", "text_entropy"]
+__all__ = ["ROUTABLE", "ROUTER_CONFIG", "ROUTER_WEIGHTS", "EntropyRouter", "PrototypeRouter", "Router",
+           "check_routable", "feature_depth", "label_of", "load_router", "mean_features", "normalized_entropy",
+           "routing_report", "save_confusion_png", "text_entropy"]

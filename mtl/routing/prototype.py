@@ -1,13 +1,15 @@
 """`PrototypeRouter`: the nearest task prototype (mean of frozen features) under one pooled Mahalanobis metric.
 
 Features are the masked mean over real tokens of the backbone's hidden states after the first ``depth`` layers,
-run with no adapter. A tagger's training rows are windows of its sentences: each window is a text here, as it is
-to the tagger (a sentence longer than one window adds one feature per window, and its windows overlap by the
-task's ``doc_stride``); a whole text routed later is one row too. ``depth`` is the number of layers the routed tasks share (below their lowest adapter layer,
+run with no adapter. ``depth`` is the number of layers the routed tasks share (below their lowest adapter layer,
 AdapterDrop included), so `predict` computes those layers once, routes from them and runs each row's chosen
 task on from there. With an adapter in layer 0 nothing is shared: the features then come from the bare
 backbone's last layer and `predict` runs a full forward. Features of different depths are not comparable, so
 the router keeps the depth it started with and refuses features from another.
+
+A tagger's training rows are windows of its sentences: each window is a text here, as it is to the tagger (a
+sentence longer than one window adds one feature per window; its windows overlap by the task's ``doc_stride``).
+A text routed later is one row too, whatever task it turns out to be.
 
 Per task it keeps a count and a mean, plus one scatter matrix pooled over tasks (within-task deviations), all in
 float64 and merged chunk by chunk with Chan et al.'s pairwise update; no text or feature is stored. The distance
@@ -24,7 +26,8 @@ import torch
 
 from mtl.errors import MTLConfigError, warn
 from mtl.heads import pool
-from mtl.routing.base import ROUTER_CONFIG, ROUTER_FORMAT_VERSION, ROUTER_WEIGHTS, check_routable, inference, label_of, rows_of
+from mtl.routing.base import (ROUTER_CONFIG, ROUTER_FORMAT_VERSION, ROUTER_WEIGHTS, check_routable, inference, label_of,
+                              rows_of)
 from mtl.storage import check_tensors, write_part
 
 if TYPE_CHECKING:

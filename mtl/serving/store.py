@@ -72,8 +72,8 @@ class StoreEntry:
     fused: tuple[str, ...]  # a fusion's source tasks, in order
     max_length: int
     backbone: str | None
-    error: str | None = None
-    doc_stride: int = 32  # a tagger's windows of a long text share this many subwords  # why this part is not served (its files are broken, or its name is exported twice)
+    error: str | None = None  # why this part is not served (its files are broken, or its name is exported twice)
+    doc_stride: int = 32  # a tagger's windows of a long text share this many subwords (the spec's stride)
 
     @property
     def version(self) -> str | None:
@@ -187,7 +187,8 @@ def read_entry(kind: str, folder: Path, root: Path) -> StoreEntry:
         name=sys.intern(name), kind=kind, folder=str(folder), sha256=None, stamp=stamp,
         labels=_SHARED.setdefault(labels, labels) if labels else None,
         adapter=sys.intern(str(data["adapter"].get("type", "custom"))) if kind == "task" else "fusion",
-        fused=fused, max_length=int(spec.get("max_length") or 128), doc_stride=int(spec.get("doc_stride") or 32),
+        fused=fused, max_length=int(spec.get("max_length") or 128), doc_stride=int(spec["doc_stride"] if spec.get("doc_stride") is not None
+                                                else int(spec.get("max_length") or 128) // 4),
         backbone=sys.intern(data["backbone"]) if data.get("backbone") else None)
 
 
