@@ -299,11 +299,14 @@ class ContinualRunner:
             raise MTLConfigError(f"{file}: test_sizes: got {state['test_sizes']}, expected {sizes} (the test splits of "
                                  "the order now); restore state.json, or start again in another continual.run_dir")
         for i, (task, row) in enumerate(state["strategy_state"].get("buffer", [])):
-            size = data.split_size(task, "train")
+            info = self.task_metrics.get(task)
+            # the buffer holds rows of the tokenised split: a tagger's are windows, more than its sentences
+            windows = info is not None and kind_of(info["problem"]).reads_words
+            size = len(data.token_lengths(task, "train")) if windows else data.split_size(task, "train")
             if row >= size:
                 raise MTLConfigError(f"{file}: strategy_state.buffer[{i}]: row {row} of {task}, expected a row of its "
-                                     f"train split (0..{size - 1}); restore state.json, or start again in another "
-                                     "continual.run_dir")
+                                     f"train split (0..{size - 1}{' windows' if windows else ''}); restore state.json, "
+                                     "or start again in another continual.run_dir")
 
     # ---- building blocks ----------------------------------------------------------------------------------
     def _data(self, train: list[str], evaluate: list[str], **extra: Any) -> TaskDataModule:

@@ -193,8 +193,14 @@ class Replay(Shared):
         self.state["seen"] = seen
 
     def stored_bytes(self, module: AdapterTrainer, data: TaskDataModule) -> dict[str, int]:
-        # the buffer as the batches hold it: int64 token ids and one int64 label per example
-        tokens = sum(len(data.task_datasets[t]["train"][row]["input_ids"]) + 1 for t, row in self.state["buffer"])
+        # the buffer as the batches hold it: int64 token ids and labels (one per example; a tagger's window: one per
+        # token, and a word id per token and its sentence's row)
+        def values(row: dict[str, Any]) -> int:
+            labels = row["labels"]
+            return len(row["input_ids"]) + (len(labels) if isinstance(labels, list) else 1) + \
+                len(row.get("word_ids") or []) + ("example" in row)
+
+        tokens = sum(values(data.task_datasets[t]["train"][row]) for t, row in self.state["buffer"])
         return {**super().stored_bytes(module, data), "replay_buffer": 8 * tokens}
 
 
