@@ -440,3 +440,30 @@ def test_the_routing_report_scores_a_taggers_rows_by_hand():
     assert report["per_task"]["cls"] == {"rows": 2, "routing_accuracy": 1.0, "routed_accuracy": 0.5,
                                          "task_given_accuracy": 0.5}
     assert report["overall"]["routed_accuracy"] == 3 / 5
+
+
+def test_replay_keeps_a_taggers_windows_and_resumes(setup, tiny_dir, tmp_path, capsys):
+    """A tagger whose sentences span several windows: the replay buffer holds windows (rows of the tokenised split),
+    more than the sentences, and the check on resume counts them so."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    tagger_task(tasks, "long", rows=60)
+    spec = tasks / "long.yaml"
+    spec.write_text(spec.read_text().replace("max_length: 16", "max_length: 6").replace("doc_stride: 4",
+                                                                                         "doc_stride: 2"))
+    keyword_task(tasks, "keyword", ["bad", "good"], rows=60)
+    args = ["continual", "--config", str(setup / "base.yaml"), "--continual.run_dir", str(tmp_path / "run"),
+            "--continual.tasks_dir", str(tasks), "--continual.order", "[long, keyword]", "--continual.strategy",
+            "replay", "--continual.replay_size", "500", "--continual.routers", "[]"]
+    code, lines = run_cli(args, capsys)
+    assert code == 0, lines
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    out = json.loads((tmp_path / "run" / "results.json").read_text())
+    sentences = TaskDataModule(tasks=[], eval_tasks=["long"], backbone=str(tiny_dir), tasks_dir=str(tasks),
+                               cache_dir=str(setup / "cache")).split_size("long", "train")
+    windows = sorted(row for task, row in state["strategy_state"]["buffer"] if task == "long")
+    assert windows == list(range(len(windows))) and len(windows) > sentences  # every window: more rows than sentences
+    assert out["task_metrics"]["long"]["headline"] == "f1" and out["stored_bytes"]["replay_buffer"] > 0
+    code, lines = run_cli(args, capsys)  # the finished run again: its state passes the check
+    assert code == 0, lines
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["scores"] == out["scores"]

@@ -16,7 +16,8 @@ from mtl.errors import MTLConfigError
 from mtl.routing import load_router
 from mtl.serving.api import MAX_TEXT_BYTES, MAX_TEXTS, AdapterServingAPI, parse_request
 from mtl.serving.store import AdapterStore
-from tests.serving_helpers import FUSION, LABELS, TASKS, TEXTS, expected, retrain, store_model, write_store
+from mtl.model import MTLModel
+from tests.serving_helpers import FUSION, LABELS, TASKS, TEXTS, expected, noisy, retrain, store_model, write_store
 
 
 @pytest.fixture()
@@ -209,3 +210,44 @@ def test_the_folders_stamp_moves_with_an_export_and_stays_put_otherwise(store_di
     assert store.folders_stamp() == before
     retrain(store_dir, tiny_dir, "t2", seed=5)  # what a new fit's export does
     assert store.folders_stamp() != before
+
+
+def test_a_batch_mixing_a_tagger_and_classifiers_is_one_forward_and_each_answer_equals_its_text_alone(store_dir,
+                                                                                                        tiny_dir):
+    from mtl.data.word_windows import encode_words, split_words
+
+    tags = ["O", "B-KEY", "I-KEY"]
+    model = MTLModel(str(tiny_dir))
+    model.add_task("tag", 3, problem="token_classification", pooling="none", labels=tags,
+                   spec={"max_length": 6, "doc_stride": 2})
+    noisy(model, "tag", 7)
+    model_files.save_task(model, "tag", store_dir / "adapters")
+    api = _api(store_dir, tiny_dir)
+    calls = []
+    forward = api.model.forward
+    api.model.forward = lambda *a, **k: calls.append(k.get("row_tasks")) or forward(*a, **k)
+    long = "alpha, river stone (green) cloud seven table beta delta"  # 12 words: windows of at most 4
+    requests = [{"text": TEXTS[0], "task": "t0"}, {"texts": [long, TEXTS[3]], "task": "tag"}, {"text": TEXTS[1],
+                                                                                                "task": "t1"}]
+    out = api.predict([parse_request(r) for r in requests])
+    windows = encode_words(api.tokenizer, split_words(long)[0], None, 6, 2)
+    assert len(calls) == 1 and calls[0].count("tag") == len(windows) + 1 > 3  # the long text is several rows
+    for answer, text, task in ((out[0], TEXTS[0], "t0"), (out[2], TEXTS[1], "t1")):
+        assert torch.allclose(_scores(answer), expected(store_model(store_dir, tiny_dir), api.tokenizer, text, task,
+                                                         32), atol=1e-5)
+    model.eval()
+    for answer, text in zip(out[1], [long, TEXTS[3]]):
+        words, offsets = split_words(text)
+        assert answer["words"] == words and len(answer["label"]) == len(words)
+        for window in encode_words(api.tokenizer, words, None, 6, 2):  # each word from the window that owns it
+            ids = torch.tensor([window.input_ids])
+            with torch.no_grad():
+                probs = model(ids, torch.ones_like(ids), tasks="tag")["tag"][0].softmax(-1)
+            for word, position in window.owned:
+                assert answer["label"][word] == tags[int(probs[position].argmax())]
+                assert abs(answer["score"][word] - float(probs[position].max())) < 1e-5
+        for entity in answer["entities"]:
+            assert entity["text"] == text[entity["start"]:entity["end"]]
+        alone = api.predict([parse_request({"text": text, "task": "tag"})])[0]
+        assert alone["label"] == answer["label"] and max(abs(a - b) for a, b in zip(alone["score"],
+                                                                                   answer["score"])) < 1e-5

@@ -169,7 +169,8 @@ class TokenClassification(TaskKind):
         words, offsets = split_words(text)
         if not words:
             return EncodedText(text, [], [], [])
-        rows = [{"input_ids": w.input_ids, "token_type_ids": w.token_type_ids, "word_ids": w.word_ids}
+        rows = [{"input_ids": w.input_ids, "attention_mask": [1] * len(w.input_ids), "token_type_ids": w.token_type_ids,
+                 "word_ids": w.word_ids}
                 for w in encode_words(tokenizer, words, None, max_length, doc_stride)]
         return EncodedText(text, rows, words, offsets)
 
