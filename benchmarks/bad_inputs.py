@@ -223,6 +223,15 @@ PREDICT = ["predict", "--config", "base.yaml", "--model.load_from", "run", "--mo
            "--data.tasks", "[]", "--data.predict_file", "texts.txt", "--trainer.logger", "false"]
 ADD = ["fit", "--config", "base.yaml", "--model.load_from", "run", "--model.run_dir", "run", "--data.tasks", "[fresh]"]
 CONTINUAL = ["continual", "--config", "continual.yaml", "--continual.run_dir", "cnew"]
+TAGS = ("source: {{type: files, train: {file}{src}}}\ntext_fields: [tokens]\nlabel_field: tags\n"
+        "labels: [O, B-KEY, I-KEY]\nproblem: token_classification\nmax_length: 16\n{extra}")
+GOOD_ROW = '{"tokens": ["alpha", "good"], "tags": ["O", "B-KEY"]}\n'
+TAG_FIT = FIT + ["--data.tasks", "[tagbad]"]
+
+
+def tagging(data: str, text: str, src: str = "", extra: str = "") -> Callable[[Path], None]:
+    """Setup: a tagging task ``tasks/tagbad.yaml`` reading ``tasks/<data>`` (written with ``text``)."""
+    return steps(write(f"tasks/{data}", text), write("tasks/tagbad.yaml", TAGS.format(file=data, src=src, extra=extra)))
 RESUME = ["continual", "--config", "continual.yaml"]
 
 
@@ -413,6 +422,22 @@ CASES = [
          edit_json("crun/state.json", lambda d: d["strategy_state"]["fingerprints"].pop("keyword"))),
     Case("continual-final-stage-changed", "continual", RESUME,
          nudge("crun/steps/02-colour/adapters/keyword/adapter.safetensors")),
+    # tagging (token classification) data: the file, the line and the field
+    Case("tagging-word-tag-count-differs", "tagging", TAG_FIT, tagging("t.jsonl", GOOD_ROW * 3 +
+                                                                       '{"tokens": ["a", "b"], "tags": ["O"]}\n')),
+    Case("tagging-empty-sentence", "tagging", TAG_FIT, tagging("t.jsonl", GOOD_ROW * 3 + '{"tokens": [], "tags": []}\n')),
+    Case("tagging-word-not-a-string", "tagging", TAG_FIT, tagging("t.jsonl", GOOD_ROW * 3 +
+                                                                  '{"tokens": ["a", 7], "tags": ["O", "O"]}\n')),
+    Case("tagging-tag-outside-labels", "tagging", TAG_FIT, tagging("t.txt", "alpha O\ngood B-KEY\n\nbeta O\n"
+                                                                   "river I-KYE\n")),
+    Case("tagging-conll-too-few-columns", "tagging", TAG_FIT, tagging("t.txt", "alpha X O\ngood B-KEY\n",
+                                                                      ", tag_column: 2")),
+    Case("tagging-conllu-wrong-column-count", "tagging", TAG_FIT, tagging(
+        "t.conllu", "1\talpha\t_\tX\t_\t_\t0\troot\t_\n2\tgood\t_\tADJ\t_\t_\t1\tamod\n")),
+    Case("tagging-doc-stride-too-big", "tagging", TAG_FIT, tagging("t.jsonl", GOOD_ROW, "", "doc_stride: 20\n")),
+    Case("conll-format-for-a-classifier", "tagging", TAG_FIT, steps(tagging("t.txt", "alpha O\n", ", format: conll"),
+                                                                    lambda s: (s / "tasks/tagbad.yaml").write_text(
+        (s / "tasks/tagbad.yaml").read_text().replace("token_classification", "classification")))),
     Case("compare-run-missing", "continual", ["compare", "crun", "nope"]),
     Case("compare-results-corrupt", "continual", ["compare", "crun"], truncate("crun/results.json")),
 ]
