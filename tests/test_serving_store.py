@@ -214,7 +214,7 @@ def test_the_folders_stamp_moves_with_an_export_and_stays_put_otherwise(store_di
 
 def test_a_batch_mixing_a_tagger_and_classifiers_is_one_forward_and_each_answer_equals_its_text_alone(store_dir,
                                                                                                         tiny_dir):
-    from mtl.data.word_windows import encode_words, split_words
+    from mtl.kinds.word_windows import encode_words, split_words
 
     tags = ["O", "B-KEY", "I-KEY"]
     model = MTLModel(str(tiny_dir))

@@ -12,7 +12,7 @@ import torch
 from mtl import model_files
 from mtl.backbone import load_tokenizer
 from mtl.data.module import TaskDataModule
-from mtl.data.word_windows import encode_words, split_words
+from mtl.kinds.word_windows import encode_words, split_words
 from mtl.kinds.entities import entity_counts, scores
 from mtl.lit import AdapterTrainer
 from mtl.model import MTLModel

@@ -85,7 +85,7 @@ def test_sentences_become_window_rows_that_the_collator_pads_for_the_loss(monkey
     from mtl.data.module import TaskCollator
 
     tokenizer = load_tokenizer("minilm-l6")
-    spec = SimpleNamespace(text_fields=["words"], max_length=6, doc_stride=2, label_all_subwords=False)
+    spec = SimpleNamespace(text_fields=["words"], max_length=6, stride=2, label_all_subwords=False)
     batch = {"words": [["Anna", "sings"], ["Peter", "Blackburn", "visited", "Reykjavík", "in", "May"]],
              "label": [[1, 0], [1, 2, 0, 3, 0, 0]]}
     rows = KIND.encode(tokenizer, batch, [4, 9], spec)

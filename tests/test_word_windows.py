@@ -1,4 +1,4 @@
-"""Words to subword windows for taggers (mtl/data/word_windows.py): every word predicted exactly once, never cut."""
+"""Words to subword windows for taggers (mtl/kinds/word_windows.py): every word predicted exactly once, never cut."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import pytest
 
 from mtl.backbone import load_tokenizer
-from mtl.data.word_windows import encode_words
+from mtl.kinds.word_windows import encode_words
 from mtl.kinds.base import IGNORE
 from tests.conftest import WORDS
 

@@ -16,7 +16,7 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mtl.errors import MTLConfigError
-from mtl.kinds.base import MODEL_INPUTS
+from mtl.kinds.base import MODEL_INPUTS, check_encodable
 
 PREDICT_SUFFIXES = (".txt", ".jsonl")
 
@@ -27,20 +27,6 @@ def check_predict_file_name(path: str) -> None:
         raise MTLConfigError(
             f"{path}: data.predict_file: unknown format '{Path(path).suffix}', expected a file ending in .txt or .jsonl"
         )
-
-
-def check_encodable(text: str, where: str) -> str:
-    """``text`` if it encodes as UTF-8; else one line naming ``where`` and the first code point that does not."""
-    # JSON (and Python) strings may hold lone UTF-16 surrogates ("\\ud800"): valid JSON, but no Unicode character, so
-    # the tokenizer fails on them deep inside a batch; they are refused where the text is read, not replaced, so no
-    # example silently differs from its file
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise MTLConfigError(f"{where}: holds a lone surrogate U+{ord(text[err.start]):04X} at character {err.start + 1} "
-                             "(a \\u escape that is half of a UTF-16 pair, not a character; the tokenizer cannot "
-                             "encode it), expected Unicode text: remove it or write the whole character") from None
-    return text
 
 
 def iter_predict_texts(path: str | Path, text_field: str = "text") -> Iterator[str]:

@@ -8,11 +8,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtl.errors import MTLConfigError
 from mtl.heads import TaskHead
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a row holds for the encoder
 
 IGNORE = -100  # a label position that no loss or metric counts (torch's cross-entropy ignore_index)
+
+
+def check_encodable(text: str, where: str) -> str:
+    """``text`` if it encodes as UTF-8; else one line naming ``where`` and the first code point that does not."""
+    # JSON (and Python) strings may hold lone UTF-16 surrogates ("\\ud800"): valid JSON, but no Unicode character, so
+    # the tokenizer fails on them deep inside a batch; they are refused where the text is read, not replaced, so no
+    # example silently differs from its file
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise MTLConfigError(f"{where}: holds a lone surrogate U+{ord(text[err.start]):04X} at character {err.start + 1} "
+                             "(a \\u escape that is half of a UTF-16 pair, not a character; the tokenizer cannot "
+                             "encode it), expected Unicode text: remove it or write the whole character") from None
+    return text
 
 
 @dataclass
@@ -53,8 +68,6 @@ class TaskKind:
         dropped and counted)."""
         if value is None or (isinstance(value, float) and value != value):  # None or NaN: a missing cell
             return ""
-        from mtl.data.predict_input import check_encodable  # mtl.data imports the kinds
-
         return check_encodable(str(value).strip(), where)
 
     def check_example(self, texts: tuple[Any, ...], label: Any, where: str) -> None:

@@ -1,6 +1,6 @@
 """`TagScores`: a tagger's entity scores or word accuracy over whole sentences, as a torchmetrics ``Metric``.
 
-Rows may be windows of one sentence (`mtl.data.word_windows`): the metric keeps, for every labelled token, its
+Rows may be windows of one sentence (`mtl.kinds.word_windows`): the metric keeps, for every labelled token, its
 sentence, its word, the true and the predicted tag, and joins each sentence's words in order before counting, so an
 entity across a window boundary counts once and the result equals scoring the sentences whole. The kept tensors
 are concatenated across processes under DDP.

@@ -1,7 +1,7 @@
 """Token classification: one tag per word (named entities, part of speech, chunks).
 
 A task gives words and one tag per word (`mtl.data.token_files`); the encoder sees subword windows
-(`mtl.data.word_windows`), labelled on each owned word's first subword and ``IGNORE`` elsewhere. The head tags every
+(`mtl.kinds.word_windows`), labelled on each owned word's first subword and ``IGNORE`` elsewhere. The head tags every
 token; the loss, the metrics and the predictions read only the labelled positions. For a BIO / IOB2 / BIOES tag set
 the headline metric is entity F1 as the CoNLL evaluation counts it (`mtl.kinds.entities`); for other tag sets
 (part of speech) it is word accuracy.
@@ -16,8 +16,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from mtl.errors import MTLConfigError
-from mtl.kinds.base import IGNORE, EncodedText, TaskKind
+from mtl.kinds.base import IGNORE, EncodedText, TaskKind, check_encodable
 from mtl.kinds.entities import entities, ill_formed_starts
+from mtl.kinds.word_windows import encode_words, join_windows, split_words
 
 def is_entity_tag_set(labels: list[str]) -> bool:
     """Whether the tags mark entities (``O`` plus ``B-``/``I-``/``E-``/``S-`` tags) rather than word classes."""
@@ -58,8 +59,6 @@ class TokenClassification(TaskKind):
 
     def read_text(self, value: Any, where: str) -> list[str]:
         """A list of words (each a non-empty string without spaces around it); an empty list is a dropped row."""
-        from mtl.data.predict_input import check_encodable  # mtl.data imports the kinds
-
         if value is None:
             return []
         if not isinstance(value, (list, tuple)):
@@ -109,9 +108,8 @@ class TokenClassification(TaskKind):
         return out
 
     def encode(self, tokenizer: Any, batch: dict[str, list], indices: list[int], spec: Any) -> dict[str, list]:
-        """A row per window of each sentence (`mtl.data.word_windows`): the encoder inputs, ``labels`` per token,
+        """A row per window of each sentence (`mtl.kinds.word_windows`): the encoder inputs, ``labels`` per token,
         ``word_ids`` per token and ``example``, the sentence's row in the split."""
-        from mtl.data.word_windows import encode_words  # mtl.data imports the kinds: imported when first used
 
         out: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "token_type_ids", "labels",
                                                 "word_ids", "example")}
@@ -163,8 +161,7 @@ class TokenClassification(TaskKind):
 
     # ---- predictions ---------------------------------------------------------------------------
     def encode_text(self, tokenizer: Any, text: str, max_length: int, doc_stride: int) -> EncodedText:
-        """Raw text -> its words (`mtl.data.word_windows.split_words`) -> their windows."""
-        from mtl.data.word_windows import encode_words, split_words
+        """Raw text -> its words (`mtl.kinds.word_windows.split_words`) -> their windows."""
 
         words, offsets = split_words(text)
         if not words:
@@ -180,7 +177,6 @@ class TokenClassification(TaskKind):
         """One sentence's prediction from its windows' logits: per word its tag (``label``) and probability
         (``score``); for an entity tag set the ``entities``, each with its type, words [start, end), characters
         [start, end) in ``text`` (the words joined by spaces when there is no text) and mean word probability."""
-        from mtl.data.word_windows import join_windows
 
         if not words:
             return {"label": [], "score": [], "words": [], "entities": []}

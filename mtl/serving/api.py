@@ -22,10 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from mtl.backbone import load_tokenizer
-from mtl.data.predict_input import check_encodable
 from mtl.errors import MTLConfigError
 from mtl.kinds import kind_of
-from mtl.kinds.base import MODEL_INPUTS, EncodedText
+from mtl.kinds.base import MODEL_INPUTS, EncodedText, check_encodable
 from mtl.model import MTLModel
 from mtl.precision import attention_kernel
 from mtl.routing import EntropyRouter, PrototypeRouter, load_router, mean_features
