@@ -274,15 +274,18 @@ class AdapterTrainer(L.LightningModule):
         texts = batch.get("text") or [None] * size
         inputs = (batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
         if batch["task"] is None and self.router is not None:
-            rows = []
+            rows, tagged = [], {}
             for task, logits, i, text in zip(*self.router.routed_logits(self.model, *inputs), index, texts):
-                head = self.model.heads[task]
-                kind = kind_of(head.problem)
+                kind = kind_of(self.model.heads[task].problem)
+                if kind.reads_words:  # a tagger answers the text's words, from its windows
+                    tagged.setdefault(task, set()).add(i)
+                    continue
                 pred, score = kind.predict(logits.unsqueeze(0).float())
-                row = kind.file_row(self.model.records[task].labels, pred[0].tolist(),
-                                                     score[0].tolist())
+                row = kind.file_row(self.model.records[task].labels, pred[0].tolist(), score[0].tolist())
                 rows.append({"task": task, "index": i, **row, "text": text})
-            return rows
+            for task, chosen in tagged.items():
+                rows += [row for row in self._word_rows([task], batch) if row["index"] in chosen]
+            return sorted(rows, key=lambda row: row["index"])
         tasks = self.model.tasks if batch["task"] is None else [self.routes.get(batch["task"], batch["task"])]
         by_words = [t for t in tasks if kind_of(self.model.heads[t].problem).reads_words]
         tasks = [t for t in tasks if t not in by_words]
