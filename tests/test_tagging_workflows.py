@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import lightning as L
+import pytest
 import torch
 
 from mtl import model_files
@@ -223,3 +224,23 @@ def test_routed_predict_tags_the_words_of_the_texts_a_router_sends_to_a_tagger(t
             assert row["words"] == split_words(lines[row["index"]])[0] and len(row["label"]) == len(row["words"])
         else:
             assert row["label"] in ("bad", "good") and isinstance(row["score"], float)
+
+
+def test_the_sampler_weights_tasks_by_examples_not_by_the_windows_a_long_sentence_makes(tiny_dir, task_dir, tmp_path):
+    from mtl.data.sampling import task_probabilities
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tagger.yaml").write_text((task_dir / "tagger.yaml").read_text().replace("max_length: 16", "max_length: 6")
+                                       .replace("doc_stride: 4", "doc_stride: 2")
+                                       .replace("tagger.jsonl", str(task_dir / "tagger.jsonl")))
+    (tasks / "keyword.yaml").write_text((task_dir / "keyword.yaml").read_text().replace(
+        "keyword.csv", str(task_dir / "keyword.csv")))
+    data = _data(tiny_dir, tasks, tmp_path, ["keyword", "tagger"])
+    data.setup("fit")
+    windows = data.task_datasets["tagger"]["train"]
+    sentences = len(set(windows["example"]))
+    assert len(windows) > sentences  # some sentences are two windows or more
+    sampler = data.train_dataloader().batch_sampler
+    keyword = len(data.task_datasets["keyword"]["train"])
+    assert sampler.probs == pytest.approx(task_probabilities([keyword, sentences]))

@@ -466,11 +466,22 @@ class TaskDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
             epoch_fn=self._current_epoch,
-            probabilities=None if self.task_weights is None else [self.task_weights[n] for n in self._train_names],
+            probabilities=self._task_weights(views),
             lengths=lengths,
             group_batches=self.group_batches,
         )
         return DataLoader(ConcatDataset(views), batch_sampler=sampler, **common)
+
+    def _task_weights(self, views: list[_TaskView]) -> list[float] | None:
+        """Each task's chance of a training batch: ``task_weights``, or the sampling strategy over the tasks' counts
+        of examples, not rows (a tagger's long sentence is several rows); None where they are the same."""
+        if self.task_weights is not None:
+            return [self.task_weights[n] for n in self._train_names]
+        counts = [len(set(v.data.with_format("arrow")["example"].to_pylist())) if "example" in v.data.column_names
+                  else len(v) for v in views]
+        if counts == [len(v) for v in views] or self.sampling == "round_robin":
+            return None
+        return task_probabilities(counts, self.sampling, self.temperature)
 
     def _train_split(self, name: str) -> datasets.Dataset:
         """A task's tokenised train split, or the rows of it that ``train_subsets`` names."""
