@@ -452,6 +452,12 @@ class AdapterTrainer(L.LightningModule):
                 raise MTLConfigError(f"model.cache_dtype: got {self.hparams.cache_dtype!r}, expected one of {list(DTYPES)}")
             writable_folder(self.hparams.prefix_cache_dir or self.run_dir / "prefix_cache", "model.prefix_cache_dir")
 
+    def on_train_start(self) -> None:
+        # Lightning (2.x) never calls train() when training starts: it keeps every submodule's mode as it finds it,
+        # and MTLModel is built in eval mode, so the heads' and adapters' dropout (and backbone_dropout) would never
+        # run. Validation captures and restores the modes set here.
+        self.train(True)
+
     def on_fit_start(self) -> None:
         self.check_before("fit")
         if self.trainer.is_global_zero:

@@ -93,3 +93,23 @@ def test_print_config_shows_resolved_adapter_settings(capsys, monkeypatch):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "type: pfeiffer" in out and "default_root_dir: checkpoints/quickstart/lightning" in out
+
+
+@pytest.mark.parametrize("backbone_dropout", [False, True])
+def test_training_steps_run_the_heads_and_adapters_dropout_and_the_backbones_only_when_asked(
+        tiny_dir, task_dir, tmp_path, backbone_dropout):
+    modes = []
+
+    class Modes(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == 0:  # epoch 1 and epoch 2, after a validation that switched everything to eval
+                modes.append((module.model.backbone.training, {m.training for m in module.model.heads.modules()},
+                              {s.adapters.training for s in module.model.iter_slots()}))
+
+    module = AdapterTrainer(["keyword"], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(tmp_path / "run"),
+                            export=False, backbone_dropout=backbone_dropout)
+    data = TaskDataModule(["keyword"], backbone=str(tiny_dir), tasks_dir=str(task_dir), batch_size=16,
+                          cache_dir=str(tmp_path / "cache"))
+    L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[Modes()]).fit(module, datamodule=data)
+    assert modes == [(backbone_dropout, {True}, {True})] * 2
