@@ -1,7 +1,7 @@
 """Named entities on CoNLL-2003: mtl's adapter next to AdapterHub's own training of the same adapter and head, and
 next to a linear probe on the frozen backbone, over seeds.
 
-Usage: python benchmarks/tagging_accuracy.py [--seeds 0 1 2] [--epochs 8] [--lr 5e-3] [--skip-adapterhub]
+Usage: python benchmarks/tagging_accuracy.py [--seeds 0 1 2] [--systems mtl AdapterHub "linear probe"] [--epochs 8]
 
 - mtl: ``train.py fit`` then ``train.py test`` with configs/tagging.yaml (Pfeiffer, reduction 16, MiniLM-L6, the
   task spec's 3,000 / 1,000 / 1,000 sentence subsample, best epoch by validation entity F1), per seed.
@@ -11,8 +11,9 @@ Usage: python benchmarks/tagging_accuracy.py [--seeds 0 1 2] [--epochs 8] [--lr 
 - Linear probe: the frozen backbone's last hidden state at each word's first subword, one linear layer trained with
   AdamW on those vectors (computed once), best epoch by validation entity F1; no adapter.
 
-Test entity F1 is conlleval's (micro over entities, mtl.kinds.entities), on whole sentences. Prints a table with each
-seed, the median and the spread, and the wall time of each fit: the whole process but its test (start, loading,
+Test entity F1 is conlleval's (micro over entities, mtl.kinds.entities), on whole sentences. Each run's result is kept
+in checkpoints/bench-tagging/results.json (a rerun of a system and seed replaces it); the table shows every kept
+result: each seed, the median and the spread, and the wall time of each fit: the whole process but its test (start, loading,
 tokenising, training, validation, export) for both mtl (``train.py fit --model.test_after_fit false``) and
 AdapterHub; the probe's includes computing its features. Outputs go to checkpoints/bench-tagging/.
 """
@@ -32,6 +33,7 @@ from cli_runs import ROOT, fit_and_test
 OUT = ROOT / "checkpoints" / "bench-tagging"
 PEER = ROOT / "benchmarks" / "peers" / ".venv-adapterhub" / "bin" / "python"
 TASK = "conll2003_ner"
+SYSTEMS = ("mtl", "AdapterHub", "linear probe")
 
 
 def run_mtl(seed: int, epochs: int, lr: float) -> tuple[dict[str, float], float]:
@@ -116,42 +118,48 @@ def run_probe(seed: int, epochs: int, lr: float) -> tuple[dict[str, float], floa
 
 
 def main() -> None:
-    """Run every seed of every system and print the table."""
+    """Run every seed of the chosen systems, keep each result in ``OUT/results.json``, print the table of all kept."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--probe-epochs", type=int, default=30)
     parser.add_argument("--probe-lr", type=float, default=1e-2)
-    parser.add_argument("--skip-adapterhub", action="store_true")
     args = parser.parse_args()
-    results: dict[str, list[tuple[dict[str, float], float]]] = {"mtl": [], "AdapterHub": [], "linear probe": []}
+    store = OUT / "results.json"
+    kept = json.loads(store.read_text()) if store.exists() else {}
+    runners = {"mtl": lambda s: run_mtl(s, args.epochs, args.lr),
+               "AdapterHub": lambda s: run_adapterhub(s, args.epochs, args.lr),
+               "linear probe": lambda s: run_probe(s, args.probe_epochs, args.probe_lr)}
     for seed in args.seeds:
-        results["mtl"].append(run_mtl(seed, args.epochs, args.lr))
-        print(f"  mtl seed {seed}: {results['mtl'][-1]}", file=sys.stderr, flush=True)
-        peer = None if args.skip_adapterhub else run_adapterhub(seed, args.epochs, args.lr)
-        if peer is not None:
-            results["AdapterHub"].append(peer)
-            print(f"  AdapterHub seed {seed}: {peer}", file=sys.stderr, flush=True)
-        results["linear probe"].append(run_probe(seed, args.probe_epochs, args.probe_lr))
-        print(f"  probe seed {seed}: {results['linear probe'][-1]}", file=sys.stderr, flush=True)
-    print(f"\nCoNLL-2003 NER, MiniLM-L6, 3,000 train sentences, test 1,000; seeds {args.seeds}; adapters: Pfeiffer "
-          f"r16, lr {args.lr}, {args.epochs} epochs, batch 32; probe: lr {args.probe_lr}, {args.probe_epochs} "
-          "epochs\n")
+        for system in args.systems:
+            result = runners[system](seed)
+            if result is None:
+                print(f"  {system}: not run (see benchmarks/peers/README.md)", file=sys.stderr, flush=True)
+                continue
+            kept.setdefault(system, {})[str(seed)] = {"metrics": result[0], "wall_s": result[1]}
+            OUT.mkdir(parents=True, exist_ok=True)
+            store.write_text(json.dumps(kept, indent=1))
+            print(f"  {system} seed {seed}: {result}", file=sys.stderr, flush=True)
+    print(f"\nCoNLL-2003 NER, MiniLM-L6, 3,000 train sentences, test 1,000; adapters: Pfeiffer r16, lr {args.lr}, "
+          f"{args.epochs} epochs, batch 32; probe: lr {args.probe_lr}, {args.probe_epochs} epochs (from {store})\n")
     print("| system | test entity F1 per seed | median (min-max) | precision | recall | word acc | fit wall s (median) |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for name, runs in results.items():
+    walls = {}
+    for system in SYSTEMS:
+        runs = [kept[system][s] for s in sorted(kept.get(system, {}), key=int)]
         if not runs:
-            print(f"| {name} | not run (see benchmarks/peers/README.md) | | | | | |")
+            print(f"| {system} | not run | | | | | |")
             continue
-        f1s = [m["f1"] for m, _ in runs]
-        med = {k: statistics.median(m[k] for m, _ in runs) for k in ("precision", "recall", "acc")}
-        print(f"| {name} | {' '.join(f'{v:.3f}' for v in f1s)} | {statistics.median(f1s):.3f} ({min(f1s):.3f}-"
+        f1s = [r["metrics"]["f1"] for r in runs]
+        med = {k: statistics.median(r["metrics"][k] for r in runs) for k in ("precision", "recall", "acc")}
+        walls[system] = statistics.median(r["wall_s"] for r in runs)
+        print(f"| {system} | {' '.join(f'{v:.3f}' for v in f1s)} | {statistics.median(f1s):.3f} ({min(f1s):.3f}-"
               f"{max(f1s):.3f}) | {med['precision']:.3f} | {med['recall']:.3f} | {med['acc']:.3f} | "
-              f"{statistics.median(w for _, w in runs):.0f} |")
-    if results["AdapterHub"]:
-        ratio = statistics.median(w for _, w in results["mtl"]) / statistics.median(w for _, w in results["AdapterHub"])
-        print(f"\nmtl's fit wall time / AdapterHub's: {ratio:.2f}")
+              f"{walls[system]:.0f} |")
+    if "mtl" in walls and "AdapterHub" in walls:
+        print(f"\nmtl's fit wall time / AdapterHub's (medians): {walls['mtl'] / walls['AdapterHub']:.2f}")
 
 
 if __name__ == "__main__":
