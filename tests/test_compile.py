@@ -21,7 +21,8 @@ def test_a_compiled_fit_trains_the_plain_fits_adapter_and_exports_plain_names(ti
         counters.clear()
         main(["fit", *quickstart(tiny_dir, task_dir, root, "--trainer.enable_progress_bar", "false",
                                  "--trainer.precision", "32-true", "--trainer.max_epochs", "1",
-                                 "--model.compile", flag)])
+                                 # dropout off: a compiled graph draws its masks differently from eager code
+                                 "--model.head_dropout", "0.0", "--model.compile", flag)])
         assert (counters["stats"]["unique_graphs"] > 0) is (flag == "true")  # compiled only when asked
         best = next((root / "run").rglob("best.ckpt"))
         state = storage.read_checkpoint(best)["state_dict"]
