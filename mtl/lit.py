@@ -283,8 +283,8 @@ class AdapterTrainer(L.LightningModule):
                 pred, score = kind.predict(logits.unsqueeze(0).float())
                 row = kind.file_row(self.model.records[task].labels, pred[0].tolist(), score[0].tolist())
                 rows.append({"task": task, "index": i, **row, "text": text})
-            for task, chosen in tagged.items():
-                rows += [row for row in self._word_rows([task], batch) if row["index"] in chosen]
+            if tagged:  # one forward over the windows for every tagger a text went to
+                rows += [row for row in self._word_rows(list(tagged), batch) if row["index"] in tagged[row["task"]]]
             return sorted(rows, key=lambda row: row["index"])
         tasks = self.model.tasks if batch["task"] is None else [self.routes.get(batch["task"], batch["task"])]
         by_words = [t for t in tasks if kind_of(self.model.heads[t].problem).reads_words]
@@ -317,11 +317,14 @@ class AdapterTrainer(L.LightningModule):
         logits = self.model(windows["input_ids"], windows.get("attention_mask"), windows.get("token_type_ids"),
                             tasks=tasks) if examples else {t: [] for t in tasks}
         word_ids = windows["word_ids"].tolist() if examples else []
+        windows_of: dict[int, list[int]] = {example: [] for example in texts}
+        for row, example in enumerate(examples):
+            windows_of[example].append(row)
         rows = []
         for task in tasks:
             kind, labels = kind_of(self.model.heads[task].problem), self.model.records[task].labels
             for example, (words, offsets, text, index) in texts.items():
-                mine = [r for r, e in enumerate(examples) if e == example]
+                mine = windows_of[example]
                 out = kind.tag_words(labels, [logits[task][r].float() for r in mine], [word_ids[r] for r in mine],
                                      words, offsets, text)
                 rows.append({"task": task, "index": index, **out, "text": text if text is not None else " ".join(words)})
