@@ -190,7 +190,8 @@ class AdapterTrainer(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         route = self.routes[batch["task"]]
         logits = self(batch, drop_first=self.robust_drop_depth(batch["task"]), split="train")
-        loss = data_loss = kind_of(self.model.heads[route].problem).loss(logits, batch["labels"])
+        loss = data_loss = kind_of(self.model.heads[route].problem).loss(logits, batch["labels"],
+                                                                         batch.get("loss_per_batch"))
         size = batch["input_ids"].shape[0]
         if self.model.fusion_configs:
             # AdapterFusion's value regulariser, in this step (not one optimiser step late)
@@ -204,7 +205,8 @@ class AdapterTrainer(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         if len(self.hparams.tasks) > 1:
             self.log(f"train/{route}/loss", loss, batch_size=size)
-        weight = self.rank_share(size)
+        # a loss divided by a fixed count per batch already weighs each rank's terms by their number
+        weight = 1.0 if "loss_per_batch" in batch else self.rank_share(size)
         # what backward sees: this rank's mean loss weighted by its share of the step's examples (1 in one process)
         return loss if weight == 1.0 else loss + (weight - 1.0) * data_loss
 

@@ -244,3 +244,32 @@ def test_the_sampler_weights_tasks_by_examples_not_by_the_windows_a_long_sentenc
     sampler = data.train_dataloader().batch_sampler
     keyword = len(data.task_datasets["keyword"]["train"])
     assert sampler.probs == pytest.approx(task_probabilities([keyword, sentences]))
+
+
+def test_a_taggers_training_loss_divides_its_words_by_the_mean_count_per_batch_not_the_batchs_own(
+        tiny_dir, task_dir, tmp_path):
+    from torch.nn import functional as F
+
+    from mtl.kinds import kind_of
+
+    data = _data(tiny_dir, task_dir, tmp_path, ["keyword", "tagger"])
+    data.setup("fit")
+    rows = data.task_datasets["tagger"]["train"]
+    words = sum(sum(t != -100 for t in labels) for labels in rows["labels"])  # every word labelled once
+    assert words == sum(len(tags) for tags in data._raw_dataset("tagger")["train"]["label"])
+    expected = words / len(rows) * 16
+    seen = set()
+    for batch in data.train_dataloader():
+        seen.add(batch["task"])
+        if batch["task"] == "keyword":
+            assert "loss_per_batch" not in batch  # one term per row: the batch's mean stays right
+            continue
+        assert batch["loss_per_batch"] == pytest.approx(expected)
+        logits = torch.randn(*batch["labels"].shape, 3)
+        kind = kind_of("token_classification")
+        flat, target = logits.reshape(-1, 3), batch["labels"].reshape(-1)
+        by_hand = F.cross_entropy(flat, target, ignore_index=-100, reduction="sum") / expected
+        assert torch.allclose(kind.loss(logits, batch["labels"], batch["loss_per_batch"]), by_hand)
+        assert torch.allclose(kind.loss(logits, batch["labels"]), F.cross_entropy(flat, target, ignore_index=-100))
+    assert seen == {"keyword", "tagger"}
+    assert "loss_per_batch" not in next(iter(data.val_dataloader()[1]))  # validation losses stay per-batch means

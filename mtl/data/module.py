@@ -35,10 +35,12 @@ EXTRA_KEYS = ("index", "text", "words")  # prediction-only fields, passed throug
 class TaskCollator:
     """Pads a list of one task's examples into a batch dict and tags it with the task name."""
 
-    def __init__(self, tokenizer: Any, problems: dict[str, str]) -> None:
-        """``problems`` maps task name -> problem type (its kind decides the labels' dtype)."""
+    def __init__(self, tokenizer: Any, problems: dict[str, str], per_batch: dict[str, float] | None = None) -> None:
+        """``problems`` maps task name -> problem type (its kind decides the labels' dtype); ``per_batch`` (training
+        only): a task's mean count of loss terms per batch, passed on as ``loss_per_batch`` (see `TaskKind.loss`)."""
         self.pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
         self.problems = problems
+        self.per_batch = per_batch or {}
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         """input_ids, attention_mask, (token_type_ids), labels (if any) as tensors; task as given; index, text."""
@@ -52,6 +54,8 @@ class TaskCollator:
             kind = kind_of(self.problems[task])
             batch[column] = kind.collate(column, [f[column] for f in features], batch["input_ids"].shape[1])
         batch["task"] = task
+        if task in self.per_batch:
+            batch["loss_per_batch"] = self.per_batch[task]
         if "index" in features[0]:
             batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
         if "text" in features[0]:
@@ -443,7 +447,10 @@ class TaskDataModule(L.LightningDataModule):
                 "(data.eval_tasks are only evaluated)"
             )
         views = [_TaskView(self._train_split(n), n) for n in self._train_names]
-        common = dict(collate_fn=self._collator(), num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        collate = TaskCollator(self.tokenizer, {n: s.problem for n, s in self._specs.items()},
+                               {n: self._terms_per_batch(n, v.data) for n, v in zip(self._train_names, views)
+                                if kind_of(self._specs[n].problem).terms_per_row})
+        common = dict(collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         rank, world_size = self._rank()
         if len(views) == 1 and world_size == 1 and not self.group_by_length:
             generator = torch.Generator().manual_seed(self.seed)
@@ -471,6 +478,12 @@ class TaskDataModule(L.LightningDataModule):
             group_batches=self.group_batches,
         )
         return DataLoader(ConcatDataset(views), batch_sampler=sampler, **common)
+
+    def _terms_per_batch(self, name: str, data: datasets.Dataset) -> float:
+        """The mean count of loss terms in a training batch of a task whose rows give several (a tagger's words)."""
+        kind = kind_of(self._specs[name].problem)
+        terms = sum(kind.loss_terms(labels) for labels in data.with_format("arrow")["labels"].to_pylist())
+        return max(terms, 1) / max(len(data), 1) * min(self.batch_size, len(data))
 
     def _task_weights(self, views: list[_TaskView]) -> list[float] | None:
         """Each task's chance of a training batch: ``task_weights``, or the sampling strategy over the tasks' counts

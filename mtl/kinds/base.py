@@ -53,6 +53,7 @@ class TaskKind:
     text_fields = 2  # the most text columns an example may have (two: a sentence pair)
     reads_words = False  # examples are lists of words (read from word-and-tag files; predicted per word)
     label_dtype = torch.float  # of ``labels`` in a batch
+    terms_per_row = False  # a row gives several loss terms (one per labelled token): see `loss`
 
     # ---- the task spec and its data ------------------------------------------------------------
     def metrics_for(self, labels: list[str]) -> tuple[list[str], str]:
@@ -114,9 +115,14 @@ class TaskKind:
         """A new head; it gets all hidden states of its rows and their mask."""
         return TaskHead(hidden_size, num_outputs, self.name, pooling, dropout)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Training loss of a batch."""
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, per_batch: float | None = None) -> torch.Tensor:
+        """Loss of a batch: the mean over its loss terms, or (kinds with several terms per row, given ``per_batch``:
+        the mean count of terms in a training batch of the task) their sum divided by ``per_batch``."""
         raise NotImplementedError
+
+    def loss_terms(self, labels: Any) -> int:
+        """How many terms of the loss one encoded row's ``labels`` give (one here: a row is one term)."""
+        return 1
 
     def predict(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(prediction, score) per row."""

@@ -41,8 +41,8 @@ class Classification(TaskKind):
             "(or map it with source.label_map / drop it with source.keep_labels)"
         )
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy."""
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, per_batch: float | None = None) -> torch.Tensor:
+        """Cross-entropy (one term per row: the mean, ``per_batch`` does not apply)."""
         return F.cross_entropy(logits, labels.long())
 
     def predict(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,8 +32,8 @@ class Multilabel(TaskKind):
             return [float(v) for v in value]
         raise MTLConfigError(f"{where}: got {value!r}, expected a list of label names or {len(names)} 0/1 values")
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Binary cross-entropy per label."""
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, per_batch: float | None = None) -> torch.Tensor:
+        """Binary cross-entropy per label (mean; ``per_batch`` does not apply)."""
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
     def predict(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,8 +34,8 @@ class Regression(TaskKind):
         """One value."""
         return 1
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean squared error."""
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, per_batch: float | None = None) -> torch.Tensor:
+        """Mean squared error (``per_batch`` does not apply)."""
         return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
 
     def predict(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
