@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -232,6 +233,24 @@ TAG_FIT = FIT + ["--data.tasks", "[tagbad]"]
 def tagging(data: str, text: str, src: str = "", extra: str = "") -> Callable[[Path], None]:
     """Setup: a tagging task ``tasks/tagbad.yaml`` reading ``tasks/<data>`` (written with ``text``)."""
     return steps(write(f"tasks/{data}", text), write("tasks/tagbad.yaml", TAGS.format(file=data, src=src, extra=extra)))
+QA = ("source: {{type: files, train: {file}}}\ntext_fields: [question, context]\nlabel_field: answers\n"
+      "problem: extractive_qa\nmax_length: 24\ndoc_stride: 6\n{extra}")
+QA_FIT = FIT + ["--data.tasks", "[qabad]"]
+
+
+def qa_row(n: int, question: str = "which colour?", context: str = "alpha red stone", start: int = 6,
+           text: str = "red") -> str:
+    """One JSONL row of a QA task (``n`` makes its context unique)."""
+    return json.dumps({"question": question, "context": f"{context} {n}",
+                       "answers": [{"text": text, "answer_start": start}]}) + "\n"
+
+
+def question_answering(rows: str, extra: str = "") -> Callable[[Path], None]:
+    """Setup: a QA task ``tasks/qabad.yaml`` reading ``tasks/q.jsonl`` (three good rows, then ``rows``)."""
+    return steps(write("tasks/q.jsonl", "".join(qa_row(n) for n in range(3)) + rows),
+                 write("tasks/qabad.yaml", QA.format(file="q.jsonl", extra=extra)))
+
+
 RESUME = ["continual", "--config", "continual.yaml"]
 
 
@@ -438,6 +457,13 @@ CASES = [
     Case("conll-format-for-a-classifier", "tagging", TAG_FIT, steps(tagging("t.txt", "alpha O\n", ", format: conll"),
                                                                     lambda s: (s / "tasks/tagbad.yaml").write_text(
         (s / "tasks/tagbad.yaml").read_text().replace("token_classification", "classification")))),
+    # extractive QA data: the file and the row
+    Case("qa-answer-not-in-context", "qa", QA_FIT, question_answering(qa_row(9, start=0))),
+    Case("qa-empty-question", "qa", QA_FIT, question_answering(qa_row(9, question=" "))),
+    Case("qa-answer-without-start", "qa", QA_FIT, question_answering(
+        '{"question": "q", "context": "red 9", "answers": [{"text": "red"}]}\n')),
+    Case("qa-question-leaves-no-room", "qa", QA_FIT, question_answering(qa_row(9, question="which " * 30))),
+    Case("qa-labels-given", "qa", QA_FIT, question_answering("", "labels: [a, b]\n")),
     Case("compare-run-missing", "continual", ["compare", "crun", "nope"]),
     Case("compare-results-corrupt", "continual", ["compare", "crun"], truncate("crun/results.json")),
 ]

@@ -256,6 +256,12 @@ class AdapterTrainer(L.LightningModule):
         for metric, vals in values.items():
             self.log(f"{stage}/avg/{metric}", torch.stack(vals).mean(), add_dataloader_idx=False)
 
+    def on_validation_epoch_start(self) -> None:
+        # a metric reset inside `Trainer.validate` (inference mode) leaves inference tensors as its state, which the
+        # validation inside `fit` (no_grad only) cannot update in place: start each epoch from a fresh reset here
+        for collection in (*self.val_metrics.values(), *self.val_losses.values()):
+            collection.reset()
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, self.val_metrics, self.val_losses, "val")
 
@@ -279,18 +285,18 @@ class AdapterTrainer(L.LightningModule):
             rows, tagged = [], {}
             for task, logits, i, text in zip(*self.router.routed_logits(self.model, *inputs), index, texts):
                 kind = kind_of(self.model.heads[task].problem)
-                if kind.reads_words:  # a tagger answers the text's words, from its windows
+                if kind.windowed:  # a tagger answers the text's words, from its windows
                     tagged.setdefault(task, set()).add(i)
                     continue
                 pred, score = kind.predict(logits.unsqueeze(0).float())
                 row = kind.file_row(self.model.records[task].labels, pred[0].tolist(), score[0].tolist())
                 rows.append({"task": task, "index": i, **row, "text": text})
             if tagged:  # one forward over the windows for every tagger a text went to
-                rows += [row for row in self._word_rows(list(tagged), batch) if row["index"] in tagged[row["task"]]]
+                rows += [row for row in self._window_rows(list(tagged), batch) if row["index"] in tagged[row["task"]]]
             return sorted(rows, key=lambda row: row["index"])
         tasks = self.model.tasks if batch["task"] is None else [self.routes.get(batch["task"], batch["task"])]
-        by_words = [t for t in tasks if kind_of(self.model.heads[t].problem).reads_words]
-        tasks = [t for t in tasks if t not in by_words]
+        windowed = [t for t in tasks if kind_of(self.model.heads[t].problem).windowed]
+        tasks = [t for t in tasks if t not in windowed]
         rows = []
         if tasks:
             logits = self.model(*inputs, tasks=tasks)
@@ -301,35 +307,34 @@ class AdapterTrainer(L.LightningModule):
             pred, score = kind.predict(logits[task].float())  # float32 scores under bf16 precision too
             for i, text, p, s in zip(index, texts, pred.tolist(), score.tolist()):
                 rows.append({"task": task, "index": i, **kind.file_row(labels, p, s), "text": text})
-        if by_words:
-            rows += self._word_rows(by_words, batch)
+        if windowed:
+            rows += self._window_rows(windowed, batch)
         return rows
 
-    def _word_rows(self, tasks: list[str], batch: dict[str, Any]) -> list[dict[str, Any]]:
-        """Prediction rows of taggers: one per example, from its windows (a split's rows, or the windows of a
-        predict file's texts in ``batch["words"]``), every word tagged once."""
-        if batch["task"] is None:  # raw texts: their words and windows came with the batch
-            windows = batch["words"]
-            texts = {k: (t.words, t.offsets, t.text, i) for k, (t, i) in
-                     enumerate(zip(windows["texts"], batch["index"].tolist()))}
-        else:  # a split's windows: the row's text is its example's words
-            windows = batch
-            texts = {e: (words, None, None, e) for e, words in zip(batch["example"].tolist(), batch["text"])}
+    def _window_rows(self, tasks: list[str], batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """Prediction rows of windowed tasks (taggers, QA): one per example, from all its windows (a split's rows, or
+        the windows of a predict file's texts in ``batch["words"]``), in one forward for all ``tasks``."""
+        raw = batch["task"] is None  # raw texts: their windows came with the batch
+        windows = batch["words"] if raw else batch
         examples = windows["example"].tolist()
         logits = self.model(windows["input_ids"], windows.get("attention_mask"), windows.get("token_type_ids"),
                             tasks=tasks) if examples else {t: [] for t in tasks}
-        word_ids = windows["word_ids"].tolist() if examples else []
-        windows_of: dict[int, list[int]] = {example: [] for example in texts}
+        windows_of: dict[int, list[int]] = {k: [] for k in range(len(windows["texts"]))} if raw else {}
         for row, example in enumerate(examples):
-            windows_of[example].append(row)
+            windows_of.setdefault(example, []).append(row)
+        index = batch["index"].tolist()
         rows = []
         for task in tasks:
             kind, labels = kind_of(self.model.heads[task].problem), self.model.records[task].labels
-            for example, (words, offsets, text, index) in texts.items():
-                mine = windows_of[example]
-                out = kind.tag_words(labels, [logits[task][r].float() for r in mine], [word_ids[r] for r in mine],
-                                     words, offsets, text)
-                rows.append({"task": task, "index": index, **out, "text": text if text is not None else " ".join(words)})
+            for example, mine in windows_of.items():
+                scores = [logits[task][r].float() for r in mine]
+                if raw:
+                    encoded = windows["texts"][example]
+                    out = {**kind.text_answer(labels, scores, encoded), "text": encoded.text}
+                    at = index[example]
+                else:
+                    out, at = kind.example_answer(labels, scores, batch, mine), example
+                rows.append({"task": task, "index": at, **out})
         return rows
 
     # ---- optimisation --------------------------------------------------------------------------

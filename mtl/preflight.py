@@ -97,6 +97,19 @@ def check_single_process(trainer_config: dict[str, Any], command: str) -> None:
                              "and trainer.num_nodes 1")
 
 
+def _check_plain_texts(model: Any, predict_file: str) -> None:
+    """A file of plain texts is for tasks that read one text; refuse one whose kind needs more (a question and a
+    context)."""
+    from mtl.kinds import kind_of
+
+    for task, head in model.model.heads.items():
+        kind = kind_of(head.problem)
+        if kind.min_text_fields > 1:
+            raise MTLConfigError(f"data.predict_file: {predict_file}: task '{task}' ({kind.name}) needs "
+                                 f"{kind.min_text_fields} texts per example, expected a model whose tasks read one text "
+                                 "(predict it on a split with data.predict_split)")
+
+
 def preflight(stage: str, model: Any, data: Any, trainer_config: dict[str, Any], ckpt_path: str | None) -> None:
     """Run every check for ``stage`` (fit, validate, test, predict) before the Trainer is built."""
     # the settings several processes cannot run are found here, before any process starts
@@ -105,6 +118,8 @@ def preflight(stage: str, model: Any, data: Any, trainer_config: dict[str, Any],
         model.check_checkpoint(storage.read_checkpoint(ckpt_path), ckpt_path)
     model.check_before(stage, processes)
     data.check_before(stage, processes, bool(trainer_config.get("use_distributed_sampler")))
+    if stage == "predict" and getattr(data, "predict_file", None):
+        _check_plain_texts(model, data.predict_file)
     folders: list[tuple[str, Any]] = []
     if stage != "predict" or trainer_config.get("logger"):
         folders.append(("trainer.default_root_dir", trainer_config.get("default_root_dir") or os.getcwd()))

@@ -101,6 +101,7 @@ def task_dir(tmp_path_factory) -> Path:
     keyword_task(path, "keyword", ["bad", "good"])
     keyword_task(path, "colour", ["red", "blue", "pink"], rows=180, seed=1)
     tagging_task(path, "tagger")
+    qa_task(path, "qa")
     return path
 
 
@@ -139,3 +140,24 @@ def tagging_task(path: Path, name: str = "tagger", rows: int = 200, seed: int = 
     (path / f"{name}.yaml").write_text(
         f"source: {{type: files, train: {name}.jsonl}}\ntext_fields: [tokens]\nlabel_field: tags\n"
         f"labels: [O, B-KEY, I-KEY]\nproblem: token_classification\nmax_length: {max_length}\ndoc_stride: 4\n")
+
+
+def qa_task(path: Path, name: str = "qa", rows: int = 200, seed: int = 0, max_length: int = 24) -> None:
+    """Write an extractive QA task (JSONL question / context / answers): the answer to "which colour" is the one
+    colour word (red, blue or pink) among 4 to 24 other words; long contexts take several windows."""
+    import json
+
+    rng = random.Random(seed)
+    lines = []
+    for i in range(rows):
+        words = [rng.choice(WORDS) for _ in range(rng.randrange(4, 25))]
+        at = rng.randrange(len(words) + 1)
+        words.insert(at, rng.choice(["red", "blue", "pink"]))
+        context = " ".join(words)
+        start = len(" ".join(words[:at])) + (1 if at else 0)
+        lines.append(json.dumps({"question": "which colour?", "context": context,
+                                 "answers": [{"text": words[at], "answer_start": start}]}))
+    (path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    (path / f"{name}.yaml").write_text(
+        f"source: {{type: files, train: {name}.jsonl}}\ntext_fields: [question, context]\nlabel_field: answers\n"
+        f"problem: extractive_qa\nmax_length: {max_length}\ndoc_stride: 6\n")

@@ -468,15 +468,21 @@ def test_tagging_head_that_mtl_cannot_map(tmp_path):
     with pytest.raises(MTLConfigError) as err:
         load_adapterhub(model, tmp_path / "two")
     assert str(err.value) == (f"{tmp_path / 'two' / 'head_config.json'}: config.layers is 2; mtl's tagging head is "
-                              "AdapterHub's tagging head with layers 1 and bias true (one linear layer); pass "
+                              "AdapterHub's with layers 1 and bias true (one linear layer); pass "
                               "num_labels to import the adapter with a fresh head")
     assert model.tasks == []
     shutil.copytree(tmp_path / "two", tmp_path / "qa")
     config = json.loads((tmp_path / "qa" / "head_config.json").read_text())
-    config["config"]["head_type"] = "question_answering"
+    config["config"].update(head_type="question_answering", layers=1)  # 5 outputs: not a start and an end
     (tmp_path / "qa" / "head_config.json").write_text(json.dumps(config))
-    with pytest.raises(MTLConfigError, match=r"config.head_type is 'question_answering'; .*, or its tagging head with "
-                                             r"layers 1; pass num_labels") as err:
+    with pytest.raises(MTLConfigError, match=r"config.num_labels is 5; mtl's question_answering head is AdapterHub's "
+                                             r"with layers 1 and bias true \(one linear layer\) and num_labels 2 "
+                                             r"\(start, end\); pass num_labels") as err:
+        load_adapterhub(model, tmp_path / "qa")
+    config["config"]["head_type"] = "multiple_choice"
+    (tmp_path / "qa" / "head_config.json").write_text(json.dumps(config))
+    with pytest.raises(MTLConfigError, match=r"config.head_type is 'multiple_choice'; .*, or its tagging or "
+                                             r"question_answering head with layers 1; pass num_labels") as err:
         load_adapterhub(model, tmp_path / "qa")
     assert "\n" not in str(err.value) and model.tasks == []
     # a one-layer head whose file holds a second layer is not read as one
@@ -975,3 +981,35 @@ def test_import_adapterhub_bad_input_is_one_line_and_writes_nothing(ah_dir, tiny
         code, lines = run_cli(["import-adapterhub", *argv, "--run_dir", str(run)], capsys)
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (case, lines)
         assert not run.exists(), case
+
+
+# ---- question-answering heads (mtl's extractive_qa QAHead) ---------------------------------------------------------
+def test_a_qa_head_exports_as_adapterhubs_and_imports_back_bit_identical(tmp_path):
+    model, batch = MTLModel(tiny_backbone("bert")), tiny_batch()
+    model.add_task("qa", 2, "pfeiffer", problem="extractive_qa", labels=[], head_dropout=0.1)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.task_parameters("qa").values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    first = save_adapterhub(model, "qa", tmp_path / "a" / "qa", with_head=True)
+    # exactly the keys AdapterHub's QuestionAnsweringHead(model, name, **config) takes
+    assert json.loads((first / "head_config.json").read_text())["config"] == {
+        "head_type": "question_answering", "num_labels": 2, "layers": 1, "activation_function": "tanh",
+        "label2id": None, "dropout_prob": 0.1}
+    head = load_file(str(first / "model_head.safetensors"))
+    assert sorted(head) == ["heads.qa.1.bias", "heads.qa.1.weight"] and head["heads.qa.1.weight"].shape == (2, HIDDEN)
+    loaded = MTLModel(tiny_backbone("bert"))
+    assert load_adapterhub(loaded, first) == "qa"
+    assert loaded.heads["qa"].settings() == model.heads["qa"].settings()
+    logits = loaded(**batch, tasks="qa")["qa"]
+    assert torch.equal(logits, model(**batch, tasks="qa")["qa"])
+    # AdapterHub's head: the same Linear on every token; mtl's gives padding the lowest logit (never an answer)
+    with torch.no_grad():
+        plain = F.linear(model.encode(batch["input_ids"], batch["attention_mask"], None,
+                                      [(model.target("qa"), slice(None))]), head["heads.qa.1.weight"],
+                         head["heads.qa.1.bias"])
+    real = batch["attention_mask"].bool()
+    assert torch.equal(logits[real], plain[real]) and (logits[~real] == torch.finfo(logits.dtype).min).all()
+    second = save_adapterhub(loaded, "qa", tmp_path / "b" / "qa")
+    for file in first.iterdir():
+        assert file.read_bytes() == (second / file.name).read_bytes(), file.name

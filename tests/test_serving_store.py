@@ -251,3 +251,61 @@ def test_a_batch_mixing_a_tagger_and_classifiers_is_one_forward_and_each_answer_
         alone = api.predict([parse_request({"text": text, "task": "tag"})])[0]
         assert alone["label"] == answer["label"] and max(abs(a - b) for a, b in zip(alone["score"],
                                                                                    answer["score"])) < 1e-5
+
+
+def test_a_question_about_a_long_context_shares_the_one_forward_and_answers_as_its_windows_alone(store_dir, tiny_dir):
+    from mtl.kinds.extractive_qa import best_spans, windows
+
+    model = MTLModel(str(tiny_dir))
+    model.add_task("qa", 2, problem="extractive_qa", pooling="none", labels=[],
+                   spec={"max_length": 16, "doc_stride": 4})
+    noisy(model, "qa", 5)
+    model_files.save_task(model, "qa", store_dir / "adapters")
+    api = _api(store_dir, tiny_dir)
+    calls = []
+    forward = api.model.forward
+    api.model.forward = lambda *a, **k: calls.append(k.get("row_tasks")) or forward(*a, **k)
+    context = "alpha river  stone green cloud seven table beta delta gamma red blue pink river stone cloud"
+    question = {"question": "which colour?", "context": context}
+    out = api.predict([parse_request({"text": TEXTS[0], "task": "t0"}), parse_request({"text": question, "task": "qa"})])
+    parts = windows(api.tokenizer, [question["question"]], [context], 16, 4)
+    assert len(calls) == 1 and calls[0].count("qa") == len(parts) > 1  # every window in the one forward
+    assert torch.allclose(_scores(out[0]), expected(store_model(store_dir, tiny_dir), api.tokenizer, TEXTS[0], "t0",
+                                                    32), atol=1e-5)
+    model.eval()
+    best = None
+    for _, inputs, offsets in parts:  # each window alone: its best span; the answer is the best of them
+        ids = torch.tensor([inputs["input_ids"]])
+        with torch.no_grad():
+            logits = model(ids, torch.ones_like(ids), torch.tensor([inputs["token_type_ids"]]), tasks="qa")["qa"]
+        start, end, score = best_spans(logits, torch.tensor([offsets]))
+        probs = logits[0].softmax(0)
+        span = (float(score), offsets[int(start)][0], offsets[int(end)][1], float(probs[start, 0] * probs[end, 1]))
+        best = span if best is None or span[0] > best[0] else best
+    answer = out[1]
+    assert (answer["start"], answer["end"]) == best[1:3] and answer["label"] == context[best[1]:best[2]]
+    assert abs(answer["score"] - best[3]) < 1e-5 and answer["task"] == "qa"
+    alone = api.predict([parse_request({"text": question, "task": "qa"})])[0]
+    assert (alone["label"], alone["start"]) == (answer["label"], answer["start"])
+    assert abs(alone["score"] - answer["score"]) < 1e-5
+    # a text the task cannot read is that request's own 400; the others are answered
+    long_question = {"question": " ".join(["which"] * 20), "context": context}
+    out = api.predict([parse_request(body) for body in (
+        {"text": "which colour?", "task": "qa"}, {"text": question, "task": "t0"}, {"text": question},
+        {"text": long_question, "task": "qa"}, {"text": question, "task": "qa"})])
+    errors = [json.loads(o.body)["error"] if hasattr(o, "status_code") else None for o in out]
+    assert "expected {question, context}: an extractive_qa task answers a question about a context" in errors[0]
+    assert "expected a string: a classification task reads one text" in errors[1]
+    assert "a {question, context} text needs 'task'" in errors[2]
+    assert "the question is 20 tokens; with max_length 16 and doc_stride 4" in errors[3]
+    assert errors[4] is None and out[4]["label"] == answer["label"]
+
+
+@pytest.mark.parametrize("request_body, message", [
+    ({"text": {"question": "q"}}, "text: got keys ['question'], expected a string, or {question, context}"),
+    ({"text": {"question": " ", "context": "c"}}, "text.question: got ' ', expected a non-empty string"),
+    ({"texts": [{"question": "q", "context": 3}]}, "texts[0].context: got '3', expected a non-empty string"),
+])
+def test_a_malformed_question_is_its_requests_own_400(request_body, message):
+    refusal = parse_request(request_body).refusal
+    assert refusal.status_code == 400 and message in json.loads(refusal.body)["error"]

@@ -37,7 +37,9 @@ token_classification task and re-exports it (adapter config and head config must
 ``dropout_prob`` null is the backbone's hidden_dropout_prob, which mtl writes as a number). The other way, mtl adds a
 random Pfeiffer tagger (``problem="token_classification"``), exports it with ``save_adapterhub`` and AdapterHub loads it
 with ``load_adapter(folder, use_safetensors=True)`` (no missing or unexpected keys; a tagging head with mtl's tags).
-Tagging logits are compared per token over the real tokens.
+Tagging logits are compared per token over the real tokens. Question-answering rows, both ways, are built the same way
+(``add_qa_head(name)``: one layer, a start and an end logit per token; mtl's ``problem="extractive_qa"``), compared as
+[rows, tokens, 2] (AdapterHub's start and end logits stacked) over the real tokens.
 
 Prints a markdown table of max |diff| (hidden state over real tokens, logits); exit status 1 if one exceeds ``--tol``
 a config field differs, or a control (mtl's bare backbone against each AdapterHub output) is closer than 1e-3.
@@ -61,6 +63,10 @@ MTL_FUSED = ["m0", "m1", "m2"]  # mtl's tasks under its fusion "mfz"
 LABELS = {0: "neg", 1: "neu", 2: "pos"}
 # CoNLL-2003's NER tags, as tasks/conll2003_ner.yaml orders them (the tagging rows)
 TAGS = dict(enumerate(["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]))
+# the rows of heads on every token: folder -> (AdapterHub's head adder and its labels, its head class, mtl's kind, the
+# name of mtl's own random task of that kind)
+TOKEN_HEADS = {"tagging": ("add_tagging_head", TAGS, "TaggingHead", "token_classification", "tagger"),
+               "qa": ("add_qa_head", None, "QuestionAnsweringHead", "extractive_qa", "answerer")}
 NOISE = 0.05
 
 
@@ -98,7 +104,10 @@ def ah_outputs(model, name: str, ids, mask, setup=None) -> dict:
     model.active_head = name
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    return {f"{name}.hidden": out.hidden_states[-1].contiguous(), f"{name}.logits": out.logits.contiguous()}
+    # a question-answering head answers start and end logits: stacked as mtl's head gives them, [rows, tokens, 2]
+    logits = out.logits if getattr(out, "logits", None) is not None else \
+        torch.stack([out.start_logits, out.end_logits], -1)
+    return {f"{name}.hidden": out.hidden_states[-1].contiguous(), f"{name}.logits": logits.contiguous()}
 
 
 def ah_save(args: argparse.Namespace) -> None:
@@ -124,7 +133,8 @@ def ah_save(args: argparse.Namespace) -> None:
         if preset == "pfeiffer":  # AdapterHub's default: pickled state dicts, read by mtl with weights_only=True
             model.save_adapter(str(args.dir / "ah" / "pfeiffer-bin"), name, with_head=True)
     dumped.update(ah_save_fusion(args, ids, mask))
-    dumped.update(ah_save_tagging(args, ids, mask))
+    for n, folder in enumerate(TOKEN_HEADS):
+        dumped.update(ah_save_token_head(args, folder, n, ids, mask))
     save_file(dumped, str(args.dir / "ah_outputs.safetensors"),
               metadata={"adapters": adapters.__version__, "torch": torch.__version__})
 
@@ -155,21 +165,26 @@ def ah_save_fusion(args: argparse.Namespace, ids, mask) -> dict:
     return out
 
 
-def ah_save_tagging(args: argparse.Namespace, ids, mask) -> dict:
-    """A random SeqBn adapter with a tagging head (a tag score per token), saved by AdapterHub; its outputs."""
+def ah_save_token_head(args: argparse.Namespace, folder: str, n: int, ids, mask) -> dict:
+    """A random SeqBn adapter with a head on every token (tagging: a tag score; qa: a start and an end logit), saved
+    by AdapterHub; its outputs."""
     import torch
     from adapters import SeqBnConfig
 
-    torch.manual_seed(args.seed + 20)
-    model, name = ah_model(), "ah_tagging"
+    torch.manual_seed(args.seed + 20 + n)
+    model, name = ah_model(), f"ah_{folder}"
+    adder, labels = TOKEN_HEADS[folder][:2]
     model.add_adapter(name, config=SeqBnConfig())
-    model.add_tagging_head(name, num_labels=len(TAGS), id2label=TAGS)
+    if labels is None:
+        getattr(model, adder)(name)
+    else:
+        getattr(model, adder)(name, num_labels=len(labels), id2label=labels)
     with torch.no_grad():
         for key, p in model.named_parameters():
             if f".adapters.{name}." in key or key.startswith(f"heads.{name}."):
                 p.add_(torch.randn_like(p) * NOISE)
     out = ah_outputs(model, name, ids, mask)
-    model.save_adapter(str(args.dir / "ah" / "tagging"), name, with_head=True, use_safetensors=True)
+    model.save_adapter(str(args.dir / "ah" / folder), name, with_head=True, use_safetensors=True)
     return out
 
 
@@ -180,7 +195,7 @@ def ah_load(args: argparse.Namespace) -> None:
 
     inp = load_file(str(args.dir / "ah_outputs.safetensors"))
     dumped, report = {}, {}
-    for preset in [*PRESETS, "tagger"]:
+    for preset in [*PRESETS, *(row[4] for row in TOKEN_HEADS.values())]:
         model, info = ah_model(), {}
         name = model.load_adapter(str(args.dir / "mtl" / preset), use_safetensors=True, set_active=True,
                                   loading_info=info)
@@ -280,12 +295,13 @@ def compare(args: argparse.Namespace) -> int:
                            / "adapter_fusion_config.json").read_text())["config"]
         problems += [f"{folder}: config.{k} AdapterHub {theirs.get(k)!r} != re-exported {ours.get(k)!r}"
                      for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
-    problems += compare_tagging_import(args, imported, row)
+    for folder in TOKEN_HEADS:
+        problems += compare_token_head_import(args, folder, imported, row)
     with torch.no_grad():
         bare = imported.encode(ids, mask, None, [])
     # the references against the bare backbone: far apart, or the comparisons prove nothing
     controls = [(bare - ref[f"{p}.hidden"]).abs()[real].max().item()
-                for p in [f"ah_{p}" for p in PRESETS] + [",".join(FUSED), "ah_tagging"]]
+                for p in [f"ah_{p}" for p in [*PRESETS, *TOKEN_HEADS]] + [",".join(FUSED)]]
 
     torch.manual_seed(args.seed)  # add_task's fresh down-projections come from the global generator
     exported, dumped = MTLModel("minilm-l6").eval(), {}
@@ -311,19 +327,21 @@ def compare(args: argparse.Namespace) -> int:
         else:
             save_adapterhub(fused, task, args.dir / "mtl" / task, with_head=True)
     dumped["mfz.hidden"], dumped["mfz.logits"] = mtl_outputs(fused, "mfz", ids, mask)
-    tagger = MTLModel("minilm-l6").eval()
-    tagger.add_task("tagger", len(TAGS), "pfeiffer", problem="token_classification", labels=list(TAGS.values()))
-    gen = torch.Generator().manual_seed(args.seed + 300)
-    with torch.no_grad():
-        for p in tagger.task_parameters("tagger").values():
-            p.add_(torch.randn(p.shape, generator=gen) * NOISE)
-    dumped["tagger.hidden"], dumped["tagger.logits"] = mtl_outputs(tagger, "tagger", ids, mask)
-    save_adapterhub(tagger, "tagger", args.dir / "mtl" / "tagger", with_head=True)
+    for n, (_, labels, _, problem, task) in enumerate(TOKEN_HEADS.values()):
+        model = MTLModel("minilm-l6").eval()
+        model.add_task(task, len(labels) if labels else 2, "pfeiffer", problem=problem,
+                       labels=list(labels.values()) if labels else [])
+        gen = torch.Generator().manual_seed(args.seed + 300 + n)
+        with torch.no_grad():
+            for p in model.task_parameters(task).values():
+                p.add_(torch.randn(p.shape, generator=gen) * NOISE)
+        dumped[f"{task}.hidden"], dumped[f"{task}.logits"] = mtl_outputs(model, task, ids, mask)
+        save_adapterhub(model, task, args.dir / "mtl" / task, with_head=True)
     save_file(dumped, str(args.dir / "mtl_outputs.safetensors"))
     run_peer("ah-load", args)
     loaded = load_file(str(args.dir / "ah_loaded.safetensors"))
     report = json.loads((args.dir / "ah_loaded.json").read_text())
-    for preset in [*PRESETS, "mfz", "tagger"]:
+    for preset in [*PRESETS, "mfz", *(row[4] for row in TOKEN_HEADS.values())]:
         info = report[preset]
         if info["missing"] or info["unexpected"] or info.get("differ"):
             problems.append(f"{preset}: AdapterHub reported missing {info['missing'][:3]} / unexpected "
@@ -332,7 +350,9 @@ def compare(args: argparse.Namespace) -> int:
         label = {"mfz": "dynamic fusion over 3 Pfeiffer tasks (model_adapter_fusion.safetensors + "
                         "model_head.safetensors)",
                  "tagger": "pfeiffer + tagging head, 9 tags; logits per real token (adapter.safetensors + "
-                           "model_head.safetensors)"}.get(preset, f"{preset} (adapter.safetensors + "
+                           "model_head.safetensors)",
+                 "answerer": "pfeiffer + question-answering head; start and end logits per real token "
+                             "(adapter.safetensors + model_head.safetensors)"}.get(preset, f"{preset} (adapter.safetensors + "
                                                                    "model_head.safetensors)")
         row("mtl -> AdapterHub", label, loaded[f"{name}.hidden"], loaded[f"{name}.logits"],
             dumped[f"{preset}.hidden"], dumped[f"{preset}.logits"])
@@ -343,11 +363,12 @@ def compare(args: argparse.Namespace) -> int:
                  for k in sorted(set(written) | set(report["mfz"]["config"]))
                  if written.get(k) != report["mfz"]["config"].get(k)]
 
-    head = report["tagger"]["head"]  # AdapterHub built its tagging head from mtl's head_config.json
-    if (report["tagger"]["head_class"], head.get("layers"), head.get("label2id")) != \
-            ("TaggingHead", 1, {tag: i for i, tag in TAGS.items()}):
-        problems.append(f"tagger: AdapterHub built {report['tagger']['head_class']} with layers {head.get('layers')} "
-                        f"and label2id {head.get('label2id')}, expected TaggingHead, 1 and mtl's tags")
+    for _, labels, head_class, _, task in TOKEN_HEADS.values():  # AdapterHub built each head from mtl's head_config
+        head = report[task]["head"]
+        label2id = {tag: i for i, tag in labels.items()} if labels else None
+        if (report[task]["head_class"], head.get("layers"), head.get("label2id")) != (head_class, 1, label2id):
+            problems.append(f"{task}: AdapterHub built {report[task]['head_class']} with layers {head.get('layers')} "
+                            f"and label2id {head.get('label2id')}, expected {head_class}, 1 and {label2id}")
 
     control = min(controls)
     failed = bool(problems) or control <= 1e-3
@@ -365,31 +386,35 @@ def compare(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def compare_tagging_import(args: argparse.Namespace, imported, row) -> list[str]:
-    """AdapterHub's tagger into mtl: a table row and the config / label differences (re-exported by mtl)."""
+def compare_token_head_import(args: argparse.Namespace, folder: str, imported, row) -> list[str]:
+    """AdapterHub's tagger or question answerer into mtl: a table row and the config / label differences (re-exported
+    by mtl)."""
     from safetensors.torch import load_file
 
     from mtl.interop.adapterhub import load_adapterhub, save_adapterhub
 
     ref = load_file(str(args.dir / "ah_outputs.safetensors"))
-    folder = args.dir / "ah" / "tagging"
-    task = load_adapterhub(imported, folder, task="tagging")
+    _, labels, _, problem, _ = TOKEN_HEADS[folder]
+    path = args.dir / "ah" / folder
+    task = load_adapterhub(imported, path, task=folder)
     problems = []
-    if imported.heads[task].problem != "token_classification" or imported.records[task].labels != list(TAGS.values()):
-        problems.append(f"tagging: imported as {imported.heads[task].problem} with labels "
-                        f"{imported.records[task].labels}, expected token_classification with {list(TAGS.values())}")
-    files = " + ".join(sorted(p.name for p in folder.iterdir() if "config" not in p.name))
-    row("AdapterHub -> mtl", f"pfeiffer + tagging head, 9 tags; logits per real token ({files})",
-        *mtl_outputs(imported, task, ref["input_ids"], ref["attention_mask"]), ref["ah_tagging.hidden"],
-        ref["ah_tagging.logits"])
-    again = save_adapterhub(imported, task, args.dir / "again" / "tagging")
+    names = list(labels.values()) if labels else None
+    if imported.heads[task].problem != problem or (labels and imported.records[task].labels != names):
+        problems.append(f"{folder}: imported as {imported.heads[task].problem} with labels "
+                        f"{imported.records[task].labels}, expected {problem} with {names}")
+    files = " + ".join(sorted(p.name for p in path.iterdir() if "config" not in p.name))
+    what = "tagging head, 9 tags" if labels else "question-answering head, start and end"
+    row("AdapterHub -> mtl", f"pfeiffer + {what}; logits per real token ({files})",
+        *mtl_outputs(imported, task, ref["input_ids"], ref["attention_mask"]), ref[f"ah_{folder}.hidden"],
+        ref[f"ah_{folder}.logits"])
+    again = save_adapterhub(imported, task, args.dir / "again" / folder)
     for config_file in ("adapter_config.json", "head_config.json"):
-        theirs = json.loads((folder / config_file).read_text())["config"]
+        theirs = json.loads((path / config_file).read_text())["config"]
         ours = json.loads((again / config_file).read_text())["config"]
         if config_file == "head_config.json" and theirs.get("dropout_prob") is None:
             # add_tagging_head leaves it null: the backbone's hidden_dropout_prob, which mtl resolves and writes
             theirs["dropout_prob"] = imported.backbone.config.hidden_dropout_prob
-        problems += [f"tagging: {config_file} config.{k} AdapterHub {theirs.get(k)!r} != re-exported "
+        problems += [f"{folder}: {config_file} config.{k} AdapterHub {theirs.get(k)!r} != re-exported "
                      f"{ours.get(k)!r}" for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
     return problems
 

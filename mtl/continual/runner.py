@@ -300,8 +300,8 @@ class ContinualRunner:
                                  "the order now); restore state.json, or start again in another continual.run_dir")
         for i, (task, row) in enumerate(state["strategy_state"].get("buffer", [])):
             info = self.task_metrics.get(task)
-            # the buffer holds rows of the tokenised split: a tagger's are windows, more than its sentences
-            windows = info is not None and kind_of(info["problem"]).reads_words
+            # the buffer holds rows of the tokenised split: a windowed task's are windows, more than its examples
+            windows = info is not None and kind_of(info["problem"]).windowed
             size = len(data.token_lengths(task, "train")) if windows else data.split_size(task, "train")
             if row >= size:
                 raise MTLConfigError(f"{file}: strategy_state.buffer[{i}]: row {row} of {task}, expected a row of its "

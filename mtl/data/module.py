@@ -397,7 +397,7 @@ class TaskDataModule(L.LightningDataModule):
                 if long:
                     print(f"{spec.name}/{split}: {long} of {len(raw[split])} examples are longer than max_length "
                           f"{spec.max_length} and were cut into overlapping windows (doc_stride {spec.stride}); "
-                          "each word is still predicted once")
+                          f"{'each word is still predicted once' if kind.reads_words else 'each is answered once'}")
         return datasets.DatasetDict(out)
 
     def token_lengths(self, name: str, split: str) -> list[int]:
@@ -541,7 +541,7 @@ class TaskDataModule(L.LightningDataModule):
                 # longest first: the largest batch runs first (in the sanity check), so lack of memory shows at once
                 rows = sorted_by_length(range(len(data)) if rows is None else rows, self.token_lengths(name, split))
             view = _TaskView(data, name, texts, rows)
-            if with_text and kind_of(self._specs[name].problem).reads_words:
+            if with_text and kind_of(self._specs[name].problem).windowed:
                 # predictions join an example's windows again: they must share a batch
                 examples = data.with_format("arrow")["example"].to_pylist()
                 loaders.append(DataLoader(view, batch_sampler=WholeExampleBatches(examples, self.eval_batch_size),

@@ -187,7 +187,7 @@ def _examples(spec: TaskSpec, split: str, cols: Columns) -> tuple[list[tuple[Any
         where = wheres[i] if wheres else f"{spec.spec_file}: source.{split} row {i}"
         # every source's texts pass here (json escapes, YAML, ...)
         row = tuple(kind.read_text(cols[f][i], f"{where}: text field '{f}'") for f in spec.text_fields)
-        if not all(len(t) for t in row):
+        if not all(len(t) for t in row) and kind.drops_empty:
             empty += 1
             continue
         value = src.label_map.get(str(raw), raw) if src.label_map and not isinstance(raw, list) else raw
@@ -246,6 +246,10 @@ def _read_table(spec: TaskSpec, path: Path, key: str) -> Columns:
     where = f"{spec.spec_file}: {key}: {path}"
     if kind_of(spec.problem).reads_words and fmt in ("conll", "conllu", "jsonl"):
         return _read_words(spec, path, fmt)
+    if fmt == "squad" or (fmt == "json" and spec.problem == "extractive_qa"):
+        squad = _read_squad(path, spec.source.encoding, where)
+        if squad is not None:
+            return squad
     try:
         if fmt in ("csv", "tsv"):
             import pandas as pd
@@ -285,6 +289,39 @@ def _read_words(spec: TaskSpec, path: Path, fmt: str) -> Columns:
     return {spec.text_fields[0]: [s.words for s in sentences], spec.label_field: [s.tags for s in sentences],
             WHERE: [f"{path}:{s.lines[0]}" for s in sentences],
             WORD_WHERE: [[f"{path}:{line}: {spec.label_field}" for line in s.lines] for s in sentences]}
+
+
+def _read_squad(path: Path, encoding: str, where: str) -> Columns | None:
+    """A SQuAD JSON file (``data[].paragraphs[].qas[]``) as columns ``id``, ``question``, ``context`` and
+    ``answers`` (with ``is_impossible`` questions' answers empty), and where each question is; None when the file is a
+    plain list of rows (read as json rows instead)."""
+    try:
+        top = json.loads(path.read_text(encoding=encoding))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise MTLConfigError(f"{where}: cannot read as squad JSON ({type(err).__name__}: {str(err)[:80]})") from None
+    if isinstance(top, list):
+        return None
+    cols: Columns = {"id": [], "question": [], "context": [], "answers": [], WHERE: []}
+
+    def expect(value: Any, kind: type, at: str, what: str) -> Any:
+        if not isinstance(value, kind):
+            raise MTLConfigError(f"{where}: {at}: got {str(value)[:40]!r}, expected {what}")
+        return value
+
+    for i, article in enumerate(expect(top.get("data") if isinstance(top, dict) else top, list, "data",
+                                       "a list of articles (SQuAD JSON: {data: [{paragraphs: [...]}]})")):
+        for j, paragraph in enumerate(expect(expect(article, dict, f"data[{i}]", "an object").get("paragraphs"), list,
+                                             f"data[{i}].paragraphs", "a list of paragraphs")):
+            at = f"data[{i}].paragraphs[{j}]"
+            context = expect(paragraph, dict, at, "an object").get("context")
+            for k, qa in enumerate(expect(paragraph.get("qas"), list, f"{at}.qas", "a list of questions")):
+                expect(qa, dict, f"{at}.qas[{k}]", "an object")
+                cols["id"].append(qa.get("id"))
+                cols["question"].append(qa.get("question"))
+                cols["context"].append(context)
+                cols["answers"].append([] if qa.get("is_impossible") else qa.get("answers"))
+                cols[WHERE].append(f"{where}: {at}.qas[{k}] (id {qa.get('id')})")
+    return cols
 
 
 def _wanted(spec: TaskSpec, label: str) -> bool:

@@ -20,7 +20,7 @@ from mtl.kinds import KINDS, PROBLEMS
 from mtl.names import name_problem
 
 SOURCE_TYPES = ("hf", "files", "folder", "yaml_conversations")
-FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "conll", "conllu")
+FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "conll", "conllu", "squad")
 # fields added after task specs were first saved (cache keys, continual runs' settings): written by `to_dict` only
 # when they differ from these defaults, so a spec that does not use them keeps the dict (and the hash) it had
 LATER_FIELDS = {"doc_stride": None, "label_all_subwords": False}
@@ -43,8 +43,8 @@ class SourceSpec:
     train: str | None = _help("files: the train file (required); hf: the source split name", default=None)
     validation: str | None = _help("files: the validation file; hf: the source split name", default=None)
     test: str | None = _help("files: the test file; hf: the source split name", default=None)
-    format: str | None = _help("files: csv | tsv | json | jsonl | parquet | conll | conllu (default: from the suffix; "
-                               ".txt is read as conll)", default=None)
+    format: str | None = _help("files: csv | tsv | json | jsonl | parquet | conll | conllu | squad (default: "
+                               "from the suffix; .txt is read as conll)", default=None)
     encoding: str = _help("text encoding of csv files and of folder files (e.g. latin-1)", default="utf-8")
     label_from: str = _help("yaml_conversations: label by sub-'folder' or by 'file' stem", default="folder")
     label_map: dict[str, str] | None = _help("renames raw label values before they are matched to labels", default=None)
@@ -79,14 +79,15 @@ class TaskSpec:
     source: SourceSpec = _help("where the examples come from")
     text_fields: list[str] = _help("one text column, or two for a sentence pair")
     label_field: str = _help("the label column")
-    labels: list[str] = _help("label names; a class's int label is its index here")
+    labels: list[str] = _help("label names; a class's int label is its index here (extractive_qa: none)",
+                              default_factory=list)
     name: str = _help("task name (default: the YAML file's stem)", default="")
     problem: str = _help("the task's kind (mtl.kinds): " + " | ".join(PROBLEMS), default="classification")
     metrics: list[str] = _help("metric names (default: the kind's; its headline metric is always added)",
                                default_factory=list)
     max_length: int = _help("tokens per example after truncation (token_classification: per window)", default=128)
-    doc_stride: int | None = _help("token_classification: subwords that consecutive windows of a long sentence "
-                                   "share (None: a quarter of max_length)", default=None)
+    doc_stride: int | None = _help("token_classification, extractive_qa: tokens that consecutive windows of a long "
+                                   "sentence or context share (None: a quarter of max_length)", default=None)
     label_all_subwords: bool = _help("token_classification: train on every subword of a word, not only its first",
                                      default=False)
     split: SplitSpec = _help("fractions and seed for splits the source lacks", default_factory=SplitSpec)
@@ -259,8 +260,9 @@ def _check_semantics(spec: TaskSpec, origin: str) -> None:
     if spec.problem not in KINDS:
         fail("problem", spec.problem, f"one of {list(PROBLEMS)}")
     kind = KINDS[spec.problem]
-    if not 1 <= len(spec.text_fields) <= kind.text_fields or not all(spec.text_fields):
-        fail("text_fields", spec.text_fields, "one text column, or two for a sentence pair" if kind.text_fields == 2
+    if not kind.min_text_fields <= len(spec.text_fields) <= kind.text_fields or not all(spec.text_fields):
+        fail("text_fields", spec.text_fields, "two columns: the question's and the context's" if kind.min_text_fields == 2
+             else "one text column, or two for a sentence pair" if kind.text_fields == 2
              else f"one column (of words, for a {spec.problem} task)")
     if not spec.label_field:
         fail("label_field", spec.label_field, "a column name")
@@ -281,8 +283,11 @@ def _check_semantics(spec: TaskSpec, origin: str) -> None:
         spec.metrics = [*spec.metrics, headline]
     if spec.max_length < 2:
         fail("max_length", spec.max_length, "an int >= 2 (room for the special tokens)")
-    if kind.reads_words and spec.doc_stride is not None and not 0 <= spec.doc_stride < spec.max_length - 2:
+    if kind.windowed and spec.doc_stride is not None and not 0 <= spec.doc_stride < spec.max_length - 2:
         fail("doc_stride", spec.doc_stride, f"an int from 0 to {spec.max_length - 3} (below max_length - 2)")
+    if src.format == "squad" and spec.problem != "extractive_qa":
+        fail("source.format", src.format, "csv, tsv, json, jsonl or parquet: squad files hold answers for "
+             "problem: extractive_qa")
     if src.format in ("conll", "conllu") and spec.problem != "token_classification":
         fail("source.format", src.format, "csv, tsv, json, jsonl or parquet: conll files hold tags for "
              "problem: token_classification")

@@ -64,7 +64,9 @@ _INERT = {"init_weights_seed": None, "adapter_residual_before_ln": False, "inv_a
 # AdapterHub's flex heads mtl holds: head_type -> the nn.Sequential index of each mtl head layer (the other indices are
 # dropout and activation, which hold no tensors)
 HEAD_LAYERS = {"classification": {"1": "dense", "4": "out"}, "multilabel_classification": {"1": "dense", "4": "out"},
-               "tagging": {"1": "out"}}
+               "tagging": {"1": "out"}, "question_answering": {"1": "out"}}
+# AdapterHub's one-layer heads on every token -> the mtl kind whose head they are (TokenHead, QAHead)
+TOKEN_HEADS = {"tagging": "token_classification", "question_answering": "extractive_qa"}
 _MAPPED = {"architecture", "invertible_adapter", "mh_adapter", "output_adapter", "reduction_factor", "non_linearity",
            "original_ln_before", "residual_before_ln", "is_parallel", "scaling", "leave_out", "dropout", "init_weights"}
 
@@ -195,10 +197,14 @@ def _read_head(folder: Path, hidden_size: int, backbone_config: Any) -> dict[str
     cfg = data.get("config")
     if not isinstance(cfg, dict):
         return f"{file}: config is {cfg!r:.40} (a static Hugging Face head), expected a flex classification head"
-    tagging = cfg.get("head_type") == "tagging"
-    if tagging:  # mtl's TokenHead is this head: dropout, out on every token (activation_function acts between layers)
+    tagging = cfg.get("head_type") in TOKEN_HEADS
+    if tagging:  # mtl's TokenHead / QAHead is this head: dropout, out on every token (activation_function acts between
+        # layers); a question-answering head has two outputs, a start and an end logit
         checks = {"layers": cfg.get("layers") == 1, "bias": cfg.get("bias", True) is True}
-        rule = "mtl's tagging head is AdapterHub's tagging head with layers 1 and bias true (one linear layer)"
+        if cfg["head_type"] == "question_answering":
+            checks["num_labels"] = cfg.get("num_labels") == 2
+        rule = (f"mtl's {cfg['head_type']} head is AdapterHub's with layers 1 and bias true (one linear layer)"
+                + (" and num_labels 2 (start, end)" if cfg["head_type"] == "question_answering" else ""))
     else:  # mtl's TaskHead is this head: dropout, dense, tanh, dropout, out on the first token
         checks = {"head_type": cfg.get("head_type") in HEAD_LAYERS, "layers": cfg.get("layers") == 2,
                   "activation_function": str(cfg.get("activation_function")).lower() == "tanh",
@@ -206,7 +212,7 @@ def _read_head(folder: Path, hidden_size: int, backbone_config: Any) -> dict[str
         rule = ("mtl's head is AdapterHub's (multilabel_)classification head with layers 2, tanh, use_pooler false and "
                 "bias true")
         if not checks["head_type"]:
-            rule += ", or its tagging head with layers 1"
+            rule += ", or its tagging or question_answering head with layers 1"
     bad = next((key for key, ok in checks.items() if not ok), None)
     if bad:
         return f"{file}: config.{bad} is {cfg.get(bad)!r}; {rule}"
@@ -236,7 +242,7 @@ def _read_head(folder: Path, hidden_size: int, backbone_config: Any) -> dict[str
     labels = [str(k) for k, _ in sorted(label2id.items(), key=lambda kv: kv[1])] \
         if isinstance(label2id, dict) and sorted(label2id.values()) == list(range(num)) else None
     if tagging:
-        problem = "token_classification"
+        problem = TOKEN_HEADS[cfg["head_type"]]
     elif cfg["head_type"] == "multilabel_classification":
         problem = "multilabel"
     else:  # AdapterHub's classification head with one label is its regression head (MSE loss)
@@ -347,7 +353,7 @@ def copy_into(params: Mapping[str, torch.nn.Parameter], tensors: Mapping[str, to
 
 def _head_problem(head: Any) -> str | None:
     """Why AdapterHub cannot express this mtl head, or None."""
-    if head.problem == "token_classification":  # a TokenHead is AdapterHub's one-layer tagging head
+    if head.problem in TOKEN_HEADS.values():  # a TokenHead / QAHead is AdapterHub's one-layer tagging / QA head
         return None
     if head.pooling != "cls":
         return (f"its head pools the '{head.pooling}' of the tokens, AdapterHub's heads read the first token "
@@ -418,7 +424,10 @@ def head_file(model: MTLModel, task: str, meta: dict[str, Any]) -> tuple[str, di
     its one-layer tagging head for a tagger."""
     head, labels = model.heads[task], model.records[task].labels
     label2id = {label: i for i, label in enumerate(labels)} if labels else None
-    if head.problem == "token_classification":
+    if head.problem == "extractive_qa":  # exactly QuestionAnsweringHead's config keys
+        head_config = {"head_type": "question_answering", "num_labels": 2, "layers": 1, "activation_function": "tanh",
+                       "label2id": None, "dropout_prob": head.dropout.p}
+    elif head.problem == "token_classification":
         # exactly TaggingHead's config keys: AdapterHub passes them all to TaggingHead(), which takes no use_pooler or
         # bias; activation_function (its default) only acts between layers, and one layer has none
         head_config = {"head_type": "tagging", "num_labels": head.num_outputs, "layers": 1,

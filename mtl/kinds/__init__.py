@@ -20,12 +20,13 @@ from __future__ import annotations
 from mtl.errors import MTLConfigError
 from mtl.kinds.base import TaskKind
 from mtl.kinds.classification import Classification
+from mtl.kinds.extractive_qa import ExtractiveQA
 from mtl.kinds.multilabel import Multilabel
 from mtl.kinds.regression import Regression
 from mtl.kinds.token_classification import TokenClassification
 
 KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (Classification(), Multilabel(), Regression(),
-                                                           TokenClassification())}
+                                                           TokenClassification(), ExtractiveQA())}
 PROBLEMS = tuple(KINDS)
 
 

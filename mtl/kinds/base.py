@@ -30,6 +30,13 @@ def check_encodable(text: str, where: str) -> str:
     return text
 
 
+def plain_text(text: Any, kind: str) -> str:
+    """``text`` if it is a string; else one line saying what a task of ``kind`` reads."""
+    if not isinstance(text, str):
+        raise MTLConfigError(f"got {str(text)[:40]!r}, expected a string: a {kind} task reads one text")
+    return text
+
+
 @dataclass
 class EncodedText:
     """One raw text (a request's, a prediction file's) as the encoder rows its task's kind reads: one row for a
@@ -51,6 +58,9 @@ class TaskKind:
     headline = ""  # the higher-is-better metric that stands for the task (checkpoint choice, val/avg/score)
     has_classes = False  # one class per row: splits stratified by it, classes checked, ambiguous duplicates dropped
     text_fields = 2  # the most text columns an example may have (two: a sentence pair)
+    min_text_fields = 1  # and the fewest
+    drops_empty = True  # an example with an empty text is dropped and counted (else `check_example` refuses it)
+    windowed = False  # a long example becomes several rows (windows, ``doc_stride`` apart), each with its ``example``
     reads_words = False  # examples are lists of words (read from word-and-tag files; predicted per word)
     label_dtype = torch.float  # of ``labels`` in a batch
     terms_per_row = False  # a row gives several loss terms (one per labelled token): see `loss`
@@ -99,6 +109,7 @@ class TaskKind:
 
     def encode_text(self, tokenizer: Any, text: str, max_length: int, doc_stride: int) -> EncodedText:
         """A raw text as encoder rows: here one, truncated at ``max_length`` (``doc_stride``: see the taggers)."""
+        plain_text(text, self.name)
         encoded = tokenizer(text, truncation=True, max_length=max_length)
         return EncodedText(text, [{k: list(encoded[k]) for k in MODEL_INPUTS if k in encoded}])
 
@@ -149,3 +160,9 @@ class TaskKind:
     def text_answer(self, labels: list[str] | None, logits: list[torch.Tensor], encoded: EncodedText) -> dict[str, Any]:
         """The server's answer for one text from the logits of its `encode_text` rows."""
         return self.answer(labels, logits[0])
+
+    def example_answer(self, labels: list[str] | None, logits: list[torch.Tensor], batch: dict[str, Any],
+                       rows: list[int]) -> dict[str, Any]:
+        """A windowed kind's prediction file row (``text`` included) for one example of a split, from the logits of
+        its ``rows`` of ``batch`` (all its windows)."""
+        raise NotImplementedError

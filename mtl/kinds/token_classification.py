@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mtl.errors import MTLConfigError
-from mtl.kinds.base import IGNORE, EncodedText, TaskKind, check_encodable
+from mtl.kinds.base import IGNORE, EncodedText, TaskKind, check_encodable, plain_text
 from mtl.kinds.entities import entities, ill_formed_starts
 from mtl.kinds.word_windows import encode_words, join_windows, split_words
 
@@ -56,6 +56,7 @@ class TokenClassification(TaskKind):
     label_dtype = torch.long
     text_fields = 1
     reads_words = True
+    windowed = True
     terms_per_row = True
 
     def read_text(self, value: Any, where: str) -> list[str]:
@@ -177,7 +178,7 @@ class TokenClassification(TaskKind):
     def encode_text(self, tokenizer: Any, text: str, max_length: int, doc_stride: int) -> EncodedText:
         """Raw text -> its words (`mtl.kinds.word_windows.split_words`) -> their windows."""
 
-        words, offsets = split_words(text)
+        words, offsets = split_words(plain_text(text, self.name))
         if not words:
             return EncodedText(text, [], [], [])
         rows = [{"input_ids": w.input_ids, "attention_mask": [1] * len(w.input_ids), "token_type_ids": w.token_type_ids,
@@ -213,6 +214,14 @@ class TokenClassification(TaskKind):
         """Per word of the text its tag and probability, and the entities with their character offsets."""
         return self.tag_words(labels, logits, [r["word_ids"] for r in encoded.rows], encoded.words or [],
                               encoded.offsets, encoded.text)
+
+    def example_answer(self, labels: list[str] | None, logits: list[torch.Tensor], batch: dict[str, Any],
+                       rows: list[int]) -> dict[str, Any]:
+        """A sentence of a split (its words in ``batch["text"]``), tagged as `tag_words` does; ``text``: the words
+        joined by spaces (what the entities' characters index)."""
+        words = batch["text"][rows[0]]
+        out = self.tag_words(labels, logits, [batch["word_ids"][r].tolist() for r in rows], words)
+        return {**out, "text": " ".join(words)}
 
     def answer(self, labels: list[str] | None, logits: torch.Tensor) -> dict[str, Any]:
         """Not used: a tagger answers a text (`text_answer`), whose windows are several rows."""

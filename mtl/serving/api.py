@@ -37,6 +37,7 @@ from mtl.serving.store import AdapterStore, StoreEntry
 
 MAX_TEXTS = 256  # texts in one request ("texts": [...]); more is a 400
 MAX_TEXT_BYTES = 1 << 20  # one text, UTF-8; more is a 413
+QA_KEYS = ("question", "context")
 FULL_SCAN_EVERY = 5  # polls between two scans that stat every file even when no folder changed
 NO_ROUTER = ("no task given and the store has no router: send 'task' (GET /tasks lists them), serve a continual "
              "run's stage folder (its router/ routes by prototypes), or start with serve.router: entropy")
@@ -78,19 +79,27 @@ def _parse(request: dict) -> Parsed:
         return Parsed(refusal=error(400, f"texts: {len(texts)} texts, expected at most {MAX_TEXTS} per request"))
     for i, text in enumerate(texts):
         where = f"texts[{i}]" if many else "text"
-        if not isinstance(text, str) or not text.strip():
-            return Parsed(refusal=error(400, f"{where}: got {str(text)[:40]!r}, expected a non-empty string"))
-        try:
-            check_encodable(text, where)
-        except MTLConfigError as err:  # a lone surrogate (valid JSON) would fail the tokenizer for the whole batch
-            return Parsed(refusal=error(400, str(err)))
-        if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
-            return Parsed(refusal=error(413, f"{where}: {len(text.encode('utf-8')):,} bytes, expected at most "
-                                             f"{MAX_TEXT_BYTES:,} (1 MB)"))
+        # a question-answering task's text is a question and the context that holds its answer
+        parts = [(f"{where}.{k}", text.get(k)) for k in QA_KEYS] if isinstance(text, dict) else [(where, text)]
+        if isinstance(text, dict) and sorted(text) != sorted(QA_KEYS):
+            return Parsed(refusal=error(400, f"{where}: got keys {sorted(text)}, expected a string, or "
+                                             "{question, context} for a question-answering task"))
+        for at, value in parts:
+            if not isinstance(value, str) or not value.strip():
+                return Parsed(refusal=error(400, f"{at}: got {str(value)[:40]!r}, expected a non-empty string"))
+            try:
+                check_encodable(value, at)
+            except MTLConfigError as err:  # a lone surrogate (valid JSON) would fail the tokenizer for the whole batch
+                return Parsed(refusal=error(400, str(err)))
+            if len(value.encode("utf-8")) > MAX_TEXT_BYTES:
+                return Parsed(refusal=error(413, f"{at}: {len(value.encode('utf-8')):,} bytes, expected at most "
+                                                 f"{MAX_TEXT_BYTES:,} (1 MB)"))
     task = request.get("task")
     if task is not None and (not isinstance(task, str) or not task):
         return Parsed(refusal=error(400, f"task: got {str(task)[:40]!r}, expected a task name (a string)"))
-    return Parsed(texts=[t.strip() for t in texts], task=task, many=many)
+    # a context keeps its characters (answers are offsets into it); a question and a plain text are stripped
+    return Parsed(texts=[t.strip() if isinstance(t, str) else {"question": t["question"].strip(), "context": t["context"]}
+                         for t in texts], task=task, many=many)
 
 
 def answer(head_problem: str, labels: list[str] | None, logits: torch.Tensor) -> dict[str, Any]:
@@ -232,6 +241,10 @@ class AdapterServingAPI(ls.LitAPI):
             if out[i] is None and r.task is not None and r.task not in entries:
                 out[i] = error(404, f"task: unknown task {r.task!r}; GET /tasks lists the {len(entries)} servable")
         rows = [(i, text, r.task) for i, r in enumerate(requests) if out[i] is None for text in r.texts]
+        for i, text, task in rows:
+            if task is None and not isinstance(text, str):
+                out[i] = error(400, "a {question, context} text needs 'task': routers pick a task for plain texts")
+        rows = [row for row in rows if out[row[0]] is None]
         routed = [k for k, (_, _, task) in enumerate(rows) if task is None]
         chosen: dict[int, str] = {}
         if routed:
@@ -246,9 +259,19 @@ class AdapterServingAPI(ls.LitAPI):
             if task in failed:
                 out[i] = error(503, f"task {task!r} cannot be loaded: {failed[task]}")
         rows = [row for row in rows if out[row[0]] is None]
+        encoded: list[EncodedText] = []
+        for i, text, task in rows:
+            try:  # each text as its task's kind reads it; a text the kind cannot read refuses its request only
+                encoded.append(kind_of(self.model.heads[task].problem).encode_text(
+                    self.tokenizer, text, entries[task].max_length, entries[task].doc_stride))
+            except MTLConfigError as err:
+                out[i] = error(400, f"task {task!r}: {err}")
+                encoded.append(EncodedText("", []))
+        kept = [k for k, row in enumerate(rows) if out[row[0]] is None]
+        rows, encoded = [rows[k] for k in kept], [encoded[k] for k in kept]
         results: dict[int, list[dict[str, Any]]] = {}
         if rows:
-            for (i, _, task), (encoded, logits) in zip(rows, self._forward(rows, entries)):
+            for (i, _, task), (encoded, logits) in zip(rows, self._forward(rows, encoded)):
                 kind = kind_of(self.model.heads[task].problem)
                 results.setdefault(i, []).append({"task": task, **kind.text_answer(self.model.records[task].labels,
                                                                                     logits, encoded),
@@ -262,13 +285,11 @@ class AdapterServingAPI(ls.LitAPI):
                 out[i] = answers if r.many else answers[0]
         return out
 
-    def _forward(self, rows: list[tuple[int, str, str]], entries: dict[str, StoreEntry]
+    def _forward(self, rows: list[tuple[int, Any, str]], encoded: list[EncodedText]
                  ) -> list[tuple[EncodedText, list[torch.Tensor]]]:
-        """ONE forward over every row, each through its own task: each text encoded as its task's kind reads it
-        (truncated at its task's max_length, or a tagger's windows of its words); each text's encoding and the
-        logits of its rows."""
-        encoded = [kind_of(self.model.heads[task].problem).encode_text(
-            self.tokenizer, text, entries[task].max_length, entries[task].doc_stride) for _, text, task in rows]
+        """ONE forward over every row, each through its own task, from each text's encoding as its task's kind reads
+        it (truncated at its task's max_length, or the windows of a tagger's words or of a context); each text's
+        encoding and the logits of its rows."""
         tasks = [task for (_, _, task), e in zip(rows, encoded) for _ in e.rows]
         if not tasks:
             return [(e, []) for e in encoded]

@@ -1,0 +1,184 @@
+"""Extractive QA: SQuAD scores, windows over long contexts, span choice, reading SQuAD files, training."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from mtl.backbone import load_tokenizer
+from mtl.data.module import TaskDataModule
+from mtl.data.spec import load_task_spec
+from mtl.errors import MTLConfigError
+from mtl.kinds import kind_of
+from mtl.kinds.answer_scores import AnswerScores, exact_match, f1_score, normalize_answer
+from mtl.kinds.extractive_qa import MAX_ANSWER_TOKENS, answer_tokens, best_spans
+from mtl.lit import AdapterTrainer
+
+
+def test_answers_are_normalised_and_scored_as_squad_does():
+    assert normalize_answer("  The  Eiffel-Tower, in  Paris! ") == "eiffeltower in paris"
+    assert normalize_answer("an apple a day") == "apple day"
+    assert exact_match("the Cat.", ["dog", "cat"]) == 1.0
+    assert exact_match("a cat sat", ["cat"]) == 0.0
+    # "big red dog" against "red dog house": 2 common words, precision 2/3, recall 2/3
+    assert f1_score("big red dog", ["red dog house"]) == pytest.approx(2 / 3)
+    # best over the golds: "red dog" against "red" (p 1/2, r 1) and "red dog" (1)
+    assert f1_score("red dog", ["red", "the red dog"]) == 1.0
+    assert f1_score("red dog", ["red"]) == pytest.approx(2 * 0.5 / 1.5)
+    assert f1_score("dog dog", ["dog"]) == pytest.approx(2 * 0.5 / 1.5)  # words count as a multiset
+    assert f1_score("", ["cat"]) == 0.0 and exact_match("", []) == 1.0 and f1_score("cat", []) == 0.0
+
+
+def test_each_example_counts_once_at_its_best_window():
+    metric = AnswerScores("f1")
+    # example 0: windows scoring 1.0 (F1 0.2) and 3.0 (F1 0.9); example 1: one window, F1 0.5
+    metric.update(torch.tensor([0, 1]), torch.tensor([1.0, 0.0]), torch.zeros(2), torch.tensor([0.2, 0.5]))
+    metric.update(torch.tensor([0]), torch.tensor([3.0]), torch.zeros(1), torch.tensor([0.9]))
+    assert metric.compute().item() == pytest.approx((0.9 + 0.5) / 2)
+
+
+def test_the_best_span_lies_in_the_context_ends_after_it_starts_and_is_not_too_long():
+    offsets = torch.tensor([[[-1, -1], [-1, -1], [0, 3], [4, 7], [8, 9], [-1, -1]]])
+    logits = torch.zeros(1, 6, 2)
+    logits[0, 0] = 50.0  # [CLS] and question tokens are not answers
+    logits[0, 4, 0], logits[0, 3, 1] = 9.0, 8.0  # end before start is not a span
+    logits[0, 3, 0], logits[0, 4, 1] = 1.0, 4.0
+    start, end, score = best_spans(logits, offsets)  # (4, 4): 9 + 4; (3, 3): 1 + 8; (3, 4): 1 + 4
+    assert (start.item(), end.item(), score.item()) == (4, 4, 13.0)
+    logits[0, 4, 0], logits[0, 3, 0] = 0.0, 6.0
+    start, end, score = best_spans(logits, offsets)  # (3, 3): 6 + 8; (3, 4): 6 + 4
+    assert (start.item(), end.item(), score.item()) == (3, 3, 14.0)
+    long = torch.zeros(1, MAX_ANSWER_TOKENS + 3, 2)
+    long[0, 1, 0], long[0, MAX_ANSWER_TOKENS + 1, 1] = 10.0, 10.0  # 31 tokens apart: too long
+    spans = torch.tensor([[[i, i + 1] if i else [-1, -1] for i in range(MAX_ANSWER_TOKENS + 3)]])
+    start, end, _ = best_spans(long, spans)
+    assert end.item() - start.item() < MAX_ANSWER_TOKENS
+
+
+def test_every_window_holding_the_answer_labels_exactly_its_tokens_and_the_others_point_at_cls(task_dir):
+    tokenizer = load_tokenizer("minilm-l6")
+    kind = kind_of("extractive_qa")
+    spec = load_task_spec(task_dir / "qa.yaml")
+    rows = [json.loads(line) for line in (task_dir / "qa.jsonl").read_text().splitlines()]
+    batch = {"question": [r["question"] for r in rows], "context": [r["context"] for r in rows],
+             "label": [r["answers"] for r in rows]}
+    out = kind.encode(tokenizer, batch, list(range(len(rows))), spec)
+    assert max(len(ids) for ids in out["input_ids"]) <= spec.max_length
+    windows_of: dict[int, list[int]] = {}
+    for w, example in enumerate(out["example"]):
+        windows_of.setdefault(example, []).append(w)
+    assert any(len(w) > 1 for w in windows_of.values())  # long contexts were cut
+    for example, windows in windows_of.items():
+        answer = rows[example]["answers"][0]
+        found = 0
+        for w in windows:
+            start, end = out["labels"][w]
+            if (start, end) == (0, 0):
+                continue
+            found += 1
+            a, b = out["offsets"][w][start][0], out["offsets"][w][end][1]
+            assert rows[example]["context"][a:b] == answer["text"]
+            assert out["context"][w] == rows[example]["context"] and out["golds"][w] == [answer["text"]]
+        assert found >= 1  # the answer is wholly inside at least one window
+    offsets = [(-1, -1), (0, 4), (5, 9)]
+    assert answer_tokens(offsets, {"text": "beta", "answer_start": 5}) == [2, 2]
+    assert answer_tokens(offsets, {"text": "alpha beta", "answer_start": 0}) == [0, 0]  # not wholly inside
+    assert answer_tokens(offsets, None) == [0, 0]
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_a_squad_file_is_read_with_its_unanswerable_questions_and_mistakes_name_the_question(tmp_path, tiny_dir):
+    squad = {"version": "v2.0", "data": [{"title": "t", "paragraphs": [
+        {"context": "Paris is the capital of France.", "qas": [
+            {"id": "q1", "question": "What is the capital of France?", "answers": [{"text": "Paris", "answer_start": 0}]},
+            {"id": "q2", "question": "What is the capital of Spain?", "answers": [], "is_impossible": True}]}]}]}
+    _write(tmp_path / "squad.json", json.dumps(squad))
+    spec = ("source: {type: files, train: squad.json}\ntext_fields: [question, context]\nlabel_field: answers\n"
+            "problem: extractive_qa\nsplit: {validation: 0.4, test: 0.4}\n")
+    _write(tmp_path / "sq.yaml", spec)
+    from mtl.data.sources import read_source, _examples
+
+    loaded = load_task_spec(tmp_path / "sq.yaml")
+    texts, labels, empty = _examples(loaded, "train", read_source(loaded)["train"])
+    assert [t[0] for t in texts] == ["What is the capital of France?", "What is the capital of Spain?"]
+    assert labels == [[{"text": "Paris", "answer_start": 0}], []] and empty == 0
+    squad["data"][0]["paragraphs"][0]["qas"][0]["answers"][0]["answer_start"] = 3
+    _write(tmp_path / "squad.json", json.dumps(squad))
+    with pytest.raises(MTLConfigError, match=r"squad\.json: data\[0\]\.paragraphs\[0\]\.qas\[0\] \(id q1\): answer 1: "
+                                             r"'Paris' is not at answer_start 3"):
+        _examples(loaded, "train", read_source(loaded)["train"])
+    squad["data"][0]["paragraphs"][0]["qas"][0].update(question=" ", answers=[{"text": "Paris", "answer_start": 0}])
+    _write(tmp_path / "squad.json", json.dumps(squad))
+    with pytest.raises(MTLConfigError, match=r"qas\[0\] \(id q1\): the question is empty"):
+        _examples(loaded, "train", read_source(loaded)["train"])
+    with pytest.raises(MTLConfigError, match=r"labels: got \['a'\], expected no labels"):
+        _write(tmp_path / "bad.yaml", spec + "labels: [a]\n")
+        load_task_spec(tmp_path / "bad.yaml")
+    with pytest.raises(MTLConfigError, match=r"text_fields: got \['question'\], expected two columns"):
+        _write(tmp_path / "bad.yaml", spec.replace("[question, context]", "[question]"))
+        load_task_spec(tmp_path / "bad.yaml")
+
+
+def test_a_question_that_leaves_no_room_for_the_context_is_refused_before_training(tmp_path, tiny_dir):
+    rows = [{"question": " ".join(["which"] * 30), "context": f"red stone {i}",
+             "answers": [{"text": "red", "answer_start": 0}]} for i in range(10)]
+    _write(tmp_path / "long.jsonl", "\n".join(json.dumps(row) for row in rows) + "\n")
+    _write(tmp_path / "long.yaml", "source: {type: files, train: long.jsonl}\ntext_fields: [question, context]\n"
+                                   "label_field: answers\nproblem: extractive_qa\nmax_length: 24\ndoc_stride: 6\n")
+    data = TaskDataModule(["long"], backbone=str(tiny_dir), tasks_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(MTLConfigError, match=r"long\.yaml: row \d+: the question is 30 tokens; with max_length 24 and "
+                                             r"doc_stride 6 a window has room for questions of up to 14 tokens"):
+        data.setup("fit")
+
+
+def test_a_qa_adapter_trains_beside_a_classifier_and_finds_the_answers(tiny_dir, task_dir, tmp_path):
+    data = TaskDataModule(["keyword", "qa"], backbone=str(tiny_dir), tasks_dir=str(task_dir), batch_size=16,
+                          cache_dir=str(tmp_path / "cache"))
+    module = AdapterTrainer(["keyword", "qa"], backbone=str(tiny_dir), lr=1e-2, run_dir=str(tmp_path / "run"),
+                            tasks_dir=str(task_dir))
+    trainer = L.Trainer(max_epochs=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0)
+    before = trainer.validate(module, datamodule=data, verbose=False)[0]
+    trainer.fit(module, datamodule=data)
+    after = trainer.validate(module, datamodule=data, verbose=False)[0]
+    assert after["val/qa/f1"] > 0.9 > before["val/qa/f1"]
+    assert after["val/qa/exact"] == pytest.approx(after["val/qa/f1"])  # one-word answers: a hit is exact
+    assert after["val/avg/score"] == pytest.approx((after["val/qa/f1"] + after["val/keyword/acc"]) / 2)
+    # predictions on a split: one row per question, however many windows its context took
+    from mtl.predict import PredictionWriter
+
+    data.predict_split = "validation"
+    out = tmp_path / "pred.jsonl"
+    L.Trainer(logger=False, enable_progress_bar=False, callbacks=[PredictionWriter(str(out))]).predict(
+        module, datamodule=data, return_predictions=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines() if '"qa"' in line]
+    raw = data._raw_dataset("qa")["validation"]
+    assert sorted(r["index"] for r in rows) == list(range(len(raw)))
+    right = 0
+    for row in rows:
+        context = raw[row["index"]]["context"]
+        assert context[row["start"]:row["end"]] == row["label"] and 0 < row["score"] <= 1
+        assert row["text"] == "which colour?"
+        right += row["label"] == raw[row["index"]]["label"][0]["text"]
+    assert right / len(rows) == pytest.approx(after["val/qa/exact"])  # the file holds what validation scored
+
+
+def test_a_file_of_plain_texts_is_refused_before_predicting_with_a_qa_task(tiny_dir, task_dir, tmp_path):
+    from mtl.preflight import preflight
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a plain text\n")
+    module = AdapterTrainer(["keyword", "qa"], backbone=str(tiny_dir), tasks_dir=str(task_dir),
+                            run_dir=str(tmp_path / "run"))
+    data = TaskDataModule([], backbone=str(tiny_dir), tasks_dir=str(task_dir), predict_file=str(texts),
+                          cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(MTLConfigError, match=r"data.predict_file: .*texts.txt: task 'qa' \(extractive_qa\) needs 2 "
+                                             r"texts per example, expected a model whose tasks read one text"):
+        preflight("predict", module, data, {"logger": False}, None)
