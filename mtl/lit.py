@@ -277,10 +277,10 @@ class AdapterTrainer(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """One row per example and task: label and its probability (a batch with task None runs every task, or with
         ``router`` only the task the router picks per example)."""
-        size = batch["input_ids"].shape[0]
+        size = len(batch["index"]) if "index" in batch else batch["input_ids"].shape[0]
         index = batch.get("index", torch.arange(size)).tolist()
         texts = batch.get("text") or [None] * size
-        inputs = (batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
+        inputs = (batch.get("input_ids"), batch.get("attention_mask"), batch.get("token_type_ids"))
         if batch["task"] is None and self.router is not None:
             rows, tagged = [], {}
             for task, logits, i, text in zip(*self.router.routed_logits(self.model, *inputs), index, texts):
@@ -294,7 +294,11 @@ class AdapterTrainer(L.LightningModule):
             if tagged:  # one forward over the windows for every tagger a text went to
                 rows += [row for row in self._window_rows(list(tagged), batch) if row["index"] in tagged[row["task"]]]
             return sorted(rows, key=lambda row: row["index"])
-        tasks = self.model.tasks if batch["task"] is None else [self.routes.get(batch["task"], batch["task"])]
+        if batch["task"] is None:  # a predict file: every task that reads its examples (texts, or questions)
+            questions = isinstance(texts[0], dict)
+            tasks = [t for t in self.model.tasks if (kind_of(self.model.heads[t].problem).min_text_fields == 2) == questions]
+        else:
+            tasks = [self.routes.get(batch["task"], batch["task"])]
         windowed = [t for t in tasks if kind_of(self.model.heads[t].problem).windowed]
         tasks = [t for t in tasks if t not in windowed]
         rows = []

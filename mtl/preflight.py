@@ -97,17 +97,22 @@ def check_single_process(trainer_config: dict[str, Any], command: str) -> None:
                              "and trainer.num_nodes 1")
 
 
-def _check_plain_texts(model: Any, predict_file: str) -> None:
-    """A file of plain texts is for tasks that read one text; refuse one whose kind needs more (a question and a
-    context)."""
+def _check_predict_file(model: Any, data: Any) -> None:
+    """Some task of the model reads the predict file's examples: texts, or questions about a context (question
+    answering); a router routes texts only."""
+    from mtl.data.predict_input import reads_questions
     from mtl.kinds import kind_of
 
-    for task, head in model.model.heads.items():
-        kind = kind_of(head.problem)
-        if kind.min_text_fields > 1:
-            raise MTLConfigError(f"data.predict_file: {predict_file}: task '{task}' ({kind.name}) needs "
-                                 f"{kind.min_text_fields} texts per example, expected a model whose tasks read one text "
-                                 "(predict it on a split with data.predict_split)")
+    questions = reads_questions(data.predict_file, data.predict_text_field)
+    kinds = {task: kind_of(head.problem) for task, head in model.model.heads.items()}
+    if not any((kind.min_text_fields == 2) == questions for kind in kinds.values()):
+        what = "questions ({question, context} rows)" if questions else "texts"
+        need = "an extractive_qa task" if questions else "a task that reads one text"
+        raise MTLConfigError(f"data.predict_file: {data.predict_file}: holds {what}, which none of the model's tasks "
+                             f"{sorted(kinds)} reads, expected a model with {need}")
+    if questions and getattr(model, "router", None) is not None:
+        raise MTLConfigError(f"data.predict_file: {data.predict_file}: holds questions; a router picks a task for a "
+                             "text, expected no model.router (every question-answering task answers)")
 
 
 def preflight(stage: str, model: Any, data: Any, trainer_config: dict[str, Any], ckpt_path: str | None) -> None:
@@ -119,7 +124,7 @@ def preflight(stage: str, model: Any, data: Any, trainer_config: dict[str, Any],
     model.check_before(stage, processes)
     data.check_before(stage, processes, bool(trainer_config.get("use_distributed_sampler")))
     if stage == "predict" and getattr(data, "predict_file", None):
-        _check_plain_texts(model, data.predict_file)
+        _check_predict_file(model, data)
     folders: list[tuple[str, Any]] = []
     if stage != "predict" or trainer_config.get("logger"):
         folders.append(("trainer.default_root_dir", trainer_config.get("default_root_dir") or os.getcwd()))

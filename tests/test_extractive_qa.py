@@ -168,17 +168,49 @@ def test_a_qa_adapter_trains_beside_a_classifier_and_finds_the_answers(tiny_dir,
         assert row["text"] == "which colour?"
         right += row["label"] == raw[row["index"]]["label"][0]["text"]
     assert right / len(rows) == pytest.approx(after["val/qa/exact"])  # the file holds what validation scored
+    # streamed from a file of questions (windows as the task's: predict_max_length 24, a quarter of it shared): the
+    # same answers; only the QA task answers a question, the classifier is not asked
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question": r["question"], "context": r["context"]}) + "\n" for r in raw))
+    stream = TaskDataModule([], backbone=str(tiny_dir), tasks_dir=str(task_dir), predict_file=str(questions),
+                            predict_max_length=24, cache_dir=str(tmp_path / "cache"))
+    out = tmp_path / "streamed.jsonl"
+    L.Trainer(logger=False, enable_progress_bar=False, callbacks=[PredictionWriter(str(out))]).predict(
+        module, datamodule=stream, return_predictions=False)
+    streamed = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in streamed] == list(range(len(raw))) and {r["task"] for r in streamed} == {"qa"}
+    by_index = {r["index"]: r for r in rows}
+    for row in streamed:
+        split_row = by_index[row["index"]]
+        assert (row["label"], row["start"], row["end"]) == (split_row["label"], split_row["start"], split_row["end"])
+        assert abs(row["score"] - split_row["score"]) < 1e-5 and row["text"] == raw[row["index"]]["context"]
 
 
-def test_a_file_of_plain_texts_is_refused_before_predicting_with_a_qa_task(tiny_dir, task_dir, tmp_path):
+def test_a_predict_file_is_refused_before_work_when_no_task_reads_its_rows(tiny_dir, task_dir, tmp_path):
     from mtl.preflight import preflight
 
-    texts = tmp_path / "texts.txt"
+    texts, questions = tmp_path / "texts.txt", tmp_path / "questions.jsonl"
     texts.write_text("a plain text\n")
-    module = AdapterTrainer(["keyword", "qa"], backbone=str(tiny_dir), tasks_dir=str(task_dir),
-                            run_dir=str(tmp_path / "run"))
-    data = TaskDataModule([], backbone=str(tiny_dir), tasks_dir=str(task_dir), predict_file=str(texts),
-                          cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(MTLConfigError, match=r"data.predict_file: .*texts.txt: task 'qa' \(extractive_qa\) needs 2 "
-                                             r"texts per example, expected a model whose tasks read one text"):
+    questions.write_text(json.dumps({"question": "which colour?", "context": "red stone"}) + "\n" +
+                         json.dumps({"question": " ".join(["which"] * 30), "context": "red stone"}) + "\n")
+
+    def check(tasks, file, **kwargs):
+        module = AdapterTrainer(tasks, backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(tmp_path / "run"))
+        data = TaskDataModule([], backbone=str(tiny_dir), tasks_dir=str(task_dir), predict_file=str(file),
+                              cache_dir=str(tmp_path / "cache"), **kwargs)
         preflight("predict", module, data, {"logger": False}, None)
+
+    check(["keyword", "qa"], texts)  # the classifier reads texts
+    with pytest.raises(MTLConfigError, match=r"texts.txt: holds texts, which none of the model's tasks \['qa'\] reads, "
+                                             r"expected a model with a task that reads one text"):
+        check(["qa"], texts)
+    with pytest.raises(MTLConfigError, match=r"questions.jsonl: holds questions \(\{question, context\} rows\), which "
+                                             r"none of the model's tasks \['keyword'\] reads"):
+        check(["keyword"], questions)
+    with pytest.raises(MTLConfigError, match=r"questions.jsonl: row 2: the question is 30 tokens; with max_length 24 "
+                                             r"and doc_stride 6 .* \(raise data.predict_max_length\)"):
+        check(["qa"], questions, predict_max_length=24)
+    questions.write_text(questions.read_text().splitlines()[0] + "\n" + json.dumps({"text": "plain"}) + "\n")
+    with pytest.raises(MTLConfigError, match=r"questions.jsonl: line 2: a text in a file of questions \(as its first "
+                                             r"row\), expected one or the other throughout"):
+        check(["qa"], questions)

@@ -53,10 +53,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 RESULTS_FILE = "results.json"
 SCORES = ("score", "acc", "f1")  # score: the task's headline (R); acc and f1: null where the task lacks them
 OPTIONAL_SCORES = ("acc", "f1")
-# what a task's acc and f1 are, by kind (what the report prints next to a task's column)
-METRIC_TITLES = {("classification", "acc"): "accuracy", ("classification", "f1"): "macro-F1",
-                 ("multilabel", "acc"): "label accuracy", ("multilabel", "f1"): "macro-F1",
-                 ("token_classification", "acc"): "word accuracy", ("token_classification", "f1"): "entity F1"}
 ROUTERS = ("prototype", "entropy")
 OWN_ADAPTER = "-adapter"  # suffix of the folder holding a fusion stage's own adapter while its fusion trains
 # settings that change nothing in the results, so a resumed run may use other values
@@ -556,11 +552,12 @@ def task_metrics(spec: Any, routers: list[str]) -> dict[str, Any]:
     if headline not in OPTIONAL_SCORES:
         raise MTLConfigError(f"{spec.spec_file}: problem {spec.problem} has the headline metric {headline}, expected a "
                              "task whose headline is a score in [0, 1] (acc or f1: classification, multilabel, "
-                             "token_classification); R and its metrics compare every task on that scale")
+                             "token_classification, extractive_qa); R and its metrics compare every task on that scale")
     if routers and spec.problem not in ROUTABLE:
         raise MTLConfigError(f"{spec.spec_file}: problem {spec.problem}: continual.routers {list(routers)} route only "
                              f"{' and '.join(ROUTABLE)} tasks; set continual.routers: [] to run this sequence")
-    names = {m: METRIC_TITLES.get((spec.problem, m), m) for m in OPTIONAL_SCORES if m in spec.metrics}
+    titles = kind_of(spec.problem).metric_titles
+    names = {m: titles.get(m, m) for m in OPTIONAL_SCORES if m in spec.metrics}
     return {"problem": spec.problem, "headline": headline, "names": {"score": names[headline], **names}}
 
 

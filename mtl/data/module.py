@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Any, NoReturn
@@ -17,7 +18,8 @@ from transformers import DataCollatorWithPadding
 
 from mtl.arch import max_tokens
 from mtl.backbone import load_backbone_config, load_tokenizer
-from mtl.data.predict_input import TextStream, check_predict_file_name, count_predict_examples
+from mtl.data.predict_input import (TextStream, check_predict_file_name, count_predict_examples, iter_predict_texts,
+                                    reads_questions)
 from mtl.data.sampling import (GROUP_BATCHES, TaskBatchSampler, shard_rows, sorted_by_length, task_probabilities,
                                 WholeExampleBatches)
 from mtl.data.sources import SPLITS, load_task_dataset
@@ -48,7 +50,9 @@ class TaskCollator:
         if len(tasks) != 1:
             raise RuntimeError(f"a batch mixes tasks {sorted(tasks, key=str)}; the sampler must yield one task per batch")
         task = tasks.pop()
-        batch = dict(self.pad([{k: f[k] for k in MODEL_INPUTS if k in f} for f in features]))
+        # a file of questions has no single-row encoding: only its windows (``words``) are read
+        batch = dict(self.pad([{k: f[k] for k in MODEL_INPUTS if k in f} for f in features])) \
+            if "input_ids" in features[0] else {}
         for column in [k for k in features[0] if k not in (*MODEL_INPUTS, "task", *EXTRA_KEYS)]:
             # labels and whatever else a task's rows carry: their shape is the task kind's, so it pads them
             kind = kind_of(self.problems[task])
@@ -72,7 +76,8 @@ class TaskCollator:
         if rows:
             out.update(self.pad([{k: r[k] for k in MODEL_INPUTS if k in r} for _, r in rows]))
             width = out["input_ids"].shape[1]
-            out["word_ids"] = torch.tensor([r["word_ids"] + [-1] * (width - len(r["word_ids"])) for _, r in rows])
+            if "word_ids" in rows[0][1]:
+                out["word_ids"] = torch.tensor([r["word_ids"] + [-1] * (width - len(r["word_ids"])) for _, r in rows])
         return out
 
 
@@ -277,11 +282,25 @@ class TaskDataModule(L.LightningDataModule):
             raise _sampler_refusal(processes)
         if stage == "predict" and self.predict_file is not None:
             count_predict_examples(self.predict_file, self.predict_text_field)
+            if reads_questions(self.predict_file, self.predict_text_field):
+                self._check_questions()
             self._predict_file_checked = True
             return
         writable_folder(self.cache_dir, "data.cache_dir")
         for name in self._specs:
             self._raw_dataset(name)
+
+    def _check_questions(self) -> None:
+        """Every question of the predict file leaves room for its context in a window (one line naming the row)."""
+        from mtl.kinds.extractive_qa import check_room
+
+        stride = self.predict_max_length // 4
+        rows = enumerate(iter_predict_texts(self.predict_file, self.predict_text_field), start=1)
+        for chunk in iter(lambda: list(itertools.islice(rows, 256)), []):
+            found = check_room(self.tokenizer, [q["question"] for _, q in chunk], self.predict_max_length, stride)
+            if found is not None:
+                raise MTLConfigError(f"{self.predict_file}: row {chunk[found[0]][0]}: {found[1]} (raise "
+                                     "data.predict_max_length)")
 
     @property
     def specs(self) -> dict[str, TaskSpec]:
@@ -425,11 +444,13 @@ class TaskDataModule(L.LightningDataModule):
         if world_size > 1 and getattr(connector, "use_distributed_sampler", False):
             refuse_on_every_rank(trainer, _sampler_refusal(world_size))
 
-    def _model_reads_words(self) -> bool:
-        """Whether the model being predicted with has a task whose kind reads words (a tagger)."""
+    def _window_kind(self, questions: bool) -> Any:
+        """The windowed kind of the model's tasks that read this predict file (question answering for a file of
+        questions, a tagger's for texts), or None."""
         module = getattr(self._trainer_or_none(), "lightning_module", None)
         heads = getattr(getattr(module, "model", None), "heads", None)
-        return heads is not None and any(kind_of(h.problem).reads_words for h in heads.values())
+        kinds = [kind_of(h.problem) for h in (heads or {}).values()]
+        return next((k for k in kinds if k.windowed and (k.min_text_fields == 2) == questions), None)
 
     def _trainer_or_none(self) -> Any:
         return getattr(self, "trainer", None)
@@ -576,8 +597,9 @@ class TaskDataModule(L.LightningDataModule):
         if self.predict_file is not None:
             if not self._predict_file_checked:  # mistakes in the file stop the run before any output is started
                 count_predict_examples(self.predict_file, self.predict_text_field)
+            questions = reads_questions(self.predict_file, self.predict_text_field)
             stream = TextStream(self.predict_file, self.predict_text_field, self.tokenizer, self.predict_max_length,
-                                self.eval_batch_size, words=self._model_reads_words())
+                                self.eval_batch_size, windows=self._window_kind(questions))
             # the stream yields whole batches (batch_size=None): tokenised per batch, in the file's order
             return [DataLoader(stream, batch_size=None, collate_fn=self._collator(), num_workers=self.num_workers)]
         return self._eval_loaders(self.predict_split, with_text=True)

@@ -1,5 +1,8 @@
 """Prediction input from a file: ``.txt`` (one example per non-empty line) or ``.jsonl``.
 
+A ``.jsonl`` row is a text (under the text field), or a question: an object with ``question`` and ``context`` strings,
+for question-answering tasks. A file holds one or the other, as its first row does.
+
 The file is streamed: read line by line and tokenised one batch at a time, so memory does not grow with the file.
 Pure Python + torch's ``IterableDataset``; no Lightning.
 """
@@ -29,8 +32,9 @@ def check_predict_file_name(path: str) -> None:
         )
 
 
-def iter_predict_texts(path: str | Path, text_field: str = "text") -> Iterator[str]:
-    """The file's texts in order, read lazily: non-empty lines of a .txt, ``text_field`` of each .jsonl object.
+def iter_predict_texts(path: str | Path, text_field: str = "text") -> Iterator[str | dict[str, str]]:
+    """The file's texts in order, read lazily: non-empty lines of a .txt, ``text_field`` of each .jsonl object (or its
+    ``{question, context}``, in a file of questions).
 
     Blank lines are skipped in both formats; texts are stripped of surrounding whitespace (as the
     training sources do). Errors name the file, and the 1-based line for .jsonl and for a text the tokenizer
@@ -40,7 +44,7 @@ def iter_predict_texts(path: str | Path, text_field: str = "text") -> Iterator[s
     check_predict_file_name(str(path))
     if not path.is_file():
         raise MTLConfigError(f"{path}: data.predict_file: no such file, expected a .txt or .jsonl file of texts")
-    jsonl, count, offset = path.suffix.lower() == ".jsonl", 0, 0
+    jsonl, count, offset, questions = path.suffix.lower() == ".jsonl", 0, 0, None
     # binary lines split on b"\n" only (not str.splitlines): line numbers then match what an editor shows
     with path.open("rb") as f:
         for n, raw in enumerate(f, start=1):
@@ -56,7 +60,16 @@ def iter_predict_texts(path: str | Path, text_field: str = "text") -> Iterator[s
             if line:
                 count += 1
                 text = _jsonl_text(path, n, line, text_field) if jsonl else line
-                yield check_encodable(text, f"{path}: line {n}" + (f": '{text_field}'" if jsonl else ""))
+                if questions is None:
+                    questions = isinstance(text, dict)
+                if isinstance(text, dict) != questions:
+                    raise MTLConfigError(f"{path}: line {n}: a {'text' if questions else 'question'} in a file of "
+                                         f"{'questions' if questions else 'texts'} (as its first row), expected one or "
+                                         "the other throughout")
+                if questions:
+                    yield {k: check_encodable(v, f"{path}: line {n}: '{k}'") for k, v in text.items()}
+                else:
+                    yield check_encodable(text, f"{path}: line {n}" + (f": '{text_field}'" if jsonl else ""))
     if not count:
         raise MTLConfigError(f"{path}: no examples (empty or blank lines only), expected one example per line")
 
@@ -67,6 +80,11 @@ def count_predict_examples(path: str | Path, text_field: str = "text") -> int:
     return sum(1 for _ in iter_predict_texts(path, text_field))
 
 
+def reads_questions(path: str | Path, text_field: str = "text") -> bool:
+    """Whether the file holds questions (``{question, context}`` rows) rather than texts, from its first row."""
+    return isinstance(next(iter_predict_texts(path, text_field)), dict)
+
+
 def _jsonl_text(path: Path, n: int, line: str, field: str) -> str:
     try:
         row = json.loads(line)
@@ -74,6 +92,11 @@ def _jsonl_text(path: Path, n: int, line: str, field: str) -> str:
         raise MTLConfigError(f"{path}: line {n}: invalid JSON ({err.msg}), expected one JSON object per line") from None
     if not isinstance(row, dict):
         raise MTLConfigError(f"{path}: line {n}: got a JSON {type(row).__name__}, expected an object with key '{field}'")
+    if "question" in row and "context" in row and field not in row:  # a question about a context
+        for key in ("question", "context"):
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise MTLConfigError(f"{path}: line {n}: '{key}' is {str(row[key])[:40]!r}, expected a non-empty string")
+        return {"question": row["question"].strip(), "context": row["context"]}  # answers index the context as is
     if field not in row:
         raise MTLConfigError(
             f"{path}: line {n}: key '{field}' missing (keys: {sorted(row)}), expected the text there "
@@ -90,12 +113,13 @@ class TextStream(IterableDataset):
     read and tokenised one batch at a time; use with ``DataLoader(batch_size=None)``."""
 
     def __init__(self, path: str | Path, text_field: str, tokenizer: Any, max_length: int, batch_size: int,
-                 words: bool = False) -> None:
-        """Nothing is read until iteration. ``words``: also cut each text into words and their windows (``words``,
-        for the model's taggers), sharing a quarter of ``max_length`` (a task spec's default ``doc_stride``)."""
+                 windows: Any = None) -> None:
+        """Nothing is read until iteration. ``windows``: a windowed task kind (a tagger's, or question answering's for
+        a file of questions) that also encodes each example as its windows (``words``), sharing a quarter of
+        ``max_length`` (a task spec's default ``doc_stride``)."""
         self.path, self.text_field = path, text_field
         self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
-        self.words = words
+        self.windows = windows
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         info = get_worker_info()
@@ -107,16 +131,14 @@ class TextStream(IterableDataset):
             if number % workers == worker:
                 yield self._items(chunk, number * self.batch_size)
 
-    def _items(self, texts: list[str], start: int) -> list[dict[str, Any]]:
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-        columns = {k: enc[k] for k in MODEL_INPUTS if k in enc}
-        # task None: the batch is meant for every task of the model (the collator passes it on)
-        items = [{**{k: v[i] for k, v in columns.items()}, "index": start + i, "text": text, "task": None}
-                 for i, text in enumerate(texts)]
-        if self.words:
-            from mtl.kinds import kind_of  # mtl.kinds reads this module lazily too
-
-            tagger, stride = kind_of("token_classification"), self.max_length // 4
+    def _items(self, texts: list[Any], start: int) -> list[dict[str, Any]]:
+        # task None: the batch is meant for every task of the model that reads such examples (the collator passes it on)
+        items: list[dict[str, Any]] = [{"index": start + i, "text": text, "task": None} for i, text in enumerate(texts)]
+        if isinstance(texts[0], str):  # texts: one encoder row each for the tasks that read one text
+            enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+            for i, item in enumerate(items):
+                item.update({k: enc[k][i] for k in MODEL_INPUTS if k in enc})
+        if self.windows is not None:
             for item, text in zip(items, texts):
-                item["words"] = tagger.encode_text(self.tokenizer, text, self.max_length, stride)
+                item["words"] = self.windows.encode_text(self.tokenizer, text, self.max_length, self.max_length // 4)
         return items

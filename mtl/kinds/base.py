@@ -55,6 +55,7 @@ class TaskKind:
     name = ""  # the task spec's ``problem`` value
     metric_names: tuple[str, ...] = ()  # metrics a task of this kind may list
     default_metrics: tuple[str, ...] = ()
+    metric_titles: dict[str, str] = {}  # what a report calls each metric (the continual report's column titles)
     headline = ""  # the higher-is-better metric that stands for the task (checkpoint choice, val/avg/score)
     has_classes = False  # one class per row: splits stratified by it, classes checked, ambiguous duplicates dropped
     text_fields = 2  # the most text columns an example may have (two: a sentence pair)

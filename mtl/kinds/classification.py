@@ -15,6 +15,7 @@ class Classification(TaskKind):
     """Softmax over ``labels``; a label in a file is a name of ``labels`` or its index."""
 
     name = "classification"
+    metric_titles = {"acc": "accuracy", "f1": "macro-F1"}
     metric_names = ("acc", "f1")
     default_metrics = ("acc", "f1")
     headline = "acc"

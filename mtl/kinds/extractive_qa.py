@@ -59,6 +59,7 @@ class ExtractiveQA(TaskKind):
     """A label in a file is a list of answers ``{text, answer_start}`` (empty: no answer in the context)."""
 
     name = "extractive_qa"
+    metric_titles = {"exact": "exact match", "f1": "SQuAD F1"}
     metric_names = ("exact", "f1")
     default_metrics = ("exact", "f1")
     headline = "f1"
@@ -211,7 +212,8 @@ def best_answer(logits: list[torch.Tensor], offsets: list[torch.Tensor], context
     softmax of its start times softmax of its end)."""
     if not logits:
         return {"label": "", "start": 0, "end": 0, "score": 0.0}
-    stacked = torch.nn.utils.rnn.pad_sequence([x.float() for x in logits], batch_first=True,
+    # a window's logits may be padded to its batch's width: its own tokens are those its offsets cover
+    stacked = torch.nn.utils.rnn.pad_sequence([x[:len(o)].float() for x, o in zip(logits, offsets)], batch_first=True,
                                               padding_value=torch.finfo(torch.float).min)
     where = torch.nn.utils.rnn.pad_sequence(offsets, batch_first=True, padding_value=-1)
     start, end, score = best_spans(stacked, where)

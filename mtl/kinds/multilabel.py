@@ -15,6 +15,7 @@ class Multilabel(TaskKind):
     """A label in a file is a name, a list of names, or one 0/1 value per label; stored multi-hot."""
 
     name = "multilabel"
+    metric_titles = {"acc": "label accuracy", "f1": "macro-F1"}
     metric_names = ("acc", "f1")
     default_metrics = ("acc", "f1")
     headline = "acc"

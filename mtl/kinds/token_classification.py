@@ -52,6 +52,7 @@ class TokenClassification(TaskKind):
     """A label in a file is a list of tag names, one per word."""
 
     name = "token_classification"
+    metric_titles = {"acc": "word accuracy", "f1": "entity F1"}
     metric_names = ("f1", "precision", "recall", "acc")
     label_dtype = torch.long
     text_fields = 1
