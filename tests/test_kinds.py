@@ -22,10 +22,11 @@ from tests.conftest import WORDS
 
 
 def test_every_kind_offers_its_defaults_and_a_headline_and_an_unknown_kind_is_one_line():
-    assert PROBLEMS == ("classification", "multilabel", "regression", "token_classification")
+    assert PROBLEMS == ("classification", "multilabel", "regression", "token_classification", "extractive_qa")
     assert list(KINDS) == list(PROBLEMS)
     for kind in KINDS.values():
-        names = {"regression": ["y"], "token_classification": ["O", "B-X", "I-X"]}.get(kind.name, ["a", "b"])
+        names = {"regression": ["y"], "token_classification": ["O", "B-X", "I-X"], "extractive_qa": []}.get(kind.name,
+                                                                                                        ["a", "b"])
         defaults, headline = kind.metrics_for(names)
         assert set(defaults) <= set(kind.metric_names) and headline in defaults
         collection = build_metrics(kind.name, list(kind.metric_names), names, "val/t/")

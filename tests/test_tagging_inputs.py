@@ -22,7 +22,9 @@ def _fit(tmp_path, tiny_dir, capsys, name: str, text: str, src: str = "") -> tup
     (tmp_path / "t.yaml").write_text(SPEC.format(file=data, src=src, extra=""))
     return run_cli(["fit", "--model.backbone", str(tiny_dir), "--data.tasks", f"[{tmp_path / 't.yaml'}]",
                     "--model.run_dir", str(tmp_path / "run"), "--data.cache_dir", str(tmp_path / "cache"),
-                    "--trainer.max_epochs", "1", "--trainer.logger", "false"], capsys)
+                    "--trainer.max_epochs", "1", "--trainer.logger", "false",
+                    # without a logger the CLI saves config.yaml into the default root: the run's, not the repo's
+                    "--trainer.default_root_dir", str(tmp_path / "run")], capsys)
 
 
 def _jsonl(*rows) -> str:

@@ -1,6 +1,7 @@
 """A tagging task in every workflow, on a tiny local backbone: joint training beside a classifier, adding a tagger to
 a trained system, the frozen-prefix cache with AdapterDrop, fusion (a tagger's and over a tagger's adapter),
-save / load, and prediction on a split and on raw text (every word tagged once, windows joined)."""
+save / load, and prediction on a split and on raw text (every word tagged once, windows joined). The workflows that
+treat every windowed kind alike (adding a task, the prefix cache, fusion) run for a QA task too."""
 
 from __future__ import annotations
 
@@ -129,38 +130,45 @@ def test_raw_text_is_tagged_per_word_with_entity_offsets_beside_a_classifier(tin
             assert row["label"][a] == "B-KEY" or row["label"][a] == "I-KEY"
 
 
-def test_a_tagger_added_to_a_trained_system_leaves_it_untouched_and_reloads_exactly(tiny_dir, task_dir, tmp_path):
+# a windowed task of each kind: (task, its problem, validation metrics it logs)
+WINDOWED = [("tagger", "token_classification", {"f1", "acc"}), ("qa", "extractive_qa", {"f1", "exact"})]
+
+
+@pytest.mark.parametrize("task, problem, metrics", WINDOWED, ids=["tagger", "qa"])
+def test_a_windowed_task_added_to_a_trained_system_leaves_it_untouched_and_reloads_exactly(task, problem, metrics,
+                                                                                            tiny_dir, task_dir, tmp_path):
     run = tmp_path / "run"
     first = AdapterTrainer(["keyword"], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run))
     _trainer(epochs=1).fit(first, datamodule=_data(tiny_dir, task_dir, tmp_path, ["keyword"]))
     before = _files(run / "adapters" / "keyword")
-    second = AdapterTrainer(["tagger"], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run),
+    second = AdapterTrainer([task], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run),
                             load_from=str(run), eval_tasks=["keyword"], lr=1e-2)
     trainer = _trainer(epochs=1)
-    data = _data(tiny_dir, task_dir, tmp_path, ["tagger"], eval_tasks=["keyword"])
+    data = _data(tiny_dir, task_dir, tmp_path, [task], eval_tasks=["keyword"])
     trainer.fit(second, datamodule=data)
-    assert {"val/keyword/acc", "val/tagger/f1", "val/tagger/acc"} <= set(trainer.callback_metrics)
+    assert {"val/keyword/acc", *(f"val/{task}/{m}" for m in metrics)} <= set(trainer.callback_metrics)
     assert _files(run / "adapters" / "keyword") == before
     reloaded = MTLModel.from_pretrained(run, backbone=str(tiny_dir)).eval()
-    assert reloaded.heads["tagger"].problem == "token_classification"
+    assert reloaded.heads[task].problem == problem
     second.model.eval()
     batch = next(iter(data.val_dataloader()[0]))
-    args = (batch["input_ids"], batch["attention_mask"])
-    assert torch.equal(reloaded(*args, tasks="tagger")["tagger"], second.model(*args, tasks="tagger")["tagger"])
+    args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    assert torch.equal(reloaded(*args, tasks=task)[task], second.model(*args, tasks=task)[task])
     saved = tmp_path / "saved"
     reloaded.save_pretrained(saved)
     again = MTLModel.from_pretrained(saved, backbone=str(tiny_dir)).eval()
-    assert torch.equal(again(*args, tasks="tagger")["tagger"], second.model(*args, tasks="tagger")["tagger"])
+    assert torch.equal(again(*args, tasks=task)[task], second.model(*args, tasks=task)[task])
 
 
-def test_the_prefix_cache_with_adapterdrop_trains_a_tagger_as_without_it(tiny_dir, task_dir, tmp_path):
+@pytest.mark.parametrize("task", ["tagger", "qa"])
+def test_the_prefix_cache_with_adapterdrop_trains_a_windowed_task_as_without_it(task, tiny_dir, task_dir, tmp_path):
     def run(folder, **kwargs):
         L.seed_everything(0)
-        module = AdapterTrainer(["tagger"], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(folder),
+        module = AdapterTrainer([task], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(folder),
                                 export=False, lr=5e-3, adapter={"type": "pfeiffer", "drop_first": 1}, **kwargs)
         recorder = LossRecorder()
         trainer = _trainer(epochs=2, callbacks=[recorder])
-        trainer.fit(module, datamodule=_data(tiny_dir, task_dir, folder, ["tagger"]))
+        trainer.fit(module, datamodule=_data(tiny_dir, task_dir, folder, [task]))
         return recorder.losses, trainer
 
     plain, _ = run(tmp_path / "plain")
@@ -170,21 +178,22 @@ def test_the_prefix_cache_with_adapterdrop_trains_a_tagger_as_without_it(tiny_di
     assert trainer.callback_metrics["cache/hit_rate"] == 1.0
 
 
-def test_fusion_with_a_tagger_as_target_and_a_classifier_fused_over_a_taggers_adapter(tiny_dir, task_dir, tmp_path):
+@pytest.mark.parametrize("task", ["tagger", "qa"])
+def test_fusion_with_a_windowed_target_and_a_classifier_fused_over_its_adapter(task, tiny_dir, task_dir, tmp_path):
     run = tmp_path / "run"
-    for task in ("keyword", "tagger"):
-        module = AdapterTrainer([task], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run),
-                                load_from=str(run) if task == "tagger" else None, lr=1e-2)
-        _trainer(epochs=1).fit(module, datamodule=_data(tiny_dir, task_dir, tmp_path, [task]))
+    for name in ("keyword", task):
+        module = AdapterTrainer([name], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run),
+                                load_from=str(run) if name == task else None, lr=1e-2)
+        _trainer(epochs=1).fit(module, datamodule=_data(tiny_dir, task_dir, tmp_path, [name]))
     before = _files(run / "adapters")
-    for target, name in (("tagger", "tag_fusion"), ("keyword", "key_fusion")):
-        fusion = {"name": name, "adapters": ["keyword", "tagger"], "config": {"type": "dynamic"}}
+    for target, name in ((task, "own_fusion"), ("keyword", "key_fusion")):
+        fusion = {"name": name, "adapters": ["keyword", task], "config": {"type": "dynamic"}}
         module = AdapterTrainer([target], backbone=str(tiny_dir), tasks_dir=str(task_dir), run_dir=str(run),
                                 load_from=str(run), fusion=fusion, lr=5e-3)
         trainer = _trainer(epochs=1)
         data = _data(tiny_dir, task_dir, tmp_path, [target])
         trainer.fit(module, datamodule=data)
-        assert f"val/{name}/{'f1' if target == 'tagger' else 'acc'}" in trainer.callback_metrics
+        assert f"val/{name}/{'acc' if target == 'keyword' else 'f1'}" in trainer.callback_metrics
         assert module.model.heads[name].problem == module.model.heads[target].problem
         reloaded = MTLModel.from_pretrained(run, backbone=str(tiny_dir)).eval()
         module.model.eval()

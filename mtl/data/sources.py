@@ -102,7 +102,8 @@ def resolve_path(spec: TaskSpec, value: str, key: str) -> Path:
         path = Path(value).expanduser()
         path = path if path.is_absolute() else spec.base_dir / path
     if not path.exists():
-        raise MTLConfigError(f"{spec.spec_file}: {key}: {path} does not exist, expected a file or folder")
+        how = f" (write it with: {spec.source.prepare})" if spec.source.prepare else ""
+        raise MTLConfigError(f"{spec.spec_file}: {key}: {path} does not exist, expected a file or folder{how}")
     return path
 
 

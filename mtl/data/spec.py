@@ -24,7 +24,7 @@ FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "conll", "conllu", "sq
 # fields added after task specs were first saved (cache keys, continual runs' settings): written by `to_dict` only
 # when they differ from these defaults, so a spec that does not use them keeps the dict (and the hash) it had
 LATER_FIELDS = {"doc_stride": None, "label_all_subwords": False}
-LATER_SOURCE_FIELDS = {"word_column": 0, "tag_column": -1, "conllu_tag": "UPOS"}
+LATER_SOURCE_FIELDS = {"word_column": 0, "tag_column": -1, "conllu_tag": "UPOS", "prepare": None}
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -55,6 +55,8 @@ class SourceSpec:
     word_column: int = _help("conll: the column of the word (0: the first)", default=0)
     tag_column: int = _help("conll: the column of the tag (-1: the last)", default=-1)
     conllu_tag: str = _help("conllu: the tag to read: UPOS, XPOS or MISC:<key> (e.g. MISC:NER)", default="UPOS")
+    prepare: str | None = _help("the command that writes the source's files, said when they are missing",
+                                default=None)
 
 
 @dataclass
@@ -267,6 +269,8 @@ def _check_semantics(spec: TaskSpec, origin: str) -> None:
     if not spec.label_field:
         fail("label_field", spec.label_field, "a column name")
     expected = kind.check_labels(spec.labels)
+    if expected is not None and not spec.labels:
+        raise MTLConfigError(f"{origin}: labels: missing, expected {expected}")
     if expected is not None:
         fail("labels", spec.labels, expected)
     if len(set(spec.labels)) != len(spec.labels) or not all(spec.labels):

@@ -1,54 +1,13 @@
-"""Exact match and F1 of extractive answers as SQuAD's evaluation script counts them.
+"""`AnswerScores`: extractive QA's exact match or F1 over examples, as a torchmetrics ``Metric``.
 
-An answer is normalised (lower case; punctuation removed; the articles a / an / the removed; whitespace collapsed),
-then compared with each gold answer; a question scores its best match over its gold answers. F1 is over the
-normalised words (their multiset overlap). A question without gold answers (SQuAD 2.0's unanswerable) scores 1 when
-the prediction is empty, else 0. `AnswerScores` keeps, per window of an example, the score of its best span and that
-span's exact match and F1, and counts each example once, at its best-scoring window.
+It keeps, per window of an example, the score of the window's best span and that span's exact match and F1
+(`mtl.kinds.answer_match`), and counts each example once, at its best-scoring window.
 """
 
 from __future__ import annotations
 
-import re
-import string
-from collections import Counter
-
 import torch
 from torchmetrics import Metric
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = set(string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def exact_match(prediction: str, golds: list[str]) -> float:
-    """1.0 if the normalised prediction equals a normalised gold answer (or both are empty), else 0.0."""
-    if not golds:
-        return float(not normalize_answer(prediction))
-    return float(any(normalize_answer(prediction) == normalize_answer(g) for g in golds))
-
-
-def f1_score(prediction: str, golds: list[str]) -> float:
-    """The best word-overlap F1 of the normalised prediction against each gold answer."""
-    if not golds:
-        return float(not normalize_answer(prediction))
-    words = normalize_answer(prediction).split()
-    best = 0.0
-    for gold in golds:
-        gold_words = normalize_answer(gold).split()
-        if not words or not gold_words:  # an empty side matches only another empty side
-            best = max(best, float(words == gold_words))
-            continue
-        common = sum((Counter(words) & Counter(gold_words)).values())
-        if common:
-            precision, recall = common / len(words), common / len(gold_words)
-            best = max(best, 2 * precision * recall / (precision + recall))
-    return best
 
 
 class AnswerScores(Metric):

