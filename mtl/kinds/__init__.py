@@ -10,7 +10,9 @@ its spec's ``problem``, says everything else:
 - the head: its module, its width, its loss and what one prediction is;
 - scores: the metrics it offers, the default ones, and its headline metric: the higher-is-better number that
   stands for the task where one number is wanted (``val/avg/score``, which the configs' checkpoints monitor);
-- writing: a prediction file's row and the server's answer.
+- writing: a prediction file's row and the server's answer;
+- windows: whether a long example becomes several rows (a tagger's sentence, a QA context), each carrying its
+  ``example``; predictions, metrics and the sampler's weights then join an example's rows again.
 
 Adding a kind is one file with a `TaskKind` subclass and one entry in `KINDS`.
 """
