@@ -365,7 +365,7 @@ def compare(args: argparse.Namespace) -> int:
 
     for _, labels, head_class, _, task in TOKEN_HEADS.values():  # AdapterHub built each head from mtl's head_config
         head = report[task]["head"]
-        label2id = {tag: i for i, tag in labels.items()} if labels else None
+        label2id = {tag: i for i, tag in labels.items()} if labels else {"LABEL_0": 0, "LABEL_1": 1}  # QA's default
         if (report[task]["head_class"], head.get("layers"), head.get("label2id")) != (head_class, 1, label2id):
             problems.append(f"{task}: AdapterHub built {report[task]['head_class']} with layers {head.get('layers')} "
                             f"and label2id {head.get('label2id')}, expected {head_class}, 1 and {label2id}")

@@ -241,6 +241,8 @@ def _read_head(folder: Path, hidden_size: int, backbone_config: Any) -> dict[str
     label2id = cfg.get("label2id")
     labels = [str(k) for k, _ in sorted(label2id.items(), key=lambda kv: kv[1])] \
         if isinstance(label2id, dict) and sorted(label2id.values()) == list(range(num)) else None
+    if cfg["head_type"] == "question_answering":  # start and end are outputs, not label names
+        labels = None
     if tagging:
         problem = TOKEN_HEADS[cfg["head_type"]]
     elif cfg["head_type"] == "multilabel_classification":
@@ -425,8 +427,9 @@ def head_file(model: MTLModel, task: str, meta: dict[str, Any]) -> tuple[str, di
     head, labels = model.heads[task], model.records[task].labels
     label2id = {label: i for i, label in enumerate(labels)} if labels else None
     if head.problem == "extractive_qa":  # exactly QuestionAnsweringHead's config keys
+        # label2id: what AdapterHub's own add_qa_head writes (its model config's default names for 2 labels)
         head_config = {"head_type": "question_answering", "num_labels": 2, "layers": 1, "activation_function": "tanh",
-                       "label2id": None, "dropout_prob": head.dropout.p}
+                       "label2id": {"LABEL_0": 0, "LABEL_1": 1}, "dropout_prob": head.dropout.p}
     elif head.problem == "token_classification":
         # exactly TaggingHead's config keys: AdapterHub passes them all to TaggingHead(), which takes no use_pooler or
         # bias; activation_function (its default) only acts between layers, and one layer has none
