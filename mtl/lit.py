@@ -334,7 +334,8 @@ class AdapterTrainer(L.LightningModule):
                 scores = [logits[task][r].float() for r in mine]
                 if raw:
                     encoded = windows["texts"][example]
-                    out = {**kind.text_answer(labels, scores, encoded), "text": encoded.text}
+                    out = {**kind.text_answer(labels, scores, encoded, self.model.records[task].spec),
+                           "text": encoded.text}
                     at = index[example]
                 else:
                     out, at = kind.example_answer(labels, scores, batch, mine), example

@@ -57,6 +57,8 @@ def test_the_best_span_lies_in_the_context_ends_after_it_starts_and_is_not_too_l
     spans = torch.tensor([[[i, i + 1] if i else [-1, -1] for i in range(MAX_ANSWER_TOKENS + 3)]])
     start, end, _ = best_spans(long, spans)
     assert end.item() - start.item() < MAX_ANSWER_TOKENS
+    start, end, score = best_spans(long, spans, longest=MAX_ANSWER_TOKENS + 1)  # a spec's max_answer_length
+    assert (start.item(), end.item(), score.item()) == (1, MAX_ANSWER_TOKENS + 1, 20.0)
 
 
 def test_every_window_holding_the_answer_labels_exactly_its_tokens_and_the_others_point_at_cls(task_dir):
@@ -121,6 +123,9 @@ def test_a_squad_file_is_read_with_its_unanswerable_questions_and_mistakes_name_
         _examples(loaded, "train", read_source(loaded)["train"])
     with pytest.raises(MTLConfigError, match=r"labels: got \['a'\], expected no labels"):
         _write(tmp_path / "bad.yaml", spec + "labels: [a]\n")
+        load_task_spec(tmp_path / "bad.yaml")
+    with pytest.raises(MTLConfigError, match=r"max_answer_length: got 0, expected an int >= 1, for an extractive_qa"):
+        _write(tmp_path / "bad.yaml", spec + "max_answer_length: 0\n")
         load_task_spec(tmp_path / "bad.yaml")
     with pytest.raises(MTLConfigError, match=r"text_fields: got \['question'\], expected two columns"):
         _write(tmp_path / "bad.yaml", spec.replace("[question, context]", "[question]"))

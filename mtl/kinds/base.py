@@ -158,8 +158,10 @@ class TaskKind:
         """``label``, ``score`` and ``scores`` of the server's answer for one row's logits."""
         raise NotImplementedError
 
-    def text_answer(self, labels: list[str] | None, logits: list[torch.Tensor], encoded: EncodedText) -> dict[str, Any]:
-        """The server's answer for one text from the logits of its `encode_text` rows."""
+    def text_answer(self, labels: list[str] | None, logits: list[torch.Tensor], encoded: EncodedText,
+                    spec: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The server's answer for one text from the logits of its `encode_text` rows (``spec``: the task's saved spec,
+        for settings a kind reads when answering)."""
         return self.answer(labels, logits[0])
 
     def example_answer(self, labels: list[str] | None, logits: list[torch.Tensor], batch: dict[str, Any],

@@ -6,7 +6,7 @@ long for one window of ``max_length`` tokens is cut into overlapping windows (``
 tokenizer's offset mapping keeping each token's characters). Training labels a window with the start and end tokens
 of the first gold answer, or with the first token ([CLS]) where the answer is not wholly inside it. The head gives a
 start and an end logit per token. A window's best span maximises start + end logit over context tokens with
-start <= end < start + ``MAX_ANSWER_TOKENS``; an example's answer is the best span over its windows, mapped back to
+start <= end < start + ``max_answer_length`` (the spec's; default 30, SQuAD's); an example's answer is the best span over its windows, mapped back to
 characters of the context. Metrics: SQuAD's exact match and F1 (`mtl.kinds.answer_match`), headline F1.
 """
 
@@ -22,7 +22,7 @@ from mtl.kinds.base import MODEL_INPUTS, EncodedText, TaskKind, check_encodable
 from mtl.kinds.answer_match import exact_match, f1_score
 from mtl.kinds.token_classification import TokenHead
 
-MAX_ANSWER_TOKENS = 30  # the longest span a prediction may be (SQuAD's max_answer_length)
+MAX_ANSWER_TOKENS = 30  # the longest span a prediction may be, unless the spec says (SQuAD's max_answer_length)
 NO_OFFSET = (-1, -1)  # a token outside the context (the question, special tokens, padding)
 
 
@@ -38,9 +38,10 @@ class QAHead(TokenHead):
         return logits.masked_fill(~attention_mask.bool().unsqueeze(-1), torch.finfo(logits.dtype).min)
 
 
-def best_spans(logits: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row (window) the best span over its context tokens: (start token, end token, start + end logit); a row
-    without context tokens gets (0, 0, -inf)."""
+def best_spans(logits: torch.Tensor, offsets: torch.Tensor, longest: int = MAX_ANSWER_TOKENS
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row (window) the best span of at most ``longest`` tokens over its context tokens: (start token, end token,
+    start + end logit); a row without context tokens gets (0, 0, -inf)."""
     start, end = logits[..., 0].float(), logits[..., 1].float()
     context = offsets[..., 0] >= 0
     low = torch.finfo(start.dtype).min / 4  # halved twice: start + end of two masked tokens stays finite
@@ -48,7 +49,7 @@ def best_spans(logits: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tenso
     pair = start.unsqueeze(2) + end.unsqueeze(1)  # [rows, start token, end token]
     tokens = pair.shape[1]
     at = torch.arange(tokens, device=pair.device)
-    allowed = (at.unsqueeze(0) >= at.unsqueeze(1)) & (at.unsqueeze(0) < at.unsqueeze(1) + MAX_ANSWER_TOKENS)
+    allowed = (at.unsqueeze(0) >= at.unsqueeze(1)) & (at.unsqueeze(0) < at.unsqueeze(1) + longest)
     pair = pair.masked_fill(~allowed, float("-inf"))
     score, flat = pair.reshape(pair.shape[0], -1).max(-1)
     score = torch.where(context.any(-1), score, torch.full_like(score, float("-inf")))
@@ -120,8 +121,8 @@ class ExtractiveQA(TaskKind):
     def encode(self, tokenizer: Any, batch: dict[str, list], indices: list[int], spec: Any) -> dict[str, list]:
         """A row per window of each (question, context): the encoder inputs, ``labels`` = [start, end] token of the
         first answer (0, 0 where it is not in the window), ``offsets`` (characters of each context token, -1 outside
-        the context), ``example`` (the row in the split), and the ``context`` and gold answer texts (``golds``) that
-        the metrics read."""
+        the context), ``example`` (the row in the split), and what the metrics read: the ``context``, the gold answer
+        texts (``golds``) and the ``longest`` answer to consider (the spec's ``max_answer_length``)."""
         questions, contexts = batch[spec.text_fields[0]], batch[spec.text_fields[1]]
         too_long = check_room(tokenizer, questions, spec.max_length, spec.stride)
         if too_long is not None:
@@ -130,6 +131,7 @@ class ExtractiveQA(TaskKind):
         for example, inputs, offsets in windows(tokenizer, questions, contexts, spec.max_length, spec.stride):
             answers = batch["label"][example]
             row = {**inputs, "labels": answer_tokens(offsets, answers[0] if answers else None),
+                   "longest": spec.max_answer_length or MAX_ANSWER_TOKENS,
                    "offsets": [list(o) for o in offsets], "example": indices[example], "context": contexts[example],
                    "golds": [a["text"] for a in answers]}
             for key, value in row.items():
@@ -151,10 +153,12 @@ class ExtractiveQA(TaskKind):
                                                   doc_stride)]
         return EncodedText(text["context"], rows)
 
-    def text_answer(self, labels: list[str] | None, logits: list[torch.Tensor], encoded: EncodedText) -> dict[str, Any]:
-        """The answer: its text (``label``), its characters in the context (``start``, ``end``) and ``score``."""
+    def text_answer(self, labels: list[str] | None, logits: list[torch.Tensor], encoded: EncodedText,
+                    spec: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The answer: its text (``label``), its characters in the context (``start``, ``end``) and ``score``; at most
+        the task spec's ``max_answer_length`` tokens long."""
         offsets = [torch.tensor(r["offsets"], dtype=torch.long) for r in encoded.rows]
-        return best_answer(logits, offsets, encoded.text)
+        return best_answer(logits, offsets, encoded.text, (spec or {}).get("max_answer_length") or MAX_ANSWER_TOKENS)
 
     def collate(self, column: str, values: list[Any], width: int) -> Any:
         """``offsets`` padded to the batch's width with -1; the context and gold texts as lists."""
@@ -183,8 +187,8 @@ class ExtractiveQA(TaskKind):
     def example_answer(self, labels: list[str] | None, logits: list[torch.Tensor], batch: dict[str, Any],
                        rows: list[int]) -> dict[str, Any]:
         """An example of a split: its answer (`best_answer`) and its question as ``text``."""
-        return {**best_answer(logits, [batch["offsets"][r] for r in rows], batch["context"][rows[0]]),
-                "text": batch["text"][rows[0]]}
+        return {**best_answer(logits, [batch["offsets"][r] for r in rows], batch["context"][rows[0]],
+                              int(batch["longest"][rows[0]])), "text": batch["text"][rows[0]]}
 
     # ---- scores --------------------------------------------------------------------------------
     def metric(self, name: str, labels: list[str]) -> Any:
@@ -195,7 +199,7 @@ class ExtractiveQA(TaskKind):
 
     def metric_inputs(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         """Per window: its example, its best span's score, and that span's exact match and F1 against the golds."""
-        start, end, score = best_spans(logits, batch["offsets"])
+        start, end, score = best_spans(logits, batch["offsets"], int(batch["longest"][0]))
         offsets = batch["offsets"].tolist()
         exact, f1 = [], []
         for row, (s, e) in enumerate(zip(start.tolist(), end.tolist())):
@@ -206,7 +210,8 @@ class ExtractiveQA(TaskKind):
         return batch["example"], score, torch.tensor(exact), torch.tensor(f1)
 
 
-def best_answer(logits: list[torch.Tensor], offsets: list[torch.Tensor], context: str) -> dict[str, Any]:
+def best_answer(logits: list[torch.Tensor], offsets: list[torch.Tensor], context: str,
+                longest: int = MAX_ANSWER_TOKENS) -> dict[str, Any]:
     """An example's answer from its windows' logits and token offsets: the best span over all windows, as ``label``
     (its text), ``start`` / ``end`` (characters of ``context``) and ``score`` (the span's probability in its window:
     softmax of its start times softmax of its end)."""
@@ -216,7 +221,7 @@ def best_answer(logits: list[torch.Tensor], offsets: list[torch.Tensor], context
     stacked = torch.nn.utils.rnn.pad_sequence([x[:len(o)].float() for x, o in zip(logits, offsets)], batch_first=True,
                                               padding_value=torch.finfo(torch.float).min)
     where = torch.nn.utils.rnn.pad_sequence(offsets, batch_first=True, padding_value=-1)
-    start, end, score = best_spans(stacked, where)
+    start, end, score = best_spans(stacked, where, longest)
     window = int(score.argmax())
     s, e = int(start[window]), int(end[window])
     a, b = int(where[window, s, 0]), int(where[window, e, 1])

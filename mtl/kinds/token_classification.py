@@ -211,7 +211,8 @@ class TokenClassification(TaskKind):
                               "score": sum(scores[a:b]) / (b - a)})
         return {"label": tags, "score": scores, "words": list(words), "entities": spans}
 
-    def text_answer(self, labels: list[str] | None, logits: list[torch.Tensor], encoded: EncodedText) -> dict[str, Any]:
+    def text_answer(self, labels: list[str] | None, logits: list[torch.Tensor], encoded: EncodedText,
+                    spec: dict[str, Any] | None = None) -> dict[str, Any]:
         """Per word of the text its tag and probability, and the entities with their character offsets."""
         return self.tag_words(labels, logits, [r["word_ids"] for r in encoded.rows], encoded.words or [],
                               encoded.offsets, encoded.text)

@@ -273,8 +273,9 @@ class AdapterServingAPI(ls.LitAPI):
         if rows:
             for (i, _, task), (encoded, logits) in zip(rows, self._forward(rows, encoded)):
                 kind = kind_of(self.model.heads[task].problem)
-                results.setdefault(i, []).append({"task": task, **kind.text_answer(self.model.records[task].labels,
-                                                                                    logits, encoded),
+                record = self.model.records[task]
+                results.setdefault(i, []).append({"task": task, **kind.text_answer(record.labels, logits, encoded,
+                                                                                    record.spec),
                                                   "version": versions[task]})
         for i, r in enumerate(requests):
             if out[i] is None:
