@@ -296,7 +296,7 @@ class AdapterTrainer(L.LightningModule):
             return sorted(rows, key=lambda row: row["index"])
         if batch["task"] is None:  # a predict file: every task that reads its examples (texts, or questions)
             questions = isinstance(texts[0], dict)
-            tasks = [t for t in self.model.tasks if (kind_of(self.model.heads[t].problem).min_text_fields == 2) == questions]
+            tasks = [t for t in self.model.tasks if kind_of(self.model.heads[t].problem).reads_questions == questions]
         else:
             tasks = [self.routes.get(batch["task"], batch["task"])]
         windowed = [t for t in tasks if kind_of(self.model.heads[t].problem).windowed]

@@ -100,12 +100,12 @@ def check_single_process(trainer_config: dict[str, Any], command: str) -> None:
 def _check_predict_file(model: Any, data: Any) -> None:
     """Some task of the model reads the predict file's examples: texts, or questions about a context (question
     answering); a router routes texts only."""
-    from mtl.data.predict_input import reads_questions
+    from mtl.data.predict_input import file_holds_questions
     from mtl.kinds import kind_of
 
-    questions = reads_questions(data.predict_file, data.predict_text_field)
+    questions = file_holds_questions(data.predict_file, data.predict_text_field)
     kinds = {task: kind_of(head.problem) for task, head in model.model.heads.items()}
-    if not any((kind.min_text_fields == 2) == questions for kind in kinds.values()):
+    if not any(kind.reads_questions == questions for kind in kinds.values()):
         what = "questions ({question, context} rows)" if questions else "texts"
         need = "an extractive_qa task" if questions else "a task that reads one text"
         raise MTLConfigError(f"data.predict_file: {data.predict_file}: holds {what}, which none of the model's tasks "

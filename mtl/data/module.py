@@ -19,7 +19,7 @@ from transformers import DataCollatorWithPadding
 from mtl.arch import max_tokens
 from mtl.backbone import load_backbone_config, load_tokenizer
 from mtl.data.predict_input import (TextStream, check_predict_file_name, count_predict_examples, iter_predict_texts,
-                                    reads_questions)
+                                    file_holds_questions)
 from mtl.data.sampling import (GROUP_BATCHES, TaskBatchSampler, shard_rows, sorted_by_length, task_probabilities,
                                 WholeExampleBatches)
 from mtl.data.sources import SPLITS, load_task_dataset
@@ -282,7 +282,7 @@ class TaskDataModule(L.LightningDataModule):
             raise _sampler_refusal(processes)
         if stage == "predict" and self.predict_file is not None:
             count_predict_examples(self.predict_file, self.predict_text_field)
-            if reads_questions(self.predict_file, self.predict_text_field):
+            if file_holds_questions(self.predict_file, self.predict_text_field):
                 self._check_questions()
             self._predict_file_checked = True
             return
@@ -450,7 +450,7 @@ class TaskDataModule(L.LightningDataModule):
         module = getattr(self._trainer_or_none(), "lightning_module", None)
         heads = getattr(getattr(module, "model", None), "heads", None)
         kinds = [kind_of(h.problem) for h in (heads or {}).values()]
-        return next((k for k in kinds if k.windowed and (k.min_text_fields == 2) == questions), None)
+        return next((k for k in kinds if k.windowed and k.reads_questions == questions), None)
 
     def _trainer_or_none(self) -> Any:
         return getattr(self, "trainer", None)
@@ -597,7 +597,7 @@ class TaskDataModule(L.LightningDataModule):
         if self.predict_file is not None:
             if not self._predict_file_checked:  # mistakes in the file stop the run before any output is started
                 count_predict_examples(self.predict_file, self.predict_text_field)
-            questions = reads_questions(self.predict_file, self.predict_text_field)
+            questions = file_holds_questions(self.predict_file, self.predict_text_field)
             stream = TextStream(self.predict_file, self.predict_text_field, self.tokenizer, self.predict_max_length,
                                 self.eval_batch_size, windows=self._window_kind(questions))
             # the stream yields whole batches (batch_size=None): tokenised per batch, in the file's order

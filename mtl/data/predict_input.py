@@ -80,7 +80,7 @@ def count_predict_examples(path: str | Path, text_field: str = "text") -> int:
     return sum(1 for _ in iter_predict_texts(path, text_field))
 
 
-def reads_questions(path: str | Path, text_field: str = "text") -> bool:
+def file_holds_questions(path: str | Path, text_field: str = "text") -> bool:
     """Whether the file holds questions (``{question, context}`` rows) rather than texts, from its first row."""
     return isinstance(next(iter_predict_texts(path, text_field)), dict)
 

@@ -60,6 +60,7 @@ class TaskKind:
     has_classes = False  # one class per row: splits stratified by it, classes checked, ambiguous duplicates dropped
     text_fields = 2  # the most text columns an example may have (two: a sentence pair)
     min_text_fields = 1  # and the fewest
+    reads_questions = False  # an example is a question about a context (a predict file's {question, context} rows)
     drops_empty = True  # an example with an empty text is dropped and counted (else `check_example` refuses it)
     windowed = False  # a long example becomes several rows (windows, ``doc_stride`` apart), each with its ``example``
     reads_words = False  # examples are lists of words (read from word-and-tag files; predicted per word)

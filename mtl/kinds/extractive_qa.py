@@ -68,6 +68,7 @@ class ExtractiveQA(TaskKind):
     windowed = True
     drops_empty = False  # a question without words or a context without text is a mistake in the file
     min_text_fields = 2  # the question and the context
+    reads_questions = True
 
     def check_labels(self, labels: list[str]) -> str | None:
         """None: the answer is a span of the context, there are no label names."""
