@@ -246,8 +246,8 @@ def qa_row(n: int, question: str = "which colour?", context: str = "alpha red st
 
 
 def question_answering(rows: str, extra: str = "") -> Callable[[Path], None]:
-    """Setup: a QA task ``tasks/qabad.yaml`` reading ``tasks/q.jsonl`` (three good rows, then ``rows``)."""
-    return steps(write("tasks/q.jsonl", "".join(qa_row(n) for n in range(3)) + rows),
+    """Setup: a QA task ``tasks/qabad.yaml`` reading ``tasks/q.jsonl`` (twenty good rows, then ``rows``)."""
+    return steps(write("tasks/q.jsonl", "".join(qa_row(n) for n in range(20)) + rows),
                  write("tasks/qabad.yaml", QA.format(file="q.jsonl", extra=extra)))
 
 

@@ -297,7 +297,8 @@ def test_a_question_about_a_long_context_shares_the_one_forward_and_answers_as_i
     assert "expected {question, context}: an extractive_qa task answers a question about a context" in errors[0]
     assert "expected a string: a classification task reads one text" in errors[1]
     assert "a {question, context} text needs 'task'" in errors[2]
-    assert "the question is 20 tokens; with max_length 16 and doc_stride 4" in errors[3]
+    assert "the question 'which which which which which '... is 20 tokens; with max_length 16 and doc_stride 4" \
+        in errors[3]
     assert errors[4] is None and out[4]["label"] == answer["label"]
 
 

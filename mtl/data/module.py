@@ -383,7 +383,14 @@ class TaskDataModule(L.LightningDataModule):
     def _raw_dataset(self, name: str) -> datasets.DatasetDict:
         """The task's untokenised splits with the caps applied (read once)."""
         if name not in self._raw:
-            self._raw[name] = load_task_dataset(self.effective_spec(name))
+            spec = self.effective_spec(name)
+            raw = load_task_dataset(spec)
+            kind = kind_of(spec.problem)
+            for split in SPLITS:  # what only the tokenizer can find, before any split is tokenised into the cache
+                found = kind.check_tokenized(self.tokenizer, raw[split], spec)
+                if found is not None:
+                    raise MTLConfigError(f"{spec.spec_file}: source.{split} row {found[0]}: {found[1]}")
+            self._raw[name] = raw
         return self._raw[name]
 
     def _tokenised(self, spec: TaskSpec) -> datasets.DatasetDict:

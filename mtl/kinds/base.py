@@ -94,6 +94,11 @@ class TaskKind:
         """One raw label value from a data file -> what the dataset stores (``where`` names file and row)."""
         raise NotImplementedError
 
+    def check_tokenized(self, tokenizer: Any, split: Any, spec: Any) -> tuple[int, str] | None:
+        """The first example of a read split (a ``datasets.Dataset``) that this kind cannot encode with ``tokenizer``
+        (its row and why), or None; checked before any split is tokenised."""
+        return None
+
     # ---- encoding and collation ----------------------------------------------------------------
     def encode(self, tokenizer: Any, batch: dict[str, list], indices: list[int], spec: Any) -> dict[str, list]:
         """Rows for the encoder from a batch of read examples (``label`` column included; ``indices``: their rows in

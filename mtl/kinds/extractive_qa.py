@@ -125,9 +125,6 @@ class ExtractiveQA(TaskKind):
         the context), ``example`` (the row in the split), and what the metrics read: the ``context``, the gold answer
         texts (``golds``) and the ``longest`` answer to consider (the spec's ``max_answer_length``)."""
         questions, contexts = batch[spec.text_fields[0]], batch[spec.text_fields[1]]
-        too_long = check_room(tokenizer, questions, spec.max_length, spec.stride)
-        if too_long is not None:
-            raise MTLConfigError(f"{spec.spec_file}: row {indices[too_long[0]]}: {too_long[1]}")
         out: dict[str, list] = {}
         for example, inputs, offsets in windows(tokenizer, questions, contexts, spec.max_length, spec.stride):
             answers = batch["label"][example]
@@ -138,6 +135,10 @@ class ExtractiveQA(TaskKind):
             for key, value in row.items():
                 out.setdefault(key, []).append(value)
         return out
+
+    def check_tokenized(self, tokenizer: Any, split: Any, spec: Any) -> tuple[int, str] | None:
+        """The first question that leaves a window no room for its context (see `check_room`)."""
+        return check_room(tokenizer, list(split[spec.text_fields[0]]), spec.max_length, spec.stride)
 
     def encode_text(self, tokenizer: Any, text: Any, max_length: int, doc_stride: int) -> EncodedText:
         """A request's ``{question, context}`` as the windows of its context (``offsets`` per row); ``text``: the
@@ -267,7 +268,8 @@ def check_room(tokenizer: Any, questions: list[str], max_length: int, stride: in
     room = max_length - tokenizer.num_special_tokens_to_add(pair=True) - stride - 1
     for n, question in enumerate(tokenizer(questions, add_special_tokens=False)["input_ids"]):
         if len(question) > room:
-            return n, (f"the question is {len(question)} tokens; with max_length {max_length} and doc_stride {stride} "
+            return n, (f"the question {questions[n][:30]!r}... is {len(question)} tokens; with max_length {max_length} "
+                       f"and doc_stride {stride} "
                        f"a window has room for questions of up to {room} tokens beside the context, expected a "
                        "shorter question (or raise max_length)")
     return None
