@@ -1,12 +1,14 @@
-"""Run ``train.py fit`` then ``train.py test`` in a subprocess and read back the test metrics."""
+"""Run ``train.py fit`` then ``train.py test`` in a subprocess and read back the test metrics; keep results over seeds."""
 
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,3 +44,22 @@ def _call(args: list[str]) -> None:
     done = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"train.py {args[0]} failed:\n{done.stderr[-3000:]}")
+
+
+def run_seeds(store: Path, seeds: list[int], systems: list[str],
+              runners: dict[str, Callable[[int], tuple[dict[str, float], float] | None]]) -> dict:
+    """Run each system for each seed, keeping every result in ``store`` (JSON: system -> seed -> metrics and fit
+    wall); a rerun of a system and seed replaces its result. A runner returning None is skipped with a note. Returns
+    every kept result."""
+    kept = json.loads(store.read_text()) if store.exists() else {}
+    for seed in seeds:
+        for system in systems:
+            result = runners[system](seed)
+            if result is None:
+                print(f"  {system}: not run (see benchmarks/peers/README.md)", file=sys.stderr, flush=True)
+                continue
+            kept.setdefault(system, {})[str(seed)] = {"metrics": result[0], "wall_s": result[1]}
+            store.parent.mkdir(parents=True, exist_ok=True)
+            store.write_text(json.dumps(kept, indent=1))
+            print(f"  {system} seed {seed}: {result}", file=sys.stderr, flush=True)
+    return kept

@@ -20,9 +20,8 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 
-from cli_runs import ROOT, fit_and_test
+from cli_runs import ROOT, fit_and_test, run_seeds
 
 OUT = ROOT / "checkpoints" / "bench-qa"
 PEER = ROOT / "benchmarks" / "peers" / ".venv-adapterhub" / "bin" / "python"
@@ -73,18 +72,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-3)
     args = parser.parse_args()
     store = OUT / "results.json"
-    kept = json.loads(store.read_text()) if store.exists() else {}
-    runners = {"mtl": run_mtl, "AdapterHub": run_adapterhub}
-    for seed in args.seeds:
-        for system in args.systems:
-            result = runners[system](seed, args.epochs, args.lr)
-            if result is None:
-                print(f"  {system}: not run (see benchmarks/peers/README.md)", file=sys.stderr, flush=True)
-                continue
-            kept.setdefault(system, {})[str(seed)] = {"metrics": result[0], "wall_s": result[1]}
-            OUT.mkdir(parents=True, exist_ok=True)
-            store.write_text(json.dumps(kept, indent=1))
-            print(f"  {system} seed {seed}: {result}", file=sys.stderr, flush=True)
+    runners = {"mtl": lambda s: run_mtl(s, args.epochs, args.lr),
+               "AdapterHub": lambda s: run_adapterhub(s, args.epochs, args.lr)}
+    kept = run_seeds(store, args.seeds, args.systems, runners)
     print(f"\n{TASK}, MiniLM-L6 + Pfeiffer r16, lr {args.lr}, {args.epochs} epochs, batch 16 (from {store})\n")
     print("| system | test F1 per seed | median (min-max) | exact match (median) | fit wall s (median) |")
     print("|---|---|---:|---:|---:|")

@@ -24,11 +24,10 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from cli_runs import ROOT, fit_and_test
+from cli_runs import ROOT, fit_and_test, run_seeds
 
 OUT = ROOT / "checkpoints" / "bench-tagging"
 PEER = ROOT / "benchmarks" / "peers" / ".venv-adapterhub" / "bin" / "python"
@@ -128,20 +127,10 @@ def main() -> None:
     parser.add_argument("--probe-lr", type=float, default=1e-2)
     args = parser.parse_args()
     store = OUT / "results.json"
-    kept = json.loads(store.read_text()) if store.exists() else {}
     runners = {"mtl": lambda s: run_mtl(s, args.epochs, args.lr),
                "AdapterHub": lambda s: run_adapterhub(s, args.epochs, args.lr),
                "linear probe": lambda s: run_probe(s, args.probe_epochs, args.probe_lr)}
-    for seed in args.seeds:
-        for system in args.systems:
-            result = runners[system](seed)
-            if result is None:
-                print(f"  {system}: not run (see benchmarks/peers/README.md)", file=sys.stderr, flush=True)
-                continue
-            kept.setdefault(system, {})[str(seed)] = {"metrics": result[0], "wall_s": result[1]}
-            OUT.mkdir(parents=True, exist_ok=True)
-            store.write_text(json.dumps(kept, indent=1))
-            print(f"  {system} seed {seed}: {result}", file=sys.stderr, flush=True)
+    kept = run_seeds(store, args.seeds, args.systems, runners)
     print(f"\nCoNLL-2003 NER, MiniLM-L6, 3,000 train sentences, test 1,000; adapters: Pfeiffer r16, lr {args.lr}, "
           f"{args.epochs} epochs, batch 32; probe: lr {args.probe_lr}, {args.probe_epochs} epochs (from {store})\n")
     print("| system | test entity F1 per seed | median (min-max) | precision | recall | word acc | fit wall s (median) |")
