@@ -18,8 +18,8 @@ from transformers import DataCollatorWithPadding
 
 from mtl.arch import max_tokens
 from mtl.backbone import load_backbone_config, load_tokenizer
-from mtl.data.predict_input import (TextStream, check_predict_file_name, count_predict_examples, iter_predict_texts,
-                                    file_holds_questions)
+from mtl.data.predict_input import (TextStream, check_predict_file_name, count_predict_examples,
+                                    file_holds_questions, iter_predict_texts, predict_stride)
 from mtl.data.sampling import (GROUP_BATCHES, TaskBatchSampler, shard_rows, sorted_by_length, task_probabilities,
                                 WholeExampleBatches)
 from mtl.data.sources import SPLITS, load_task_dataset
@@ -294,7 +294,7 @@ class TaskDataModule(L.LightningDataModule):
         """Every question of the predict file leaves room for its context in a window (one line naming the row)."""
         from mtl.kinds.extractive_qa import check_room
 
-        stride = self.predict_max_length // 4
+        stride = predict_stride(self.predict_max_length)
         rows = enumerate(iter_predict_texts(self.predict_file, self.predict_text_field), start=1)
         for chunk in iter(lambda: list(itertools.islice(rows, 256)), []):
             found = check_room(self.tokenizer, [q["question"] for _, q in chunk], self.predict_max_length, stride)

@@ -108,6 +108,12 @@ def _jsonl_text(path: Path, n: int, line: str, field: str) -> str:
     return value.strip()
 
 
+def predict_stride(max_length: int) -> int:
+    """Tokens that consecutive windows of a predict file's example share: a quarter of ``max_length`` (a task spec's
+    default ``doc_stride``)."""
+    return max_length // 4
+
+
 class TextStream(IterableDataset):
     """The file's examples as lists of ``batch_size`` items (``index``: position in the file, ``text``, ``task`` None),
     read and tokenised one batch at a time; use with ``DataLoader(batch_size=None)``."""
@@ -140,5 +146,6 @@ class TextStream(IterableDataset):
                 item.update({k: enc[k][i] for k in MODEL_INPUTS if k in enc})
         if self.windows is not None:
             for item, text in zip(items, texts):
-                item["words"] = self.windows.encode_text(self.tokenizer, text, self.max_length, self.max_length // 4)
+                item["words"] = self.windows.encode_text(self.tokenizer, text, self.max_length,
+                                                         predict_stride(self.max_length))
         return items

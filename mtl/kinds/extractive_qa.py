@@ -6,8 +6,8 @@ long for one window of ``max_length`` tokens is cut into overlapping windows (``
 tokenizer's offset mapping keeping each token's characters). Training labels a window with the start and end tokens
 of the first gold answer, or with the first token ([CLS]) where the answer is not wholly inside it. The head gives a
 start and an end logit per token. A window's best span maximises start + end logit over context tokens with
-start <= end < start + ``max_answer_length`` (the spec's; default 30, SQuAD's); an example's answer is the best span over its windows, mapped back to
-characters of the context. Metrics: SQuAD's exact match and F1 (`mtl.kinds.answer_match`), headline F1.
+start <= end < start + ``max_answer_length`` (the spec's; default 30, SQuAD's); an example's answer is the best
+span over its windows, mapped back to characters of the context. Metrics: SQuAD's exact match and F1 (`mtl.kinds.answer_match`), headline F1.
 """
 
 from __future__ import annotations
