@@ -1,14 +1,15 @@
 """Extractive QA on population_spans: mtl's adapter next to AdapterHub's own training of the same adapter and head, over
 seeds.
 
-Usage: python benchmarks/qa_accuracy.py [--seeds 0 1 2] [--systems mtl AdapterHub] [--epochs 10] [--lr 5e-3]
+Usage: python benchmarks/qa_accuracy.py [--seeds 0 1 2] [--systems mtl AdapterHub] [--epochs 3] [--lr 5e-3]
 
 Needs ``python -m mtl.data.prepare population_spans`` once.
 - mtl: ``train.py fit`` then ``train.py test`` with configs/qa.yaml (Pfeiffer r16 on MiniLM-L6, max_length 384,
   doc_stride 128, batch 16, best epoch by validation F1), per seed.
 - AdapterHub: benchmarks/peers/adapterhub_qa_fit.py in the optional venv benchmarks/peers/.venv-adapterhub, on the
-  rows mtl reads (written here to checkpoints/bench-qa/rows.json from ``load_task_dataset``), with the same windows,
-  lr, epochs, batch size, warm-up and precision rule; skipped with a note when that venv is missing.
+  rows mtl reads (written here to checkpoints/bench-qa/rows.json from ``load_task_dataset``), with the spec's windows
+  and longest answer, the same lr, epochs, batch size, warm-up and precision rule; skipped with a note when that
+  venv is missing.
 Test exact match and F1 are SQuAD's (mtl.kinds.answer_match, used by both). Each run's result is kept in
 checkpoints/bench-qa/results.json; the table shows every kept result and the fit wall times (the whole process but
 its test).
@@ -37,25 +38,28 @@ def run_mtl(seed: int, epochs: int, lr: float) -> tuple[dict[str, float], float]
     return {k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"test/{TASK}/")}, wall
 
 
-def write_rows() -> None:
-    """The rows mtl reads for the task, for the peer script."""
+def write_rows() -> list[str]:
+    """Write the rows mtl reads for the task, for the peer script; return the peer's window arguments (the spec's)."""
     from mtl.data.sources import load_task_dataset
     from mtl.data.spec import load_task_spec
 
-    data = load_task_dataset(load_task_spec(TASK, ROOT / "tasks"))
+    spec = load_task_spec(TASK, ROOT / "tasks")
+    data = load_task_dataset(spec)
     rows = {split: [{"question": r["question"], "context": r["context"], "answers": r["label"]} for r in data[split]]
             for split in data}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "rows.json").write_text(json.dumps(rows))
+    return ["--max-length", str(spec.max_length), "--doc-stride", str(spec.doc_stride),
+            "--max-answer-length", str(spec.max_answer_length)]
 
 
 def run_adapterhub(seed: int, epochs: int, lr: float) -> tuple[dict[str, float], float] | None:
     """AdapterHub's own training for one seed (None without its venv)."""
     if not PEER.exists():
         return None
-    write_rows()
+    windows = write_rows()
     done = subprocess.run([str(PEER), "benchmarks/peers/adapterhub_qa_fit.py", "--rows", str(OUT / "rows.json"),
-                           "--seed", str(seed), "--epochs", str(epochs), "--lr", str(lr)], cwd=ROOT,
+                           "--seed", str(seed), "--epochs", str(epochs), "--lr", str(lr), *windows], cwd=ROOT,
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"adapterhub_qa_fit.py failed:\n{done.stderr[-3000:]}")
@@ -68,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=5e-3)
     args = parser.parse_args()
     store = OUT / "results.json"

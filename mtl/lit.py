@@ -25,6 +25,7 @@ from mtl.data.spec import load_task_specs
 from mtl.errors import MTLConfigError, MTLWriteError
 from mtl.fusion.report import attention_report
 from mtl.kinds import kind_of
+from mtl.kinds.base import example_form
 from mtl.metrics import build_metrics
 from mtl.precision import attention_kernel, check_attention
 from mtl.preflight import writable_folder
@@ -294,9 +295,9 @@ class AdapterTrainer(L.LightningModule):
             if tagged:  # one forward over the windows for every tagger a text went to
                 rows += [row for row in self._window_rows(list(tagged), batch) if row["index"] in tagged[row["task"]]]
             return sorted(rows, key=lambda row: row["index"])
-        if batch["task"] is None:  # a predict file: every task that reads its examples (texts, or questions)
-            questions = isinstance(texts[0], dict)
-            tasks = [t for t in self.model.tasks if kind_of(self.model.heads[t].problem).reads_questions == questions]
+        if batch["task"] is None:  # a predict file: every task that reads its form of example (texts, or questions)
+            form = example_form(texts[0])
+            tasks = [t for t in self.model.tasks if kind_of(self.model.heads[t].problem).reads == form]
         else:
             tasks = [self.routes.get(batch["task"], batch["task"])]
         windowed = [t for t in tasks if kind_of(self.model.heads[t].problem).windowed]
@@ -316,8 +317,8 @@ class AdapterTrainer(L.LightningModule):
         return rows
 
     def _window_rows(self, tasks: list[str], batch: dict[str, Any]) -> list[dict[str, Any]]:
-        """Prediction rows of windowed tasks (taggers, QA): one per example, from all its windows (a split's rows, or
-        the windows of a predict file's texts in ``batch["words"]``), in one forward for all ``tasks``."""
+        """Prediction rows of windowed tasks (taggers, QA, multiple choice): one per example, from all its rows (a
+        split's, or the rows of a predict file's examples in ``batch["words"]``), in one forward for all ``tasks``."""
         raw = batch["task"] is None  # raw texts: their windows came with the batch
         windows = batch["words"] if raw else batch
         examples = windows["example"].tolist()

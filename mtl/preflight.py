@@ -98,21 +98,22 @@ def check_single_process(trainer_config: dict[str, Any], command: str) -> None:
 
 
 def _check_predict_file(model: Any, data: Any) -> None:
-    """Some task of the model reads the predict file's examples: texts, or questions about a context (question
-    answering); a router routes texts only."""
-    from mtl.data.predict_input import file_holds_questions
-    from mtl.kinds import kind_of
+    """Some task of the model reads the predict file's form of example: texts, questions about a context (question
+    answering) or questions with answer choices (multiple choice); a router routes texts only."""
+    from mtl.data.predict_input import file_form
+    from mtl.kinds import KINDS, kind_of
+    from mtl.kinds.base import FORM_NAMES
 
-    questions = file_holds_questions(data.predict_file, data.predict_text_field)
+    form = file_form(data.predict_file, data.predict_text_field)
     kinds = {task: kind_of(head.problem) for task, head in model.model.heads.items()}
-    if not any(kind.reads_questions == questions for kind in kinds.values()):
-        what = "questions ({question, context} rows)" if questions else "texts"
-        need = "an extractive_qa task" if questions else "a task that reads one text"
-        raise MTLConfigError(f"data.predict_file: {data.predict_file}: holds {what}, which none of the model's tasks "
-                             f"{sorted(kinds)} reads, expected a model with {need}")
-    if questions and getattr(model, "router", None) is not None:
+    if not any(kind.reads == form for kind in kinds.values()):
+        need = "a task that reads one text" if form == "text" else \
+            " or ".join(f"a task of problem {k.name}" for k in KINDS.values() if k.reads == form)
+        raise MTLConfigError(f"data.predict_file: {data.predict_file}: holds {FORM_NAMES[form]}, which none of "
+                             f"the model's tasks {sorted(kinds)} reads, expected a model with {need}")
+    if form != "text" and getattr(model, "router", None) is not None:
         raise MTLConfigError(f"data.predict_file: {data.predict_file}: holds questions; a router picks a task for a "
-                             "text, expected no model.router (every question-answering task answers)")
+                             "text, expected no model.router (every task that reads them answers)")
 
 
 def preflight(stage: str, model: Any, data: Any, trainer_config: dict[str, Any], ckpt_path: str | None) -> None:

@@ -102,6 +102,7 @@ def task_dir(tmp_path_factory) -> Path:
     keyword_task(path, "colour", ["red", "blue", "pink"], rows=180, seed=1)
     tagging_task(path, "tagger")
     qa_task(path, "qa")
+    choice_task(path, "choice")
     return path
 
 
@@ -161,3 +162,24 @@ def qa_task(path: Path, name: str = "qa", rows: int = 200, seed: int = 0, max_le
     (path / f"{name}.yaml").write_text(
         f"source: {{type: files, train: {name}.jsonl}}\ntext_fields: [question, context]\nlabel_field: answers\n"
         f"problem: extractive_qa\nmax_length: {max_length}\ndoc_stride: 6\n")
+
+
+def choice_task(path: Path, name: str = "choice", rows: int = 200, seed: int = 0, max_length: int = 16) -> None:
+    """Write a multiple-choice task (JSONL context / question / choices / label): of 3 choices, the right one is the
+    only colour word (red, blue or pink); labels alternate between the index, the position's name and the choice's
+    text."""
+    import json
+
+    rng = random.Random(seed)
+    lines = []
+    for i in range(rows):
+        choices = rng.sample(WORDS, 2)
+        right = rng.randrange(3)
+        choices.insert(right, rng.choice(["red", "blue", "pink"]))
+        label = [right, "ABC"[right], choices[right]][i % 3]
+        lines.append(json.dumps({"context": " ".join(rng.sample(WORDS, 4)) + f" {i}", "question": "which colour?",
+                                 "choices": choices, "label": label}))
+    (path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    (path / f"{name}.yaml").write_text(
+        f"source: {{type: files, train: {name}.jsonl}}\ntext_fields: [context, question, choices]\nlabel_field: label\n"
+        f"labels: [A, B, C]\nproblem: multiple_choice\nmax_length: {max_length}\n")

@@ -171,8 +171,8 @@ def test_subsample_caps_train_and_eval(tmp_path):
 @pytest.mark.parametrize(
     "rows, labels, match",
     [
-        ([(f"t{i}", i % 3) for i in range(30)], ["a", "b"], r"labels: source.train row 2: label index 2 out of range, expected 0..1"),
-        ([(f"t{i}", "pos" if i else "meh") for i in range(30)], ["neg", "pos"], r"labels: source.train row 0: label 'meh' not in labels"),
+        ([(f"t{i}", i % 3) for i in range(30)], ["a", "b"], r"train.csv: row 3: label: label index 2 out of range, expected 0..1"),
+        ([(f"t{i}", "pos" if i else "meh") for i in range(30)], ["neg", "pos"], r"train.csv: row 1: label: label 'meh' not in labels"),
     ],
 )
 def test_bad_label_values(tmp_path, rows, labels, match):
@@ -180,7 +180,7 @@ def test_bad_label_values(tmp_path, rows, labels, match):
     path = write_task(tmp_path, labels=labels)
     with pytest.raises(MTLConfigError, match=match) as err:
         load_task_dataset(load_task_spec(path))
-    assert str(err.value).startswith(str(path))
+    assert str(err.value).startswith(str(tmp_path / "train.csv"))  # the data file, not the spec
 
 
 def test_unknown_column_lists_columns(tmp_path):
@@ -244,8 +244,9 @@ def test_a_training_text_the_tokenizer_cannot_encode_is_named_when_read(tmp_path
     spec = load_task_spec(write_task(tmp_path, source={"type": "files", "train": name}))
     with pytest.raises(MTLConfigError) as err:
         load_task_dataset(spec)
-    assert str(err.value).startswith(f"{spec.spec_file}: source.train row 7: text field 'text': holds a lone "
-                                     "surrogate U+D83D at character 6 ")
+    # the file and the row as an editor shows it: line 8 of the JSONL file, the 8th object of the JSON list
+    where = f"{tmp_path / name}: {'line' if name.endswith('jsonl') else 'row'} 8"
+    assert str(err.value).startswith(f"{where}: text field 'text': holds a lone surrogate U+D83D at character 6 ")
 
 
 def test_folder_source_decodes_bad_bytes(tmp_path):

@@ -212,13 +212,15 @@ def test_a_predict_file_is_refused_before_work_when_no_task_reads_its_rows(tiny_
     with pytest.raises(MTLConfigError, match=r"texts.txt: holds texts, which none of the model's tasks \['qa'\] reads, "
                                              r"expected a model with a task that reads one text"):
         check(["qa"], texts)
-    with pytest.raises(MTLConfigError, match=r"questions.jsonl: holds questions \(\{question, context\} rows\), which "
-                                             r"none of the model's tasks \['keyword'\] reads"):
+    with pytest.raises(MTLConfigError, match=r"questions.jsonl: holds questions about a context \(\{question, "
+                                             r"context\}\), which none of the model's tasks \['keyword'\] reads, "
+                                             r"expected a model with a task of problem extractive_qa"):
         check(["keyword"], questions)
     with pytest.raises(MTLConfigError, match=r"questions.jsonl: row 2: the question 'which which.*'\.\.\. is 30 tokens; "
                                              r"with max_length 24 and doc_stride 6 .* \(raise data.predict_max_length\)"):
         check(["qa"], questions, predict_max_length=24)
     questions.write_text(questions.read_text().splitlines()[0] + "\n" + json.dumps({"text": "plain"}) + "\n")
-    with pytest.raises(MTLConfigError, match=r"questions.jsonl: line 2: a text in a file of questions \(as its first "
-                                             r"row\), expected one or the other throughout"):
+    with pytest.raises(MTLConfigError, match=r"questions.jsonl: line 2: a row of texts in a file of questions about a "
+                                             r"context \(\{question, context\}\) \(as its first row\), expected one "
+                                             r"form throughout"):
         check(["qa"], questions)

@@ -22,7 +22,8 @@ from tests.conftest import WORDS
 
 
 def test_every_kind_offers_its_defaults_and_a_headline_and_an_unknown_kind_is_one_line():
-    assert PROBLEMS == ("classification", "multilabel", "regression", "token_classification", "extractive_qa")
+    assert PROBLEMS == ("classification", "multilabel", "regression", "token_classification", "extractive_qa",
+                        "multiple_choice")
     assert list(KINDS) == list(PROBLEMS)
     for kind in KINDS.values():
         names = {"regression": ["y"], "token_classification": ["O", "B-X", "I-X"], "extractive_qa": []}.get(kind.name,

@@ -131,10 +131,12 @@ def test_raw_text_is_tagged_per_word_with_entity_offsets_beside_a_classifier(tin
 
 
 # a windowed task of each kind: (task, its problem, validation metrics it logs)
-WINDOWED = [("tagger", "token_classification", {"f1", "acc"}), ("qa", "extractive_qa", {"f1", "exact"})]
+WINDOWED = [("tagger", "token_classification", {"f1", "acc"}), ("qa", "extractive_qa", {"f1", "exact"}),
+            ("choice", "multiple_choice", {"acc"})]
+HEADLINE = {"tagger": "f1", "qa": "f1", "choice": "acc", "keyword": "acc"}
 
 
-@pytest.mark.parametrize("task, problem, metrics", WINDOWED, ids=["tagger", "qa"])
+@pytest.mark.parametrize("task, problem, metrics", WINDOWED, ids=["tagger", "qa", "choice"])
 def test_a_windowed_task_added_to_a_trained_system_leaves_it_untouched_and_reloads_exactly(task, problem, metrics,
                                                                                             tiny_dir, task_dir, tmp_path):
     run = tmp_path / "run"
@@ -160,7 +162,7 @@ def test_a_windowed_task_added_to_a_trained_system_leaves_it_untouched_and_reloa
     assert torch.equal(again(*args, tasks=task)[task], second.model(*args, tasks=task)[task])
 
 
-@pytest.mark.parametrize("task", ["tagger", "qa"])
+@pytest.mark.parametrize("task", ["tagger", "qa", "choice"])
 def test_the_prefix_cache_with_adapterdrop_trains_a_windowed_task_as_without_it(task, tiny_dir, task_dir, tmp_path):
     def run(folder, **kwargs):
         L.seed_everything(0)
@@ -178,7 +180,7 @@ def test_the_prefix_cache_with_adapterdrop_trains_a_windowed_task_as_without_it(
     assert trainer.callback_metrics["cache/hit_rate"] == 1.0
 
 
-@pytest.mark.parametrize("task", ["tagger", "qa"])
+@pytest.mark.parametrize("task", ["tagger", "qa", "choice"])
 def test_fusion_with_a_windowed_target_and_a_classifier_fused_over_its_adapter(task, tiny_dir, task_dir, tmp_path):
     run = tmp_path / "run"
     for name in ("keyword", task):
@@ -193,7 +195,7 @@ def test_fusion_with_a_windowed_target_and_a_classifier_fused_over_its_adapter(t
         trainer = _trainer(epochs=1)
         data = _data(tiny_dir, task_dir, tmp_path, [target])
         trainer.fit(module, datamodule=data)
-        assert f"val/{name}/{'acc' if target == 'keyword' else 'f1'}" in trainer.callback_metrics
+        assert f"val/{name}/{HEADLINE[target]}" in trainer.callback_metrics
         assert module.model.heads[name].problem == module.model.heads[target].problem
         reloaded = MTLModel.from_pretrained(run, backbone=str(tiny_dir)).eval()
         module.model.eval()

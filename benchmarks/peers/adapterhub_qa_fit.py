@@ -5,7 +5,7 @@ Run with the separate environment made by setup_adapterhub.sh (never mtl's own),
 
     benchmarks/peers/.venv-adapterhub/bin/python benchmarks/peers/adapterhub_qa_fit.py --rows ROWS.json [--seed 0] \
         [--epochs 10] [--batch-size 16] [--eval-batch 64] [--lr 5e-3] [--warmup 0.1] [--threads 2] \
-        [--precision auto] [--max-length 384] [--doc-stride 128] [--no-backbone-dropout] [--max-train N]
+        [--precision auto] [--max-length 384] [--doc-stride 128] [--max-answer-length 30] [--no-backbone-dropout] [--max-train N]
 
 ``ROWS.json``: ``{split: [{question, context, answers: [{text, answer_start}]}]}``, the rows mtl's
 ``load_task_dataset`` gives for the task (benchmarks/qa_accuracy.py writes it), so both systems read the same rows.
@@ -18,7 +18,7 @@ offset mapping; a window is labelled with the first answer's start and end token
 answer is not wholly inside it. ``DataCollatorWithPadding`` pads each batch; shuffled batches; ``torch.optim.AdamW``
 (weight decay 0.01) with ``get_linear_schedule_with_warmup``; the loss is the one the head returns for
 ``start_positions`` / ``end_positions``. Evaluation: per window the best span over its context tokens with
-start <= end < start + 30 tokens by start + end logit, per example the best over its windows (mtl's rule, re-done
+start <= end < start + ``--max-answer-length`` tokens by start + end logit, per example the best over its windows (mtl's rule, re-done
 here), its text from the offsets; exact match and F1 by mtl's own ``mtl/kinds/answer_match.py`` (pure Python, loaded by
 file path). The best epoch by validation F1 is restored and scored on the test split. ``--precision auto``: bf16
 autocast where the CPU computes bf16 natively, as mtl's rule.
@@ -50,7 +50,6 @@ from adapterhub_fit import Clock, log, model_dir  # noqa: E402  (this folder: ru
 from adapterhub_tagging_fit import bf16_native  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-MAX_ANSWER_TOKENS = 30  # mtl.kinds.extractive_qa's (SQuAD's max_answer_length)
 
 
 def load_matching():
@@ -83,13 +82,14 @@ def windows(tokenizer, rows: list[dict], max_length: int, stride: int) -> list[d
     return out
 
 
-def best_span(start: list[float], end: list[float], offsets: list) -> tuple[float, int, int]:
-    """(start + end logit, first character, end character) of a window's best span over its context tokens."""
+def best_span(start: list[float], end: list[float], offsets: list, longest: int) -> tuple[float, int, int]:
+    """(start + end logit, first character, end character) of a window's best span over its context tokens, at most
+    ``longest`` tokens long."""
     best = (float("-inf"), 0, 0)
     for s in range(len(offsets)):
         if offsets[s] is None:
             continue
-        for e in range(s, min(s + MAX_ANSWER_TOKENS, len(offsets))):
+        for e in range(s, min(s + longest, len(offsets))):
             if offsets[e] is not None and start[s] + end[e] > best[0]:
                 best = (start[s] + end[e], offsets[s][0], offsets[e][1])
     return best
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--doc-stride", type=int, default=128)
+    parser.add_argument("--max-answer-length", type=int, default=30, help="tokens; the task spec's (SQuAD's is 30)")
     parser.add_argument("--no-backbone-dropout", action="store_true")
     parser.add_argument("--max-train", type=int, help="the first N train rows only (a smoke run)")
     args = parser.parse_args()
@@ -187,7 +188,7 @@ def main() -> None:
                 batch.pop("start_positions"), batch.pop("end_positions")
                 out = model(**batch)
                 for item, s, e in zip(chunk, out.start_logits.float().tolist(), out.end_logits.float().tolist()):
-                    span = best_span(s, e, item["offsets"])
+                    span = best_span(s, e, item["offsets"], args.max_answer_length)
                     if item["example"] not in best or span[0] > best[item["example"]][0]:
                         best[item["example"]] = span
         train_mode()
@@ -227,7 +228,8 @@ def main() -> None:
         "test_exact": test["exact"], "phases": {k: round(v, 3) for k, v in clock.phases.items()},
         "total_s": round(total_s, 3), "best_epoch": best_epoch, "val_f1": val_f1s, "steps": total,
         "settings": {"lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size, "warmup": args.warmup,
-                     "max_length": args.max_length, "doc_stride": args.doc_stride, "max_train": args.max_train,
+                     "max_length": args.max_length, "doc_stride": args.doc_stride,
+                     "max_answer_length": args.max_answer_length, "max_train": args.max_train,
                      "precision": "bf16 autocast" if bf16 else "fp32",
                      "backbone_dropout": not args.no_backbone_dropout, "adapters": adapters.__version__},
     }), flush=True)

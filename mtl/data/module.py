@@ -19,9 +19,9 @@ from transformers import DataCollatorWithPadding
 from mtl.arch import max_tokens
 from mtl.backbone import load_backbone_config, load_tokenizer
 from mtl.data.predict_input import (TextStream, check_predict_file_name, count_predict_examples,
-                                    file_holds_questions, iter_predict_texts, predict_stride)
-from mtl.data.sampling import (GROUP_BATCHES, TaskBatchSampler, shard_rows, sorted_by_length, task_probabilities,
-                                WholeExampleBatches)
+                                    file_form, iter_predict_texts, predict_stride)
+from mtl.data.sampling import (GROUP_BATCHES, TaskBatchSampler, WholeExampleBatches, shard_rows, sorted_by_length,
+                                task_probabilities, unit_lengths)
 from mtl.data.sources import SPLITS, load_task_dataset
 from mtl.data.spec import TaskSpec, load_task_specs
 from mtl.errors import MTLConfigError
@@ -282,7 +282,7 @@ class TaskDataModule(L.LightningDataModule):
             raise _sampler_refusal(processes)
         if stage == "predict" and self.predict_file is not None:
             count_predict_examples(self.predict_file, self.predict_text_field)
-            if file_holds_questions(self.predict_file, self.predict_text_field):
+            if file_form(self.predict_file, self.predict_text_field) == "question":
                 self._check_questions()
             self._predict_file_checked = True
             return
@@ -417,7 +417,8 @@ class TaskDataModule(L.LightningDataModule):
                 new_fingerprint=f"{key}-{split}",
                 desc=f"tokenising {spec.name}/{split}",
             )
-            if "example" in out[split].column_names:  # rows are windows of examples: say how many were cut
+            if "example" in out[split].column_names and kind.example_rows(spec) is None:
+                # rows are windows of examples: say how many were cut
                 counts = pc.value_counts(out[split].with_format("arrow")["example"]).field("counts")
                 long = pc.sum(pc.greater(counts, 1)).as_py() or 0
                 if long:
@@ -451,13 +452,13 @@ class TaskDataModule(L.LightningDataModule):
         if world_size > 1 and getattr(connector, "use_distributed_sampler", False):
             refuse_on_every_rank(trainer, _sampler_refusal(world_size))
 
-    def _window_kind(self, questions: bool) -> Any:
-        """The windowed kind of the model's tasks that read this predict file (question answering for a file of
-        questions, a tagger's for texts), or None."""
+    def _window_kind(self, form: str) -> Any:
+        """The windowed kind of the model's tasks that read this predict file's form of example (question answering's
+        for questions about a context, multiple choice's for questions with choices, a tagger's for texts), or None."""
         module = getattr(self._trainer_or_none(), "lightning_module", None)
         heads = getattr(getattr(module, "model", None), "heads", None)
         kinds = [kind_of(h.problem) for h in (heads or {}).values()]
-        return next((k for k in kinds if k.windowed and k.reads_questions == questions), None)
+        return next((k for k in kinds if k.windowed and k.reads == form), None)
 
     def _trainer_or_none(self) -> Any:
         return getattr(self, "trainer", None)
@@ -480,17 +481,19 @@ class TaskDataModule(L.LightningDataModule):
                                 if kind_of(self._specs[n].problem).terms_per_row})
         common = dict(collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         rank, world_size = self._rank()
-        if len(views) == 1 and world_size == 1 and not self.group_by_length:
+        groups = [kind_of(self._specs[n].problem).example_rows(self._specs[n]) or 1 for n in self._train_names]
+        if len(views) == 1 and world_size == 1 and not self.group_by_length and groups == [1]:
             generator = torch.Generator().manual_seed(self.seed)
             return DataLoader(views[0], batch_size=self.batch_size, shuffle=True, generator=generator, **common)
         self._check_distributed()
-        few = next(((n, len(v)) for n, v in zip(self._train_names, views) if len(v) < world_size), None)
+        few = next(((n, len(v) // g) for n, v, g in zip(self._train_names, views, groups) if len(v) // g < world_size),
+                   None)
         if few is not None:
             refuse_on_every_rank(self._trainer_or_none(), MTLConfigError(
                 f"data.tasks: {few[0]} has {few[1]} training example(s), fewer than the {world_size} processes "
                 "(trainer world size); expected at least one per process"))
-        # one task under DDP (or grouped by length) too: the plain shuffled loader would give every rank the same
-        # examples (and cannot group)
+        # one task under DDP (or grouped by length, or with an example's rows drawn together) too: the plain shuffled
+        # loader would give every rank the same examples (and cannot group)
         lengths = [self._train_lengths(n) for n in self._train_names] if self.group_by_length else None
         sampler = TaskBatchSampler(
             [len(v) for v in views],
@@ -504,6 +507,7 @@ class TaskDataModule(L.LightningDataModule):
             probabilities=self._task_weights(views),
             lengths=lengths,
             group_batches=self.group_batches,
+            example_rows=groups,
         )
         return DataLoader(ConcatDataset(views), batch_sampler=sampler, **common)
 
@@ -532,6 +536,11 @@ class TaskDataModule(L.LightningDataModule):
             return data
         if not rows or min(rows) < 0 or max(rows) >= len(data):
             raise MTLConfigError(f"data.train_subsets: {name}: rows must be within 0..{len(data) - 1} and not empty")
+        group = kind_of(self._specs[name].problem).example_rows(self._specs[name]) or 1
+        if len(rows) % group or any(rows[i] != rows[i - i % group] + i % group or rows[i - i % group] % group
+                                    for i in range(len(rows))):
+            raise MTLConfigError(f"data.train_subsets: {name}: got rows {rows[:6]}..., expected whole examples: each "
+                                 f"example's {group} rows (one per answer choice) together and in order")
         return data.select(rows)
 
     def _train_lengths(self, name: str) -> list[int]:
@@ -564,18 +573,22 @@ class TaskDataModule(L.LightningDataModule):
                     "processes (trainer world size); expected at least one per process (raise data.max_eval_examples "
                     "or run on fewer devices)"))
             texts = list(self._raw[name][split][self._specs[name].text_fields[0]]) if with_text else None
-            rows = shard_rows(len(data), rank, world_size) if shard else None
+            # an example whose rows are its answer choices is one unit: sharded, sorted and batched whole
+            group = kind_of(self._specs[name].problem).example_rows(self._specs[name]) or 1
+            units = shard_rows(len(data) // group, rank, world_size) if shard else None
             if by_length:
                 # longest first: the largest batch runs first (in the sanity check), so lack of memory shows at once
-                rows = sorted_by_length(range(len(data)) if rows is None else rows, self.token_lengths(name, split))
+                units = sorted_by_length(range(len(data) // group) if units is None else units,
+                                         unit_lengths(self.token_lengths(name, split), group))
+            rows = None if units is None else [u * group + j for u in units for j in range(group)]
             view = _TaskView(data, name, texts, rows)
-            if with_text and kind_of(self._specs[name].problem).windowed:
+            if with_text and kind_of(self._specs[name].problem).windowed and group == 1:
                 # predictions join an example's windows again: they must share a batch
                 examples = data.with_format("arrow")["example"].to_pylist()
                 loaders.append(DataLoader(view, batch_sampler=WholeExampleBatches(examples, self.eval_batch_size),
                                           collate_fn=collate, num_workers=self.num_workers))
                 continue
-            loaders.append(DataLoader(view, batch_size=self.eval_batch_size, collate_fn=collate,
+            loaders.append(DataLoader(view, batch_size=self.eval_batch_size * group, collate_fn=collate,
                                       num_workers=self.num_workers))
         return loaders
 
@@ -604,9 +617,9 @@ class TaskDataModule(L.LightningDataModule):
         if self.predict_file is not None:
             if not self._predict_file_checked:  # mistakes in the file stop the run before any output is started
                 count_predict_examples(self.predict_file, self.predict_text_field)
-            questions = file_holds_questions(self.predict_file, self.predict_text_field)
+            form = file_form(self.predict_file, self.predict_text_field)
             stream = TextStream(self.predict_file, self.predict_text_field, self.tokenizer, self.predict_max_length,
-                                self.eval_batch_size, windows=self._window_kind(questions))
+                                self.eval_batch_size, windows=self._window_kind(form))
             # the stream yields whole batches (batch_size=None): tokenised per batch, in the file's order
             return [DataLoader(stream, batch_size=None, collate_fn=self._collator(), num_workers=self.num_workers)]
         return self._eval_loaders(self.predict_split, with_text=True)

@@ -1,7 +1,8 @@
 """Prediction input from a file: ``.txt`` (one example per non-empty line) or ``.jsonl``.
 
-A ``.jsonl`` row is a text (under the text field), or a question: an object with ``question`` and ``context`` strings,
-for question-answering tasks. A file holds one or the other, as its first row does.
+A ``.jsonl`` row is a text (under the text field), or a question: an object with ``question`` and ``context`` strings
+(for question-answering tasks) or with ``question`` and ``choices`` (and an optional ``context``: for multiple-choice
+tasks). A file holds one form throughout, as its first row does.
 
 The file is streamed: read line by line and tokenised one batch at a time, so memory does not grow with the file.
 Pure Python + torch's ``IterableDataset``; no Lightning.
@@ -19,7 +20,7 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mtl.errors import MTLConfigError
-from mtl.kinds.base import MODEL_INPUTS, check_encodable
+from mtl.kinds.base import FORM_NAMES, FORMS, MODEL_INPUTS, OPTIONAL_KEYS, check_encodable, example_form, read_example
 
 PREDICT_SUFFIXES = (".txt", ".jsonl")
 
@@ -34,7 +35,7 @@ def check_predict_file_name(path: str) -> None:
 
 def iter_predict_texts(path: str | Path, text_field: str = "text") -> Iterator[str | dict[str, str]]:
     """The file's texts in order, read lazily: non-empty lines of a .txt, ``text_field`` of each .jsonl object (or its
-    ``{question, context}``, in a file of questions).
+    question, in a file of questions: see `mtl.kinds.base.read_example`).
 
     Blank lines are skipped in both formats; texts are stripped of surrounding whitespace (as the
     training sources do). Errors name the file, and the 1-based line for .jsonl and for a text the tokenizer
@@ -44,7 +45,7 @@ def iter_predict_texts(path: str | Path, text_field: str = "text") -> Iterator[s
     check_predict_file_name(str(path))
     if not path.is_file():
         raise MTLConfigError(f"{path}: data.predict_file: no such file, expected a .txt or .jsonl file of texts")
-    jsonl, count, offset, questions = path.suffix.lower() == ".jsonl", 0, 0, None
+    jsonl, count, offset, first = path.suffix.lower() == ".jsonl", 0, 0, None
     # binary lines split on b"\n" only (not str.splitlines): line numbers then match what an editor shows
     with path.open("rb") as f:
         for n, raw in enumerate(f, start=1):
@@ -60,16 +61,15 @@ def iter_predict_texts(path: str | Path, text_field: str = "text") -> Iterator[s
             if line:
                 count += 1
                 text = _jsonl_text(path, n, line, text_field) if jsonl else line
-                if questions is None:
-                    questions = isinstance(text, dict)
-                if isinstance(text, dict) != questions:
-                    raise MTLConfigError(f"{path}: line {n}: a {'text' if questions else 'question'} in a file of "
-                                         f"{'questions' if questions else 'texts'} (as its first row), expected one or "
-                                         "the other throughout")
-                if questions:
-                    yield {k: check_encodable(v, f"{path}: line {n}: '{k}'") for k, v in text.items()}
-                else:
+                form = example_form(text)
+                first = first or form
+                if form != first:
+                    raise MTLConfigError(f"{path}: line {n}: a row of {FORM_NAMES[form]} in a file of "
+                                         f"{FORM_NAMES[first]} (as its first row), expected one form throughout")
+                if form == "text":
                     yield check_encodable(text, f"{path}: line {n}" + (f": '{text_field}'" if jsonl else ""))
+                else:
+                    yield text
     if not count:
         raise MTLConfigError(f"{path}: no examples (empty or blank lines only), expected one example per line")
 
@@ -80,23 +80,23 @@ def count_predict_examples(path: str | Path, text_field: str = "text") -> int:
     return sum(1 for _ in iter_predict_texts(path, text_field))
 
 
-def file_holds_questions(path: str | Path, text_field: str = "text") -> bool:
-    """Whether the file holds questions (``{question, context}`` rows) rather than texts, from its first row."""
-    return isinstance(next(iter_predict_texts(path, text_field)), dict)
+def file_form(path: str | Path, text_field: str = "text") -> str:
+    """The form of the file's examples (`mtl.kinds.base.FORMS`: ``text``, ``question`` or ``choices``), from its first
+    row."""
+    return example_form(next(iter_predict_texts(path, text_field)))
 
 
-def _jsonl_text(path: Path, n: int, line: str, field: str) -> str:
+def _jsonl_text(path: Path, n: int, line: str, field: str) -> str | dict[str, Any]:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
         raise MTLConfigError(f"{path}: line {n}: invalid JSON ({err.msg}), expected one JSON object per line") from None
     if not isinstance(row, dict):
         raise MTLConfigError(f"{path}: line {n}: got a JSON {type(row).__name__}, expected an object with key '{field}'")
-    if "question" in row and "context" in row and field not in row:  # a question about a context
-        for key in ("question", "context"):
-            if not isinstance(row[key], str) or not row[key].strip():
-                raise MTLConfigError(f"{path}: line {n}: '{key}' is {str(row[key])[:40]!r}, expected a non-empty string")
-        return {"question": row["question"].strip(), "context": row["context"]}  # answers index the context as is
+    if "question" in row and ("context" in row or "choices" in row) and field not in row:  # a question
+        form = "choices" if "choices" in row else "question"
+        # a file's row may carry more (its answers, an id): only the question's own keys are read
+        return read_example({k: row[k] for k in (*FORMS[form], *OPTIONAL_KEYS[form]) if k in row}, f"{path}: line {n}")
     if field not in row:
         raise MTLConfigError(
             f"{path}: line {n}: key '{field}' missing (keys: {sorted(row)}), expected the text there "
@@ -120,9 +120,9 @@ class TextStream(IterableDataset):
 
     def __init__(self, path: str | Path, text_field: str, tokenizer: Any, max_length: int, batch_size: int,
                  windows: Any = None) -> None:
-        """Nothing is read until iteration. ``windows``: a windowed task kind (a tagger's, or question answering's for
-        a file of questions) that also encodes each example as its windows (``words``), sharing a quarter of
-        ``max_length`` (a task spec's default ``doc_stride``)."""
+        """Nothing is read until iteration. ``windows``: a windowed task kind (a tagger's for texts, or the kind that
+        answers the file's questions) that also encodes each example as its rows (``words``), windows sharing a quarter
+        of ``max_length`` (a task spec's default ``doc_stride``)."""
         self.path, self.text_field = path, text_field
         self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
         self.windows = windows

@@ -95,10 +95,22 @@ class TaskBatchSampler(Sampler[list[int]]):
         probabilities: Sequence[float] | None = None,
         lengths: Sequence[Sequence[int]] | None = None,
         group_batches: int = GROUP_BATCHES,
+        example_rows: Sequence[int] | None = None,
     ) -> None:
         """See the class docstring; ``sizes`` are the task datasets' lengths in concatenation order;
         ``probabilities`` (one per task) replace the strategy's when given; ``lengths`` (one list per
-        task, one token count per example) turn on grouping by length, ``group_batches`` per megabatch."""
+        task, one token count per example) turn on grouping by length, ``group_batches`` per megabatch;
+        ``example_rows`` (one per task, default 1): a task whose every example is that many consecutive
+        rows (its answer choices) is drawn by examples, each batch holding ``batch_size`` whole examples."""
+        self.rows_per = [int(g) for g in example_rows] if example_rows is not None else [1] * len(sizes)
+        if len(self.rows_per) != len(sizes) or any(g < 1 or n % g for n, g in zip(sizes, self.rows_per)):
+            raise ValueError(f"example_rows {list(self.rows_per)}: expected one int >= 1 per task, dividing its size "
+                             f"(sizes {list(sizes)})")
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        # from here on the sampler counts examples; `_task_batches` expands an example into its rows
+        sizes = [int(n) // g for n, g in zip(sizes, self.rows_per)]
+        if lengths is not None:
+            lengths = [unit_lengths(list(task_lengths), g) for task_lengths, g in zip(lengths, self.rows_per)]
         self.sizes = [int(n) for n in sizes]
         self.probs = task_probabilities(self.sizes, strategy, temperature)
         if probabilities is not None:
@@ -125,7 +137,6 @@ class TaskBatchSampler(Sampler[list[int]]):
                     raise ValueError(f"lengths: got {len(task_lengths)} lengths for task #{i}, expected one per "
                                      f"example of sizes {self.sizes}")
         self.lengths, self.group_batches = lengths, group_batches
-        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.batch_size, self.strategy, self.seed = batch_size, strategy, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.epoch_fn = 0, epoch_fn
@@ -172,8 +183,9 @@ class TaskBatchSampler(Sampler[list[int]]):
                 # its own Random: the permutation's draws stay what they were, so the pass keeps its examples
                 order = random.Random(f"{self.seed}:{self.epoch}:{task}:{pass_no}:order")
                 chunks = group_by_length(chunks, self.lengths[task], self.group_batches, order)
+            group, start = self.rows_per[task], self.offsets[task]
             for chunk in chunks:
-                yield [self.offsets[task] + i for i in chunk[self.rank :: self.world_size]]
+                yield [start + i * group + j for i in chunk[self.rank :: self.world_size] for j in range(group)]
 
 
 def pass_chunks(perm: list[int], step: int, world_size: int, drop_last: bool = False) -> list[list[int]]:
@@ -220,6 +232,11 @@ def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -
     real = sum(lengths[i] for batch in batches for i in batch)
     padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches if batch)
     return (padded - real) / padded if padded else 0.0
+
+
+def unit_lengths(lengths: Sequence[int], group: int) -> list[int]:
+    """Each example's length where every example is ``group`` consecutive rows: its longest row's (what it pads to)."""
+    return [max(lengths[at:at + group]) for at in range(0, len(lengths), group)]
 
 
 def sorted_by_length(rows: Sequence[int], lengths: Sequence[int]) -> list[int]:

@@ -197,7 +197,7 @@ def _examples(spec: TaskSpec, split: str, cols: Columns) -> tuple[list[tuple[Any
         label = kind.read_label(value, spec.labels, cols[WORD_WHERE][i] if WORD_WHERE in cols else
                                 f"{where}: {spec.label_field}" if wheres else
                                 f"{spec.spec_file}: labels: source.{split} row {i}")
-        kind.check_example(row, label, where)
+        label = kind.check_example(row, label, where, spec.labels)
         texts.append(row)
         labels.append(label)
     return texts, labels, empty
@@ -257,24 +257,34 @@ def _read_table(spec: TaskSpec, path: Path, key: str) -> Columns:
 
             # keep_default_na=False: a tweet reading "NA" or "null" is text, not a missing value
             df = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", encoding=spec.source.encoding, keep_default_na=False)
-            return {str(c): df[c].tolist() for c in df.columns}
+            return {**{str(c): df[c].tolist() for c in df.columns}, WHERE: _rows_of(path, len(df))}
         if fmt == "parquet":
             import pandas as pd
 
             df = pd.read_parquet(path)
-            return {str(c): df[c].tolist() for c in df.columns}
+            return {**{str(c): df[c].tolist() for c in df.columns}, WHERE: _rows_of(path, len(df))}
         if fmt in ("json", "jsonl"):
             text = path.read_text(encoding=spec.source.encoding)
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()] if fmt == "jsonl" else json.loads(text)
+            if fmt == "jsonl":  # errors about a row name its line, as an editor shows it
+                lines = [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+                rows, wheres = [json.loads(line) for _, line in lines], [f"{path}: line {n}" for n, _ in lines]
+            else:
+                rows = json.loads(text)
+                wheres = _rows_of(path, len(rows)) if isinstance(rows, list) else []
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
                 raise ValueError("not a list of objects")
             names = list(dict.fromkeys(k for r in rows for k in r))
-            return {k: [r.get(k) for r in rows] for k in names}
+            return {**{k: [r.get(k) for r in rows] for k in names}, WHERE: wheres}
     except MTLConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - parse errors of any reader are the user's file
         raise MTLConfigError(f"{where}: cannot read as {fmt} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     raise MTLConfigError(f"{where}: unknown format '{fmt}', expected a file ending in one of .csv .tsv .json .jsonl .parquet (or set source.format)")
+
+
+def _rows_of(path: Path, count: int) -> list[str]:
+    """Where each of a table's ``count`` rows is, for errors: the file and the row (1-based, after any header)."""
+    return [f"{path}: row {i + 1}" for i in range(count)]
 
 
 def _read_words(spec: TaskSpec, path: Path, fmt: str) -> Columns:

@@ -265,9 +265,7 @@ def _check_semantics(spec: TaskSpec, origin: str) -> None:
         fail("problem", spec.problem, f"one of {list(PROBLEMS)}")
     kind = KINDS[spec.problem]
     if not kind.min_text_fields <= len(spec.text_fields) <= kind.text_fields or not all(spec.text_fields):
-        fail("text_fields", spec.text_fields, "two columns: the question's and the context's" if kind.reads_questions
-             else "one text column, or two for a sentence pair" if kind.text_fields == 2
-             else f"one column (of words, for a {spec.problem} task)")
+        fail("text_fields", spec.text_fields, kind.text_fields_help)
     if not spec.label_field:
         fail("label_field", spec.label_field, "a column name")
     expected = kind.check_labels(spec.labels)

@@ -11,8 +11,9 @@ its spec's ``problem``, says everything else:
 - scores: the metrics it offers, the default ones, and its headline metric: the higher-is-better number that
   stands for the task where one number is wanted (``val/avg/score``, which the configs' checkpoints monitor);
 - writing: a prediction file's row and the server's answer;
-- windows: whether a long example becomes several rows (a tagger's sentence, a QA context), each carrying its
-  ``example``; predictions, metrics and the sampler's weights then join an example's rows again.
+- rows per example: whether an example becomes several rows (the windows of a tagger's sentence or of a QA context,
+  or a multiple-choice question's choices), each carrying its ``example``; predictions, metrics and the sampler's
+  weights then join an example's rows again (a question's choices also share every batch).
 
 Adding a kind is one file with a `TaskKind` subclass and one entry in `KINDS`.
 """
@@ -24,11 +25,12 @@ from mtl.kinds.base import TaskKind
 from mtl.kinds.classification import Classification
 from mtl.kinds.extractive_qa import ExtractiveQA
 from mtl.kinds.multilabel import Multilabel
+from mtl.kinds.multiple_choice import MultipleChoice
 from mtl.kinds.regression import Regression
 from mtl.kinds.token_classification import TokenClassification
 
 KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (Classification(), Multilabel(), Regression(),
-                                                           TokenClassification(), ExtractiveQA())}
+                                                           TokenClassification(), ExtractiveQA(), MultipleChoice())}
 PROBLEMS = tuple(KINDS)
 
 

@@ -30,6 +30,51 @@ def check_encodable(text: str, where: str) -> str:
     return text
 
 
+# the forms a raw example (a request's text, a row of a predict file) may take besides a plain text: the keys it has
+FORMS = {"question": ("question", "context"), "choices": ("question", "choices")}
+OPTIONAL_KEYS = {"question": (), "choices": ("context",)}
+FORM_NAMES = {"text": "texts", "question": "questions about a context ({question, context})",
+              "choices": "questions with answer choices ({question, choices} or {context, question, choices})"}
+EXPECTED_EXAMPLE = ("a string, a question about a context {question, context}, or a question with answer choices "
+                    "{question, choices[, context]}")
+
+
+def read_example(value: Any, where: str) -> str | dict[str, Any]:
+    """A raw example as a task reads it (the one place that checks its shape): a non-empty text, stripped; a question
+    about a context ``{question, context}`` (the context kept as is: answers index its characters); or a question with
+    answer choices ``{question, choices: [at least 2 texts], context (optional)}``. Else one line naming ``where``."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise MTLConfigError(f"{where}: got {value!r}, expected a non-empty string")
+        return check_encodable(value.strip(), where)
+    if not isinstance(value, dict):
+        raise MTLConfigError(f"{where}: got {str(value)[:40]!r}, expected {EXPECTED_EXAMPLE}")
+    form = "choices" if "choices" in value else "question"
+    allowed = set(FORMS[form]) | set(OPTIONAL_KEYS[form])
+    if not set(FORMS[form]) <= set(value) <= allowed:
+        raise MTLConfigError(f"{where}: got keys {sorted(value)}, expected {EXPECTED_EXAMPLE}")
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if key == "choices":
+            if not isinstance(item, list) or len(item) < 2:
+                raise MTLConfigError(f"{where}.choices: got {repr(item)[:40]}, expected a list of at least 2 answer "
+                                     "texts")
+            out[key] = [read_example(c, f"{where}.choices[{n}]") for n, c in enumerate(item)]
+        elif not isinstance(item, str) or not item.strip():
+            raise MTLConfigError(f"{where}.{key}: got {str(item)[:40]!r}, expected a non-empty string")
+        else:  # a QA context keeps its characters (answers are offsets into it)
+            out[key] = check_encodable(item if key == "context" and form == "question" else item.strip(),
+                                       f"{where}.{key}")
+    return out
+
+
+def example_form(example: Any) -> str:
+    """The form of a read example (`read_example`): ``text``, ``question`` or ``choices``."""
+    if isinstance(example, str):
+        return "text"
+    return "choices" if "choices" in example else "question"
+
+
 def plain_text(text: Any, kind: str) -> str:
     """``text`` if it is a string; else one line saying what a task of ``kind`` reads."""
     if not isinstance(text, str):
@@ -40,12 +85,14 @@ def plain_text(text: Any, kind: str) -> str:
 @dataclass
 class EncodedText:
     """One raw text (a request's, a prediction file's) as the encoder rows its task's kind reads: one row for a
-    text, or one per window of its words (``words``, ``offsets``: each word's characters in ``text``)."""
+    text, one per window of its words (``words``, ``offsets``: each word's characters in ``text``), or one per
+    answer choice (``choices``)."""
 
     text: str
     rows: list[dict[str, list[int]]]
     words: list[str] | None = None
     offsets: list[tuple[int, int]] | None = None
+    choices: list[str] | None = None
 
 
 class TaskKind:
@@ -60,9 +107,11 @@ class TaskKind:
     has_classes = False  # one class per row: splits stratified by it, classes checked, ambiguous duplicates dropped
     text_fields = 2  # the most text columns an example may have (two: a sentence pair)
     min_text_fields = 1  # and the fewest
-    reads_questions = False  # an example is a question about a context (a predict file's {question, context} rows)
+    text_fields_help = "one text column, or two for a sentence pair"  # what a spec's text_fields must name
+    reads = "text"  # the form of a raw example a task of this kind answers (a request's, a predict file's): FORMS
     drops_empty = True  # an example with an empty text is dropped and counted (else `check_example` refuses it)
-    windowed = False  # a long example becomes several rows (windows, ``doc_stride`` apart), each with its ``example``
+    windowed = False  # an example becomes several rows, each with its ``example``: the windows of a long text
+    # (``doc_stride`` apart), or one row per answer choice (see `example_rows`)
     reads_words = False  # examples are lists of words (read from word-and-tag files; predicted per word)
     label_dtype = torch.float  # of ``labels`` in a batch
     terms_per_row = False  # a row gives several loss terms (one per labelled token): see `loss`
@@ -83,8 +132,10 @@ class TaskKind:
             return ""
         return check_encodable(str(value).strip(), where)
 
-    def check_example(self, texts: tuple[Any, ...], label: Any, where: str) -> None:
-        """Refuse an example whose read text and label do not fit together (one line naming ``where``)."""
+    def check_example(self, texts: tuple[Any, ...], label: Any, where: str, names: list[str]) -> Any:
+        """The example's label once its read texts and label are checked together (one line naming ``where`` where
+        they do not fit; ``names``: the spec's labels)."""
+        return label
 
     def split_note(self, labels: list[Any], names: list[str]) -> str | None:
         """Something worth telling the user about a split's read labels (a warning line), or None."""
@@ -93,6 +144,11 @@ class TaskKind:
     def read_label(self, value: Any, names: list[str], where: str) -> Any:
         """One raw label value from a data file -> what the dataset stores (``where`` names file and row)."""
         raise NotImplementedError
+
+    def example_rows(self, spec: Any) -> int | None:
+        """The number of rows every example of a task with this spec encodes to, where they must share every batch,
+        training too (one per answer choice); None: an example's rows train apart (windows)."""
+        return None
 
     def check_tokenized(self, tokenizer: Any, split: Any, spec: Any) -> tuple[int, str] | None:
         """The first example of a read split (a ``datasets.Dataset``) that this kind cannot encode with ``tokenizer``

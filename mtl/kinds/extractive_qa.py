@@ -68,7 +68,8 @@ class ExtractiveQA(TaskKind):
     windowed = True
     drops_empty = False  # a question without words or a context without text is a mistake in the file
     min_text_fields = 2  # the question and the context
-    reads_questions = True
+    text_fields_help = "two columns: the question's and the context's"
+    reads = "question"
 
     def check_labels(self, labels: list[str]) -> str | None:
         """None: the answer is a span of the context, there are no label names."""
@@ -98,7 +99,7 @@ class ExtractiveQA(TaskKind):
             out.append({"text": check_encodable(text, f"{where}: answer {n + 1}"), "answer_start": start})
         return out
 
-    def check_example(self, texts: tuple[Any, ...], label: Any, where: str) -> None:
+    def check_example(self, texts: tuple[Any, ...], label: Any, where: str, names: list[str]) -> Any:
         """A question and a context with text; each answer's text stands at its ``answer_start`` in the context."""
         for text, what in zip(texts, ("question", "context")):
             if not text:
@@ -110,6 +111,7 @@ class ExtractiveQA(TaskKind):
                 raise MTLConfigError(f"{where}: answer {n + 1}: {text[:40]!r} is not at answer_start {start} of the "
                                      f"context (found {context[start:start + len(text)][:40]!r}), expected the answer's "
                                      "text at that character")
+        return label
 
     def read_text(self, value: Any, where: str) -> str:
         """A question or a context, as given (a context keeps its spaces: answers index its characters)."""

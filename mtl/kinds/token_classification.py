@@ -56,6 +56,7 @@ class TokenClassification(TaskKind):
     metric_names = ("f1", "precision", "recall", "acc")
     label_dtype = torch.long
     text_fields = 1
+    text_fields_help = "one column (of words, for a token_classification task)"
     reads_words = True
     windowed = True
     terms_per_row = True
@@ -74,10 +75,11 @@ class TokenClassification(TaskKind):
             words.append(check_encodable(word.strip(), f"{where}: word {position + 1}"))
         return words
 
-    def check_example(self, texts: tuple[Any, ...], label: Any, where: str) -> None:
+    def check_example(self, texts: tuple[Any, ...], label: Any, where: str, names: list[str]) -> Any:
         """One tag per word."""
         if len(texts[0]) != len(label):
             raise MTLConfigError(f"{where}: {len(texts[0])} words but {len(label)} tags, expected one tag per word")
+        return label
 
     def split_note(self, labels: list[list[int]], names: list[str]) -> str | None:
         """For an entity tag set: how many gold entities start with an I- or E- tag (read as entities, as CoNLL's

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 from mtl.backbone import load_tokenizer
 from mtl.errors import MTLConfigError
 from mtl.kinds import kind_of
-from mtl.kinds.base import MODEL_INPUTS, EncodedText, check_encodable
+from mtl.kinds.base import MODEL_INPUTS, EncodedText, read_example
 from mtl.model import MTLModel
 from mtl.precision import attention_kernel
 from mtl.routing import EntropyRouter, PrototypeRouter, load_router, mean_features
@@ -37,7 +37,6 @@ from mtl.serving.store import AdapterStore, StoreEntry
 
 MAX_TEXTS = 256  # texts in one request ("texts": [...]); more is a 400
 MAX_TEXT_BYTES = 1 << 20  # one text, UTF-8; more is a 413
-QA_KEYS = ("question", "context")
 FULL_SCAN_EVERY = 5  # polls between two scans that stat every file even when no folder changed
 NO_ROUTER = ("no task given and the store has no router: send 'task' (GET /tasks lists them), serve a continual "
              "run's stage folder (its router/ routes by prototypes), or start with serve.router: entropy")
@@ -77,29 +76,24 @@ def _parse(request: dict) -> Parsed:
         return Parsed(refusal=error(400, f"texts: got {str(texts)[:40]!r}, expected a non-empty list of strings"))
     if len(texts) > MAX_TEXTS:
         return Parsed(refusal=error(400, f"texts: {len(texts)} texts, expected at most {MAX_TEXTS} per request"))
+    read = []
     for i, text in enumerate(texts):
         where = f"texts[{i}]" if many else "text"
-        # a question-answering task's text is a question and the context that holds its answer
-        parts = [(f"{where}.{k}", text.get(k)) for k in QA_KEYS] if isinstance(text, dict) else [(where, text)]
-        if isinstance(text, dict) and sorted(text) != sorted(QA_KEYS):
-            return Parsed(refusal=error(400, f"{where}: got keys {sorted(text)}, expected a string, or "
-                                             "{question, context} for a question-answering task"))
+        try:  # a lone surrogate (valid JSON) would fail the tokenizer for the whole batch: refused here
+            read.append(read_example(text, where))
+        except MTLConfigError as err:
+            return Parsed(refusal=error(400, str(err)))
+        parts = [(where, text)] if isinstance(text, str) else \
+            [(f"{where}.{k}[{n}]" if isinstance(v, list) else f"{where}.{k}", x)
+             for k, v in text.items() for n, x in enumerate(v if isinstance(v, list) else [v])]
         for at, value in parts:
-            if not isinstance(value, str) or not value.strip():
-                return Parsed(refusal=error(400, f"{at}: got {str(value)[:40]!r}, expected a non-empty string"))
-            try:
-                check_encodable(value, at)
-            except MTLConfigError as err:  # a lone surrogate (valid JSON) would fail the tokenizer for the whole batch
-                return Parsed(refusal=error(400, str(err)))
             if len(value.encode("utf-8")) > MAX_TEXT_BYTES:
                 return Parsed(refusal=error(413, f"{at}: {len(value.encode('utf-8')):,} bytes, expected at most "
                                                  f"{MAX_TEXT_BYTES:,} (1 MB)"))
     task = request.get("task")
     if task is not None and (not isinstance(task, str) or not task):
         return Parsed(refusal=error(400, f"task: got {str(task)[:40]!r}, expected a task name (a string)"))
-    # a context keeps its characters (answers are offsets into it); a question and a plain text are stripped
-    return Parsed(texts=[t.strip() if isinstance(t, str) else {"question": t["question"].strip(), "context": t["context"]}
-                         for t in texts], task=task, many=many)
+    return Parsed(texts=read, task=task, many=many)
 
 
 def answer(head_problem: str, labels: list[str] | None, logits: torch.Tensor) -> dict[str, Any]:
@@ -243,7 +237,7 @@ class AdapterServingAPI(ls.LitAPI):
         rows = [(i, text, r.task) for i, r in enumerate(requests) if out[i] is None for text in r.texts]
         for i, text, task in rows:
             if task is None and not isinstance(text, str):
-                out[i] = error(400, "a {question, context} text needs 'task': routers pick a task for plain texts")
+                out[i] = error(400, "a question needs 'task': routers pick a task for plain texts")
         rows = [row for row in rows if out[row[0]] is None]
         routed = [k for k, (_, _, task) in enumerate(rows) if task is None]
         chosen: dict[int, str] = {}
