@@ -178,3 +178,37 @@ def test_a_predict_file_of_choices_needs_a_choice_task(tiny_dir, task_dir, tmp_p
                                              r"the model's tasks \['keyword', 'qa'\] reads, expected a model with a "
                                              r"task of problem multiple_choice"):
         check(["keyword", "qa"])
+
+
+@pytest.mark.parametrize("strategy", ["per_task", "replay"])
+def test_a_choice_task_in_a_continual_sequence_scores_its_accuracy_in_r(strategy, tiny_dir, task_dir, tmp_path):
+    import contextlib
+    import io
+
+    from mtl.cli import main
+    from tests.test_tagging_workflows import _files
+
+    (tmp_path / "c.yaml").write_text(f"""
+seed_everything: 0
+continual: {{order: [choice, keyword], strategy: {strategy}, run_dir: {tmp_path / 'run'}, tasks_dir: {task_dir},
+            routers: [], replay_size: 30}}
+model: {{backbone: {tiny_dir}, lr: 1.0e-2}}
+data: {{batch_size: 8, cache_dir: {tmp_path / 'cache'}}}
+trainer: {{max_epochs: 2, logger: false, enable_checkpointing: false, enable_progress_bar: false,
+          enable_model_summary: false, limit_val_batches: 0}}
+""")
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(["continual", "--config", str(tmp_path / "c.yaml")])
+    out = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert out["task_metrics"]["choice"] == {"problem": "multiple_choice", "headline": "acc",
+                                             "names": {"score": "accuracy", "acc": "accuracy"}}
+    after = out["scores"]["score"]["after"]
+    assert after[0][0] == out["scores"]["acc"]["after"][0][0] > 0.5  # chance is 1/3
+    steps = tmp_path / "run" / "steps"
+    if strategy == "per_task":  # training keyword left the choice adapter as it was
+        assert after[1][0] == after[0][0]
+        assert _files(steps / "01-choice" / "adapters" / "choice") == _files(steps / "02-keyword" / "adapters" / "choice")
+    else:  # the buffer holds whole questions: each by its first row (a multiple of its 3 rows)
+        state = json.loads((tmp_path / "run" / "state.json").read_text())
+        rows = [row for task, row in state["strategy_state"]["buffer"] if task == "choice"]
+        assert rows and all(row % 3 == 0 for row in rows)

@@ -296,14 +296,56 @@ def test_a_question_about_a_long_context_shares_the_one_forward_and_answers_as_i
     errors = [json.loads(o.body)["error"] if hasattr(o, "status_code") else None for o in out]
     assert "expected {question, context}: an extractive_qa task answers a question about a context" in errors[0]
     assert "expected a string: a classification task reads one text" in errors[1]
-    assert "a {question, context} text needs 'task'" in errors[2]
+    assert "a question needs 'task'" in errors[2]
     assert "the question 'which which which which which '... is 20 tokens; with max_length 16 and doc_stride 4" \
         in errors[3]
     assert errors[4] is None and out[4]["label"] == answer["label"]
 
 
+def test_a_question_with_choices_shares_the_one_forward_and_answers_as_its_choices_alone(store_dir, tiny_dir):
+    from mtl.kinds.multiple_choice import pairs
+
+    model = MTLModel(str(tiny_dir))
+    model.add_task("choice", 1, problem="multiple_choice", labels=["A", "B", "C"], spec={"max_length": 16})
+    noisy(model, "choice", 6)
+    model_files.save_task(model, "choice", store_dir / "adapters")
+    api = _api(store_dir, tiny_dir)
+    calls = []
+    forward = api.model.forward
+    api.model.forward = lambda *a, **k: calls.append(k.get("row_tasks")) or forward(*a, **k)
+    three = {"context": "a stone by the river", "question": "which colour?", "choices": ["red", "table", "cloud"]}
+    two = {"question": "which colour?", "choices": ["seven", "pink"]}  # any count >= 2 is answered
+    out = api.predict([parse_request({"text": TEXTS[0], "task": "t0"}),
+                       parse_request({"texts": [three, two], "task": "choice"})])
+    assert len(calls) == 1 and calls[0].count("choice") == 5  # a row per choice, all in the one forward
+    assert torch.allclose(_scores(out[0]), expected(store_model(store_dir, tiny_dir), api.tokenizer, TEXTS[0], "t0",
+                                                    32), atol=1e-5)
+    model.eval()
+    for answer, question in zip(out[1], (three, two)):
+        scores = []
+        for first, second in pairs(question["question"], question["choices"], question.get("context", "")):
+            enc = api.tokenizer(first, second, return_tensors="pt")
+            with torch.no_grad():  # each choice alone
+                scores.append(model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"],
+                                    tasks="choice")["choice"][0, 0])
+        probs = torch.stack(scores).softmax(0)
+        assert answer["choice"] == int(probs.argmax()) and answer["label"] == question["choices"][answer["choice"]]
+        assert max(abs(a - b) for a, b in zip(answer["scores"], probs.tolist())) < 1e-5
+    out = api.predict([parse_request(body) for body in (
+        {"text": three, "task": "qa"}, {"text": "which colour?", "task": "choice"},
+        {"text": {"question": "q", "context": "c"}, "task": "choice"}, {"text": three})])
+    errors = [json.loads(o.body)["error"] for o in out]
+    assert "expected {question, context}: an extractive_qa task answers" in errors[0] or "unknown task" in errors[0]
+    assert "expected {question, choices} (and an optional context): a multiple_choice task picks" in errors[1]
+    assert "expected {question, choices}" in errors[2] and "a question needs 'task'" in errors[3]
+
+
 @pytest.mark.parametrize("request_body, message", [
-    ({"text": {"question": "q"}}, "text: got keys ['question'], expected a string, or {question, context}"),
+    ({"text": {"question": "q"}}, "text: got keys ['question'], expected a string, a question about a context "
+                                  "{question, context}, or a question with answer choices {question, choices[, "
+                                  "context]}"),
+    ({"text": {"question": "q", "choices": ["a"]}}, "text.choices: got ['a'], expected a list of at least 2"),
+    ({"text": {"question": "q", "choices": ["a", 2]}}, "text.choices[1]: got '2', expected a string"),
     ({"text": {"question": " ", "context": "c"}}, "text.question: got ' ', expected a non-empty string"),
     ({"texts": [{"question": "q", "context": 3}]}, "texts[0].context: got '3', expected a non-empty string"),
 ])

@@ -182,7 +182,9 @@ class Replay(Shared):
         buffer, seen = self.state["buffer"], self.state["seen"]
         for task in tasks:  # reservoir sampling: every example offered so far is in the buffer with equal chance
             rng = random.Random(f"{self.seed}:{task}")
-            for row in range(len(data.task_datasets[task]["train"])):
+            # a multiple-choice example is several rows: its first stands for it (the data module reads it whole)
+            group = _example_rows(data, task)
+            for row in range(0, len(data.task_datasets[task]["train"]), group):
                 if len(buffer) < self.size:
                     buffer.append([task, row])
                 else:
@@ -200,8 +202,15 @@ class Replay(Shared):
             return len(row["input_ids"]) + (len(labels) if isinstance(labels, list) else 1) + \
                 len(row.get("word_ids") or []) + ("example" in row)
 
-        tokens = sum(values(data.task_datasets[t]["train"][row]) for t, row in self.state["buffer"])
+        tokens = sum(values(data.task_datasets[t]["train"][row + j]) for t, row in self.state["buffer"]
+                     for j in range(_example_rows(data, t)))
         return {**super().stored_bytes(module, data), "replay_buffer": 8 * tokens}
+
+
+def _example_rows(data: TaskDataModule, task: str) -> int:
+    """How many consecutive rows of its tokenised split each example of ``task`` is (its answer choices; else 1)."""
+    spec = data.specs[task]
+    return kind_of(spec.problem).example_rows(spec) or 1
 
 
 class EWC(Shared):

@@ -179,7 +179,7 @@ class TaskDataModule(L.LightningDataModule):
         predict_max_length: Tokens per ``predict_file`` example after truncation (None: 128, or the backbone's
             limit when that is smaller).
         train_subsets: task -> rows of its (capped) train split to train on instead of all of it (e.g. a replay
-            buffer of an earlier task).
+            buffer of an earlier task); a row of a multiple-choice example brings the whole example (all its choices).
         task_weights: task -> relative probability of drawing that task for a training batch, replacing
             ``sampling`` (every task of ``tasks`` needs one).
         group_by_length: Training batches of examples of similar length (less padding): each run of
@@ -537,16 +537,17 @@ class TaskDataModule(L.LightningDataModule):
         if not rows or min(rows) < 0 or max(rows) >= len(data):
             raise MTLConfigError(f"data.train_subsets: {name}: rows must be within 0..{len(data) - 1} and not empty")
         group = kind_of(self._specs[name].problem).example_rows(self._specs[name]) or 1
-        if len(rows) % group or any(rows[i] != rows[i - i % group] + i % group or rows[i - i % group] % group
-                                    for i in range(len(rows))):
-            raise MTLConfigError(f"data.train_subsets: {name}: got rows {rows[:6]}..., expected whole examples: each "
-                                 f"example's {group} rows (one per answer choice) together and in order")
+        if group > 1:  # a row of a multiple-choice example brings the example: all its choices, in order
+            rows = [u * group + j for u in sorted({r // group for r in rows}) for j in range(group)]
         return data.select(rows)
 
     def _train_lengths(self, name: str) -> list[int]:
         """Tokens of each row of `_train_split` (the ``train_subsets`` rows where given)."""
         lengths = self.token_lengths(name, "train")
         rows = self.train_subsets.get(name)
+        group = kind_of(self._specs[name].problem).example_rows(self._specs[name]) or 1
+        if rows is not None and group > 1:  # as `_train_split` reads them: whole examples
+            rows = [u * group + j for u in sorted({r // group for r in rows}) for j in range(group)]
         return lengths if rows is None else [lengths[r] for r in rows]
 
     def _eval_loaders(self, split: str, with_text: bool = False, shard: bool = False,

@@ -145,8 +145,8 @@ class ExtractiveQA(TaskKind):
     def encode_text(self, tokenizer: Any, text: Any, max_length: int, doc_stride: int) -> EncodedText:
         """A request's ``{question, context}`` as the windows of its context (``offsets`` per row); ``text``: the
         context, which the answer's characters index."""
-        if not isinstance(text, dict) or not isinstance(text.get("question"), str) or \
-                not isinstance(text.get("context"), str):
+        if not isinstance(text, dict) or sorted(text) != ["context", "question"] or \
+                not all(isinstance(v, str) for v in text.values()):
             raise MTLConfigError(f"got {str(text)[:40]!r}, expected {{question, context}}: an {self.name} task "
                                  "answers a question about a context")
         too_long = check_room(tokenizer, [text["question"]], max_length, doc_stride)
