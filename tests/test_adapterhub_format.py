@@ -479,9 +479,9 @@ def test_tagging_head_that_mtl_cannot_map(tmp_path):
                                              r"with layers 1 and bias true \(one linear layer\) and num_labels 2 "
                                              r"\(start, end\); pass num_labels") as err:
         load_adapterhub(model, tmp_path / "qa")
-    config["config"]["head_type"] = "multiple_choice"
+    config["config"]["head_type"] = "dependency_parsing"
     (tmp_path / "qa" / "head_config.json").write_text(json.dumps(config))
-    with pytest.raises(MTLConfigError, match=r"config.head_type is 'multiple_choice'; .*, or its tagging or "
+    with pytest.raises(MTLConfigError, match=r"config.head_type is 'dependency_parsing'; .*, or its tagging or "
                                              r"question_answering head with layers 1; pass num_labels") as err:
         load_adapterhub(model, tmp_path / "qa")
     assert "\n" not in str(err.value) and model.tasks == []
@@ -1013,3 +1013,42 @@ def test_a_qa_head_exports_as_adapterhubs_and_imports_back_bit_identical(tmp_pat
     second = save_adapterhub(loaded, "qa", tmp_path / "b" / "qa")
     for file in first.iterdir():
         assert file.read_bytes() == (second / file.name).read_bytes(), file.name
+
+
+# ---- multiple-choice heads (mtl's multiple_choice TaskHead with one output) ------------------------------------------
+def test_a_choice_head_exports_as_adapterhubs_and_imports_back_bit_identical(tmp_path):
+    model, batch = MTLModel(tiny_backbone("bert")), tiny_batch(rows=6)
+    model.add_task("mc", 1, "pfeiffer", problem="multiple_choice", pooling="cls", labels=["A", "B", "C"],
+                   head_dropout=0.1)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.task_parameters("mc").values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    first = save_adapterhub(model, "mc", tmp_path / "a" / "mc", with_head=True)
+    # exactly the keys AdapterHub's MultipleChoiceHead(model, name, **config) takes
+    assert json.loads((first / "head_config.json").read_text())["config"] == {
+        "head_type": "multiple_choice", "num_choices": 3, "layers": 2, "activation_function": "tanh",
+        "label2id": {"A": 0, "B": 1, "C": 2}, "use_pooler": False, "dropout_prob": 0.1}
+    head = load_file(str(first / "model_head.safetensors"))
+    assert sorted(head) == ["heads.mc.1.bias", "heads.mc.1.weight", "heads.mc.4.bias", "heads.mc.4.weight"]
+    assert head["heads.mc.4.weight"].shape == (1, HIDDEN)
+    loaded = MTLModel(tiny_backbone("bert"))
+    assert load_adapterhub(loaded, first) == "mc"
+    assert loaded.heads["mc"].settings() == model.heads["mc"].settings()
+    assert loaded.records["mc"].labels == ["A", "B", "C"] and loaded.heads["mc"].problem == "multiple_choice"
+    scores = loaded(**batch, tasks="mc")["mc"]
+    assert scores.shape == (6, 1) and torch.equal(scores, model(**batch, tasks="mc")["mc"])
+    second = save_adapterhub(loaded, "mc", tmp_path / "b" / "mc")
+    for file in first.iterdir():
+        assert file.read_bytes() == (second / file.name).read_bytes(), file.name
+    # a head without label names gets its positions' numbers; a head that is not AdapterHub's is refused
+    config = json.loads((first / "head_config.json").read_text())
+    config["config"]["label2id"] = None
+    (first / "head_config.json").write_text(json.dumps(config))
+    again = MTLModel(tiny_backbone("bert"))
+    load_adapterhub(again, first)
+    assert again.records["mc"].labels == ["0", "1", "2"]
+    config["config"]["num_choices"] = 1
+    (first / "head_config.json").write_text(json.dumps(config))
+    with pytest.raises(MTLConfigError, match=r"head_config.json: config.num_choices is 1, expected an integer >= 2"):
+        load_adapterhub(MTLModel(tiny_backbone("bert")), first)

@@ -46,7 +46,7 @@ def test_a_head_mtl_cannot_hold_without_num_labels_says_to_pass_it(ah_dir, tiny_
                            str(tmp_path / "run")], capsys)
     assert code == 2 and error_line(lines) == (
         f"error: {folder / 'head_config.json'}: config.use_pooler is True; mtl's head is AdapterHub's "
-        "(multilabel_)classification head with layers 2, tanh, use_pooler false and bias true; pass --num_labels N to "
+        "(multilabel_)classification or multiple_choice head with layers 2, tanh, use_pooler false and bias true; pass --num_labels N to "
         "import the adapter with a fresh, untrained N-label classification head")
 
 

@@ -39,7 +39,9 @@ random Pfeiffer tagger (``problem="token_classification"``), exports it with ``s
 with ``load_adapter(folder, use_safetensors=True)`` (no missing or unexpected keys; a tagging head with mtl's tags).
 Tagging logits are compared per token over the real tokens. Question-answering rows, both ways, are built the same way
 (``add_qa_head(name)``: one layer, a start and an end logit per token; mtl's ``problem="extractive_qa"``), compared as
-[rows, tokens, 2] (AdapterHub's start and end logits stacked) over the real tokens.
+[rows, tokens, 2] (AdapterHub's start and end logits stacked) over the real tokens; so are multiple-choice rows
+(``add_multiple_choice_head(name, num_choices=2, id2label=A, B)``: two layers on the first token, a score per row;
+mtl's ``problem="multiple_choice"`` with cls pooling), mtl's score per row compared with AdapterHub's [rows / 2, 2].
 
 Prints a markdown table of max |diff| (hidden state over real tokens, logits); exit status 1 if one exceeds ``--tol``
 a config field differs, or a control (mtl's bare backbone against each AdapterHub output) is closer than 1e-3.
@@ -63,10 +65,14 @@ MTL_FUSED = ["m0", "m1", "m2"]  # mtl's tasks under its fusion "mfz"
 LABELS = {0: "neg", 1: "neu", 2: "pos"}
 # CoNLL-2003's NER tags, as tasks/conll2003_ner.yaml orders them (the tagging rows)
 TAGS = dict(enumerate(["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]))
-# the rows of heads on every token: folder -> (AdapterHub's head adder and its labels, its head class, mtl's kind, the
-# name of mtl's own random task of that kind)
+# the rows of the other kinds' heads: folder -> (AdapterHub's head adder and its labels, its head class, mtl's kind, the
+# name of mtl's own random task of that kind); a multiple-choice head scores each row, AdapterHub's logits are the
+# scores of each group of num_choices rows
 TOKEN_HEADS = {"tagging": ("add_tagging_head", TAGS, "TaggingHead", "token_classification", "tagger"),
-               "qa": ("add_qa_head", None, "QuestionAnsweringHead", "extractive_qa", "answerer")}
+               "qa": ("add_qa_head", None, "QuestionAnsweringHead", "extractive_qa", "answerer"),
+               "choice": ("add_multiple_choice_head", {0: "A", 1: "B"}, "MultipleChoiceHead", "multiple_choice",
+                          "chooser")}
+HEAD_LAYERS = {"multiple_choice": 2}  # AdapterHub's layers of each mtl kind's head (else 1)
 NOISE = 0.05
 
 
@@ -177,6 +183,8 @@ def ah_save_token_head(args: argparse.Namespace, folder: str, n: int, ids, mask)
     model.add_adapter(name, config=SeqBnConfig())
     if labels is None:
         getattr(model, adder)(name)
+    elif folder == "choice":
+        getattr(model, adder)(name, num_choices=len(labels), id2label=labels)
     else:
         getattr(model, adder)(name, num_labels=len(labels), id2label=labels)
     with torch.no_grad():
@@ -266,7 +274,8 @@ def compare(args: argparse.Namespace) -> int:
     rows, problems = [], []
 
     def row(direction: str, label: str, hidden, logits, ref_hidden, ref_logits) -> None:
-        diff = (logits - ref_logits).abs()
+        # a multiple-choice score per row against AdapterHub's [questions, choices]: the same numbers
+        diff = (logits - ref_logits.reshape(logits.shape)).abs()
         rows.append((direction, label, (hidden - ref_hidden).abs()[real].max().item(),
                      (diff[real] if diff.dim() == 3 else diff).max().item()))  # a tagger's: per real token
 
@@ -329,8 +338,9 @@ def compare(args: argparse.Namespace) -> int:
     dumped["mfz.hidden"], dumped["mfz.logits"] = mtl_outputs(fused, "mfz", ids, mask)
     for n, (_, labels, _, problem, task) in enumerate(TOKEN_HEADS.values()):
         model = MTLModel("minilm-l6").eval()
-        model.add_task(task, len(labels) if labels else 2, "pfeiffer", problem=problem,
-                       labels=list(labels.values()) if labels else [])
+        outputs = 1 if problem == "multiple_choice" else len(labels) if labels else 2
+        model.add_task(task, outputs, "pfeiffer", problem=problem, labels=list(labels.values()) if labels else [],
+                       **({"pooling": "cls"} if problem == "multiple_choice" else {}))
         gen = torch.Generator().manual_seed(args.seed + 300 + n)
         with torch.no_grad():
             for p in model.task_parameters(task).values():
@@ -352,7 +362,9 @@ def compare(args: argparse.Namespace) -> int:
                  "tagger": "pfeiffer + tagging head, 9 tags; logits per real token (adapter.safetensors + "
                            "model_head.safetensors)",
                  "answerer": "pfeiffer + question-answering head; start and end logits per real token "
-                             "(adapter.safetensors + model_head.safetensors)"}.get(preset, f"{preset} (adapter.safetensors + "
+                             "(adapter.safetensors + model_head.safetensors)",
+                 "chooser": "pfeiffer + multiple-choice head, 2 choices; a score per row (adapter.safetensors + "
+                            "model_head.safetensors)"}.get(preset, f"{preset} (adapter.safetensors + "
                                                                    "model_head.safetensors)")
         row("mtl -> AdapterHub", label, loaded[f"{name}.hidden"], loaded[f"{name}.logits"],
             dumped[f"{preset}.hidden"], dumped[f"{preset}.logits"])
@@ -363,12 +375,12 @@ def compare(args: argparse.Namespace) -> int:
                  for k in sorted(set(written) | set(report["mfz"]["config"]))
                  if written.get(k) != report["mfz"]["config"].get(k)]
 
-    for _, labels, head_class, _, task in TOKEN_HEADS.values():  # AdapterHub built each head from mtl's head_config
-        head = report[task]["head"]
+    for _, labels, head_class, problem, task in TOKEN_HEADS.values():  # AdapterHub built each from mtl's head_config
+        head, layers = report[task]["head"], HEAD_LAYERS.get(problem, 1)
         label2id = {tag: i for i, tag in labels.items()} if labels else {"LABEL_0": 0, "LABEL_1": 1}  # QA's default
-        if (report[task]["head_class"], head.get("layers"), head.get("label2id")) != (head_class, 1, label2id):
+        if (report[task]["head_class"], head.get("layers"), head.get("label2id")) != (head_class, layers, label2id):
             problems.append(f"{task}: AdapterHub built {report[task]['head_class']} with layers {head.get('layers')} "
-                            f"and label2id {head.get('label2id')}, expected {head_class}, 1 and {label2id}")
+                            f"and label2id {head.get('label2id')}, expected {head_class}, {layers} and {label2id}")
 
     control = min(controls)
     failed = bool(problems) or control <= 1e-3
@@ -403,8 +415,10 @@ def compare_token_head_import(args: argparse.Namespace, folder: str, imported, r
         problems.append(f"{folder}: imported as {imported.heads[task].problem} with labels "
                         f"{imported.records[task].labels}, expected {problem} with {names}")
     files = " + ".join(sorted(p.name for p in path.iterdir() if "config" not in p.name))
-    what = "tagging head, 9 tags" if labels else "question-answering head, start and end"
-    row("AdapterHub -> mtl", f"pfeiffer + {what}; logits per real token ({files})",
+    what = {"tagging": "tagging head, 9 tags; logits", "qa": "question-answering head, start and end; logits",
+            "choice": "multiple-choice head, 2 choices; a score"}[folder]
+    row("AdapterHub -> mtl", f"pfeiffer + {what} per real token ({files})" if folder != "choice" else
+        f"pfeiffer + {what} per row ({files})",
         *mtl_outputs(imported, task, ref["input_ids"], ref["attention_mask"]), ref[f"ah_{folder}.hidden"],
         ref[f"ah_{folder}.logits"])
     again = save_adapterhub(imported, task, args.dir / "again" / folder)

@@ -64,7 +64,7 @@ _INERT = {"init_weights_seed": None, "adapter_residual_before_ln": False, "inv_a
 # AdapterHub's flex heads mtl holds: head_type -> the nn.Sequential index of each mtl head layer (the other indices are
 # dropout and activation, which hold no tensors)
 HEAD_LAYERS = {"classification": {"1": "dense", "4": "out"}, "multilabel_classification": {"1": "dense", "4": "out"},
-               "tagging": {"1": "out"}, "question_answering": {"1": "out"}}
+               "tagging": {"1": "out"}, "question_answering": {"1": "out"}, "multiple_choice": {"1": "dense", "4": "out"}}
 # AdapterHub's one-layer heads on every token -> the mtl kind whose head they are (TokenHead, QAHead)
 TOKEN_HEADS = {"tagging": "token_classification", "question_answering": "extractive_qa"}
 _MAPPED = {"architecture", "invertible_adapter", "mh_adapter", "output_adapter", "reduction_factor", "non_linearity",
@@ -209,16 +209,18 @@ def _read_head(folder: Path, hidden_size: int, backbone_config: Any) -> dict[str
         checks = {"head_type": cfg.get("head_type") in HEAD_LAYERS, "layers": cfg.get("layers") == 2,
                   "activation_function": str(cfg.get("activation_function")).lower() == "tanh",
                   "use_pooler": not cfg.get("use_pooler"), "bias": cfg.get("bias", True) is True}
-        rule = ("mtl's head is AdapterHub's (multilabel_)classification head with layers 2, tanh, use_pooler false and "
-                "bias true")
+        rule = ("mtl's head is AdapterHub's (multilabel_)classification or multiple_choice head with layers 2, tanh, "
+                "use_pooler false and bias true")
         if not checks["head_type"]:
             rule += ", or its tagging or question_answering head with layers 1"
     bad = next((key for key, ok in checks.items() if not ok), None)
     if bad:
         return f"{file}: config.{bad} is {cfg.get(bad)!r}; {rule}"
-    num, dropout = cfg.get("num_labels"), cfg.get("dropout_prob")
-    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
-        raise MTLConfigError(f"{file}: config.num_labels is {num!r}, expected a positive integer")
+    choices = cfg["head_type"] == "multiple_choice"  # one score per (question, choice) row, num_choices rows
+    count = "num_choices" if choices else "num_labels"
+    num, dropout = cfg.get(count), cfg.get("dropout_prob")
+    if not isinstance(num, int) or isinstance(num, bool) or num < (2 if choices else 1):
+        raise MTLConfigError(f"{file}: config.{count} is {num!r}, expected an integer >= {2 if choices else 1}")
     if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
         raise MTLConfigError(f"{file}: config.dropout_prob is {dropout!r}, expected null or a number in [0, 1)")
     weights, wfile = _read_weights(folder, HEAD_WEIGHTS, LEGACY_HEAD_WEIGHTS)
@@ -234,7 +236,8 @@ def _read_head(folder: Path, hidden_size: int, backbone_config: Any) -> dict[str
                                  f"heads.{data.get('name')}.<{'|'.join(layers)}>.<weight|bias>")
         tensors[f"head.{layers[match[1]]}.{match[2]}"] = tensor
     size = torch.Size
-    shapes = {"head.out.weight": size([num, hidden_size]), "head.out.bias": size([num])}
+    outputs = 1 if choices else num
+    shapes = {"head.out.weight": size([outputs, hidden_size]), "head.out.bias": size([outputs])}
     if not tagging:
         shapes.update({"head.dense.weight": size([hidden_size, hidden_size]), "head.dense.bias": size([hidden_size])})
     storage.check_tensors(wfile, tensors, shapes)
@@ -243,13 +246,16 @@ def _read_head(folder: Path, hidden_size: int, backbone_config: Any) -> dict[str
         if isinstance(label2id, dict) and sorted(label2id.values()) == list(range(num)) else None
     if cfg["head_type"] == "question_answering":  # start and end are outputs, not label names
         labels = None
-    if tagging:
+    if choices:  # mtl names the choice positions (as many as num_choices): AdapterHub's names, else their numbers
+        labels = labels or [str(i) for i in range(num)]
+        problem = "multiple_choice"
+    elif tagging:
         problem = TOKEN_HEADS[cfg["head_type"]]
     elif cfg["head_type"] == "multilabel_classification":
         problem = "multilabel"
     else:  # AdapterHub's classification head with one label is its regression head (MSE loss)
         problem = "regression" if num == 1 else "classification"
-    return {"num_outputs": num, "labels": labels, "tensors": tensors, "problem": problem,
+    return {"num_outputs": outputs, "labels": labels, "tensors": tensors, "problem": problem,
             "dropout": float(dropout) if dropout is not None else _head_dropout(backbone_config)}
 
 
@@ -338,8 +344,10 @@ def resolve_head(model: MTLModel, folder: Path, num_labels: int | None, labels: 
     elif num_labels is not None and num_labels != head["num_outputs"]:
         raise MTLConfigError(f"{folder / HEAD_CONFIG}: the head has {head['num_outputs']} labels, but num_labels is "
                              f"{num_labels}")
-    if labels is not None and len(labels) != head["num_outputs"]:
-        raise MTLConfigError(f"labels: {len(labels)} names for a head with {head['num_outputs']} outputs")
+    names = len(head["labels"]) if head["problem"] == "multiple_choice" else head["num_outputs"]
+    if labels is not None and len(labels) != names:
+        raise MTLConfigError(f"labels: {len(labels)} names for a head with {names} "
+                             f"{'choices' if head['problem'] == 'multiple_choice' else 'outputs'}")
     if labels is not None:
         head["labels"] = list(labels)
     return head
@@ -362,6 +370,8 @@ def _head_problem(head: Any) -> str | None:
                 "(train with pooling 'cls' to export the head)")
     if head.problem == "regression" and head.num_outputs != 1:
         return "its regression head has several outputs, AdapterHub's has one"
+    if head.problem == "multiple_choice" and head.num_outputs != 1:
+        return "its multiple-choice head scores each choice with several outputs, AdapterHub's with one"
     if head.problem == "classification" and head.num_outputs < 2:
         return "its classification head has one output, which AdapterHub reads as regression"
     return None
@@ -430,6 +440,10 @@ def head_file(model: MTLModel, task: str, meta: dict[str, Any]) -> tuple[str, di
         # label2id: what AdapterHub's own add_qa_head writes (its model config's default names for 2 labels)
         head_config = {"head_type": "question_answering", "num_labels": 2, "layers": 1, "activation_function": "tanh",
                        "label2id": {"LABEL_0": 0, "LABEL_1": 1}, "dropout_prob": head.dropout.p}
+    elif head.problem == "multiple_choice":  # exactly MultipleChoiceHead's config keys
+        head_config = {"head_type": "multiple_choice", "num_choices": len(labels), "layers": 2,
+                       "activation_function": "tanh", "label2id": label2id, "use_pooler": False,
+                       "dropout_prob": head.dropout.p}
     elif head.problem == "token_classification":
         # exactly TaggingHead's config keys: AdapterHub passes them all to TaggingHead(), which takes no use_pooler or
         # bias; activation_function (its default) only acts between layers, and one layer has none
