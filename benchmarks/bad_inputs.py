@@ -251,6 +251,23 @@ def question_answering(rows: str, extra: str = "") -> Callable[[Path], None]:
                  write("tasks/qabad.yaml", QA.format(file="q.jsonl", extra=extra)))
 
 
+MC = ("source: {{type: files, train: {file}}}\ntext_fields: [context, question, choices]\nlabel_field: label\n"
+      "labels: [A, B, C]\nproblem: multiple_choice\nmax_length: 24\n{extra}")
+MC_FIT = FIT + ["--data.tasks", "[mcbad]"]
+
+
+def mc_row(n: int, choices: list | None = None, label: object = 1, question: str = "which colour?") -> str:
+    """One JSONL row of a multiple-choice task (``n`` makes its context unique)."""
+    return json.dumps({"context": f"a stone {n}", "question": question,
+                       "choices": ["table", "red", "cloud"] if choices is None else choices, "label": label}) + "\n"
+
+
+def multiple_choice(rows: str, extra: str = "") -> Callable[[Path], None]:
+    """Setup: a multiple-choice task ``tasks/mcbad.yaml`` reading ``tasks/m.jsonl`` (twenty good rows, then ``rows``)."""
+    return steps(write("tasks/m.jsonl", "".join(mc_row(n) for n in range(20)) + rows),
+                 write("tasks/mcbad.yaml", MC.format(file="m.jsonl", extra=extra)))
+
+
 RESUME = ["continual", "--config", "continual.yaml"]
 
 
@@ -464,6 +481,15 @@ CASES = [
         '{"question": "q", "context": "red 9", "answers": [{"text": "red"}]}\n')),
     Case("qa-question-leaves-no-room", "qa", QA_FIT, question_answering(qa_row(9, question="which " * 30))),
     Case("qa-labels-given", "qa", QA_FIT, question_answering("", "labels: [a, b]\n")),
+    # multiple-choice data: the file and the row
+    Case("mc-one-choice", "mc", MC_FIT, multiple_choice(mc_row(9, choices=["red"]))),
+    Case("mc-fewer-choices-than-labels", "mc", MC_FIT, multiple_choice(mc_row(9, choices=["red", "cloud"]))),
+    Case("mc-label-out-of-range", "mc", MC_FIT, multiple_choice(mc_row(9, label=3))),
+    Case("mc-label-not-a-choice", "mc", MC_FIT, multiple_choice(mc_row(9, label="green"))),
+    Case("mc-empty-question", "mc", MC_FIT, multiple_choice(mc_row(9, question=""))),
+    Case("mc-one-choice-position", "mc", MC_FIT, steps(multiple_choice(""), lambda s: (s / "tasks/mcbad.yaml")
+                                                     .write_text(MC.format(file="m.jsonl", extra="")
+                                                                 .replace("[A, B, C]", "[A]")))),
     Case("compare-run-missing", "continual", ["compare", "crun", "nope"]),
     Case("compare-results-corrupt", "continual", ["compare", "crun"], truncate("crun/results.json")),
 ]

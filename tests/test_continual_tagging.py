@@ -334,8 +334,8 @@ def test_a_task_whose_headline_is_no_score_in_0_1_is_one_line(setup, tmp_path, c
     assert code == 2 and len(lines) == 1, lines
     assert error_line(lines) == (f"error: {tasks / 'size.yaml'}: problem regression has the headline metric pearson, "
                                  "expected a task whose headline is a score in [0, 1] (acc or f1: classification, "
-                                 "multilabel, token_classification, extractive_qa); R and its metrics compare every "
-                                 "task on that scale")
+                                 "multilabel, token_classification, extractive_qa, multiple_choice); R and its "
+                                 "metrics compare every task on that scale")
     assert not (tmp_path / "r").exists()
 
 

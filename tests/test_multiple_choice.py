@@ -212,3 +212,17 @@ trainer: {{max_epochs: 2, logger: false, enable_checkpointing: false, enable_pro
         state = json.loads((tmp_path / "run" / "state.json").read_text())
         rows = [row for task, row in state["strategy_state"]["buffer"] if task == "choice"]
         assert rows and all(row % 3 == 0 for row in rows)
+
+
+def test_a_router_does_not_pick_a_choice_task():
+    from mtl.model import MTLModel
+    from mtl.routing.base import check_routable
+    from tests.conftest import tiny_backbone
+
+    model = MTLModel(tiny_backbone("bert"))
+    model.add_task("mc", 1, problem="multiple_choice", labels=["A", "B", "C"])
+    model.add_task("keyword", 2, labels=["bad", "good"])
+    check_routable(model, ["keyword"])
+    with pytest.raises(MTLConfigError, match=r"routed prediction needs classification or token_classification heads "
+                                             r"with at least 2 labels, got \['mc \(multiple_choice, 1 outputs\)'\]"):
+        check_routable(model, ["keyword", "mc"])

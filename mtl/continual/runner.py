@@ -32,7 +32,7 @@ from mtl.data.module import TaskDataModule
 from mtl.data.spec import load_task_specs
 from mtl.errors import MTLConfigError
 from mtl.fusion.config import FusionConfig
-from mtl.kinds import kind_of
+from mtl.kinds import KINDS, kind_of
 from mtl.lit import AdapterTrainer
 from mtl.preflight import writable_folder
 from mtl.routing import ROUTABLE, EntropyRouter, PrototypeRouter, load_router, routing_report, save_confusion_png
@@ -550,9 +550,10 @@ def task_metrics(spec: Any, routers: list[str]) -> dict[str, Any]:
     that a router cannot answer)."""
     headline = kind_of(spec.problem).metrics_for(list(spec.labels or []))[1]
     if headline not in OPTIONAL_SCORES:
+        scored = ", ".join(kind.name for kind in KINDS.values() if kind.headline in OPTIONAL_SCORES)
         raise MTLConfigError(f"{spec.spec_file}: problem {spec.problem} has the headline metric {headline}, expected a "
-                             "task whose headline is a score in [0, 1] (acc or f1: classification, multilabel, "
-                             "token_classification, extractive_qa); R and its metrics compare every task on that scale")
+                             f"task whose headline is a score in [0, 1] (acc or f1: {scored}); R and its metrics "
+                             "compare every task on that scale")
     if routers and spec.problem not in ROUTABLE:
         raise MTLConfigError(f"{spec.spec_file}: problem {spec.problem}: continual.routers {list(routers)} route only "
                              f"{' and '.join(ROUTABLE)} tasks; set continual.routers: [] to run this sequence")

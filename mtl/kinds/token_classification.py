@@ -54,6 +54,7 @@ class TokenClassification(TaskKind):
     name = "token_classification"
     metric_titles = {"acc": "word accuracy", "f1": "entity F1"}
     metric_names = ("f1", "precision", "recall", "acc")
+    headline = "f1"  # entity F1 for an entity tag set; `metrics_for` gives word accuracy ("acc") for the others
     label_dtype = torch.long
     text_fields = 1
     text_fields_help = "one column (of words, for a token_classification task)"
