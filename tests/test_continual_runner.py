@@ -331,10 +331,23 @@ def test_replay_mixes_the_buffer_in_with_the_ratio():
 
 
 class FakeData:
-    """Just the train split sizes that the reservoir reads."""
+    """Just the train split sizes and the task kinds that the reservoir reads (``choices``: tasks of 3-choice
+    questions, 3 rows each)."""
 
-    def __init__(self, sizes: dict[str, int]) -> None:
+    def __init__(self, sizes: dict[str, int], choices: tuple[str, ...] = ()) -> None:
+        from types import SimpleNamespace
+
         self.task_datasets = {t: {"train": list(range(n))} for t, n in sizes.items()}
+        self.specs = {t: SimpleNamespace(problem="multiple_choice" if t in choices else "classification",
+                                         labels=["A", "B", "C"]) for t in sizes}
+
+
+def test_replay_keeps_whole_questions_of_a_choice_task_by_their_first_row():
+    replay = Replay(size=100, ratio=0.2, seed=0)
+    replay.after_task(0, ["mc"], None, FakeData({"mc": 30}, choices=("mc",)))
+    assert replay.state == {"buffer": [["mc", row] for row in range(0, 30, 3)], "seen": 10}
+    # the data module reads each kept row as its whole question: 3 rows, in order
+    assert replay.stage_data(["next"])["train_subsets"] == {"mc": list(range(0, 30, 3))}
 
 
 def test_replay_buffer_is_a_seeded_reservoir():

@@ -226,3 +226,14 @@ def test_a_router_does_not_pick_a_choice_task():
     with pytest.raises(MTLConfigError, match=r"routed prediction needs classification or token_classification heads "
                                              r"with at least 2 labels, got \['mc \(multiple_choice, 1 outputs\)'\]"):
         check_routable(model, ["keyword", "mc"])
+
+
+def test_a_listed_row_of_a_question_brings_the_whole_question(tiny_dir, task_dir, tmp_path):
+    data = TaskDataModule(["choice"], backbone=str(tiny_dir), tasks_dir=str(task_dir), batch_size=2,
+                          cache_dir=str(tmp_path / "cache"), train_subsets={"choice": [3, 7]})
+    data.setup("fit")
+    split = data._train_split("choice")
+    assert split["example"] == [split["example"][0]] * 3 + [split["example"][3]] * 3
+    assert len(data._train_lengths("choice")) == 6
+    batches = [b for b in data.train_dataloader()]
+    assert [b["input_ids"].shape[0] for b in batches] == [6]  # batch_size 2 questions: one batch of 6 rows
