@@ -139,7 +139,7 @@ def test_texts_without_a_task_go_where_the_store_router_sends_them(server, refer
     (b"[1, 2]", 400, "body is a JSON list, expected an object with 'text' or 'texts'"),
     (b'{"task": "t0"}', 400, "give exactly one of 'text' (a string) or 'texts' (a list of strings)"),
     (b'{"text": ""}', 400, "text: got '', expected a non-empty string"),
-    (b'{"text": ["a"], "task": "t0"}', 400, "text: got \"['a']\", expected a non-empty string"),
+    (b'{"text": ["a"], "task": "t0"}', 400, "text: got \"['a']\", expected a string, a question about a context"),
     (b'{"text": "a", "task": 7}', 400, "task: got '7', expected a task name (a string)"),
     (b'{"text": "a", "task": "nope"}', 404, "task: unknown task 'nope'; GET /tasks lists the 5 servable"),
     (json.dumps({"texts": ["a"] * 10_000}).encode(), 400, "texts: 10000 texts, expected at most 256 per request"),
