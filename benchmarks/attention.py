@@ -1,14 +1,15 @@
 """Which attention kernel should the frozen backbone run: PyTorch's SDPA or the plain matmul-softmax-matmul ("eager")?
 
 Usage: python benchmarks/attention.py [--steps 5] [--threads 2] [--layers 2]
-       [--shapes minilm-l6 bert-base modernbert-base] [--precisions bf16 fp32]
+       [--shapes minilm-l6 bert-base modernbert-base] [--precisions bf16 fp32] [--modes train predict]
+       [--lengths 128]
 
 For each backbone, mode (a Pfeiffer train step: forward, backward, AdamW; or an inference forward) and precision
 (bf16 autocast or fp32), the two implementations run alternately in one process on the same batch (the last quarter
 of a quarter of the rows padded), and the table gives the median step of each and the ratio SDPA / eager
-(above 1: eager is faster). ``minilm-l6`` is the pretrained quickstart backbone at batch 32 x 128; the base shapes
-(``benchmarks/backbones/``) are random weights cut to ``--layers`` layers at batch 8 x 128 (the per-layer ratio is
-what matters). DeBERTa-v2/v3 has only the eager kernel in transformers, so it has no row.
+(above 1: eager is faster). ``minilm-l6`` is the pretrained quickstart backbone at 32 rows x 128 tokens; the base
+shapes (``benchmarks/backbones/``) are random weights cut to ``--layers`` layers at 8 x 128 (the per-layer ratio is
+what matters). ``--lengths``: padded lengths to measure, the rows scaled to keep the tokens per batch (minilm: 4,096). DeBERTa-v2/v3 has only the eager kernel in transformers, so it has no row.
 """
 
 from __future__ import annotations
@@ -74,13 +75,13 @@ def step_fn(model, mode: str, bf16: bool, data):
     return step
 
 
-def measure(shape: str, layers: int, mode: str, precision: str, steps: int) -> dict[str, float]:
+def measure(shape: str, layers: int, mode: str, precision: str, steps: int, length: int = 128) -> dict[str, float]:
     """Median seconds per step for sdpa and eager, alternated step by step after one warm-up each."""
-    rows = 32 if shape == "minilm-l6" else 8
+    rows = max(1, (32 if shape == "minilm-l6" else 8) * 128 // length)
     steps_of = {}
     for impl in ("sdpa", "eager"):
         model = build(shape, layers, impl)
-        steps_of[impl] = step_fn(model, mode, precision == "bf16", batch(model, rows, 128))
+        steps_of[impl] = step_fn(model, mode, precision == "bf16", batch(model, rows, length))
         steps_of[impl]()
     times: dict[str, list[float]] = {impl: [] for impl in steps_of}
     for _ in range(steps):
@@ -99,18 +100,22 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="layers kept of the base shapes")
     parser.add_argument("--shapes", nargs="+", default=["minilm-l6", "bert-base", "modernbert-base"])
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    parser.add_argument("--modes", nargs="+", default=["train", "predict"], choices=["train", "predict"])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[128], help="padded tokens per row")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} alternating steps\n")
     print("| backbone | mode | precision | SDPA | eager | SDPA / eager |")
     print("|---|---|---|---:|---:|---:|")
     for shape in args.shapes:
-        what = "pretrained, 6 layers, 32 x 128" if shape == "minilm-l6" else f"random, {args.layers} layers, 8 x 128"
-        for mode in ("train", "predict"):
-            for precision in args.precisions:
-                t = measure(shape, args.layers, mode, precision, args.steps)
-                print(f"| {shape} ({what}) | {mode} | {precision} | {t['sdpa'] * 1e3:.0f} ms | "
-                      f"{t['eager'] * 1e3:.0f} ms | {t['sdpa'] / t['eager']:.2f}x |", flush=True)
+        for length in args.lengths:
+            rows = max(1, (32 if shape == "minilm-l6" else 8) * 128 // length)
+            what = "pretrained, 6 layers" if shape == "minilm-l6" else f"random, {args.layers} layers"
+            for mode in args.modes:
+                for precision in args.precisions:
+                    t = measure(shape, args.layers, mode, precision, args.steps, length)
+                    print(f"| {shape} ({what}, {rows} x {length}) | {mode} | {precision} | {t['sdpa'] * 1e3:.0f} ms | "
+                          f"{t['eager'] * 1e3:.0f} ms | {t['sdpa'] / t['eager']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

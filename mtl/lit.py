@@ -383,13 +383,23 @@ class AdapterTrainer(L.LightningModule):
         """Switch the backbone to the attention kernel `attention_kernel` picks for this trainer (said once on fit)."""
         trainer, backbone = self.trainer, self.model.backbone
         kernel = attention_kernel(self.hparams.attention, trainer.precision, trainer.strategy.root_device.type,
-                                  self.model.loaded_kernel)
+                                  self.model.loaded_kernel, self._longest_row(stage))
         if kernel == backbone.config._attn_implementation:
             return
         backbone.set_attn_implementation(kernel)
         if stage == "fit" and trainer.is_global_zero and self.hparams.attention == "auto":
-            print(f"attention: {kernel} (faster under {trainer.precision} on this device; set model.attention "
-                  "to choose)")
+            longest = self._longest_row(stage)
+            print(f"attention: {kernel} (faster under {trainer.precision} on this device"
+                  f"{f' for rows of up to {longest} tokens' if longest else ''}; set model.attention to choose)")
+
+    def _longest_row(self, stage: str) -> int | None:
+        """The most tokens a row of this stage's data may hold (its tasks' ``max_length``, or a predict file's
+        ``predict_max_length``); None without a task data module."""
+        data = getattr(self.trainer, "datamodule", None)
+        specs = getattr(data, "specs", None)
+        if stage == "predict" and getattr(data, "predict_file", None):
+            return data.predict_max_length
+        return max((spec.max_length for spec in specs.values()), default=None) if specs else None
 
     @staticmethod
     def _cache_refusal(processes: int) -> MTLConfigError:

@@ -3,7 +3,8 @@
 On such hardware bf16 autocast trained the quickstart faster with the same accuracy (``benchmarks/RESULTS.md``);
 elsewhere bf16 is emulated, which is slower than fp32, so fp32 stays.
 Parameters stay float32 under ``bf16-mixed`` (only the matmuls run in bf16), so exports are float32.
-The attention kernel follows the precision (`attention_kernel`): under bf16 on the CPU the plain kernel trains faster.
+The attention kernel follows the precision and the row length (`attention_kernel`): under bf16 on the CPU the plain
+kernel trains faster on rows of up to 160 tokens.
 """
 
 from __future__ import annotations
@@ -96,14 +97,23 @@ def check_attention(value: str, backbone: Any = None) -> None:
                              "kernel in transformers; expected auto or eager")
 
 
-def attention_kernel(requested: str, precision: str | int, device_type: str, loaded: str) -> str:
+# the longest rows (tokens) for which the plain kernel beats SDPA under bf16 on the CPU: a MiniLM train step is 1.28x
+# faster with it at 160 tokens, 1.14x slower at 192 and 1.6x slower at 384 (benchmarks/attention.py --lengths)
+EAGER_MAX_TOKENS = 160
+
+
+def attention_kernel(requested: str, precision: str | int, device_type: str, loaded: str,
+                     longest: int | None = None) -> str:
     """The attention implementation the backbone should run: ``requested`` unless ``auto``; ``auto`` picks eager
-    (matmul, softmax, matmul) under bf16 on the CPU for a backbone ``loaded`` with SDPA, and ``loaded`` elsewhere
-    (so a stage in another precision returns to it)."""
+    (matmul, softmax, matmul) under bf16 on the CPU for a backbone ``loaded`` with SDPA whose rows are at most
+    `EAGER_MAX_TOKENS` long (``longest``: the longest row the stage's data may hold, None when unknown), and
+    ``loaded`` elsewhere (so a stage in another precision, or with longer rows, returns to it)."""
     if requested != "auto":
         return requested
-    # on the CPU, SDPA's bf16 backward is slower than autograd through the plain ops (1.34x per MiniLM train step,
-    # 1.1x at base size; fp32 and inference even: benchmarks/attention.py); CUDA keeps its fused kernels
-    if device_type == "cpu" and str(precision).startswith("bf16") and loaded == "sdpa":
+    # on the CPU, SDPA's bf16 backward is slower than autograd through the plain ops on short rows (1.34x per MiniLM
+    # train step at 128 tokens, 1.1x at base size; fp32 and inference even) and faster on long ones, whose
+    # [tokens x tokens] scores the plain kernel materialises: benchmarks/attention.py; CUDA keeps its fused kernels
+    if device_type == "cpu" and str(precision).startswith("bf16") and loaded == "sdpa" and \
+            (longest is None or longest <= EAGER_MAX_TOKENS):
         return "eager"
     return loaded

@@ -11,7 +11,7 @@ import torch
 from mtl.cli import main
 from mtl.errors import MTLConfigError
 from mtl.model import MTLModel
-from mtl.precision import attention_kernel, check_attention
+from mtl.precision import EAGER_MAX_TOKENS, attention_kernel, check_attention
 from tests.conftest import tiny_backbone
 from tests.test_fit_output import quickstart
 from tests.test_hardening import error_line, run_cli
@@ -36,6 +36,37 @@ def fake_backbone(kernel: str, sdpa: bool = True) -> SimpleNamespace:
 def test_auto_picks_eager_only_under_bf16_on_the_cpu(requested, precision, device, loaded, want):
     # only the kernel the backbone was loaded with counts: an fp32 stage after a bf16 one returns to SDPA
     assert attention_kernel(requested, precision, device, loaded) == want
+
+
+@pytest.mark.parametrize("longest, want", [(None, "eager"), (32, "eager"), (EAGER_MAX_TOKENS, "eager"),
+                                           (EAGER_MAX_TOKENS + 1, "sdpa"), (384, "sdpa")])
+def test_auto_keeps_sdpa_for_rows_longer_than_the_plain_kernel_pays_for(longest, want):
+    assert attention_kernel("auto", "bf16-mixed", "cpu", "sdpa", longest) == want
+    assert attention_kernel("eager", "bf16-mixed", "cpu", "sdpa", longest) == "eager"  # an explicit choice wins
+
+
+def test_a_fit_picks_the_kernel_for_its_tasks_longest_rows(tiny_dir, task_dir, tmp_path):
+    import lightning as L
+
+    from mtl.data.module import TaskDataModule
+    from mtl.lit import AdapterTrainer
+
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    for file in ("keyword.csv", "keyword.yaml"):
+        (tasks_dir / file).write_bytes((task_dir / file).read_bytes())
+    # the keyword task again, allowed 200 tokens a row
+    (tasks_dir / "long.yaml").write_text((task_dir / "keyword.yaml").read_text().replace("max_length: 16",
+                                                                                         "max_length: 200"))
+    kernels = {}
+    for name, tasks in (("short", ["keyword"]), ("long", ["keyword", "long"])):
+        module = AdapterTrainer(tasks, backbone=str(tiny_dir), tasks_dir=str(tasks_dir), run_dir=str(tmp_path / name))
+        data = TaskDataModule(tasks, backbone=str(tiny_dir), tasks_dir=str(tasks_dir), cache_dir=str(tmp_path / "c"))
+        L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, precision="bf16-mixed",
+                  use_distributed_sampler=False).fit(module, datamodule=data)
+        kernels[name] = module.model.backbone.config._attn_implementation
+    assert kernels == {"short": "eager", "long": "sdpa"}
 
 
 def test_a_bad_attention_value_or_sdpa_without_the_kernel_is_one_line():
