@@ -48,6 +48,7 @@ import torch  # noqa: E402
 
 from adapterhub_fit import Clock, log, model_dir  # noqa: E402  (this folder: run as a script from here)
 from adapterhub_tagging_fit import bf16_native  # noqa: E402
+from peer_training import fit_best, train_mode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,7 +122,6 @@ def main() -> None:
     import adapters
     import transformers
     from adapters import AutoAdapterModel, SeqBnConfig
-    from adapters.methods.modeling import Adapter
     from transformers import AutoTokenizer, DataCollatorWithPadding, get_linear_schedule_with_warmup
     from transformers.utils import logging as hf_logging
 
@@ -133,18 +133,7 @@ def main() -> None:
     model.add_adapter(args.task, config=SeqBnConfig(reduction_factor=16))
     model.add_qa_head(args.task)
     model.train_adapter(args.task)
-
-    def train_mode() -> None:
-        if args.no_backbone_dropout:
-            model.eval()
-            model.heads.train()
-            for module in model.modules():
-                if isinstance(module, Adapter):
-                    module.train()
-        else:
-            model.train()
-
-    train_mode()
+    train_mode(model, not args.no_backbone_dropout)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
     clock.phases["startup"] = time.time() - STARTED
     log(f"adapterhub_qa_fit: adapters {adapters.__version__}, transformers {transformers.__version__}; {args.task}; "
@@ -191,7 +180,7 @@ def main() -> None:
                     span = best_span(s, e, item["offsets"], args.max_answer_length)
                     if item["example"] not in best or span[0] > best[item["example"]][0]:
                         best[item["example"]] = span
-        train_mode()
+        train_mode(model, not args.no_backbone_dropout)
         exact = f1 = 0.0
         for example, (_, a, b) in best.items():
             row = rows[split][example]
@@ -200,25 +189,9 @@ def main() -> None:
             f1 += matching.f1_score(row["context"][a:b], golds)
         return {"exact": exact / len(best), "f1": f1 / len(best)}
 
-    best_f1, best_epoch, best_state, val_f1s = -1.0, -1, None, []
-    for epoch in range(args.epochs):
-        with clock("train"):
-            for batch in train_loader:
-                with autocast():
-                    loss = model(**batch).loss
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-        with clock("validation"):
-            val = score("validation")
-        val_f1s.append(round(val["f1"], 4))
-        log(f"  epoch {epoch}: last loss {loss.item():.4f}, val f1 {val['f1']:.4f} exact {val['exact']:.4f}")
-        if val["f1"] > best_f1:
-            best_f1, best_epoch = val["f1"], epoch
-            best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    best_epoch, best_f1, val_f1s = fit_best(model, train_loader, optimizer, scheduler, args.epochs, autocast, clock,
+                                            lambda: score("validation")["f1"], log)
     with clock("test"):
-        model.load_state_dict(best_state, strict=False)
         test = score("test")
     total_s = time.time() - STARTED
     log(f"  best epoch {best_epoch} (val f1 {best_f1:.4f}); test f1 {test['f1']:.4f} exact {test['exact']:.4f}; "
