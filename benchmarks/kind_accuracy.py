@@ -46,7 +46,7 @@ class Bench:
 
 BENCHES = {
     "population_spans": Bench("configs/qa.yaml", "bench-qa", "adapterhub_qa_fit.py", 3, 5e-3, "f1", "exact"),
-    "social_iqa": Bench("configs/multiple_choice.yaml", "bench-mc", "adapterhub_mc_fit.py", 5, 5e-3, "acc", None),
+    "social_iqa": Bench("configs/multiple_choice.yaml", "bench-mc", "adapterhub_mc_fit.py", 5, 1e-3, "acc", None),
 }
 
 

@@ -4,7 +4,7 @@ reads, scored as mtl scores multiple choice (accuracy).
 Run with the separate environment made by setup_adapterhub.sh (never mtl's own), from the repository root:
 
     benchmarks/peers/.venv-adapterhub/bin/python benchmarks/peers/adapterhub_mc_fit.py --rows ROWS.json [--seed 0] \
-        [--epochs 5] [--batch-size 16] [--eval-batch 64] [--lr 5e-3] [--warmup 0.1] [--threads 2] \
+        [--epochs 5] [--batch-size 16] [--eval-batch 64] [--lr 1e-3] [--warmup 0.1] [--threads 2] \
         [--precision auto] [--max-length 128] [--no-backbone-dropout] [--max-train N]
 
 ``ROWS.json``: ``{split: [{context, question, choices: [...], label: index}]}``, the rows mtl's ``load_task_dataset``
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
