@@ -335,11 +335,11 @@ class FakeData:
     questions, 3 rows each)."""
 
     def __init__(self, sizes: dict[str, int], choices: tuple[str, ...] = ()) -> None:
-        from types import SimpleNamespace
-
         self.task_datasets = {t: {"train": list(range(n))} for t, n in sizes.items()}
-        self.specs = {t: SimpleNamespace(problem="multiple_choice" if t in choices else "classification",
-                                         labels=["A", "B", "C"]) for t in sizes}
+        self.choices = choices
+
+    def rows_per_example(self, task: str) -> int:
+        return 3 if task in self.choices else 1
 
 
 def test_replay_keeps_whole_questions_of_a_choice_task_by_their_first_row():

@@ -183,7 +183,7 @@ class Replay(Shared):
         for task in tasks:  # reservoir sampling: every example offered so far is in the buffer with equal chance
             rng = random.Random(f"{self.seed}:{task}")
             # a multiple-choice example is several rows: its first stands for it (the data module reads it whole)
-            group = _example_rows(data, task)
+            group = data.rows_per_example(task)
             for row in range(0, len(data.task_datasets[task]["train"]), group):
                 if len(buffer) < self.size:
                     buffer.append([task, row])
@@ -203,14 +203,8 @@ class Replay(Shared):
                 len(row.get("word_ids") or []) + ("example" in row)
 
         tokens = sum(values(data.task_datasets[t]["train"][row + j]) for t, row in self.state["buffer"]
-                     for j in range(_example_rows(data, t)))
+                     for j in range(data.rows_per_example(t)))
         return {**super().stored_bytes(module, data), "replay_buffer": 8 * tokens}
-
-
-def _example_rows(data: TaskDataModule, task: str) -> int:
-    """How many consecutive rows of its tokenised split each example of ``task`` is (its answer choices; else 1)."""
-    spec = data.specs[task]
-    return kind_of(spec.problem).example_rows(spec) or 1
 
 
 class EWC(Shared):

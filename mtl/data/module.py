@@ -481,7 +481,7 @@ class TaskDataModule(L.LightningDataModule):
                                 if kind_of(self._specs[n].problem).terms_per_row})
         common = dict(collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         rank, world_size = self._rank()
-        groups = [kind_of(self._specs[n].problem).example_rows(self._specs[n]) or 1 for n in self._train_names]
+        groups = [self.rows_per_example(n) for n in self._train_names]
         if len(views) == 1 and world_size == 1 and not self.group_by_length and groups == [1]:
             generator = torch.Generator().manual_seed(self.seed)
             return DataLoader(views[0], batch_size=self.batch_size, shuffle=True, generator=generator, **common)
@@ -536,18 +536,24 @@ class TaskDataModule(L.LightningDataModule):
             return data
         if not rows or min(rows) < 0 or max(rows) >= len(data):
             raise MTLConfigError(f"data.train_subsets: {name}: rows must be within 0..{len(data) - 1} and not empty")
-        group = kind_of(self._specs[name].problem).example_rows(self._specs[name]) or 1
-        if group > 1:  # a row of a multiple-choice example brings the example: all its choices, in order
-            rows = [u * group + j for u in sorted({r // group for r in rows}) for j in range(group)]
-        return data.select(rows)
+        return data.select(self._subset(name))
+
+    def _subset(self, name: str) -> list[int] | None:
+        """A task's ``train_subsets`` rows, where a listed row of a multiple-choice question brings all its rows."""
+        rows, group = self.train_subsets.get(name), self.rows_per_example(name)
+        if rows is None or group == 1:
+            return rows
+        return [u * group + j for u in sorted({r // group for r in rows}) for j in range(group)]
+
+    def rows_per_example(self, name: str) -> int:
+        """How many consecutive rows of task ``name``'s tokenised splits each example is, kept together in every batch
+        (a multiple-choice question's choices); 1 where an example's rows train apart."""
+        spec = self._specs[name]
+        return kind_of(spec.problem).example_rows(spec) or 1
 
     def _train_lengths(self, name: str) -> list[int]:
         """Tokens of each row of `_train_split` (the ``train_subsets`` rows where given)."""
-        lengths = self.token_lengths(name, "train")
-        rows = self.train_subsets.get(name)
-        group = kind_of(self._specs[name].problem).example_rows(self._specs[name]) or 1
-        if rows is not None and group > 1:  # as `_train_split` reads them: whole examples
-            rows = [u * group + j for u in sorted({r // group for r in rows}) for j in range(group)]
+        lengths, rows = self.token_lengths(name, "train"), self._subset(name)
         return lengths if rows is None else [lengths[r] for r in rows]
 
     def _eval_loaders(self, split: str, with_text: bool = False, shard: bool = False,
@@ -575,7 +581,7 @@ class TaskDataModule(L.LightningDataModule):
                     "or run on fewer devices)"))
             texts = list(self._raw[name][split][self._specs[name].text_fields[0]]) if with_text else None
             # an example whose rows are its answer choices is one unit: sharded, sorted and batched whole
-            group = kind_of(self._specs[name].problem).example_rows(self._specs[name]) or 1
+            group = self.rows_per_example(name)
             units = shard_rows(len(data) // group, rank, world_size) if shard else None
             if by_length:
                 # longest first: the largest batch runs first (in the sanity check), so lack of memory shows at once
