@@ -381,14 +381,13 @@ class AdapterTrainer(L.LightningModule):
 
     def _choose_attention(self, stage: str) -> None:
         """Switch the backbone to the attention kernel `attention_kernel` picks for this trainer (said once on fit)."""
-        trainer, backbone = self.trainer, self.model.backbone
+        trainer, backbone, longest = self.trainer, self.model.backbone, self._longest_row(stage)
         kernel = attention_kernel(self.hparams.attention, trainer.precision, trainer.strategy.root_device.type,
-                                  self.model.loaded_kernel, self._longest_row(stage))
+                                  self.model.loaded_kernel, longest)
         if kernel == backbone.config._attn_implementation:
             return
         backbone.set_attn_implementation(kernel)
         if stage == "fit" and trainer.is_global_zero and self.hparams.attention == "auto":
-            longest = self._longest_row(stage)
             print(f"attention: {kernel} (faster under {trainer.precision} on this device"
                   f"{f' for rows of up to {longest} tokens' if longest else ''}; set model.attention to choose)")
 

@@ -21,7 +21,7 @@ from mtl.backbone import load_backbone_config, load_tokenizer
 from mtl.data.predict_input import (TextStream, check_predict_file_name, count_predict_examples,
                                     file_form, iter_predict_texts, predict_stride)
 from mtl.data.sampling import (GROUP_BATCHES, TaskBatchSampler, WholeExampleBatches, shard_rows, sorted_by_length,
-                                task_probabilities, unit_lengths)
+                                task_probabilities, unit_lengths, unit_rows)
 from mtl.data.sources import SPLITS, load_task_dataset
 from mtl.data.spec import TaskSpec, load_task_specs
 from mtl.errors import MTLConfigError
@@ -543,7 +543,7 @@ class TaskDataModule(L.LightningDataModule):
         rows, group = self.train_subsets.get(name), self.rows_per_example(name)
         if rows is None or group == 1:
             return rows
-        return [u * group + j for u in sorted({r // group for r in rows}) for j in range(group)]
+        return unit_rows(sorted({r // group for r in rows}), group)
 
     def rows_per_example(self, name: str) -> int:
         """How many consecutive rows of task ``name``'s tokenised splits each example is, kept together in every batch
@@ -587,7 +587,7 @@ class TaskDataModule(L.LightningDataModule):
                 # longest first: the largest batch runs first (in the sanity check), so lack of memory shows at once
                 units = sorted_by_length(range(len(data) // group) if units is None else units,
                                          unit_lengths(self.token_lengths(name, split), group))
-            rows = None if units is None else [u * group + j for u in units for j in range(group)]
+            rows = None if units is None else unit_rows(units, group)
             view = _TaskView(data, name, texts, rows)
             if with_text and kind_of(self._specs[name].problem).windowed and group == 1:
                 # predictions join an example's windows again: they must share a batch

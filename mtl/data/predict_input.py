@@ -94,7 +94,7 @@ def _jsonl_text(path: Path, n: int, line: str, field: str) -> str | dict[str, An
     if not isinstance(row, dict):
         raise MTLConfigError(f"{path}: line {n}: got a JSON {type(row).__name__}, expected an object with key '{field}'")
     if "question" in row and ("context" in row or "choices" in row) and field not in row:  # a question
-        form = "choices" if "choices" in row else "question"
+        form = example_form(row)
         # a file's row may carry more (its answers, an id): only the question's own keys are read
         return read_example({k: row[k] for k in (*FORMS[form], *OPTIONAL_KEYS[form]) if k in row}, f"{path}: line {n}")
     if field not in row:

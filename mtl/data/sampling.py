@@ -185,7 +185,7 @@ class TaskBatchSampler(Sampler[list[int]]):
                 chunks = group_by_length(chunks, self.lengths[task], self.group_batches, order)
             group, start = self.rows_per[task], self.offsets[task]
             for chunk in chunks:
-                yield [start + i * group + j for i in chunk[self.rank :: self.world_size] for j in range(group)]
+                yield [start + row for row in unit_rows(chunk[self.rank :: self.world_size], group)]
 
 
 def pass_chunks(perm: list[int], step: int, world_size: int, drop_last: bool = False) -> list[list[int]]:
@@ -232,6 +232,11 @@ def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -
     real = sum(lengths[i] for batch in batches for i in batch)
     padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches if batch)
     return (padded - real) / padded if padded else 0.0
+
+
+def unit_rows(units: Sequence[int], group: int) -> list[int]:
+    """The rows of ``units`` (examples) where every example is ``group`` consecutive rows, in the units' order."""
+    return [u * group + j for u in units for j in range(group)]
 
 
 def unit_lengths(lengths: Sequence[int], group: int) -> list[int]:

@@ -49,7 +49,7 @@ def read_example(value: Any, where: str) -> str | dict[str, Any]:
         return check_encodable(value.strip(), where)
     if not isinstance(value, dict):
         raise MTLConfigError(f"{where}: got {str(value)[:40]!r}, expected {EXPECTED_EXAMPLE}")
-    form = "choices" if "choices" in value else "question"
+    form = example_form(value)
     allowed = set(FORMS[form]) | set(OPTIONAL_KEYS[form])
     if not set(FORMS[form]) <= set(value) <= allowed:
         raise MTLConfigError(f"{where}: got keys {sorted(value)}, expected {EXPECTED_EXAMPLE}")
@@ -69,7 +69,7 @@ def read_example(value: Any, where: str) -> str | dict[str, Any]:
 
 
 def example_form(example: Any) -> str:
-    """The form of a read example (`read_example`): ``text``, ``question`` or ``choices``."""
+    """The form of an example, raw or read (`read_example`): ``text`` for a string, else ``choices`` or ``question``."""
     if isinstance(example, str):
         return "text"
     return "choices" if "choices" in example else "question"
