@@ -29,13 +29,9 @@ import time
 
 STARTED = time.time()  # before the heavy imports: the start-up phase counts from here
 
-import argparse  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -43,8 +39,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from adapterhub_fit import Clock, log, model_dir  # noqa: E402  (this folder: run as a script from here)
-from adapterhub_tagging_fit import bf16_native  # noqa: E402
-from peer_training import fit_best, train_mode  # noqa: E402
+from peer_training import adapter_model, fit_arguments, fit_best, start, train_mode  # noqa: E402
 
 
 def encode(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
@@ -62,44 +57,18 @@ def encode(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=Path, required=True)
-    parser.add_argument("--task", default="social_iqa")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--eval-batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--no-backbone-dropout", action="store_true")
-    parser.add_argument("--max-train", type=int, help="the first N train rows only (a smoke run)")
-    args = parser.parse_args()
+    args = fit_arguments(__doc__.splitlines()[0], "social_iqa", epochs=5, lr=1e-3, max_length=128).parse_args()
     clock = Clock()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_native())
+    bf16, autocast = start(args)
 
     import adapters
     import transformers
-    from adapters import AutoAdapterModel, SeqBnConfig
     from transformers import AutoTokenizer, DataCollatorWithPadding, get_linear_schedule_with_warmup
-    from transformers.utils import logging as hf_logging
 
-    if "TRANSFORMERS_VERBOSITY" not in os.environ:
-        hf_logging.set_verbosity_error()
-        logging.getLogger("adapters.model_mixin").addFilter(
-            lambda record: "none are activated for the forward pass" not in record.getMessage())
     rows = json.loads(args.rows.read_text())
     choices = len(rows["train"][0]["choices"])
-    model = AutoAdapterModel.from_pretrained(str(model_dir()))
-    model.add_adapter(args.task, config=SeqBnConfig(reduction_factor=16))
-    model.add_multiple_choice_head(args.task, num_choices=choices)
-    model.train_adapter(args.task)
+    model = adapter_model(args.task, lambda m: m.add_multiple_choice_head(args.task, num_choices=choices))
     train_mode(model, not args.no_backbone_dropout)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
     clock.phases["startup"] = time.time() - STARTED
     log(f"adapterhub_mc_fit: adapters {adapters.__version__}, transformers {transformers.__version__}; {args.task}; "
         f"{choices} choices; {'bf16 autocast' if bf16 else 'fp32'}; start-up {clock.phases['startup']:.1f} s")
