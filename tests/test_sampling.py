@@ -1,4 +1,4 @@
-"""Grouping training batches by length (and evaluation rows longest first): coverage, order, seeds, ranks, padding."""
+"""Grouping training batches by length, and evaluation batches of like lengths: coverage, order, ranks, padding."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from mtl.data.sampling import TaskBatchSampler, group_by_length, padding_fraction, pass_chunks, sorted_by_length
+from mtl.data.sampling import (TaskBatchSampler, group_by_length, length_batches, padding_fraction, pass_chunks,
+                               sorted_by_length)
 from mtl.errors import MTLConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,6 +179,15 @@ def test_sorted_by_length_is_longest_first_and_stable():
     assert sorted_by_length(range(4), [3, 3, 3, 3]) == [0, 1, 2, 3]
 
 
+def test_length_batches_cut_where_lengths_halve_largest_batch_first():
+    lengths = [10, 128, 30, 60, 8, 50, 20]
+    # longest first: 128 | 60 50 30 (full at 3) | 20 10 | 8 (under half of 20); padded sizes 128, 180, 40, 8
+    assert length_batches(range(7), lengths, 3) == [[3, 5, 2], [1], [6, 0], [4]]
+    assert length_batches(range(7), lengths, 10) == [[3, 5, 2], [1], [6, 0], [4]]
+    assert length_batches([0, 2, 6], lengths, 2) == [[2, 6], [0]]  # only the given units
+    assert length_batches(range(5), [4] * 5, 2) == [[0, 1], [2, 3], [4]]
+
+
 # ---------------------------------------------------------------- the data module
 
 
@@ -249,15 +259,16 @@ def test_data_module_groups_train_subsets_by_their_own_lengths(varied):
     assert ranges_do_not_overlap([b["index"].tolist() for b in batches], [full[r] for r in rows])
 
 
-def test_evaluation_rows_longest_first_labels_aligned_predict_in_row_order(varied):
+def test_evaluation_batches_by_length_labels_aligned_predict_in_row_order(varied):
     dm = varied()
     dm.setup("fit")
     split = dm.task_datasets["varied"]["validation"]
     lengths = dm.token_lengths("varied", "validation")
-    for loader in (dm.val_dataloader()[0], dm.test_dataloader()[0], dm.full_eval_loaders("validation")[0]):
-        batches = list(loader)
-        seen = [n for b in batches for n in b["attention_mask"].sum(1).tolist()]
-        assert seen == sorted(seen, reverse=True) and len(seen) == 30
+    for split_name, loader in (("validation", dm.val_dataloader()[0]), ("test", dm.test_dataloader()[0]),
+                               ("validation", dm.full_eval_loaders("validation")[0])):
+        batches = [b["index"].tolist() for b in loader]
+        assert batches == length_batches(range(30), dm.token_lengths("varied", split_name), 6)
+    assert len(batches) > 30 / 6  # the lengths (1 to 32 tokens) halve more than once: some batches are cut short
     batches = list(dm.val_dataloader()[0])
     assert loaders_rows(batches) == list(range(30))
     for b in batches:  # each row's label and tokens travel with its index: metrics see the rows they score
@@ -268,7 +279,7 @@ def test_evaluation_rows_longest_first_labels_aligned_predict_in_row_order(varie
     assert predicted == list(range(30))  # predictions are written in the split's order
 
 
-def test_each_rank_evaluates_its_rows_longest_first(varied):
+def test_each_rank_evaluates_its_rows_in_length_batches(varied):
     per_rank = {}
     for rank in range(2):
         dm = varied()
@@ -276,7 +287,8 @@ def test_each_rank_evaluates_its_rows_longest_first(varied):
                                      _accelerator_connector=SimpleNamespace(use_distributed_sampler=False))
         lengths = dm.token_lengths("varied", "validation")
         per_rank[rank] = [i for b in dm.val_dataloader()[0] for i in b["index"].tolist()]
-        assert per_rank[rank] == sorted_by_length(range(rank, 30, 2), lengths)
+        batches = length_batches(range(rank, 30, 2), lengths, 6)
+        assert per_rank[rank] == [i for batch in batches for i in batch]
         assert len(list(dm.train_dataloader())) == 15  # 240 rows / (8 x 2 ranks), grouped
     assert sorted(per_rank[0] + per_rank[1]) == list(range(30))
 

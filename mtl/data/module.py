@@ -20,8 +20,8 @@ from mtl.arch import max_tokens
 from mtl.backbone import load_backbone_config, load_tokenizer
 from mtl.data.predict_input import (TextStream, check_predict_file_name, count_predict_examples,
                                     file_form, iter_predict_texts, predict_stride)
-from mtl.data.sampling import (GROUP_BATCHES, TaskBatchSampler, WholeExampleBatches, shard_rows, sorted_by_length,
-                                task_probabilities, unit_lengths, unit_rows)
+from mtl.data.sampling import (GROUP_BATCHES, FixedBatches, TaskBatchSampler, length_batches, shard_rows,
+                                task_probabilities, unit_lengths, unit_rows, whole_example_batches)
 from mtl.data.sources import SPLITS, load_task_dataset
 from mtl.data.spec import TaskSpec, load_task_specs
 from mtl.errors import MTLConfigError
@@ -583,20 +583,27 @@ class TaskDataModule(L.LightningDataModule):
             # an example whose rows are its answer choices is one unit: sharded, sorted and batched whole
             group = self.rows_per_example(name)
             units = shard_rows(len(data) // group, rank, world_size) if shard else None
+            sizes = None
             if by_length:
-                # longest first: the largest batch runs first (in the sanity check), so lack of memory shows at once
-                units = sorted_by_length(range(len(data) // group) if units is None else units,
-                                         unit_lengths(self.token_lengths(name, split), group))
+                # batches of like lengths (one long outlier does not pad a whole batch), the largest first: it runs
+                # in the sanity check, so a lack of memory shows at once
+                batches = length_batches(range(len(data) // group) if units is None else units,
+                                         unit_lengths(self.token_lengths(name, split), group), self.eval_batch_size)
+                units, sizes = [u for batch in batches for u in batch], [len(batch) * group for batch in batches]
             rows = None if units is None else unit_rows(units, group)
             view = _TaskView(data, name, texts, rows)
             if with_text and kind_of(self._specs[name].problem).windowed and group == 1:
                 # predictions join an example's windows again: they must share a batch
                 examples = data.with_format("arrow")["example"].to_pylist()
-                loaders.append(DataLoader(view, batch_sampler=WholeExampleBatches(examples, self.eval_batch_size),
-                                          collate_fn=collate, num_workers=self.num_workers))
+                sampler = FixedBatches(whole_example_batches(examples, self.eval_batch_size))
+            elif sizes is not None:
+                ends = list(itertools.accumulate(sizes))
+                sampler = FixedBatches([list(range(end - size, end)) for size, end in zip(sizes, ends)])
+            else:
+                loaders.append(DataLoader(view, batch_size=self.eval_batch_size * group, collate_fn=collate,
+                                          num_workers=self.num_workers))
                 continue
-            loaders.append(DataLoader(view, batch_size=self.eval_batch_size * group, collate_fn=collate,
-                                      num_workers=self.num_workers))
+            loaders.append(DataLoader(view, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers))
         return loaders
 
     def first_examples(self, task: str, split: str, rows: int) -> dict[str, Any]:

@@ -256,22 +256,41 @@ def shard_rows(size: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, size, world_size))
 
 
-class WholeExampleBatches(Sampler):
-    """Batches of consecutive rows, cut only where the example changes, so that the rows (windows) of one example
-    are in one batch: a batch holds at most ``batch_size`` rows, or one example's rows when it has more."""
+def length_batches(units: Sequence[int], lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``units`` longest first, cut into batches of at most ``batch_size`` and also where the next unit is shorter
+    than half its batch's longest (so no unit is padded to more than twice its length); the batches are returned
+    largest first (units x longest length: their padded size), so the first one shows a lack of memory."""
+    batches: list[list[int]] = []
+    for unit in sorted_by_length(units, lengths):
+        if not batches or len(batches[-1]) == batch_size or 2 * lengths[unit] < lengths[batches[-1][0]]:
+            batches.append([])
+        batches[-1].append(unit)
+    return sorted(batches, key=lambda batch: len(batch) * lengths[batch[0]], reverse=True)
 
-    def __init__(self, examples: Sequence[int], batch_size: int) -> None:
-        """``examples``: each row's example, rows of one example next to each other."""
-        self.batches: list[list[int]] = []
-        current: list[int] = []
-        for _, run in groupby(range(len(examples)), key=examples.__getitem__):
-            rows = list(run)
-            if current and len(current) + len(rows) > batch_size:
-                self.batches.append(current)
-                current = []
-            current += rows
-        if current:
-            self.batches.append(current)
+
+def whole_example_batches(examples: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of consecutive rows, cut only where the example changes, so that the rows (windows) of one example
+    are in one batch: a batch holds at most ``batch_size`` rows, or one example's rows when it has more.
+    ``examples``: each row's example, rows of one example next to each other."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for _, run in groupby(range(len(examples)), key=examples.__getitem__):
+        rows = list(run)
+        if current and len(current) + len(rows) > batch_size:
+            batches.append(current)
+            current = []
+        current += rows
+    if current:
+        batches.append(current)
+    return batches
+
+
+class FixedBatches(Sampler):
+    """A batch sampler that yields the same given batches (lists of dataset positions) every pass."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        """``batches``: positions into the dataset, in the order they run."""
+        self.batches = batches
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)
