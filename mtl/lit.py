@@ -155,9 +155,11 @@ class AdapterTrainer(L.LightningModule):
         return loaded
 
     def _metrics(self, stage: str) -> nn.ModuleDict:
-        return nn.ModuleDict({self.routes[name]: build_metrics(spec.problem, spec.metrics, spec.labels,
-                                                               f"{stage}/{self.routes[name]}/")
-                              for name, spec in self.specs.items()})
+        # each route's metrics see its record's spec: what validation chooses there (`TaskKind.chosen_keys`), test
+        # reads, and the export keeps
+        return nn.ModuleDict({route: build_metrics(spec.problem, spec.metrics, spec.labels, f"{stage}/{route}/",
+                                                   self.model.records[route].spec, stage)
+                              for name, spec in self.specs.items() for route in [self.routes[name]]})
 
     @property
     def run_dir(self) -> Path:
@@ -339,7 +341,7 @@ class AdapterTrainer(L.LightningModule):
                            "text": encoded.text}
                     at = index[example]
                 else:
-                    out, at = kind.example_answer(labels, scores, batch, mine), example
+                    out, at = kind.example_answer(labels, scores, batch, mine, self.model.records[task].spec), example
                 rows.append({"task": task, "index": at, **out})
         return rows
 
@@ -572,6 +574,7 @@ class AdapterTrainer(L.LightningModule):
         checkpoint = storage.read_checkpoint(ckpt_path)
         self.check_checkpoint(checkpoint, ckpt_path)
         self.load_state_dict(checkpoint["state_dict"], strict=False)
+        self._restore_chosen(checkpoint)
 
     def definition(self) -> dict[str, Any]:
         """The settings that decide what a checkpoint's tensors mean, flattened to dotted keys in a fixed order."""
@@ -616,10 +619,27 @@ class AdapterTrainer(L.LightningModule):
         # the frozen backbone (and frozen adapters) come from their own files: keep only trainable tensors
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint[storage.CHECKPOINT_KEY] = {"format_version": storage.FORMAT_VERSION, "definition": self.definition()}
+        checkpoint[storage.CHECKPOINT_KEY] = {"format_version": storage.FORMAT_VERSION, "definition": self.definition(),
+                                              "chosen": self._chosen()}
+
+    def _chosen(self) -> dict[str, dict[str, Any]]:
+        """Per trainable task, what its validation chose into its spec (`TaskKind.chosen_keys`)."""
+        out = {}
+        for task in self.model.trainable_tasks():
+            spec, keys = self.model.records[task].spec or {}, kind_of(self.model.heads[task].problem).chosen_keys
+            if any(k in spec for k in keys):
+                out[task] = {k: spec[k] for k in keys if k in spec}
+        return out
+
+    def _restore_chosen(self, checkpoint: dict[str, Any]) -> None:
+        """Put back into the tasks' specs what validation had chosen when ``checkpoint`` was written."""
+        for task, chosen in checkpoint.get(storage.CHECKPOINT_KEY, {}).get("chosen", {}).items():
+            if task in self.model.tasks and self.model.records[task].spec is not None:
+                self.model.records[task].spec.update(chosen)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint(checkpoint)
+        self._restore_chosen(checkpoint)
         state = checkpoint["state_dict"]
         for key, value in self.state_dict().items():
             state.setdefault(key, value)

@@ -143,15 +143,20 @@ def tagging_task(path: Path, name: str = "tagger", rows: int = 200, seed: int = 
         f"labels: [O, B-KEY, I-KEY]\nproblem: token_classification\nmax_length: {max_length}\ndoc_stride: 4\n")
 
 
-def qa_task(path: Path, name: str = "qa", rows: int = 200, seed: int = 0, max_length: int = 24) -> None:
+def qa_task(path: Path, name: str = "qa", rows: int = 200, seed: int = 0, max_length: int = 24,
+            no_answer: bool = False) -> None:
     """Write an extractive QA task (JSONL question / context / answers): the answer to "which colour" is the one
-    colour word (red, blue or pink) among 4 to 24 other words; long contexts take several windows."""
+    colour word (red, blue or pink) among 4 to 24 other words; long contexts take several windows. With
+    ``no_answer``, every third context has no colour word and no answer (and the spec says ``no_answer: true``)."""
     import json
 
     rng = random.Random(seed)
     lines = []
     for i in range(rows):
         words = [rng.choice(WORDS) for _ in range(rng.randrange(4, 25))]
+        if no_answer and i % 3 == 0:
+            lines.append(json.dumps({"question": "which colour?", "context": " ".join(words), "answers": []}))
+            continue
         at = rng.randrange(len(words) + 1)
         words.insert(at, rng.choice(["red", "blue", "pink"]))
         context = " ".join(words)
@@ -161,7 +166,7 @@ def qa_task(path: Path, name: str = "qa", rows: int = 200, seed: int = 0, max_le
     (path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     (path / f"{name}.yaml").write_text(
         f"source: {{type: files, train: {name}.jsonl}}\ntext_fields: [question, context]\nlabel_field: answers\n"
-        f"problem: extractive_qa\nmax_length: {max_length}\ndoc_stride: 6\n")
+        f"problem: extractive_qa\nmax_length: {max_length}\ndoc_stride: 6\n" + ("no_answer: true\n" if no_answer else ""))
 
 
 def choice_task(path: Path, name: str = "choice", rows: int = 200, seed: int = 0, max_length: int = 16) -> None:

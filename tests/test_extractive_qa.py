@@ -14,8 +14,8 @@ from mtl.data.spec import load_task_spec
 from mtl.errors import MTLConfigError
 from mtl.kinds import kind_of
 from mtl.kinds.answer_match import exact_match, f1_score, normalize_answer
-from mtl.kinds.answer_scores import AnswerScores
-from mtl.kinds.extractive_qa import MAX_ANSWER_TOKENS, answer_tokens, best_spans
+from mtl.kinds.answer_scores import THRESHOLD_KEY, AnswerScores, best_threshold
+from mtl.kinds.extractive_qa import MAX_ANSWER_TOKENS, answer_tokens, best_answer, best_spans
 from mtl.lit import AdapterTrainer
 
 
@@ -36,9 +36,53 @@ def test_answers_are_normalised_and_scored_as_squad_does():
 def test_each_example_counts_once_at_its_best_window():
     metric = AnswerScores("f1")
     # example 0: windows scoring 1.0 (F1 0.2) and 3.0 (F1 0.9); example 1: one window, F1 0.5
-    metric.update(torch.tensor([0, 1]), torch.tensor([1.0, 0.0]), torch.zeros(2), torch.tensor([0.2, 0.5]))
-    metric.update(torch.tensor([0]), torch.tensor([3.0]), torch.zeros(1), torch.tensor([0.9]))
-    assert metric.compute().item() == pytest.approx((0.9 + 0.5) / 2)
+    metric.update(torch.tensor([0, 1]), torch.tensor([1.0, 0.0]), torch.full((2,), 9.0), torch.zeros(2),
+                  torch.tensor([0.2, 0.5]), torch.zeros(2))
+    metric.update(torch.tensor([0]), torch.tensor([3.0]), torch.full((1,), 9.0), torch.zeros(1), torch.tensor([0.9]),
+                  torch.zeros(1))
+    assert metric.compute().item() == pytest.approx((0.9 + 0.5) / 2)  # no "no answer": null scores play no part
+
+
+def test_the_no_answer_threshold_maximises_the_score_and_parts_no_equal_diffs():
+    # null - span diffs 3, 1, -2, 0.5; span values 0, 0.8, 1, 0.2; an empty answer scores 1, 0, 0, 1
+    # answered empty from the highest diff down: totals 2.0 (none), 3.0, 2.2, 3.0, 2.0: one, the fewest on a tie
+    assert best_threshold([3, 1, -2, 0.5], [0, 0.8, 1, 0.2], [1, 0, 0, 1]) == (3 + 1) / 2
+    assert best_threshold([1, 2], [1, 1], [0, 0]) == 2  # none: the highest diff (strictly above it: empty)
+    every = best_threshold([1, 2], [0, 0], [1, 1])
+    assert every < 1 and every > 0.999999  # all: just under the lowest
+    # diffs 1, 1, 0: the two equal diffs go together; both empty with the third (total 2) beats none (1)
+    assert best_threshold([1, 1, 0], [0, 1, 0], [1, 0, 1]) < 0
+
+
+def test_validation_chooses_the_threshold_into_the_spec_and_test_applies_the_spec_s():
+    def windows(metric):
+        # example 0: spans 2 and 4 (F1 0.1, 0.6), nulls 5 and 9: diff 5 - 4 = 1, unanswerable (empty scores 1);
+        # example 1: span 3 (F1 0.9), null 1: diff -2, answerable
+        metric.update(torch.tensor([0, 0, 1]), torch.tensor([2.0, 4.0, 3.0]), torch.tensor([5.0, 9.0, 1.0]),
+                      torch.zeros(3), torch.tensor([0.1, 0.6, 0.9]), torch.tensor([1.0, 1.0, 0.0]))
+        return metric.compute().item()
+
+    spec = {"no_answer": True}
+    assert windows(AnswerScores("f1", spec)) == pytest.approx((1.0 + 0.9) / 2)  # threshold 0 before any choice
+    assert windows(AnswerScores("f1", spec, choose=True)) == pytest.approx((1.0 + 0.9) / 2)
+    assert spec[THRESHOLD_KEY] == (1 + -2) / 2  # halfway between the empty answer's diff and the next
+    spec[THRESHOLD_KEY] = 5.0
+    assert windows(AnswerScores("f1", spec)) == pytest.approx((0.6 + 0.9) / 2)  # test reads the spec's
+    assert windows(AnswerScores("f1", {})) == pytest.approx((0.6 + 0.9) / 2)  # no no_answer: always a span
+    assert windows(AnswerScores("exact", {"no_answer": True})) == pytest.approx(1 / 2)  # empty is exact, span 0
+
+
+def test_no_answer_where_the_lowest_null_beats_the_best_span_by_the_threshold():
+    offsets = [torch.tensor([[-1, -1], [0, 3], [4, 7]]), torch.tensor([[-1, -1], [4, 7], [8, 11]])]
+    logits = [torch.tensor([[2.0, 2.0], [1.0, 0.0], [0.0, 2.0]]), torch.tensor([[1.0, 0.5], [0.0, 0.0], [0.0, 0.0]])]
+    context = "red dog cat"
+    span = best_answer(logits, offsets, context)  # (1, 2) in window 0: 1 + 2 = 3; the nulls: 4, 1.5
+    assert (span["label"], span["start"], span["end"]) == ("red dog", 0, 7) and "no_answer" not in span
+    assert best_answer(logits, offsets, context, threshold=-1.5)["no_answer"] is False  # 1.5 - 3 = -1.5: not above
+    empty = best_answer(logits, offsets, context, threshold=-1.6)
+    probs = logits[1].softmax(0)  # the window with the lowest null score
+    assert (empty["label"], empty["start"], empty["end"], empty["no_answer"]) == ("", None, None, True)
+    assert empty["score"] == pytest.approx(float(probs[0, 0] * probs[0, 1]))
 
 
 def test_the_best_span_lies_in_the_context_ends_after_it_starts_and_is_not_too_long():
@@ -224,3 +268,57 @@ def test_a_predict_file_is_refused_before_work_when_no_task_reads_its_rows(tiny_
                                              r"context \(\{question, context\}\) \(as its first row\), expected one "
                                              r"form throughout"):
         check(["qa"], questions)
+
+
+def test_unanswerable_questions_are_answered_empty_with_the_threshold_of_the_best_checkpoint(tiny_dir, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from mtl import storage
+    from mtl.model import MTLModel
+    from mtl.predict import PredictionWriter
+    from tests.conftest import qa_task
+
+    qa_task(tmp_path, "open", no_answer=True, rows=240)  # every third question has no answer in its context
+    data = TaskDataModule(["open"], backbone=str(tiny_dir), tasks_dir=str(tmp_path), batch_size=16,
+                          cache_dir=str(tmp_path / "cache"))
+    module = AdapterTrainer(["open"], backbone=str(tiny_dir), lr=1e-2, run_dir=str(tmp_path / "run"),
+                            tasks_dir=str(tmp_path))
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/avg/score", mode="max")
+    trainer = L.Trainer(max_epochs=6, logger=False, callbacks=[best], enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    # the export holds the threshold that the best checkpoint's own validation chose
+    chosen = storage.read_checkpoint(best.best_model_path)[storage.CHECKPOINT_KEY]["chosen"]["open"][THRESHOLD_KEY]
+    saved = json.loads((tmp_path / "run" / "adapters" / "open" / storage.ADAPTER_CONFIG).read_text())["task_spec"]
+    assert saved["no_answer"] is True and saved[THRESHOLD_KEY] == chosen == module.model.records["open"].spec[
+        THRESHOLD_KEY]
+    tested = trainer.test(module, datamodule=data, verbose=False)[0]
+    assert tested["test/open/f1"] > 0.85
+    # the split's predictions are what test scored: empty answers where the threshold says so
+    data.predict_split = "test"
+    out = tmp_path / "pred.jsonl"
+    L.Trainer(logger=False, enable_progress_bar=False, callbacks=[PredictionWriter(str(out))]).predict(
+        module, datamodule=data, return_predictions=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    raw = data._raw_dataset("open")["test"]
+    golds = [[a["text"] for a in raw[r["index"]]["label"]] for r in rows]
+    assert sum(f1_score(r["label"], g) for r, g in zip(rows, golds)) / len(rows) == pytest.approx(tested["test/open/f1"])
+    empty = [r["no_answer"] for r, g in zip(rows, golds) if not g]
+    assert len(empty) >= 5 and sum(empty) / len(empty) > 0.8
+    assert all(r["start"] is None and r["label"] == "" for r in rows if r["no_answer"])
+    # a model loaded from the export answers a file of the same questions alike (its spec holds the threshold)
+    loaded = AdapterTrainer([], backbone=str(tiny_dir), load_from=str(tmp_path / "run"), tasks_dir=str(tmp_path),
+                            run_dir=str(tmp_path / "run2"))
+    assert loaded.model.records["open"].spec[THRESHOLD_KEY] == chosen
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question": r["question"], "context": r["context"]}) + "\n" for r in raw))
+    stream = TaskDataModule([], backbone=str(tiny_dir), tasks_dir=str(tmp_path), predict_file=str(questions),
+                            predict_max_length=24, cache_dir=str(tmp_path / "cache"))
+    out = tmp_path / "streamed.jsonl"
+    L.Trainer(logger=False, enable_progress_bar=False, callbacks=[PredictionWriter(str(out))]).predict(
+        loaded, datamodule=stream, return_predictions=False)
+    by_index = {r["index"]: r for r in rows}
+    for row in map(json.loads, out.read_text().splitlines()):
+        assert (row["label"], row["start"], row["no_answer"]) == tuple(by_index[row["index"]][k]
+                                                                      for k in ("label", "start", "no_answer"))
+    assert MTLModel.from_pretrained(tmp_path / "run", backbone=str(tiny_dir)).records["open"].spec == saved

@@ -253,6 +253,38 @@ def test_a_batch_mixing_a_tagger_and_classifiers_is_one_forward_and_each_answer_
                                                                                    answer["score"])) < 1e-5
 
 
+def test_a_no_answer_task_answers_no_answer_by_the_threshold_in_its_saved_spec(store_dir, tiny_dir):
+    from mtl.backbone import load_tokenizer
+    from mtl.kinds.extractive_qa import best_spans, windows
+
+    model = MTLModel(str(tiny_dir))
+    for task in ("qa_below", "qa_above"):  # the same weights, thresholds either side of the question's diff
+        model.add_task(task, 2, problem="extractive_qa", pooling="none", labels=[])
+    noisy(model, "qa_below", 5)
+    with torch.no_grad():
+        for p, q in zip(model.task_parameters("qa_below").values(), model.task_parameters("qa_above").values()):
+            q.copy_(p)
+    model.eval()
+    context = "alpha river stone green cloud seven table beta delta gamma red blue pink river stone cloud"
+    question = {"question": "which colour?", "context": context}
+    span, null = float("-inf"), float("inf")
+    for _, inputs, offsets in windows(load_tokenizer(str(tiny_dir)), [question["question"]], [context], 16, 4):
+        ids = torch.tensor([inputs["input_ids"]])
+        with torch.no_grad():
+            logits = model(ids, torch.ones_like(ids), torch.tensor([inputs["token_type_ids"]]), tasks="qa_below")
+        span = max(span, float(best_spans(logits["qa_below"], torch.tensor([offsets]))[2]))
+        null = min(null, float(logits["qa_below"][0, 0, 0] + logits["qa_below"][0, 0, 1]))
+    for task, threshold in (("qa_below", null - span - 0.5), ("qa_above", null - span + 0.5)):
+        model.records[task].spec = {"max_length": 16, "doc_stride": 4, "no_answer": True,
+                                    "no_answer_threshold": threshold}
+        model_files.save_task(model, task, store_dir / "adapters")
+    api = _api(store_dir, tiny_dir)
+    empty, found = api.predict([parse_request({"text": question, "task": "qa_below"}),
+                                parse_request({"text": question, "task": "qa_above"})])
+    assert (empty["label"], empty["start"], empty["end"], empty["no_answer"]) == ("", None, None, True)
+    assert found["no_answer"] is False and found["label"] == context[found["start"]:found["end"]] != ""
+
+
 def test_a_question_about_a_long_context_shares_the_one_forward_and_answers_as_its_windows_alone(store_dir, tiny_dir):
     from mtl.kinds.extractive_qa import best_spans, windows
 

@@ -23,7 +23,7 @@ SOURCE_TYPES = ("hf", "files", "folder", "yaml_conversations")
 FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "conll", "conllu", "squad")
 # fields added after task specs were first saved (cache keys, continual runs' settings): written by `to_dict` only
 # when they differ from these defaults, so a spec that does not use them keeps the dict (and the hash) it had
-LATER_FIELDS = {"doc_stride": None, "label_all_subwords": False, "max_answer_length": None}
+LATER_FIELDS = {"doc_stride": None, "label_all_subwords": False, "max_answer_length": None, "no_answer": False}
 LATER_SOURCE_FIELDS = {"word_column": 0, "tag_column": -1, "conllu_tag": "UPOS", "prepare": None}
 
 
@@ -94,6 +94,9 @@ class TaskSpec:
                                      default=False)
     max_answer_length: int | None = _help("extractive_qa: the most tokens a predicted answer may span (None: 30, "
                                           "SQuAD's)", default=None)
+    no_answer: bool = _help("extractive_qa: a question may have no answer in its context (SQuAD 2.0): predict \"no "
+                            "answer\" where [CLS]'s null score beats the best span by a threshold chosen on "
+                            "validation", default=False)
     split: SplitSpec = _help("fractions and seed for splits the source lacks", default_factory=SplitSpec)
     max_train_examples: int | None = _help("seeded stratified subsample of train (None: all)", default=None)
     max_eval_examples: int | None = _help("same for validation and for test, each", default=None)
@@ -291,6 +294,8 @@ def _check_semantics(spec: TaskSpec, origin: str) -> None:
         fail("doc_stride", spec.doc_stride, f"an int from 0 to {spec.max_length - 3} (below max_length - 2)")
     if spec.max_answer_length is not None and (spec.problem != "extractive_qa" or spec.max_answer_length < 1):
         fail("max_answer_length", spec.max_answer_length, "an int >= 1, for an extractive_qa task")
+    if spec.no_answer and spec.problem != "extractive_qa":
+        fail("no_answer", spec.no_answer, "false (only an extractive_qa task answers \"no answer\")")
     if src.format == "squad" and spec.problem != "extractive_qa":
         fail("source.format", src.format, "csv, tsv, json, jsonl or parquet: squad files hold answers for "
              "problem: extractive_qa")

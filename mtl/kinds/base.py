@@ -115,6 +115,9 @@ class TaskKind:
     reads_words = False  # examples are lists of words (read from word-and-tag files; predicted per word)
     label_dtype = torch.float  # of ``labels`` in a batch
     terms_per_row = False  # a row gives several loss terms (one per labelled token): see `loss`
+    # keys of a task's saved spec that its validation metrics choose (and its test metrics, predictions and answers
+    # read): kept with each checkpoint, so the best checkpoint brings back what its own validation chose
+    chosen_keys: tuple[str, ...] = ()
 
     # ---- the task spec and its data ------------------------------------------------------------
     def metrics_for(self, labels: list[str]) -> tuple[list[str], str]:
@@ -203,8 +206,9 @@ class TaskKind:
         raise NotImplementedError
 
     # ---- scores --------------------------------------------------------------------------------
-    def metric(self, name: str, labels: list[str]) -> Any:
-        """A fresh torchmetrics ``Metric`` called ``name`` (one of `metric_names`) for a task with these labels."""
+    def metric(self, name: str, labels: list[str], spec: dict[str, Any] | None = None, stage: str = "val") -> Any:
+        """A fresh torchmetrics ``Metric`` called ``name`` (one of `metric_names`) for a task with these labels, at
+        ``stage`` (``val`` or ``test``) of the task whose saved spec is ``spec`` (see `chosen_keys`)."""
         raise NotImplementedError
 
     def metric_inputs(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
@@ -227,7 +231,7 @@ class TaskKind:
         return self.answer(labels, logits[0])
 
     def example_answer(self, labels: list[str] | None, logits: list[torch.Tensor], batch: dict[str, Any],
-                       rows: list[int]) -> dict[str, Any]:
+                       rows: list[int], spec: dict[str, Any] | None = None) -> dict[str, Any]:
         """A windowed kind's prediction file row (``text`` included) for one example of a split, from the logits of
-        its ``rows`` of ``batch`` (all its windows)."""
+        its ``rows`` of ``batch`` (all its windows; ``spec``: as for `text_answer`)."""
         raise NotImplementedError

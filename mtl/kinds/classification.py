@@ -51,7 +51,7 @@ class Classification(TaskKind):
         confidence, pred = logits.softmax(-1).max(-1)
         return pred, confidence
 
-    def metric(self, name: str, labels: list[str]) -> Any:
+    def metric(self, name: str, labels: list[str], spec: dict[str, Any] | None = None, stage: str = "val") -> Any:
         """Micro accuracy (``acc``) or macro F1 (``f1``)."""
         from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score  # torchmetrics imports Lightning's utilities
 

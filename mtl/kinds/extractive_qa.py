@@ -7,7 +7,12 @@ tokenizer's offset mapping keeping each token's characters). Training labels a w
 of the first gold answer, or with the first token ([CLS]) where the answer is not wholly inside it. The head gives a
 start and an end logit per token. A window's best span maximises start + end logit over context tokens with
 start <= end < start + ``max_answer_length`` (the spec's; default 30, SQuAD's); an example's answer is the best
-span over its windows, mapped back to characters of the context. Metrics: SQuAD's exact match and F1 (`mtl.kinds.answer_match`), headline F1.
+span over its windows, mapped back to characters of the context. Metrics: SQuAD's exact match and F1
+(`mtl.kinds.answer_match`), headline F1.
+
+A task whose spec says ``no_answer: true`` (SQuAD 2.0 style) may answer "no answer": an example's null score is the
+lowest start + end logit of [CLS] over its windows, and the answer is empty where that beats the best span by more
+than the task's threshold, which validation chooses (`mtl.kinds.answer_scores`) and the task's saved spec keeps.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from mtl.kinds.token_classification import TokenHead
 
 MAX_ANSWER_TOKENS = 30  # the longest span a prediction may be, unless the spec says (SQuAD's max_answer_length)
 NO_OFFSET = (-1, -1)  # a token outside the context (the question, special tokens, padding)
+THRESHOLD_KEY = "no_answer_threshold"  # where a task's spec keeps the no-answer threshold its validation chose
 
 
 class QAHead(TokenHead):
@@ -70,6 +76,7 @@ class ExtractiveQA(TaskKind):
     min_text_fields = 2  # the question and the context
     text_fields_help = "two columns: the question's and the context's"
     reads = "question"
+    chosen_keys = (THRESHOLD_KEY,)
 
     def check_labels(self, labels: list[str]) -> str | None:
         """None: the answer is a span of the context, there are no label names."""
@@ -159,10 +166,11 @@ class ExtractiveQA(TaskKind):
 
     def text_answer(self, labels: list[str] | None, logits: list[torch.Tensor], encoded: EncodedText,
                     spec: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The answer: its text (``label``), its characters in the context (``start``, ``end``) and ``score``; at most
-        the task spec's ``max_answer_length`` tokens long."""
+        """The answer (`best_answer`): at most the task spec's ``max_answer_length`` tokens long, or "no answer" where
+        the spec allows one."""
         offsets = [torch.tensor(r["offsets"], dtype=torch.long) for r in encoded.rows]
-        return best_answer(logits, offsets, encoded.text, (spec or {}).get("max_answer_length") or MAX_ANSWER_TOKENS)
+        return best_answer(logits, offsets, encoded.text, (spec or {}).get("max_answer_length") or MAX_ANSWER_TOKENS,
+                           no_answer_threshold(spec))
 
     def collate(self, column: str, values: list[Any], width: int) -> Any:
         """``offsets`` padded to the batch's width with -1; the context and gold texts as lists."""
@@ -189,21 +197,25 @@ class ExtractiveQA(TaskKind):
 
     # ---- predictions ---------------------------------------------------------------------------
     def example_answer(self, labels: list[str] | None, logits: list[torch.Tensor], batch: dict[str, Any],
-                       rows: list[int]) -> dict[str, Any]:
+                       rows: list[int], spec: dict[str, Any] | None = None) -> dict[str, Any]:
         """An example of a split: its answer (`best_answer`) and its question as ``text``."""
         return {**best_answer(logits, [batch["offsets"][r] for r in rows], batch["context"][rows[0]],
-                              int(batch["longest"][rows[0]])), "text": batch["text"][rows[0]]}
+                              int(batch["longest"][rows[0]]), no_answer_threshold(spec)),
+                "text": batch["text"][rows[0]]}
 
     # ---- scores --------------------------------------------------------------------------------
-    def metric(self, name: str, labels: list[str]) -> Any:
-        """SQuAD's ``exact`` or ``f1``, each example counted once at its best window."""
+    def metric(self, name: str, labels: list[str], spec: dict[str, Any] | None = None, stage: str = "val") -> Any:
+        """SQuAD's ``exact`` or ``f1``, each example counted once (`AnswerScores`: validation chooses the no-answer
+        threshold of a ``no_answer`` task and writes it into ``spec``)."""
         from mtl.kinds.answer_scores import AnswerScores  # torchmetrics imports Lightning's utilities
 
-        return AnswerScores(name)
+        return AnswerScores(name, spec, choose=stage == "val")
 
     def metric_inputs(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-        """Per window: its example, its best span's score, and that span's exact match and F1 against the golds."""
+        """Per window: its example, its best span's score, its null score ([CLS] as start and end), that span's exact
+        match and F1 against the golds, and what an empty answer scores (1 where there is no gold answer)."""
         start, end, score = best_spans(logits, batch["offsets"], int(batch["longest"][0]))
+        null = logits[:, 0, 0].float() + logits[:, 0, 1].float()
         offsets = batch["offsets"].tolist()
         exact, f1 = [], []
         for row, (s, e) in enumerate(zip(start.tolist(), end.tolist())):
@@ -211,14 +223,25 @@ class ExtractiveQA(TaskKind):
             answer = batch["context"][row][a:b] if a >= 0 else ""
             exact.append(exact_match(answer, batch["golds"][row]))
             f1.append(f1_score(answer, batch["golds"][row]))
-        return batch["example"], score, torch.tensor(exact), torch.tensor(f1)
+        empty = torch.tensor([float(not golds) for golds in batch["golds"]])
+        return batch["example"], score, null, torch.tensor(exact), torch.tensor(f1), empty
+
+
+def no_answer_threshold(spec: dict[str, Any] | None) -> float | None:
+    """The threshold past which a task answers "no answer" (its spec's, 0 before validation chose one); None where
+    its spec does not allow "no answer"."""
+    if not (spec or {}).get("no_answer"):
+        return None
+    return float(spec.get(THRESHOLD_KEY, 0.0))
 
 
 def best_answer(logits: list[torch.Tensor], offsets: list[torch.Tensor], context: str,
-                longest: int = MAX_ANSWER_TOKENS) -> dict[str, Any]:
+                longest: int = MAX_ANSWER_TOKENS, threshold: float | None = None) -> dict[str, Any]:
     """An example's answer from its windows' logits and token offsets: the best span over all windows, as ``label``
     (its text), ``start`` / ``end`` (characters of ``context``) and ``score`` (the span's probability in its window:
-    softmax of its start times softmax of its end)."""
+    softmax of its start times softmax of its end). With a no-answer ``threshold``, ``no_answer`` too: true (``label``
+    "", ``start`` / ``end`` None, ``score`` [CLS]'s probability as start and end) where the lowest null score over
+    the windows minus the best span's score exceeds it."""
     if not logits:
         return {"label": "", "start": 0, "end": 0, "score": 0.0}
     # a window's logits may be padded to its batch's width: its own tokens are those its offsets cover
@@ -227,12 +250,19 @@ def best_answer(logits: list[torch.Tensor], offsets: list[torch.Tensor], context
     where = torch.nn.utils.rnn.pad_sequence(offsets, batch_first=True, padding_value=-1)
     start, end, score = best_spans(stacked, where, longest)
     window = int(score.argmax())
+    if threshold is not None:
+        nulls = stacked[:, 0, 0] + stacked[:, 0, 1]
+        if float(nulls.min() - score[window]) > threshold:
+            probs = stacked[int(nulls.argmin())].softmax(0)
+            return {"label": "", "start": None, "end": None, "score": float(probs[0, 0] * probs[0, 1]),
+                    "no_answer": True}
     s, e = int(start[window]), int(end[window])
     a, b = int(where[window, s, 0]), int(where[window, e, 1])
     if a < 0:  # no window has a context token
         return {"label": "", "start": 0, "end": 0, "score": 0.0}
     probs = stacked[window].softmax(0)
-    return {"label": context[a:b], "start": a, "end": b, "score": float(probs[s, 0] * probs[e, 1])}
+    answer = {"label": context[a:b], "start": a, "end": b, "score": float(probs[s, 0] * probs[e, 1])}
+    return answer if threshold is None else {**answer, "no_answer": False}
 
 
 def answer_tokens(offsets: list[tuple[int, int]], answer: dict[str, Any] | None) -> list[int]:

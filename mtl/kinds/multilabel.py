@@ -42,7 +42,7 @@ class Multilabel(TaskKind):
         probs = logits.sigmoid()
         return (probs > 0.5).long(), probs
 
-    def metric(self, name: str, labels: list[str]) -> Any:
+    def metric(self, name: str, labels: list[str], spec: dict[str, Any] | None = None, stage: str = "val") -> Any:
         """Micro accuracy over label decisions (``acc``) or macro F1 (``f1``)."""
         from torchmetrics.classification import MultilabelAccuracy, MultilabelF1Score  # torchmetrics imports Lightning's utilities
 

@@ -152,7 +152,7 @@ class MultipleChoice(TaskKind):
         scores, right = per_example(logits, labels)
         return F.cross_entropy(scores, right)
 
-    def metric(self, name: str, labels: list[str]) -> Any:
+    def metric(self, name: str, labels: list[str], spec: dict[str, Any] | None = None, stage: str = "val") -> Any:
         """Accuracy over examples."""
         from torchmetrics.classification import MulticlassAccuracy  # torchmetrics imports Lightning's utilities
 
@@ -170,7 +170,7 @@ class MultipleChoice(TaskKind):
         return choose(logits, encoded.choices or [])
 
     def example_answer(self, labels: list[str] | None, logits: list[torch.Tensor], batch: dict[str, Any],
-                       rows: list[int]) -> dict[str, Any]:
+                       rows: list[int], spec: dict[str, Any] | None = None) -> dict[str, Any]:
         """An example of a split: its chosen choice (`choose`) and its first text field as ``text``."""
         return {**choose(logits, [batch["choice"][r] for r in rows]), "text": batch["text"][rows[0]]}
 

@@ -43,7 +43,7 @@ class Regression(TaskKind):
         values = logits.squeeze(-1)
         return values, values
 
-    def metric(self, name: str, labels: list[str]) -> Any:
+    def metric(self, name: str, labels: list[str], spec: dict[str, Any] | None = None, stage: str = "val") -> Any:
         """Mean squared error (``mse``) or Pearson's r (``pearson``)."""
         from torchmetrics import MeanSquaredError, PearsonCorrCoef  # torchmetrics imports Lightning's utilities
 

@@ -167,7 +167,7 @@ class TokenClassification(TaskKind):
         confidence, pred = logits.softmax(-1).max(-1)
         return pred, confidence
 
-    def metric(self, name: str, labels: list[str]) -> Any:
+    def metric(self, name: str, labels: list[str], spec: dict[str, Any] | None = None, stage: str = "val") -> Any:
         """Entity ``f1`` / ``precision`` / ``recall`` or word ``acc`` over whole sentences."""
         from mtl.kinds.tag_scores import TagScores  # a torchmetrics Metric: torchmetrics imports Lightning's utilities
 
@@ -221,7 +221,7 @@ class TokenClassification(TaskKind):
                               encoded.offsets, encoded.text)
 
     def example_answer(self, labels: list[str] | None, logits: list[torch.Tensor], batch: dict[str, Any],
-                       rows: list[int]) -> dict[str, Any]:
+                       rows: list[int], spec: dict[str, Any] | None = None) -> dict[str, Any]:
         """A sentence of a split (its words in ``batch["text"]``), tagged as `tag_words` does; ``text``: the words
         joined by spaces (what the entities' characters index)."""
         words = batch["text"][rows[0]]
