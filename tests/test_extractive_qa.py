@@ -72,6 +72,16 @@ def test_validation_chooses_the_threshold_into_the_spec_and_test_applies_the_spe
     assert windows(AnswerScores("exact", {"no_answer": True})) == pytest.approx(1 / 2)  # empty is exact, span 0
 
 
+def test_an_empty_answer_scores_as_squad_counts_it_and_the_null_score_is_cls_start_plus_end():
+    batch = {"offsets": torch.tensor([[[-1, -1], [0, 2]]] * 3), "longest": torch.tensor([30] * 3),
+             "context": ["An"] * 3, "golds": [[], ["An"], ["red"]], "example": torch.tensor([0, 1, 2])}
+    logits = torch.zeros(3, 2, 2)
+    logits[:, 0] = torch.tensor([[1.0, 2.0], [0.5, 0.25], [-1.0, 0.0]])
+    example, score, null, exact, f1, empty = kind_of("extractive_qa").metric_inputs(logits, batch)
+    assert empty.tolist() == [1.0, 1.0, 0.0]  # "An" normalises to nothing, as an empty answer does
+    assert null.tolist() == [3.0, 0.75, -1.0] and score.tolist() == [0.0, 0.0, 0.0]
+
+
 def test_no_answer_where_the_lowest_null_beats_the_best_span_by_the_threshold():
     offsets = [torch.tensor([[-1, -1], [0, 3], [4, 7]]), torch.tensor([[-1, -1], [4, 7], [8, 11]])]
     logits = [torch.tensor([[2.0, 2.0], [1.0, 0.0], [0.0, 2.0]]), torch.tensor([[1.0, 0.5], [0.0, 0.0], [0.0, 0.0]])]

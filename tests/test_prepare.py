@@ -73,3 +73,32 @@ def test_a_socialiqa_row_that_does_not_read_names_its_line(prompt, ideal):
     raw = (_social("Alex left. What now? A: stay; B: go; C: run.") + "\n" + _social(prompt, ideal)).encode()
     with pytest.raises(MTLConfigError, match=r"socialiqa/test.jsonl: line 2: expected "):
         social_iqa(raw)
+
+
+def test_entity_questions_ask_each_type_of_each_sentence_and_answer_every_entity_of_it():
+    from mtl.data.prepare import ENTITY_QUESTIONS, entity_questions
+    from mtl.data.token_files import Sentence
+
+    words = ["EU", "rejects", "German", "call", "by", "Peter", "Blackburn", "and", "EU", "."]
+    tags = ["B-ORG", "O", "B-MISC", "O", "O", "B-PER", "I-PER", "O", "B-ORG", "O"]
+    rows = entity_questions([Sentence(words, tags, list(range(len(words))))])
+    context = "EU rejects German call by Peter Blackburn and EU ."
+    assert [r["question"] for r in rows] == list(ENTITY_QUESTIONS.values()) and {r["context"] for r in rows} == {context}
+    answers = {q: r["answers"] for q, r in zip(ENTITY_QUESTIONS, rows)}
+    assert answers == {"PER": [{"text": "Peter Blackburn", "answer_start": 26}], "LOC": [],  # no place: no answer
+                       "ORG": [{"text": "EU", "answer_start": 0}, {"text": "EU", "answer_start": 46}],
+                       "MISC": [{"text": "German", "answer_start": 11}]}
+    for row in rows:  # each answer stands at its character in the context, as the QA reader checks
+        assert all(context[a["answer_start"]:a["answer_start"] + len(a["text"])] == a["text"] for a in row["answers"])
+
+
+def test_the_entity_questions_are_written_per_split_from_the_installed_conll_files(tmp_path):
+    import json
+
+    from mtl.data.prepare import CONLL_FILES, derive_entity_qa
+
+    folder = derive_entity_qa(tmp_path)
+    counts = {split: sum(1 for _ in (folder / f"{split}.jsonl").open()) for split in CONLL_FILES}
+    assert counts == {"train": 4 * 14041, "validation": 4 * 3250, "test": 4 * 3453}  # the standard split's sentences
+    first = json.loads((folder / "test.jsonl").open().readline())
+    assert first["context"].startswith("SOCCER - JAPAN GET LUCKY WIN") and first["question"] == "Which person is named?"

