@@ -232,6 +232,20 @@ def test_a_qa_adapter_trains_beside_a_classifier_and_finds_the_answers(tiny_dir,
     assert right / len(rows) == pytest.approx(after["val/qa/exact"])  # the file holds what validation scored
     # streamed from a file of questions (windows as the task's: predict_max_length 24, a quarter of it shared): the
     # same answers; only the QA task answers a question, the classifier is not asked
+    streamed = streamed_answers(module, raw, tiny_dir, task_dir, tmp_path)
+    assert [r["index"] for r in streamed] == list(range(len(raw))) and {r["task"] for r in streamed} == {"qa"}
+    by_index = {r["index"]: r for r in rows}
+    for row in streamed:
+        split_row = by_index[row["index"]]
+        assert (row["label"], row["start"], row["end"]) == (split_row["label"], split_row["start"], split_row["end"])
+        assert abs(row["score"] - split_row["score"]) < 1e-5 and row["text"] == raw[row["index"]]["context"]
+
+
+def streamed_answers(module, raw, tiny_dir, task_dir, tmp_path) -> list[dict]:
+    """``module``'s prediction rows for a file of the split ``raw``'s questions, streamed in windows of 24 tokens (the
+    test tasks' own)."""
+    from mtl.predict import PredictionWriter
+
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps({"question": r["question"], "context": r["context"]}) + "\n" for r in raw))
     stream = TaskDataModule([], backbone=str(tiny_dir), tasks_dir=str(task_dir), predict_file=str(questions),
@@ -239,13 +253,7 @@ def test_a_qa_adapter_trains_beside_a_classifier_and_finds_the_answers(tiny_dir,
     out = tmp_path / "streamed.jsonl"
     L.Trainer(logger=False, enable_progress_bar=False, callbacks=[PredictionWriter(str(out))]).predict(
         module, datamodule=stream, return_predictions=False)
-    streamed = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["index"] for r in streamed] == list(range(len(raw))) and {r["task"] for r in streamed} == {"qa"}
-    by_index = {r["index"]: r for r in rows}
-    for row in streamed:
-        split_row = by_index[row["index"]]
-        assert (row["label"], row["start"], row["end"]) == (split_row["label"], split_row["start"], split_row["end"])
-        assert abs(row["score"] - split_row["score"]) < 1e-5 and row["text"] == raw[row["index"]]["context"]
+    return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def test_a_predict_file_is_refused_before_work_when_no_task_reads_its_rows(tiny_dir, task_dir, tmp_path):
@@ -320,15 +328,8 @@ def test_unanswerable_questions_are_answered_empty_with_the_threshold_of_the_bes
     loaded = AdapterTrainer([], backbone=str(tiny_dir), load_from=str(tmp_path / "run"), tasks_dir=str(tmp_path),
                             run_dir=str(tmp_path / "run2"))
     assert loaded.model.records["open"].spec[THRESHOLD_KEY] == chosen
-    questions = tmp_path / "questions.jsonl"
-    questions.write_text("".join(json.dumps({"question": r["question"], "context": r["context"]}) + "\n" for r in raw))
-    stream = TaskDataModule([], backbone=str(tiny_dir), tasks_dir=str(tmp_path), predict_file=str(questions),
-                            predict_max_length=24, cache_dir=str(tmp_path / "cache"))
-    out = tmp_path / "streamed.jsonl"
-    L.Trainer(logger=False, enable_progress_bar=False, callbacks=[PredictionWriter(str(out))]).predict(
-        loaded, datamodule=stream, return_predictions=False)
     by_index = {r["index"]: r for r in rows}
-    for row in map(json.loads, out.read_text().splitlines()):
+    for row in streamed_answers(loaded, raw, tiny_dir, tmp_path, tmp_path):
         assert (row["label"], row["start"], row["no_answer"]) == tuple(by_index[row["index"]][k]
                                                                       for k in ("label", "start", "no_answer"))
     assert MTLModel.from_pretrained(tmp_path / "run", backbone=str(tiny_dir)).records["open"].spec == saved
