@@ -181,6 +181,13 @@ def test_a_squad_file_is_read_with_its_unanswerable_questions_and_mistakes_name_
     with pytest.raises(MTLConfigError, match=r"max_answer_length: got 0, expected an int >= 1, for an extractive_qa"):
         _write(tmp_path / "bad.yaml", spec + "max_answer_length: 0\n")
         load_task_spec(tmp_path / "bad.yaml")
+    with pytest.raises(MTLConfigError, match=r"bad.yaml: no_answer: got 'yes', expected bool"):
+        _write(tmp_path / "bad.yaml", spec + "no_answer: 'yes'\n")
+        load_task_spec(tmp_path / "bad.yaml")
+    with pytest.raises(MTLConfigError, match=r"bad.yaml: no_answer: got True, expected false \(only an extractive_qa"):
+        _write(tmp_path / "bad.yaml", spec.replace("extractive_qa", "classification").replace(
+            "[question, context]", "[question]") + "labels: [a, b]\nno_answer: true\n")
+        load_task_spec(tmp_path / "bad.yaml")
     with pytest.raises(MTLConfigError, match=r"text_fields: got \['question'\], expected two columns"):
         _write(tmp_path / "bad.yaml", spec.replace("[question, context]", "[question]"))
         load_task_spec(tmp_path / "bad.yaml")
