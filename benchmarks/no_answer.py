@@ -36,7 +36,7 @@ def answers(run_dir: Any, way: str) -> tuple[list[dict[str, Any]], list[list[str
     from mtl.data.module import TaskDataModule
     from mtl.data.sources import load_task_dataset
     from mtl.data.spec import load_task_spec
-    from mtl.kinds.answer_scores import THRESHOLD_KEY
+    from mtl.kinds.answer_match import THRESHOLD_KEY
     from mtl.lit import AdapterTrainer
     from mtl.precision import auto_precision
 

@@ -13,8 +13,8 @@ from mtl.data.module import TaskDataModule
 from mtl.data.spec import load_task_spec
 from mtl.errors import MTLConfigError
 from mtl.kinds import kind_of
-from mtl.kinds.answer_match import exact_match, f1_score, normalize_answer
-from mtl.kinds.answer_scores import THRESHOLD_KEY, AnswerScores, best_threshold
+from mtl.kinds.answer_match import THRESHOLD_KEY, best_threshold, exact_match, f1_score, normalize_answer
+from mtl.kinds.answer_scores import AnswerScores
 from mtl.kinds.extractive_qa import MAX_ANSWER_TOKENS, answer_tokens, best_answer, best_spans
 from mtl.lit import AdapterTrainer
 

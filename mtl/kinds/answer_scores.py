@@ -12,13 +12,12 @@ test, predictions and the server read it from there.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torchmetrics import Metric
 
-from mtl.kinds.extractive_qa import THRESHOLD_KEY
+from mtl.kinds.answer_match import THRESHOLD_KEY, best_threshold
 
 
 class AnswerScores(Metric):
@@ -73,23 +72,3 @@ class AnswerScores(Metric):
         threshold = self.spec.get(THRESHOLD_KEY, 0.0)
         kept = [u if d > threshold else v for d, v, u in zip(diffs, values, empties)]
         return torch.tensor(sum(kept) / len(kept))
-
-
-def best_threshold(diffs: list[float], values: list[float], empties: list[float]) -> float:
-    """The no-answer threshold that maximises the total score when an example whose null-minus-span score ``diffs``
-    exceeds it is answered empty (scoring its ``empties`` value) and every other keeps its span (its ``values``):
-    halfway between the last example answered empty and the next; the highest diff where none should be (the fewest
-    "no answer"s on a tie)."""
-    order = sorted(range(len(diffs)), key=lambda i: diffs[i], reverse=True)
-    total = best = sum(values)
-    cut = 0  # the examples answered empty: the first `cut` of `order`
-    for k, i in enumerate(order, 1):
-        total += empties[i] - values[i]
-        # a threshold cannot part equal diffs: cut only where the next diff is lower
-        if total > best and (k == len(order) or diffs[order[k]] < diffs[i]):
-            best, cut = total, k
-    if cut == 0:
-        return diffs[order[0]]
-    if cut == len(order):
-        return math.nextafter(diffs[order[-1]], -math.inf)
-    return (diffs[order[cut - 1]] + diffs[order[cut]]) / 2

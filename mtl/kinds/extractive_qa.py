@@ -24,12 +24,11 @@ from torch.nn import functional as F
 
 from mtl.errors import MTLConfigError
 from mtl.kinds.base import MODEL_INPUTS, EncodedText, TaskKind, check_encodable
-from mtl.kinds.answer_match import exact_match, f1_score
+from mtl.kinds.answer_match import THRESHOLD_KEY, exact_match, f1_score
 from mtl.kinds.token_classification import TokenHead
 
 MAX_ANSWER_TOKENS = 30  # the longest span a prediction may be, unless the spec says (SQuAD's max_answer_length)
 NO_OFFSET = (-1, -1)  # a token outside the context (the question, special tokens, padding)
-THRESHOLD_KEY = "no_answer_threshold"  # where a task's spec keeps the no-answer threshold its validation chose
 
 
 class QAHead(TokenHead):
