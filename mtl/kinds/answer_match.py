@@ -13,6 +13,7 @@ import math
 import re
 import string
 from collections import Counter
+from typing import Any
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
@@ -48,6 +49,14 @@ def f1_score(prediction: str, golds: list[str]) -> float:
             precision, recall = common / len(words), common / len(gold_words)
             best = max(best, 2 * precision * recall / (precision + recall))
     return best
+
+
+def no_answer_threshold(spec: dict[str, Any] | None) -> float | None:
+    """The threshold past which a task answers "no answer" (its spec's, 0 before validation chose one); None where
+    its spec does not allow "no answer"."""
+    if not (spec or {}).get("no_answer"):
+        return None
+    return float(spec.get(THRESHOLD_KEY, 0.0))
 
 
 def best_threshold(diffs: list[float], values: list[float], empties: list[float]) -> float:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from mtl.kinds.answer_match import THRESHOLD_KEY, best_threshold
+from mtl.kinds.answer_match import THRESHOLD_KEY, best_threshold, no_answer_threshold
 
 
 class AnswerScores(Metric):
@@ -62,13 +62,12 @@ class AnswerScores(Metric):
             if s > best[e][0]:
                 best[e][:2] = [s, v]
             best[e][2] = min(best[e][2], n)
-        spans = [(s, v) for s, v, _, _ in best.values()]
-        if not (self.spec or {}).get("no_answer"):
-            return torch.tensor(sum(v for _, v in spans) / len(spans))
-        diffs = [n - s for s, _, n, _ in best.values()]
-        values, empties = [v for _, v in spans], [u for *_, u in best.values()]
-        if self.choose:
+        values = [v for _, v, _, _ in best.values()]
+        diffs, empties = [n - s for s, _, n, _ in best.values()], [u for *_, u in best.values()]
+        if self.choose and no_answer_threshold(self.spec) is not None:
             self.spec[THRESHOLD_KEY] = best_threshold(diffs, values, empties)
-        threshold = self.spec.get(THRESHOLD_KEY, 0.0)
+        threshold = no_answer_threshold(self.spec)
+        if threshold is None:
+            return torch.tensor(sum(values) / len(values))
         kept = [u if d > threshold else v for d, v, u in zip(diffs, values, empties)]
         return torch.tensor(sum(kept) / len(kept))

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from mtl.errors import MTLConfigError
 from mtl.kinds.base import MODEL_INPUTS, EncodedText, TaskKind, check_encodable
-from mtl.kinds.answer_match import THRESHOLD_KEY, exact_match, f1_score
+from mtl.kinds.answer_match import THRESHOLD_KEY, exact_match, f1_score, no_answer_threshold
 from mtl.kinds.token_classification import TokenHead
 
 MAX_ANSWER_TOKENS = 30  # the longest span a prediction may be, unless the spec says (SQuAD's max_answer_length)
@@ -226,14 +226,6 @@ class ExtractiveQA(TaskKind):
         # exact match and F1 agree on it
         empty = torch.tensor([exact_match("", golds) for golds in batch["golds"]])
         return batch["example"], score, null, torch.tensor(exact), torch.tensor(f1), empty
-
-
-def no_answer_threshold(spec: dict[str, Any] | None) -> float | None:
-    """The threshold past which a task answers "no answer" (its spec's, 0 before validation chose one); None where
-    its spec does not allow "no answer"."""
-    if not (spec or {}).get("no_answer"):
-        return None
-    return float(spec.get(THRESHOLD_KEY, 0.0))
 
 
 def best_answer(logits: list[torch.Tensor], offsets: list[torch.Tensor], context: str,
