@@ -583,27 +583,24 @@ class TaskDataModule(L.LightningDataModule):
             # an example whose rows are its answer choices is one unit: sharded, sorted and batched whole
             group = self.rows_per_example(name)
             units = shard_rows(len(data) // group, rank, world_size) if shard else None
-            sizes = None
+            sampler = None
             if by_length:
                 # batches of like lengths (one long outlier does not pad a whole batch), the largest first: it runs
-                # in the sanity check, so a lack of memory shows at once
+                # in the sanity check, so a lack of memory shows at once; the batches hold the split's own rows
                 batches = length_batches(range(len(data) // group) if units is None else units,
                                          unit_lengths(self.token_lengths(name, split), group), self.eval_batch_size)
-                units, sizes = [u for batch in batches for u in batch], [len(batch) * group for batch in batches]
-            rows = None if units is None else unit_rows(units, group)
-            view = _TaskView(data, name, texts, rows)
+                sampler, units = FixedBatches([unit_rows(batch, group) for batch in batches]), None
+            view = _TaskView(data, name, texts, None if units is None else unit_rows(units, group))
             if with_text and kind_of(self._specs[name].problem).windowed and group == 1:
                 # predictions join an example's windows again: they must share a batch
                 examples = data.with_format("arrow")["example"].to_pylist()
                 sampler = FixedBatches(whole_example_batches(examples, self.eval_batch_size))
-            elif sizes is not None:
-                ends = list(itertools.accumulate(sizes))
-                sampler = FixedBatches([list(range(end - size, end)) for size, end in zip(sizes, ends)])
-            else:
+            if sampler is None:
                 loaders.append(DataLoader(view, batch_size=self.eval_batch_size * group, collate_fn=collate,
                                           num_workers=self.num_workers))
-                continue
-            loaders.append(DataLoader(view, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers))
+            else:
+                loaders.append(DataLoader(view, batch_sampler=sampler, collate_fn=collate,
+                                          num_workers=self.num_workers))
         return loaders
 
     def first_examples(self, task: str, split: str, rows: int) -> dict[str, Any]:
