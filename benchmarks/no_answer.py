@@ -29,8 +29,8 @@ STORE = ROOT / "checkpoints" / "bench-entity-qa" / "results.json"
 WAYS = ("chosen", "threshold 0", "span only")
 
 
-def answers(run_dir: Any, way: str) -> tuple[list[dict[str, Any]], list[list[str]]]:
-    """The test split's prediction rows of the exported task answered ``way``, and each row's gold answers."""
+def answered(run_dir: Any) -> dict[str, dict[str, float]]:
+    """`scores` of the exported task's answers to the test split, each of `WAYS` (one model, one data module)."""
     import lightning as L
 
     from mtl.data.module import TaskDataModule
@@ -40,21 +40,24 @@ def answers(run_dir: Any, way: str) -> tuple[list[dict[str, Any]], list[list[str
     from mtl.lit import AdapterTrainer
     from mtl.precision import auto_precision
 
+    test = load_task_dataset(load_task_spec(TASK, ROOT / "tasks"))["test"]
+    out = {}
     with tempfile.TemporaryDirectory() as scratch:
         module = AdapterTrainer([], eval_tasks=[TASK], load_from=str(run_dir), run_dir=scratch, export=False,
                                 tasks_dir=str(ROOT / "tasks"))
-        spec = module.model.records[TASK].spec
-        if way == "threshold 0":
-            spec[THRESHOLD_KEY] = 0.0
-        elif way == "span only":
-            spec["no_answer"] = False
         data = TaskDataModule([], eval_tasks=[TASK], predict_split="test", tasks_dir=str(ROOT / "tasks"))
         # the precision train.py picks, so that "chosen" answers as train.py test scored
         trainer = L.Trainer(precision=auto_precision()[0], logger=False, enable_progress_bar=False,
                             enable_model_summary=False)
-        rows = [row for batch in trainer.predict(module, datamodule=data) for row in batch]
-    test = load_task_dataset(load_task_spec(TASK, ROOT / "tasks"))["test"]
-    return rows, [[a["text"] for a in test[row["index"]]["label"]] for row in rows]
+        spec = module.model.records[TASK].spec  # the answers read it: each way changes it after the one before
+        for way in WAYS:
+            if way == "threshold 0":
+                spec[THRESHOLD_KEY] = 0.0
+            elif way == "span only":
+                spec["no_answer"] = False
+            rows = [row for batch in trainer.predict(module, datamodule=data) for row in batch]
+            out[way] = scores(rows, [[a["text"] for a in test[row["index"]]["label"]] for row in rows])
+    return out
 
 
 def scores(rows: list[dict[str, Any]], golds: list[list[str]]) -> dict[str, float]:
@@ -86,7 +89,7 @@ def main() -> None:
             test_f1 = metrics[f"test/{TASK}/f1"]
         spec = json.loads((run_dir / "adapters" / TASK / "adapter_config.json").read_text())["task_spec"]
         result = {"wall_s": wall, "threshold": spec["no_answer_threshold"], "test_f1": test_f1,
-                  **{way: scores(*answers(run_dir, way)) for way in WAYS}}
+                  **answered(run_dir)}
         kept[str(seed)] = result
         STORE.parent.mkdir(parents=True, exist_ok=True)
         STORE.write_text(json.dumps(kept, indent=1))
